@@ -1,0 +1,56 @@
+"""arrayopt: memory-efficient second-order optimizers on any array-API namespace.
+
+>>> import numpy as np, arrayopt as ao
+>>> params = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+>>> opt = ao.adam(learning_rate=1e-3)
+>>> state = opt.init(params)
+>>> grads = {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
+>>> params, state = opt.step(params, grads, state)
+>>> state["count"]
+1
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+# From a source checkout, ``arrayopt.backends`` lives in the top-level ``backends/``
+# folder (installed wheels place it inside the package).
+_here = _os.path.dirname(_os.path.abspath(__file__))
+if not _os.path.isdir(_os.path.join(_here, "backends")):
+    _root = _os.path.dirname(_here)
+    if _os.path.isfile(_os.path.join(_root, "backends", "__init__.py")):
+        __path__.append(_root)  # noqa: F821  (module __path__)
+
+from . import dispatch, registry, schedules  # noqa: E402
+from .base import Optimizer, apply_updates, chain  # noqa: E402
+from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
+from .state_io import load_state, save_state, state_nbytes  # noqa: E402
+from .transforms import clip_by_global_norm, scale  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Optimizer",
+    "adagrad",
+    "adam",
+    "adamw",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "dispatch",
+    "load_state",
+    "registry",
+    "save_state",
+    "scale",
+    "schedules",
+    "sgd",
+    "state_nbytes",
+]
+
+registry.register("sgd", lambda **kw: sgd(**{"learning_rate": 0.05, "momentum": 0.9, "nesterov": True, **kw}),
+                  "SGD with Nesterov momentum 0.9")
+registry.register("adam", lambda **kw: adam(**{"learning_rate": 3e-3, **kw}), "Adam")
+registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 1e-4, **kw}),
+                  "AdamW (decoupled weight decay)")
+registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.05, **kw}), "AdaGrad")

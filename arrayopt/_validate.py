@@ -1,0 +1,216 @@
+"""Input checks with named errors.
+
+Every check runs before any state is written, so a rejected call leaves the
+optimizer state bit-identical. Errors name the argument ("params", "grads",
+"state"), the leaf path and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from . import _tree
+from ._xp import Namespace, device_of, dtype_name, library_of, namespace_of
+
+__all__ = [
+    "check_params",
+    "check_like",
+    "check_state_leaves",
+    "all_finite",
+    "first_nonfinite",
+    "check_real",
+    "check_learning_rate",
+    "check_int",
+    "check_choice",
+]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _leaf_namespace(arg: str, path: str, leaf: Any):
+    try:
+        return namespace_of(leaf)
+    except TypeError as e:
+        raise TypeError(f"{arg} leaf {path}: {e}") from None
+
+
+def check_params(params: Any, arg: str = "params"):
+    """Flatten ``params`` and check it; return ``(leaves, treedef, paths, ns)``.
+
+    Checks: a non-empty tree; every leaf an array of one namespace and device;
+    real floating dtypes only (integer, boolean and complex params are rejected).
+    """
+    leaves, treedef, paths = _tree.flatten(params)
+    if not leaves:
+        raise ValueError(f"{arg}: empty tree (no arrays to optimize)")
+    ns = None
+    for leaf, path in zip(leaves, paths):
+        xp = _leaf_namespace(arg, path, leaf)
+        if ns is None:
+            ns = Namespace(xp, device_of(leaf), library_of(leaf))
+        elif xp is not ns.xp:
+            raise TypeError(
+                f"{arg} leaf {path}: array namespace {library_of(leaf)} differs from "
+                f"{ns.library} of leaf {paths[0]}; all leaves must come from one library"
+            )
+        elif device_of(leaf) != ns.device:
+            raise ValueError(
+                f"{arg} leaf {path}: device {device_of(leaf)} differs from "
+                f"{ns.device} of leaf {paths[0]}"
+            )
+        name = dtype_name(leaf.dtype)
+        if name not in _FLOAT_NAMES:
+            raise TypeError(
+                f"{arg} leaf {path}: dtype {name} is not a real floating dtype; "
+                f"optimizers need float16, bfloat16, float32 or float64 parameters"
+            )
+    return leaves, treedef, paths, ns
+
+
+def check_like(arg: str, tree: Any, treedef, paths, ref_leaves, ns: Namespace, ref_arg="params"):
+    """Check that ``tree`` has the structure, shapes, dtypes, namespace and device of the params."""
+    leaves, td, tpaths = _tree.flatten(tree)
+    if td != treedef:
+        raise ValueError(
+            f"{arg}: tree structure differs from {ref_arg} "
+            f"({len(leaves)} leaves at {tpaths[:4]}... vs {len(paths)} at {paths[:4]}...)"
+            if leaves
+            else f"{arg}: empty tree, but {ref_arg} has {len(paths)} leaves"
+        )
+    for leaf, ref, path in zip(leaves, ref_leaves, paths):
+        xp = _leaf_namespace(arg, path, leaf)
+        if xp is not ns.xp:
+            raise TypeError(
+                f"{arg} leaf {path}: array namespace {library_of(leaf)} differs from "
+                f"{ref_arg} namespace {ns.library}"
+            )
+        if device_of(leaf) != ns.device:
+            raise ValueError(
+                f"{arg} leaf {path}: device {device_of(leaf)} differs from {ref_arg} device {ns.device}"
+            )
+        if tuple(leaf.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{arg} leaf {path}: shape {tuple(leaf.shape)} differs from "
+                f"{ref_arg} shape {tuple(ref.shape)}"
+            )
+        if leaf.dtype != ref.dtype:
+            raise TypeError(
+                f"{arg} leaf {path}: dtype {dtype_name(leaf.dtype)} differs from "
+                f"{ref_arg} dtype {dtype_name(ref.dtype)}"
+            )
+    return leaves
+
+
+def check_state_leaves(name: str, arrays, paths, ns: Namespace, params_leaves, dtypes):
+    """Check per-leaf state arrays (e.g. Adam's ``mu``) against the params."""
+    if not isinstance(arrays, (list, tuple)) or len(arrays) != len(paths):
+        n = len(arrays) if isinstance(arrays, (list, tuple)) else type(arrays).__name__
+        raise ValueError(
+            f"state[{name!r}]: holds {n} entries but params have {len(paths)} leaves; "
+            f"was the state made by init() for these params?"
+        )
+    for a, p, path, dt in zip(arrays, params_leaves, paths, dtypes):
+        xp = _leaf_namespace(f"state[{name!r}]", path, a)
+        if xp is not ns.xp:
+            raise TypeError(
+                f"state[{name!r}] leaf {path}: array namespace {library_of(a)} differs from "
+                f"params namespace {ns.library}"
+            )
+        if device_of(a) != ns.device:
+            raise ValueError(
+                f"state[{name!r}] leaf {path}: device {device_of(a)} differs from params device {ns.device}"
+            )
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(
+                f"state[{name!r}] leaf {path}: shape {tuple(a.shape)} differs from "
+                f"params shape {tuple(p.shape)}"
+            )
+        if a.dtype != dt:
+            raise TypeError(
+                f"state[{name!r}] leaf {path}: dtype {dtype_name(a.dtype)}, expected {dtype_name(dt)}"
+            )
+
+
+def all_finite(xp, leaves) -> bool:
+    """One reduction over all leaves, converted to a Python bool once."""
+    flags = [xp.all(xp.isfinite(g)) for g in leaves]
+    if len(flags) == 1:
+        return bool(flags[0])
+    return bool(xp.all(xp.stack(flags)))
+
+
+def first_nonfinite(xp, leaves, paths) -> str:
+    for g, path in zip(leaves, paths):
+        if not bool(xp.all(xp.isfinite(g))):
+            return path
+    return "<none>"
+
+
+def nonfinite_error(arg: str, path: str) -> ValueError:
+    return ValueError(
+        f"{arg} leaf {path}: contains NaN or Inf; the step was rejected and the state is "
+        f"unchanged (pass on_nonfinite='skip' to skip such steps and count them)"
+    )
+
+
+# ---------------------------------------------------------------- hyperparameters
+
+
+def check_real(name: str, value: Any, low=None, high=None, low_open=False, high_open=False) -> float:
+    """A finite real number in the given range; returns it as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.floating | np.integer) and not isinstance(value, np.bool_):
+                value = float(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name}: expected a real number, got {type(value).__name__}") from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name}: must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name}: must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_learning_rate(value: Any, name: str = "learning_rate") -> float | Callable:
+    """A float >= 0, or a schedule (callable ``step -> float``)."""
+    if callable(value):
+        return value
+    return check_real(name, value, low=0.0)
+
+
+def check_int(name: str, value: Any, low=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name}: must be >= {low}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def learning_rate_at(learning_rate, count: int) -> float:
+    """Evaluate a learning rate (float or schedule) at step ``count`` and check it."""
+    if callable(learning_rate):
+        lr = learning_rate(count)
+        try:
+            lr = float(lr)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"learning_rate: schedule returned {type(lr).__name__} at step {count}, expected a float"
+            ) from None
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"learning_rate: schedule returned {lr} at step {count}; must be finite and >= 0")
+        return lr
+    return learning_rate

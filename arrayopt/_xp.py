@@ -1,0 +1,109 @@
+"""Namespace, device and dtype resolution through array-api-compat.
+
+The namespace and device of a call are resolved once, from the parameters, and
+passed down; every array an optimizer creates is created on that device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat as compat
+import numpy as np
+
+__all__ = [
+    "Namespace",
+    "library_of",
+    "namespace_of",
+    "device_of",
+    "resolve",
+    "state_dtype",
+    "dtype_name",
+    "is_low_precision",
+]
+
+
+def library_of(x: Any) -> str:
+    """Short name of the array library of ``x`` ("numpy", "torch", ...)."""
+    if compat.is_numpy_array(x):
+        return "numpy"
+    if compat.is_torch_array(x):
+        return "torch"
+    if compat.is_cupy_array(x):
+        return "cupy"
+    if compat.is_jax_array(x):
+        return "jax"
+    mod = type(x).__module__.split(".")[0]
+    return mod
+
+
+def namespace_of(x: Any):
+    """The array-API namespace of one array; ``TypeError`` if ``x`` is not an array."""
+    if isinstance(x, (bool, int, float, complex)) or x is None:
+        raise TypeError(f"expected an array, got a Python {type(x).__name__}")
+    try:
+        return compat.array_namespace(x)
+    except TypeError as e:
+        raise TypeError(f"expected an array, got {type(x).__name__} ({e})") from None
+
+
+def device_of(x: Any):
+    return compat.device(x)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What a call works with: the namespace ``xp``, the ``device`` and the library name."""
+
+    xp: Any
+    device: Any
+    library: str
+
+    def zeros_like(self, x, dtype=None):
+        return self.xp.zeros(x.shape, dtype=dtype or x.dtype, device=self.device)
+
+    def full_like(self, x, value, dtype=None):
+        return self.xp.full(x.shape, value, dtype=dtype or x.dtype, device=self.device)
+
+
+def resolve(leaf: Any) -> Namespace:
+    """Resolve the namespace of a call from its first parameter leaf."""
+    return Namespace(namespace_of(leaf), device_of(leaf), library_of(leaf))
+
+
+def dtype_name(dtype: Any) -> str:
+    """A library-independent dtype name ("float32", "bfloat16", ...)."""
+    s = str(dtype)
+    for prefix in ("torch.", "dtype(", "<class 'numpy.", "numpy."):
+        if s.startswith(prefix):
+            s = s[len(prefix):]
+    return s.strip("')> ")
+
+
+def is_low_precision(dtype: Any) -> bool:
+    return dtype_name(dtype) in ("bfloat16", "float16")
+
+
+def state_dtype(xp: Any, dtype: Any) -> Any:
+    """Dtype of optimizer state and arithmetic for params of ``dtype``.
+
+    bfloat16 and float16 params keep float32 state and compute in float32;
+    float32 and float64 params compute in their own dtype.
+    """
+    return xp.float32 if is_low_precision(dtype) else dtype
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Host NumPy copy of ``x`` (torch, CuPy, JAX, strict, NumPy)."""
+    lib = library_of(x)
+    if lib == "torch":
+        return x.detach().cpu().numpy()
+    if lib == "cupy":
+        return x.get()
+    if lib == "numpy":
+        return np.array(x, copy=True)
+    try:
+        return np.asarray(x).copy()
+    except Exception:  # array-api-strict and others without __array__
+        return np.from_dlpack(x).copy()

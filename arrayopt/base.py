@@ -1,0 +1,337 @@
+"""The optimizer interface: ``init``, ``update``, ``step``; ``chain`` and ``apply_updates``.
+
+An optimizer is a pair of pure functions over trees of arrays plus a fused fast
+path::
+
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)   # params_new = params + updates
+    params, state = opt.step(params, grads, state)      # in place where arrays are writeable
+
+The ``state`` passed to ``update``/``step`` is consumed: keep only the returned
+one. State is a ``dict`` of arrays, lists of arrays and Python scalars, with
+``state["count"]`` the number of steps taken and ``state["nonfinite_skipped"]``
+the number of steps skipped for non-finite gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat as compat
+
+from . import _tree, _validate
+from ._xp import Namespace, is_low_precision, state_dtype
+
+__all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write_params"]
+
+_ON_NONFINITE = ("raise", "skip")
+
+
+def _check_state_header(state: Any, name: str) -> None:
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected the dict returned by init(), got {type(state).__name__}")
+    owner = state.get("optimizer")
+    if owner != name:
+        raise ValueError(f"state: made by optimizer {owner!r}, but this optimizer is {name!r}")
+    for key in ("count", "nonfinite_skipped"):
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"state[{key!r}]: expected a non-negative int, got {v!r}")
+
+
+def _writeable_inplace(ns: Namespace, leaves) -> bool:
+    if ns.library not in ("numpy", "torch", "cupy"):
+        return False
+    return all(compat.is_writeable_array(p) for p in leaves)
+
+
+def write_params(ns: Namespace, leaves, new_leaves):
+    """Write ``new_leaves`` into ``leaves`` in place when writeable; return the leaves to hand back."""
+    if not _writeable_inplace(ns, leaves):
+        return list(new_leaves)
+    if ns.library == "torch":
+        import torch
+
+        with torch.no_grad():
+            for p, q in zip(leaves, new_leaves):
+                p.copy_(q)
+    else:
+        for p, q in zip(leaves, new_leaves):
+            p[...] = q
+    return list(leaves)
+
+
+class Optimizer:
+    """Base class. Subclasses implement ``_init`` and ``_update`` on validated leaves.
+
+    ``_step`` defaults to ``_update`` followed by writing the params in place.
+    """
+
+    name: str = "optimizer"
+
+    def __init__(self, *, on_nonfinite: str = "raise"):
+        self.on_nonfinite = _validate.check_choice("on_nonfinite", on_nonfinite, _ON_NONFINITE)
+
+    # ---------------------------------------------------------------- public API
+
+    def init(self, params: Any) -> dict:
+        leaves, treedef, paths, ns = _validate.check_params(params)
+        state = {"optimizer": self.name, "count": 0, "nonfinite_skipped": 0}
+        state.update(self._init(ns, leaves))
+        return state
+
+    def update(self, grads: Any, state: dict, params: Any = None):
+        """Return ``(updates, new_state)``; ``params + updates`` are the new params."""
+        ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
+        if not _validate.all_finite(ns.xp, g_leaves):
+            self._handle_nonfinite(ns.xp, g_leaves, paths)  # raises unless on_nonfinite="skip"
+            zeros = [ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device) for p in leaves]
+            return _tree.unflatten(treedef, zeros), self._skipped_state(state)
+        updates, new_state = self._update(ns, leaves, g_leaves, state, paths)
+        return _tree.unflatten(treedef, updates), new_state
+
+    def step(self, params: Any, grads: Any, state: dict):
+        """Fused step: returns ``(new_params, new_state)``, in place where the params are writeable."""
+        if params is None:
+            raise TypeError("params: step() needs the params")
+        ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
+        result = self._step(ns, leaves, g_leaves, state, paths)
+        if result is None:  # non-finite gradient, skipped
+            return params, self._skipped_state(state)
+        new_leaves, new_state = result
+        return _tree.unflatten(treedef, new_leaves), new_state
+
+    # ---------------------------------------------------------------- machinery
+
+    def _validate_call(self, grads, state, params):
+        _check_state_header(state, self.name)
+        if params is None:
+            leaves, treedef, paths, ns = _validate.check_params(grads, "grads")
+            g_leaves = leaves
+        else:
+            leaves, treedef, paths, ns = _validate.check_params(params)
+            g_leaves = _validate.check_like("grads", grads, treedef, paths, leaves, ns)
+        self._check_state(ns, leaves, paths, state, params is None)
+        return ns, treedef, leaves, g_leaves, paths
+
+    def _handle_nonfinite(self, xp, g_leaves, paths) -> None:
+        """Raise (default) or return to let the caller skip the step."""
+        if self.on_nonfinite == "raise":
+            raise _validate.nonfinite_error("grads", _validate.first_nonfinite(xp, g_leaves, paths))
+
+    def _skipped_state(self, state: dict) -> dict:
+        new = dict(state)
+        new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
+        return new
+
+    def _step(self, ns, leaves, g_leaves, state, paths):
+        if not _validate.all_finite(ns.xp, g_leaves):
+            self._handle_nonfinite(ns.xp, g_leaves, paths)
+            return None
+        updates, new_state = self._update(ns, leaves, g_leaves, state, paths)
+        new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]
+        return write_params(ns, leaves, new), new_state
+
+    # subclasses
+    def _init(self, ns: Namespace, leaves) -> dict:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _check_state(self, ns, leaves, paths, state, params_missing: bool) -> None:
+        pass
+
+    def _update(self, ns, leaves, g_leaves, state, paths):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def __repr__(self) -> str:
+        hp = getattr(self, "hyperparams", {})
+        args = ", ".join(f"{k}={v!r}" for k, v in hp.items())
+        return f"{type(self).__name__}({args})"
+
+
+def apply_leaf(xp, p, u):
+    """``p + u`` computed in the state dtype and cast back to the param dtype."""
+    if is_low_precision(p.dtype):
+        return xp.astype(xp.astype(p, xp.float32) + xp.astype(u, xp.float32), p.dtype)
+    return p + u
+
+
+class ElementwiseOptimizer(Optimizer):
+    """An optimizer whose state is a few arrays per leaf, each the shape of its param.
+
+    Subclasses set ``state_names`` and ``kernel_op`` and implement
+
+    - ``step_scalars(count, lr) -> tuple[float | bool, ...]``: the per-step scalars
+      (after the schedule and bias corrections), shared by the reference and the kernels;
+    - ``reference(xp, p, g, states, scalars) -> (p_new, new_states)``: the math, in the
+      state dtype, as pure array-API code.
+    """
+
+    state_names: tuple = ()
+    kernel_op: str = ""
+
+    def __init__(self, learning_rate, *, on_nonfinite: str = "raise"):
+        super().__init__(on_nonfinite=on_nonfinite)
+        self.learning_rate = _validate.check_learning_rate(learning_rate)
+
+    def needs_params(self) -> bool:
+        return False
+
+    def init_value(self, name: str) -> float:
+        return 0.0
+
+    def _init(self, ns, leaves):
+        out = {}
+        for name in self.state_names:
+            v = self.init_value(name)
+            out[name] = [
+                ns.xp.full(p.shape, v, dtype=state_dtype(ns.xp, p.dtype), device=ns.device)
+                for p in leaves
+            ]
+        return out
+
+    def _check_state(self, ns, leaves, paths, state, params_missing):
+        if params_missing and self.needs_params():
+            raise ValueError(f"params: {self.name} with weight decay needs the params in update()")
+        dtypes = [state_dtype(ns.xp, p.dtype) for p in leaves]
+        for name in self.state_names:
+            if name not in state:
+                raise ValueError(f"state: missing entry {name!r}; was it made by this optimizer's init()?")
+            _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
+
+    def _scalars(self, count: int):
+        lr = _validate.learning_rate_at(self.learning_rate, count)
+        return self.step_scalars(count + 1, lr)
+
+    def _new_state(self, state, new_states_by_name):
+        new = dict(state)
+        new["count"] = state["count"] + 1
+        new.update(new_states_by_name)
+        return new
+
+    def _update(self, ns, leaves, g_leaves, state, paths):
+        xp = ns.xp
+        scalars = self._scalars(state["count"])
+        updates = []
+        per_name = {name: [] for name in self.state_names}
+        for i, (p, g) in enumerate(zip(leaves, g_leaves)):
+            low = is_low_precision(p.dtype)
+            p32 = xp.astype(p, xp.float32) if low else p
+            g32 = xp.astype(g, xp.float32) if low else g
+            states = [state[name][i] for name in self.state_names]
+            p_new, new_states = self.reference(xp, p32, g32, states, scalars)
+            u = p_new - p32
+            updates.append(xp.astype(u, p.dtype) if low else u)
+            for name, s in zip(self.state_names, new_states):
+                per_name[name].append(s)
+        return updates, self._new_state(state, per_name)
+
+    def _step(self, ns, leaves, g_leaves, state, paths):
+        from . import dispatch
+
+        backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves,
+                                  *[state[n] for n in self.state_names])
+        if backend is None:
+            xp = ns.xp
+            if not _validate.all_finite(xp, g_leaves):
+                self._handle_nonfinite(xp, g_leaves, paths)
+                return None
+            scalars = self._scalars(state["count"])
+            new_params = []
+            per_name = {name: [] for name in self.state_names}
+            for i, (p, g) in enumerate(zip(leaves, g_leaves)):
+                low = is_low_precision(p.dtype)
+                p32 = xp.astype(p, xp.float32) if low else p
+                g32 = xp.astype(g, xp.float32) if low else g
+                p_new, new_states = self.reference(
+                    xp, p32, g32, [state[n][i] for n in self.state_names], scalars)
+                new_params.append(xp.astype(p_new, p.dtype) if low else p_new)
+                for name, s in zip(self.state_names, new_states):
+                    per_name[name].append(s)
+            return write_params(ns, leaves, new_params), self._new_state(state, per_name)
+        # fused backend: finiteness pre-pass over the gradients, then one pass in place
+        views = backend.views(g_leaves)
+        if not backend.all_finite(views):
+            self._handle_nonfinite(ns.xp, g_leaves, paths)
+            return None
+        scalars = self._scalars(state["count"])
+        backend.run(self.kernel_op, leaves, g_leaves,
+                    [state[n] for n in self.state_names], scalars, g_views=views)
+        return list(leaves), self._new_state(state, {n: state[n] for n in self.state_names})
+
+    def step_scalars(self, t: int, lr: float):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def reference(self, xp, p, g, states, scalars):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+# ---------------------------------------------------------------- composition
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` leaf by leaf (new arrays; bf16/f16 add in float32)."""
+    leaves, treedef, paths, ns = _validate.check_params(params)
+    u_leaves = _validate.check_like("updates", updates, treedef, paths, leaves, ns)
+    return _tree.unflatten(treedef, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, u_leaves)])
+
+
+class Chain(Optimizer):
+    """Run optimizers/transforms in sequence: each one's updates are the next one's input."""
+
+    name = "chain"
+
+    def __init__(self, *parts: Optimizer):
+        super().__init__()
+        if not parts:
+            raise ValueError("chain: needs at least one optimizer or transform")
+        for i, p in enumerate(parts):
+            if not isinstance(p, Optimizer):
+                raise TypeError(f"chain: argument {i} is {type(p).__name__}, not an arrayopt optimizer")
+        self.parts = tuple(parts)
+        self.hyperparams = {"parts": [type(p).__name__ for p in parts]}
+
+    def init(self, params):
+        return {
+            "optimizer": self.name, "count": 0, "nonfinite_skipped": 0,
+            "inner": [p.init(params) for p in self.parts],
+        }
+
+    def update(self, grads, state, params=None):
+        _check_state_header(state, self.name)
+        inner = state.get("inner")
+        if not isinstance(inner, list) or len(inner) != len(self.parts):
+            raise ValueError(f"state['inner']: expected {len(self.parts)} inner states")
+        # validate every stage's state before any stage runs, so errors leave nothing half-done
+        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads,
+                                                             "params" if params is not None else "grads")
+        for part, s in zip(self.parts, inner):
+            _check_state_header(s, part.name)
+            part._check_state(ns, leaves, paths, s, params is None)
+        new_inner = []
+        updates = grads
+        skipped = False
+        for part, s in zip(self.parts, inner):
+            if skipped:  # an earlier stage skipped a non-finite step: later stages keep their state
+                new_inner.append(s)
+                continue
+            updates, s2 = part.update(updates, s, params)
+            skipped = s2["nonfinite_skipped"] != s["nonfinite_skipped"]
+            new_inner.append(s2)
+        new = dict(state, inner=new_inner)
+        if skipped:
+            new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
+        else:
+            new["count"] = state["count"] + 1
+        return updates, new
+
+    def step(self, params, grads, state):
+        updates, new_state = self.update(grads, state, params)
+        leaves, treedef, paths, ns = _validate.check_params(params)
+        u_leaves = _tree.flatten(updates)[0]
+        new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, u_leaves)]
+        return _tree.unflatten(treedef, write_params(ns, leaves, new)), new_state
+
+
+def chain(*parts: Optimizer) -> Optimizer:
+    """Compose transforms: ``chain(clip_by_global_norm(1.0), adam(1e-3))``."""
+    return Chain(*parts)
