@@ -74,11 +74,9 @@ def resolve(leaf: Any) -> Namespace:
 
 def dtype_name(dtype: Any) -> str:
     """A library-independent dtype name ("float32", "bfloat16", ...)."""
-    s = str(dtype)
-    for prefix in ("torch.", "dtype(", "<class 'numpy.", "numpy."):
-        if s.startswith(prefix):
-            s = s[len(prefix):]
-    return s.strip("')> ")
+    name = getattr(dtype, "name", None)  # NumPy, CuPy, JAX dtypes
+    s = name if isinstance(name, str) else str(dtype)
+    return s.rsplit(".", 1)[-1].strip("')> ")
 
 
 def is_low_precision(dtype: Any) -> bool:

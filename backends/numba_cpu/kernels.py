@@ -26,7 +26,7 @@ def count_nonfinite(x):
 
 
 @njit(**_OPTS)
-def sgd(p, g, lr, wd):
+def sgd(p, g, lr, mu, wd, nesterov):  # momentum == 0: mu and nesterov are unused
     for i in prange(p.size):
         gi = g[i]
         if wd != 0:

@@ -1,0 +1,143 @@
+"""Reporting: the results table (text, Markdown, JSON) and the loss plot (PNG).
+
+The plot has two panels, the training loss against the step and against the
+training seconds, one line per optimizer. The per-step minibatch loss is noisy,
+so the lines show its exponential moving average (bias-corrected, ``smoothing``
+0.9); the dots mark the full-training-set loss measured after each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+__all__ = ["COLUMNS", "rows", "format_table", "markdown_table", "write_json", "write_markdown", "plot"]
+
+# (key in RunResult.summary(), header)
+COLUMNS = (
+    ("optimizer", "optimizer"),
+    ("final_train_loss", "train loss"),
+    ("final_test_loss", "test loss"),
+    ("opt_steps_per_s", "opt steps/s"),
+    ("train_steps_per_s", "train steps/s"),
+    ("state_bytes", "state bytes"),
+)
+
+
+def _fmt(key: str, value, diverged: bool) -> str:
+    if key == "optimizer":
+        return str(value) + (" (diverged)" if diverged else "")
+    if key == "state_bytes":
+        return f"{int(value):,}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if key.endswith("_loss"):
+        return f"{value:.3f}"
+    return f"{value:,.0f}"
+
+
+def rows(results) -> list:
+    """The table's cells as strings: one row per run."""
+    out = []
+    for r in results:
+        s = r.summary()
+        out.append([_fmt(k, s[k], s["diverged"]) for k, _ in COLUMNS])
+    return out
+
+
+def format_table(results) -> str:
+    """A fixed-width text table for the terminal."""
+    headers = [h for _, h in COLUMNS]
+    body = rows(results)
+    widths = [max(len(x) for x in col) for col in zip(headers, *body)]
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def markdown_table(results) -> str:
+    headers = [h for _, h in COLUMNS]
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    return "\n".join(out)
+
+
+def _clean(x):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: str, config: dict, results) -> None:
+    doc = {"config": config, "results": [r.to_dict() for r in results]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_clean(doc), f, indent=1)
+        f.write("\n")
+
+
+def write_markdown(path: str, config: dict, results) -> None:
+    lines = ["# arrayopt demo: MLP autoencoder on scikit-learn digits", ""]
+    lines += [f"- {k}: `{v}`" for k, v in config.items()]
+    lines += ["", markdown_table(results), "",
+              "Losses: sigmoid cross-entropy in nats per image (summed over 64 pixels) on the full "
+              "train/test sets after the last epoch. Steps/s: optimizer step alone (`opt.step`), and the "
+              "whole training step (forward, backward and optimizer step). State bytes: "
+              "`arrayopt.state_nbytes(state)`.", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def _ema(values, smoothing: float) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(v)
+    acc = 0.0
+    for i, x in enumerate(v):
+        acc = smoothing * acc + (1 - smoothing) * x
+        out[i] = acc / (1 - smoothing ** (i + 1))
+    return out
+
+
+def plot(path: str, results, title: str = "", smoothing: float = 0.9) -> None:
+    """Write the two-panel PNG (uses the Agg canvas directly; pyplot's state is left alone)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the demo needs matplotlib: pip install 'arrayopt[demo]'") from e
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_step, ax_time = fig.subplots(1, 2, sharey=True)
+    for i, r in enumerate(results):
+        color = f"C{i % 10}"
+        label = r.name + (" (diverged)" if r.diverged else "")
+        if r.step_loss:
+            steps = np.arange(1, len(r.step_loss) + 1)
+            smooth = _ema(r.step_loss, smoothing)
+            ax_step.plot(steps, smooth, color=color, lw=1.2, label=label)
+            ax_time.plot(r.step_time, smooth, color=color, lw=1.2, label=label)
+        ev = [e for e in r.evals if e["train_loss"] is not None and math.isfinite(e["train_loss"])]
+        if ev:
+            ax_step.plot([e["step"] for e in ev], [e["train_loss"] for e in ev], "o", color=color, ms=2.5)
+            ax_time.plot([e["seconds"] for e in ev], [e["train_loss"] for e in ev], "o", color=color, ms=2.5)
+    ax_step.set_xlabel("step")
+    ax_time.set_xlabel("training seconds (forward + backward + optimizer step)")
+    ax_step.set_ylabel("train loss (nats / image)")
+    ax_step.set_yscale("log")
+    for ax in (ax_step, ax_time):
+        ax.grid(True, which="both", alpha=0.3)
+    ax_step.legend(loc="upper right", fontsize="small")
+    ax_step.set_title(f"minibatch loss (EMA {smoothing}); dots: full train set", fontsize="small")
+    ax_time.set_title("same, against wall-clock training time", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)

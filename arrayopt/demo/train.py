@@ -1,0 +1,161 @@
+"""Training: one optimizer, one run, with the same data order and initial params for all.
+
+:func:`train` runs minibatch training and records
+
+- the minibatch loss of every step, with the cumulative training seconds
+  (forward + backward + optimizer step; evaluation is not counted);
+- the loss on the full training and test sets before training and after each epoch;
+- the time spent in ``opt.step`` alone and in whole training steps.
+
+A throw-away warm-up step on copies of the params runs first, so that one-time
+costs (Numba compilation or cache loading, first-touch allocations) stay out of
+the timings. A run whose loss or gradients stop being finite ends early and is
+marked ``diverged``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import arrayopt as ao
+
+from . import model
+
+__all__ = ["RunResult", "train", "batches"]
+
+
+@dataclass
+class RunResult:
+    name: str
+    description: str = ""
+    steps: int = 0
+    diverged: bool = False
+    error: str = ""
+    opt_seconds: float = 0.0    # time inside opt.step
+    train_seconds: float = 0.0  # forward + backward + opt.step (+ batch gathering)
+    state_bytes: int = 0
+    step_loss: list = field(default_factory=list)   # minibatch loss at each step
+    step_time: list = field(default_factory=list)   # cumulative training seconds after each step
+    evals: list = field(default_factory=list)       # dicts: epoch, step, seconds, train_loss, test_loss
+
+    @property
+    def final_train_loss(self) -> float:
+        return self.evals[-1]["train_loss"] if self.evals else math.nan
+
+    @property
+    def final_test_loss(self) -> float:
+        return self.evals[-1]["test_loss"] if self.evals else math.nan
+
+    @property
+    def initial_train_loss(self) -> float:
+        return self.evals[0]["train_loss"] if self.evals else math.nan
+
+    @property
+    def opt_steps_per_s(self) -> float:
+        return self.steps / self.opt_seconds if self.opt_seconds > 0 else math.nan
+
+    @property
+    def train_steps_per_s(self) -> float:
+        return self.steps / self.train_seconds if self.train_seconds > 0 else math.nan
+
+    def summary(self) -> dict:
+        """The scalar results (no histories)."""
+        return {
+            "optimizer": self.name,
+            "description": self.description,
+            "steps": self.steps,
+            "diverged": self.diverged,
+            "error": self.error,
+            "initial_train_loss": self.initial_train_loss,
+            "final_train_loss": self.final_train_loss,
+            "final_test_loss": self.final_test_loss,
+            "opt_steps_per_s": self.opt_steps_per_s,
+            "train_steps_per_s": self.train_steps_per_s,
+            "opt_seconds": self.opt_seconds,
+            "train_seconds": self.train_seconds,
+            "state_bytes": self.state_bytes,
+        }
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "step_loss": self.step_loss, "step_time": self.step_time,
+                "evals": self.evals}
+
+
+def batches(n: int, batch_size: int, rng: np.random.Generator):
+    """Index arrays of one shuffled epoch; the incomplete last batch is dropped."""
+    perm = rng.permutation(n)
+    for i in range(0, n - batch_size + 1, batch_size):
+        yield perm[i:i + batch_size]
+
+
+def _copy(params: dict) -> dict:
+    return {k: v.copy() for k, v in params.items()}
+
+
+def train(name: str, opt, params0: dict, train_x: np.ndarray, test_x: np.ndarray, *,
+          epochs: int, batch_size: int, seed: int, description: str = "",
+          on_step: Callable[[int, float], None] | None = None) -> RunResult:
+    """Train a copy of ``params0`` with ``opt``; ``params0`` is left untouched.
+
+    ``seed`` fixes the minibatch order, so every optimizer sees the same batches.
+    ``on_step(step, loss)`` is called after every step (for a progress bar).
+    """
+    if batch_size > train_x.shape[0]:
+        raise ValueError(f"batch_size: {batch_size} is larger than the {train_x.shape[0]} training images")
+    result = RunResult(name=name, description=description)
+    params = _copy(params0)
+
+    # warm-up on throw-away copies: compilation and first-call costs are not timed
+    warm = _copy(params0)
+    _, g = model.loss_and_grads(warm, train_x[:batch_size])
+    opt.step(warm, g, opt.init(warm))
+
+    state = opt.init(params)
+    rng = np.random.default_rng(seed)
+    clock = 0.0
+
+    def evaluate(epoch: int) -> None:
+        result.evals.append({"epoch": epoch, "step": result.steps, "seconds": clock,
+                             "train_loss": model.loss(params, train_x),
+                             "test_loss": model.loss(params, test_x)})
+
+    # a diverging run is detected (non-finite loss) and reported, not warned about
+    with np.errstate(over="ignore", invalid="ignore"):
+        evaluate(0)
+        for epoch in range(1, epochs + 1):
+            for idx in batches(train_x.shape[0], batch_size, rng):
+                t0 = time.perf_counter()
+                xb = train_x[idx]
+                value, grads = model.loss_and_grads(params, xb)
+                if not math.isfinite(value):
+                    result.diverged, result.error = True, f"non-finite loss at step {result.steps + 1}"
+                    break
+                t1 = time.perf_counter()
+                try:
+                    params, state = opt.step(params, grads, state)
+                except ValueError as e:  # non-finite gradients
+                    if "finite" not in str(e):
+                        raise
+                    result.diverged, result.error = True, f"step {result.steps + 1}: {e}"
+                    break
+                t2 = time.perf_counter()
+                result.opt_seconds += t2 - t1
+                result.train_seconds += t2 - t0
+                clock = result.train_seconds
+                result.steps += 1
+                result.step_loss.append(value)
+                result.step_time.append(clock)
+                if on_step is not None:
+                    on_step(result.steps, value)
+            if result.diverged:
+                break
+            evaluate(epoch)
+        if result.diverged:
+            evaluate(epoch)
+    result.state_bytes = int(ao.state_nbytes(state))
+    return result

@@ -1,0 +1,77 @@
+"""Array libraries the tests run on, with converters from and to NumPy."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+LIBS = ("numpy", "array_api_strict", "torch", "jax")
+
+
+def have(lib: str) -> bool:
+    return lib == "numpy" or importlib.util.find_spec(lib) is not None
+
+
+def require(lib: str) -> None:
+    if not have(lib):
+        pytest.skip(f"{lib} is not installed (pip install '.[test]' installs it)")
+
+
+def asarray(lib: str, a: np.ndarray, dtype: str | None = None):
+    """A copy of ``a`` in library ``lib`` with dtype name ``dtype`` (default: ``a``'s dtype)."""
+    dtype = dtype or str(a.dtype)
+    if lib == "numpy":
+        return np.array(a, dtype=dtype)
+    if lib == "array_api_strict":
+        import array_api_strict as xp
+
+        return xp.asarray(np.array(a, dtype=dtype))
+    if lib == "torch":
+        import torch
+
+        return torch.tensor(np.array(a, dtype=np.float64)).to(getattr(torch, dtype))
+    if lib == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(np.array(a, dtype=np.float64), dtype=getattr(jnp, dtype))
+    raise ValueError(lib)
+
+
+def to_numpy(x) -> np.ndarray:
+    """float64 NumPy copy of any array (bfloat16 included)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        return x.detach().cpu().double().numpy()
+    if mod.startswith("array_api_strict"):
+        return np.asarray(x._array, dtype=np.float64)
+    return np.asarray(x, dtype=np.float64)
+
+
+def tree_map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def bits(x):
+    """Exact bytes of an array (for bit-identity checks), or the scalar itself."""
+    if isinstance(x, (int, float, str, bool, type(None))):
+        return x
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        t = x.detach().cpu()
+        return (str(t.dtype), tuple(t.shape), bytes(t.contiguous().view(-1).view(__import__("torch").uint8).numpy()))
+    if mod.startswith("array_api_strict"):
+        a = x._array
+    else:
+        a = np.asarray(x)
+    return (str(a.dtype), a.shape, np.ascontiguousarray(a).tobytes())
+
+
+def snapshot(tree):
+    """A deep, comparable copy of a tree's exact contents."""
+    return tree_map(bits, tree)
