@@ -30,12 +30,21 @@ from .transforms import clip_by_global_norm, scale  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def backends_available() -> list:
+    """Names of the active backends (``arrayopt.backends.available()``)."""
+    from . import backends
+
+    return backends.available()
+
+
 __all__ = [
     "Optimizer",
     "adagrad",
     "adam",
     "adamw",
     "apply_updates",
+    "backends_available",
     "chain",
     "clip_by_global_norm",
     "dispatch",

@@ -218,7 +218,7 @@ class ElementwiseOptimizer(Optimizer):
             p32 = xp.astype(p, xp.float32) if low else p
             g32 = xp.astype(g, xp.float32) if low else g
             states = [state[name][i] for name in self.state_names]
-            p_new, new_states = self.reference(xp, p32, g32, states, scalars)
+            p_new, new_states = self._reference(ns, p32, g32, states, scalars)
             u = p_new - p32
             updates.append(xp.astype(u, p.dtype) if low else u)
             for name, s in zip(self.state_names, new_states):
@@ -242,8 +242,8 @@ class ElementwiseOptimizer(Optimizer):
                 low = is_low_precision(p.dtype)
                 p32 = xp.astype(p, xp.float32) if low else p
                 g32 = xp.astype(g, xp.float32) if low else g
-                p_new, new_states = self.reference(
-                    xp, p32, g32, [state[n][i] for n in self.state_names], scalars)
+                p_new, new_states = self._reference(
+                    ns, p32, g32, [state[n][i] for n in self.state_names], scalars)
                 new_params.append(xp.astype(p_new, p.dtype) if low else p_new)
                 for name, s in zip(self.state_names, new_states):
                     per_name[name].append(s)
@@ -257,6 +257,14 @@ class ElementwiseOptimizer(Optimizer):
         backend.run(self.kernel_op, leaves, g_leaves,
                     [state[n] for n in self.state_names], scalars, g_views=views)
         return list(leaves), self._new_state(state, {n: state[n] for n in self.state_names})
+
+    def _reference(self, ns, p, g, states, scalars):
+        p_new, new_states = self.reference(ns.xp, p, g, states, scalars)
+        if ns.library == "numpy":  # NumPy turns 0-d results into scalars
+            import numpy as np
+
+            return np.asarray(p_new), [np.asarray(s) for s in new_states]
+        return p_new, new_states
 
     def step_scalars(self, t: int, lr: float):
         raise NotImplementedError  # pragma: no cover - abstract

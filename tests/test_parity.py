@@ -1,0 +1,126 @@
+"""Parity of every path with the NumPy reference: backends, namespaces, dtypes (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import arrayopt as ao
+from _arrays import LIBS, asarray, have, to_numpy, tree_map
+from records import RECORDS
+
+shapes = st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple)
+trees = st.one_of(
+    shapes.map(lambda s: [s]),
+    st.lists(shapes, min_size=1, max_size=3),
+    st.dictionaries(st.sampled_from(["w", "b", "emb", "head"]), shapes, min_size=1, max_size=3).map(
+        lambda d: {k: d[k] for k in d}),
+)
+
+
+def _build(structure, rng, dtype, lib, scale=1.0):
+    def leaf(shape):
+        return asarray(lib, rng.normal(size=shape) * scale, dtype)
+
+    if isinstance(structure, dict):
+        return {k: leaf(s) for k, s in structure.items()}
+    return [leaf(s) for s in structure]
+
+
+def _run(opt, lib, backend, structure, dtype, seed, steps=3):
+    rng = np.random.default_rng(seed)
+    params = _build(structure, rng, dtype, lib)
+    state = opt.init(params)
+    with ao.dispatch.use_backend(None if backend == "auto" else backend):
+        for _ in range(steps):
+            params, state = opt.step(params, _build(structure, rng, dtype, lib), state)
+    return tree_map(to_numpy, params), {k: tree_map(to_numpy, v) if isinstance(v, list) else v
+                                        for k, v in state.items()}
+
+
+CONTENDERS = [(lib, b) for lib in LIBS for b in ("auto", "reference") if not (lib in ("jax", "array_api_strict") and b == "auto")]
+
+
+def _compare(got, want, rtol, atol, what):
+    g_leaves = got if isinstance(got, list) else list(got.values())
+    w_leaves = want if isinstance(want, list) else list(want.values())
+    for g, w in zip(g_leaves, w_leaves):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=[r.name for r in RECORDS])
+@given(structure=trees, dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16),
+       config=st.integers(0, 10))
+@settings(max_examples=15)
+def test_every_backend_and_namespace_matches_numpy_reference(rec, structure, dtype, seed, config):
+    opt = rec.factory(**rec.configs[config % len(rec.configs)])
+    want_p, want_s = _run(opt, "numpy", "reference", structure, dtype, seed)
+    rtol, atol = rec.rtol[dtype], rec.atol[dtype]
+    for lib, backend in CONTENDERS:
+        if not have(lib):
+            continue
+        got_p, got_s = _run(opt, lib, backend, structure, dtype, seed)
+        _compare(got_p, want_p, rtol, atol, f"params {lib}/{backend}")
+        for name, v in want_s.items():
+            if isinstance(v, list):
+                _compare(got_s[name], v, rtol, atol, f"state {name} {lib}/{backend}")
+            else:
+                assert got_s[name] == v, (name, lib, backend)
+
+
+def test_contenders_really_run():
+    """The parity matrix must include torch and JAX (installed by the test extra)."""
+    for lib in ("torch", "jax", "array_api_strict"):
+        assert have(lib), f"{lib} missing: the parity tests would not cover it"
+    assert "numba_cpu" in ao.backends_available()
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=[r.name for r in RECORDS])
+def test_numba_backend_is_used_for_numpy_and_torch_cpu(rec):
+    torch = pytest.importorskip("torch", reason="torch CPU tensors go through the Numba backend")
+    from arrayopt._xp import resolve
+
+    opt = rec.factory(**rec.configs[0])
+    for p in (np.ones(5, np.float32), torch.ones(5, dtype=torch.float64)):
+        state = opt.init([p])
+        arrays = [[p], [p]] + [state[n] for n in opt.state_names]
+        chosen = ao.dispatch.select(opt.kernel_op, resolve(p), *arrays)
+        assert chosen is not None and chosen.name == "numba_cpu"
+        with ao.dispatch.use_backend("reference"):
+            assert ao.dispatch.select(opt.kernel_op, resolve(p), *arrays) is None
+    # what the Numba backend must decline
+    ro = np.ones(5, np.float32)
+    ro.flags.writeable = False
+    for p in (np.ones(5, np.float16), np.ones((4, 4), np.float32)[:, ::2], ro, torch.ones(5, dtype=torch.bfloat16)):
+        state = opt.init([p])
+        arrays = [[p], [np.ascontiguousarray(p) if isinstance(p, np.ndarray) else p]] + [state[n] for n in opt.state_names]
+        assert ao.dispatch.select(opt.kernel_op, resolve(p), *arrays) is None
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=[r.name for r in RECORDS])
+def test_bfloat16_matches_float32_math_rounded_each_step(rec):
+    torch = pytest.importorskip("torch", reason="bfloat16 params need torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes (installed with jax) rounds to bfloat16 in NumPy")
+    bf16 = ml_dtypes.bfloat16
+    opt = rec.factory(**rec.configs[0])
+    rng = np.random.default_rng(7)
+    p0 = rng.normal(size=(16, 8)).astype(bf16).astype(np.float32)
+    grads = [rng.normal(size=(16, 8)).astype(bf16).astype(np.float32) for _ in range(5)]
+    # oracle: float32 state and math, params rounded to bfloat16 after every step
+    p_ref = {"w": p0.copy()}
+    s_ref = opt.init(p_ref)
+    with ao.dispatch.use_backend("reference"):
+        for g in grads:
+            p_ref, s_ref = opt.step(p_ref, {"w": g}, s_ref)
+            p_ref = {"w": p_ref["w"].astype(bf16).astype(np.float32)}
+    libs = ["torch"] + (["jax"] if have("jax") else [])
+    for lib in libs:
+        p = {"w": asarray(lib, p0, "bfloat16")}
+        s = opt.init(p)
+        for g in grads:
+            p, s = opt.step(p, {"w": asarray(lib, g, "bfloat16")}, s)
+        np.testing.assert_allclose(to_numpy(p["w"]), p_ref["w"], rtol=1e-2, atol=1e-2, err_msg=lib)
+        for name in opt.state_names:
+            np.testing.assert_allclose(to_numpy(s[name][0]), s_ref[name][0], rtol=1e-4, atol=1e-6, err_msg=lib)
