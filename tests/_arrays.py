@@ -75,3 +75,38 @@ def bits(x):
 def snapshot(tree):
     """A deep, comparable copy of a tree's exact contents."""
     return tree_map(bits, tree)
+
+
+def _is_leaf_array(x) -> bool:
+    return not isinstance(x, (dict, list, tuple, int, float, str, bool, type(None)))
+
+
+def flat_items(tree, path=""):
+    """``[(path, leaf)]`` of a tree of dicts/lists/tuples with array or scalar leaves."""
+    if isinstance(tree, dict):
+        return [i for k, v in tree.items() for i in flat_items(v, f"{path}[{k!r}]")]
+    if isinstance(tree, (list, tuple)):
+        return [i for n, v in enumerate(tree) for i in flat_items(v, f"{path}[{n}]")]
+    return [(path, tree)]
+
+
+def assert_trees_close(got, want, rtol, atol, what=""):
+    """Same structure; arrays close within tolerance, scalars equal."""
+    g, w = flat_items(got), flat_items(want)
+    assert [p for p, _ in g] == [p for p, _ in w], f"{what}: tree structure differs"
+    for (path, a), (_, b) in zip(g, w):
+        if _is_leaf_array(b):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=rtol, atol=atol, err_msg=f"{what}{path}")
+        else:
+            assert a == b or (a != a and b != b), f"{what}{path}: {a!r} != {b!r}"
+
+
+def float_array_dtypes(tree) -> set:
+    """Names of the floating dtypes of the arrays in a tree."""
+    out = set()
+    for _, x in flat_items(tree):
+        if _is_leaf_array(x):
+            name = str(x.dtype).rsplit(".", 1)[-1]
+            if "float" in name:
+                out.add(name)
+    return out

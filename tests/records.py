@@ -112,5 +112,17 @@ RECORDS = (
     ),
 )
 
+
+def _collect_more(records):
+    """Records of other optimizers live in ``tests/records_<algorithm>.py`` (each defines ``RECORDS``)."""
+    import importlib
+    import pathlib
+
+    for path in sorted(pathlib.Path(__file__).parent.glob("records_*.py")):
+        records += tuple(importlib.import_module(path.stem).RECORDS)
+    return records
+
+
+RECORDS = _collect_more(RECORDS)
 CASES = [(r, c) for r in RECORDS for c in r.configs]
 CASE_IDS = [i for r in RECORDS for i in r.ids()]

@@ -1,0 +1,8 @@
+"""Math building blocks, each a pure array-API function with a test oracle.
+
+Banded LogDet factor and apply (SONew), inverse p-th roots (Shampoo).
+"""
+
+from __future__ import annotations
+
+__all__: list = []

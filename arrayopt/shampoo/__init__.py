@@ -1,0 +1,1 @@
+"""Shampoo: blocked Kronecker preconditioning (see shampoo/README.md)."""
