@@ -8,6 +8,8 @@ import pytest
 import arrayopt as ao
 from records import CASE_IDS, CASES
 
+TORCH_CASES = [(c, i) for c, i in zip(CASES, CASE_IDS) if c[0].torch_class]
+
 torch = pytest.importorskip("torch", reason="torch is the trajectory oracle (installed by the test extra)")
 
 
@@ -24,7 +26,7 @@ def _torch_trajectory(rec, config, p0, grads_fn, steps):
     return w.detach().numpy().copy()
 
 
-@pytest.mark.parametrize("rec,config", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("rec,config", [c for c, _ in TORCH_CASES], ids=[i for _, i in TORCH_CASES])
 @pytest.mark.parametrize("path", ["numpy-numba", "numpy-reference", "torch-numba", "torch-reference"])
 def test_trajectory_matches_torch_optim(rec, config, path):
     rng = np.random.default_rng(11)
