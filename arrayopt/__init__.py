@@ -25,6 +25,7 @@ if not _os.path.isdir(_os.path.join(_here, "backends")):
 from . import dispatch, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
+from .shampoo import shampoo  # noqa: E402
 from .state_io import load_state, save_state, state_nbytes  # noqa: E402
 from .transforms import clip_by_global_norm, scale  # noqa: E402
 
@@ -54,6 +55,7 @@ __all__ = [
     "scale",
     "schedules",
     "sgd",
+    "shampoo",
     "state_nbytes",
 ]
 
@@ -63,3 +65,5 @@ registry.register("adam", lambda **kw: adam(**{"learning_rate": 3e-3, **kw}), "A
 registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 1e-4, **kw}),
                   "AdamW (decoupled weight decay)")
 registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.05, **kw}), "AdaGrad")
+registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "block_size": 128, **kw}),
+                  "Shampoo (blocked, Adam grafting, f64 eigh roots)")

@@ -5,4 +5,6 @@ Banded LogDet factor and apply (SONew), inverse p-th roots (Shampoo).
 
 from __future__ import annotations
 
-__all__: list = []
+from .roots import inverse_pth_root
+
+__all__: list = ["inverse_pth_root"]

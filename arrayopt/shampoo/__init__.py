@@ -1,1 +1,16 @@
-"""Shampoo: blocked Kronecker preconditioning (see shampoo/README.md)."""
+"""Shampoo: blocked Kronecker preconditioning, exact inverse roots, grafting,
+infrequent/asynchronous host roots and roots spread over data-parallel workers.
+
+See ``README.md`` in this folder and :mod:`arrayopt.shampoo.optimizer`.
+"""
+
+from __future__ import annotations
+
+from .async_roots import InlineExecutor
+from .blocking import merge_small_dims
+from .config import GraftingConfig, ShampooConfig
+from .distributed import LocalComm, MPIComm, TorchDistributedComm
+from .optimizer import Shampoo, ShampooState, shampoo
+
+__all__ = ["shampoo", "Shampoo", "ShampooState", "ShampooConfig", "GraftingConfig", "InlineExecutor",
+           "LocalComm", "MPIComm", "TorchDistributedComm", "merge_small_dims"]

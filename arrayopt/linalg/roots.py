@@ -1,0 +1,338 @@
+r"""Inverse p-th roots of symmetric PSD matrices (Shampoo's preconditioners).
+
+.. math::
+    \operatorname{root}(A) = (A + ε\,λ_{\max}(A)\,I)^{-1/p}
+
+with a *relative* ridge ``ε·λmax`` (``relative=True``, the JAX convention: the
+result is covariant under scaling, ``root(cA) = c^{-1/p} root(A)``, and the
+damped matrix has condition number at most ``1 + 1/ε``) or an absolute one
+(``relative=False``: ``A + ε I``). A zero matrix (``λmax = 0``) with a relative
+ridge has no scale: its root is defined as the identity.
+
+Two methods:
+
+- ``method="eigh"`` (default): ``A = Q diag(λ) Qᵀ`` on the host with NumPy
+  (LAPACK ``syevd``, which releases the GIL) in ``compute_dtype`` (float64 by
+  default, float32 allowed); eigenvalues below 0 (round-off) are clipped to 0;
+  ``root = Q diag((λ + ridge)^{-1/p}) Qᵀ`` is symmetric by construction.
+- ``method="newton"``: the coupled Newton (Schur–Newton) iteration of Guo &
+  Higham (2006), run in ``A``'s own namespace and device: with
+  ``Ā = A + ridge·I``, ``z = (1+p)/(2‖Ā‖_F)``, ``M₀ = zĀ``, ``H₀ = z^{1/p} I``::
+
+      T = ((p+1) I - M) / p;   M ← T^p M;   H ← H T;   e = max|M - I|
+
+  until ``e ≤ error_tolerance`` or the error grows by 1.2x (then the previous
+  iterate is kept) or ``max_iterations``. ``λmax`` comes from a power
+  iteration. A root whose final error exceeds ``failure_threshold`` or that is
+  not finite falls back to ``eigh`` (counted in ``info["fallbacks"]``).
+
+Inputs may be batched over leading dimensions (``A.shape == (..., n, n)``).
+The result has ``A``'s namespace, device and dtype.
+
+>>> import numpy as np
+>>> from arrayopt.linalg import inverse_pth_root
+>>> A = np.diag([4.0, 16.0])
+>>> np.round(inverse_pth_root(A, 2, ridge_epsilon=0.0), 6)
+array([[0.5 , 0.  ],
+       [0.  , 0.25]])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .._xp import Namespace, device_of, dtype_name, library_of, namespace_of, to_numpy
+
+__all__ = ["inverse_pth_root", "inverse_pth_root_info", "power_iteration", "host_inverse_pth_roots"]
+
+_METHODS = ("eigh", "newton")
+_COMPUTE = ("float64", "float32")
+
+
+def _check_args(p, ridge_epsilon, method, compute_dtype):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"p: expected a positive number, got {p!r}")
+    if method == "newton" and (not float(p).is_integer()):
+        raise ValueError(f"p: method='newton' needs an integer p, got {p!r}")
+    if isinstance(ridge_epsilon, bool) or not isinstance(ridge_epsilon, (int, float)) \
+            or not math.isfinite(ridge_epsilon) or ridge_epsilon < 0:
+        raise ValueError(f"ridge_epsilon: expected a finite number >= 0, got {ridge_epsilon!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method: must be one of {list(_METHODS)}, got {method!r}")
+    if compute_dtype not in _COMPUTE:
+        raise ValueError(f"compute_dtype: must be one of {list(_COMPUTE)}, got {compute_dtype!r}")
+
+
+# ---------------------------------------------------------------- host eigh (NumPy, releases the GIL)
+
+
+def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
+    """Root of a host array ``(..., n, n)``; returns ``(root, ok)`` with ``ok`` per matrix."""
+    a = 0.5 * (a + np.swapaxes(a, -1, -2))
+    batch = a.shape[:-2]
+    ok = np.isfinite(a).all(axis=(-1, -2))
+    if not ok.all():
+        a = np.where(ok[..., None, None], a, np.eye(a.shape[-1], dtype=a.dtype))
+    try:
+        w, q = np.linalg.eigh(a)
+    except np.linalg.LinAlgError:
+        # retry matrix by matrix so one bad matrix does not fail the batch
+        flat = a.reshape((-1,) + a.shape[-2:])
+        ws, qs, oks = [], [], ok.reshape(-1).copy()
+        for i, m in enumerate(flat):
+            try:
+                wi, qi = np.linalg.eigh(m)
+            except np.linalg.LinAlgError:
+                wi, qi = np.ones(m.shape[-1], m.dtype), np.eye(m.shape[-1], dtype=m.dtype)
+                oks[i] = False
+            ws.append(wi)
+            qs.append(qi)
+        w = np.stack(ws).reshape(batch + (a.shape[-1],))
+        q = np.stack(qs).reshape(a.shape)
+        ok = oks.reshape(batch)
+    w = np.maximum(w, 0)
+    lmax = w[..., -1:]
+    if relative:
+        zero = lmax <= 0
+        ridge = eps * lmax
+        w_r = np.where(zero, 1, w + ridge)
+    else:
+        w_r = w + eps
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = w_r ** (-1.0 / p)
+    root = np.matmul(q * inv[..., None, :], np.swapaxes(q, -1, -2))
+    root = 0.5 * (root + np.swapaxes(root, -1, -2))
+    ok = ok & np.isfinite(root).all(axis=(-1, -2))
+    return root, ok
+
+
+def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, method="eigh",
+                           compute_dtype="float64", error_tolerance=1e-6, max_iterations=100,
+                           failure_threshold=0.1):
+    """Roots of a list of host (NumPy) matrices of any sizes, each with its own exponent.
+
+    Returns ``(roots, ok, fallbacks)``: ``roots[i]`` in ``compute_dtype`` (``None``
+    where the root failed: the caller keeps its previous root), ``ok[i]`` a bool
+    and ``fallbacks`` the number of Newton roots that fell back to eigh. Never
+    raises for numerical failures. This is the job the optimizer runs on the
+    host, synchronously or on an executor; NumPy's LAPACK calls release the GIL.
+    """
+    dt = np.dtype(compute_dtype)
+    roots, oks, fallbacks = [], [], 0
+    for m, p in zip(mats, exponents):
+        a = np.asarray(m, dtype=dt)
+        if method == "newton":
+            r, info = _newton_numpy(a, p, ridge_epsilon, relative, error_tolerance, max_iterations,
+                                    failure_threshold)
+            good = bool(info["ok"])
+            if not good:
+                fallbacks += 1
+                r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
+                good = bool(ok)
+        else:
+            r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
+            good = bool(ok)
+        roots.append(r if good else None)
+        oks.append(good)
+    return roots, oks, fallbacks
+
+
+# ---------------------------------------------------------------- power iteration and Newton (any namespace)
+
+
+def power_iteration(A, *, num_iters: int = 100, tol: float = 1e-6):
+    """Largest eigenvalue of symmetric PSD ``A`` (``(..., n, n)``) by power iteration.
+
+    The start vector is fixed (uniform in [-1, 1], seed 1729), so results are
+    deterministic; the loop stops when the Rayleigh quotient changes by at most
+    ``tol`` relative. Returns an array of shape ``A.shape[:-2]``.
+    """
+    xp = namespace_of(A)
+    n = A.shape[-1]
+    v0 = np.random.RandomState(1729).uniform(-1.0, 1.0, n)
+    v = xp.asarray(v0, dtype=A.dtype, device=device_of(A))
+    v = xp.broadcast_to(v, A.shape[:-1])
+    s_prev = None
+    s = xp.zeros(A.shape[:-2], dtype=A.dtype, device=device_of(A))
+    for _ in range(num_iters):
+        v = v / xp.maximum(xp.linalg.vector_norm(v, axis=-1, keepdims=True), 1e-30)
+        w = xp.matmul(A, v[..., None])[..., 0]
+        s = xp.sum(v * w, axis=-1)
+        if s_prev is not None and bool(xp.all(xp.abs(s - s_prev) <= tol * xp.abs(s))):
+            break
+        s_prev = s
+        v = w
+    return s
+
+
+def _matpow(xp, T, p: int):
+    """``T^p`` for integer ``p >= 1`` by binary exponentiation."""
+    result = None
+    base = T
+    while p:
+        if p & 1:
+            result = base if result is None else xp.matmul(result, base)
+        p >>= 1
+        if p:
+            base = xp.matmul(base, base)
+    return result
+
+
+def _newton(xp, A, p: int, eps, relative, tol, max_iters, threshold):
+    """Coupled Newton in namespace ``xp``; returns ``(H, error, ok)`` per matrix."""
+    n = A.shape[-1]
+    dev = device_of(A)
+    eye = xp.eye(n, dtype=A.dtype, device=dev)
+    A = 0.5 * (A + xp.matrix_transpose(A))
+    finite_in = xp.all(xp.isfinite(A), axis=(-2, -1))
+    A = xp.where(finite_in[..., None, None], A, eye)
+    if relative:
+        lmax = power_iteration(A)
+        zero = lmax <= 0
+        ridge = eps * xp.where(zero, xp.ones_like(lmax), lmax)
+    else:
+        zero = xp.zeros(A.shape[:-2], dtype=xp.bool, device=dev)
+        ridge = xp.full(A.shape[:-2], eps, dtype=A.dtype, device=dev)
+    Ab = A + ridge[..., None, None] * eye
+    Ab = xp.where(zero[..., None, None], eye, Ab)
+    fro = xp.linalg.matrix_norm(Ab, ord="fro")
+    z = (1.0 + p) / (2.0 * fro)
+    M = z[..., None, None] * Ab
+    H = (z ** (1.0 / p))[..., None, None] * eye
+    err = xp.max(xp.abs(M - eye), axis=(-2, -1))
+    done = err <= tol
+    for _ in range(max_iters):
+        if bool(xp.all(done)):
+            break
+        T = ((p + 1.0) * eye - M) / p
+        M_new = xp.matmul(_matpow(xp, T, p), M)
+        H_new = xp.matmul(H, T)
+        err_new = xp.max(xp.abs(M_new - eye), axis=(-2, -1))
+        diverged = ~(err_new < 1.2 * err)  # NaN counts as diverged
+        stop = done | diverged
+        M = xp.where(stop[..., None, None], M, M_new)
+        H = xp.where(stop[..., None, None], H, H_new)
+        err = xp.where(stop, err, err_new)
+        done = stop | (err_new <= tol)
+    ok = finite_in & (err <= threshold) & xp.all(xp.isfinite(H), axis=(-2, -1))
+    H = 0.5 * (H + xp.matrix_transpose(H))
+    return H, err, ok
+
+
+def _newton_numpy(a, p, eps, relative, tol, max_iters, threshold):
+    H, err, ok = _newton(np, a, int(p), eps, relative, tol, max_iters, threshold)
+    return H, {"error": err, "ok": np.all(ok)}
+
+
+# ---------------------------------------------------------------- public API
+
+
+def _compute_dtype_in(xp, A, compute_dtype: str):
+    """``compute_dtype`` in ``xp`` where the namespace/device has it, else float32."""
+    if compute_dtype == "float64" and library_of(A) == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return xp.float32
+    if compute_dtype == "float64" and library_of(A) == "torch" and A.device.type == "mps":
+        return xp.float32
+    return getattr(xp, compute_dtype)
+
+
+def _to_host(A, dtype: str) -> np.ndarray:
+    return to_numpy(A).astype(dtype, copy=False)
+
+
+def _from_host(h: np.ndarray, like):
+    lib = library_of(like)
+    xp = namespace_of(like)
+    if lib == "numpy":
+        return np.asarray(h, dtype=like.dtype)
+    if lib == "torch":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(h)).to(device=like.device, dtype=like.dtype)
+    name = dtype_name(like.dtype)
+    host = h.astype(name) if name in ("float32", "float64", "float16") else h.astype(np.float32)
+    out = xp.asarray(host, device=device_of(like))
+    return out if out.dtype == like.dtype else xp.astype(out, like.dtype)
+
+
+def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "eigh",
+                          relative: bool = True, compute_dtype: str = "float64",
+                          error_tolerance: float = 1e-6, max_iterations: int = 100,
+                          failure_threshold: float = 0.1):
+    """Like :func:`inverse_pth_root` but returns ``(root, info)`` and never raises on failure.
+
+    ``info``: ``method`` (per matrix: what produced the root), ``ok`` (bool per
+    matrix; a failed matrix's root is the identity), ``fallbacks`` (Newton roots
+    that fell back to eigh) and ``error`` (Newton's final ``max|M - I|``, 0 for eigh).
+    """
+    _check_args(p, ridge_epsilon, method, compute_dtype)
+    if len(A.shape) < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A: expected square matrices (..., n, n), got shape {tuple(A.shape)}")
+    name = dtype_name(A.dtype)
+    if name not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"A: expected a real floating dtype, got {name}")
+    batch = tuple(A.shape[:-2])
+    if method == "newton":
+        xp = namespace_of(A)
+        ns = Namespace(xp, device_of(A), library_of(A))
+        work = xp.astype(A, _compute_dtype_in(xp, A, compute_dtype))
+        H, err, ok = _newton(ns.xp, work, int(p), float(ridge_epsilon), relative, error_tolerance,
+                             max_iterations, failure_threshold)
+        ok_h = np.asarray(to_numpy(ok), dtype=bool).reshape(batch)
+        err_h = np.asarray(to_numpy(err), dtype=np.float64).reshape(batch)
+        methods = np.full(batch, "newton", dtype=object)
+        fallbacks = int((~ok_h).sum())
+        if fallbacks:
+            hostA = _to_host(A, compute_dtype)
+            r_e, ok_e = _eigh_root_host(hostA, p, float(ridge_epsilon), relative)
+            H_h = to_numpy(H).astype(compute_dtype).reshape(hostA.shape)
+            H_h = np.where(ok_h[..., None, None], H_h, r_e)
+            methods = np.where(ok_h, methods, "eigh")
+            ok_h = ok_h | ok_e
+            eye = np.eye(A.shape[-1], dtype=H_h.dtype)
+            H_h = np.where(ok_h[..., None, None], H_h, eye)
+            root = _from_host(H_h, A)
+        else:
+            root = xp.astype(H, A.dtype)
+        info = {"method": methods, "ok": ok_h, "fallbacks": fallbacks, "error": err_h}
+        return root, info
+    hostA = _to_host(A, compute_dtype)
+    r, ok = _eigh_root_host(hostA, p, float(ridge_epsilon), relative)
+    r = np.where(ok[..., None, None], r, np.eye(A.shape[-1], dtype=r.dtype))
+    info = {"method": np.full(batch, "eigh", dtype=object), "ok": ok, "fallbacks": 0,
+            "error": np.zeros(batch)}
+    return _from_host(r, A), info
+
+
+def inverse_pth_root(A: Any, p, *, ridge_epsilon: float = 1e-6, method: str = "eigh",
+                     relative: bool = True, compute_dtype: str = "float64",
+                     error_tolerance: float = 1e-6, max_iterations: int = 100,
+                     failure_threshold: float = 0.1):
+    r"""``(A + ε·λmax·I)^{-1/p}`` for symmetric PSD ``A`` (batched over leading dims).
+
+    Args:
+      A: ``(..., n, n)`` symmetric positive semi-definite, any array-API namespace.
+      p: the root (``-1/p`` is the exponent); an integer for ``method="newton"``.
+      ridge_epsilon: ``ε``; relative to ``λmax`` unless ``relative=False``.
+      method: ``"eigh"`` (host NumPy, ``compute_dtype``) or ``"newton"`` (coupled
+        Newton in ``A``'s namespace, falling back to eigh when its error check fails).
+      compute_dtype: ``"float64"`` (default) or ``"float32"``.
+
+    Raises ``ArithmeticError`` if a root cannot be computed (non-finite input or
+    both methods failed); :func:`inverse_pth_root_info` reports it instead.
+    """
+    root, info = inverse_pth_root_info(
+        A, p, ridge_epsilon=ridge_epsilon, method=method, relative=relative,
+        compute_dtype=compute_dtype, error_tolerance=error_tolerance,
+        max_iterations=max_iterations, failure_threshold=failure_threshold)
+    if not np.all(info["ok"]):
+        bad = np.argwhere(~np.asarray(info["ok"]).reshape(-1))[:, 0].tolist()
+        raise ArithmeticError(f"A: inverse {p}-th root failed for matrices {bad[:8]} "
+                              f"(non-finite input or no accurate root)")
+    return root

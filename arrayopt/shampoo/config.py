@@ -1,0 +1,149 @@
+"""Shampoo configuration: frozen, validated dataclasses (named errors at construction).
+
+``GraftingConfig`` picks the first-order method whose per-layer step norm the
+Shampoo direction is rescaled to; ``ShampooConfig`` holds every hyperparameter
+of :func:`arrayopt.shampoo.shampoo`. Both validate in ``__post_init__`` and
+raise ``ValueError``/``TypeError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import _validate
+
+__all__ = ["GraftingConfig", "ShampooConfig", "GRAFT_TYPES", "PRECONDITIONER_TYPES", "ROOT_METHODS"]
+
+GRAFT_TYPES = ("none", "sgd", "adagrad", "rmsprop", "rmsprop_normalized", "adam", "sqrt_n")
+PRECONDITIONER_TYPES = ("all", "input", "output")
+ROOT_METHODS = ("eigh", "newton")
+#: grafting types that keep a diagonal second-moment accumulator
+GRAFT_WITH_STATE = ("adagrad", "rmsprop", "rmsprop_normalized", "adam")
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return v
+
+
+@dataclass(frozen=True)
+class GraftingConfig:
+    r"""The grafted first-order direction ``u_g`` (from the raw gradient ``g``).
+
+    - ``none``: ``u_g = g`` and the Shampoo direction is *not* rescaled;
+    - ``sgd``: ``u_g = g``;
+    - ``adagrad``: ``D += g²``, ``u_g = g/(√D + eps)``;
+    - ``rmsprop``: ``D = b2 D + (1-b2) g²``, ``u_g = g/(√D + eps)`` (no bias correction);
+    - ``rmsprop_normalized``: rmsprop on ``g/‖g‖`` (per layer);
+    - ``adam``: rmsprop with bias correction ``√(D/(1-b2^t))`` (Adam's second moment;
+      the first moment is Shampoo's momentum);
+    - ``sqrt_n``: ``u_g = sign(g)`` (norm ``√n``).
+
+    The Shampoo direction ``d`` of a layer is rescaled to ``‖u_g‖_F/‖d‖_F · d``
+    (layer-wise grafting: one norm per parameter, over all its blocks).
+    """
+
+    type: str = "adam"
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _validate.check_choice("graft", self.type, GRAFT_TYPES)
+        object.__setattr__(self, "b2", _validate.check_real("graft_b2", self.b2, 0.0, 1.0, high_open=True))
+        object.__setattr__(self, "eps", _validate.check_real("graft_eps", self.eps, 0.0))
+
+    @property
+    def has_state(self) -> bool:
+        return self.type in GRAFT_WITH_STATE
+
+
+@dataclass(frozen=True)
+class ShampooConfig:
+    """Every Shampoo hyperparameter; see :func:`arrayopt.shampoo.shampoo` for their meaning."""
+
+    learning_rate: float | Callable = 1e-3
+    block_size: int = 1024
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    exponent_override: int = 0
+    precondition_every: int = 1
+    start_preconditioning_step: int = 1
+    root_method: str = "eigh"
+    root_dtype: str = "float64"
+    graft: GraftingConfig = GraftingConfig()
+    nesterov: bool = True
+    ema_momentum: bool = False
+    weight_decay: float = 0.0
+    merge_small_dims: int | None = None
+    skip_preconditioning_dim_size_gt: int | None = 4096
+    skip_preconditioning_rank_lt: int = 1
+    preconditioner_type: str = "all"
+    relative_epsilon: bool = True
+    inverse_failure_threshold: float = 0.1
+    root_delay: int | None = None
+
+    def __post_init__(self):
+        s = object.__setattr__
+        s(self, "learning_rate", _validate.check_learning_rate(self.learning_rate))
+        s(self, "block_size", _validate.check_int("block_size", self.block_size, 1))
+        s(self, "b1", _validate.check_real("b1", self.b1, 0.0, 1.0, high_open=True))
+        s(self, "b2", _validate.check_real("b2", self.b2, 0.0, 1.0, low_open=True))
+        s(self, "eps", _validate.check_real("eps", self.eps, 0.0))
+        s(self, "exponent_override", _validate.check_int("exponent_override", self.exponent_override, 0))
+        s(self, "precondition_every", _validate.check_int("precondition_every", self.precondition_every, 1))
+        s(self, "start_preconditioning_step",
+          _validate.check_int("start_preconditioning_step", self.start_preconditioning_step, 1))
+        _validate.check_choice("root_method", self.root_method, ROOT_METHODS)
+        _validate.check_choice("root_dtype", self.root_dtype, ("float64", "float32"))
+        if not isinstance(self.graft, GraftingConfig):
+            raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, "
+                            f"got {type(self.graft).__name__}")
+        _bool("nesterov", self.nesterov)
+        _bool("ema_momentum", self.ema_momentum)
+        _bool("relative_epsilon", self.relative_epsilon)
+        if self.nesterov and self.b1 == 0.0:
+            s(self, "nesterov", False)  # Nesterov with no momentum is plain momentum-free SGD
+        s(self, "weight_decay", _validate.check_real("weight_decay", self.weight_decay, 0.0))
+        if self.merge_small_dims is not None:
+            _validate.check_int("merge_small_dims", self.merge_small_dims, 1)
+        if self.skip_preconditioning_dim_size_gt is not None:
+            _validate.check_int("skip_preconditioning_dim_size_gt", self.skip_preconditioning_dim_size_gt, 1)
+        _validate.check_int("skip_preconditioning_rank_lt", self.skip_preconditioning_rank_lt, 0)
+        _validate.check_choice("preconditioner_type", self.preconditioner_type, PRECONDITIONER_TYPES)
+        s(self, "inverse_failure_threshold",
+          _validate.check_real("inverse_failure_threshold", self.inverse_failure_threshold, 0.0, low_open=True))
+        if self.root_delay is not None:
+            _validate.check_int("root_delay", self.root_delay, 0)
+        if self.exponent_override and self.root_method == "newton" and not float(self.exponent_override).is_integer():
+            raise ValueError("exponent_override: root_method='newton' needs an integer exponent")
+
+    @property
+    def merge_threshold(self) -> int:
+        return self.block_size if self.merge_small_dims is None else self.merge_small_dims
+
+    def delay(self, asynchronous: bool) -> int:
+        """Steps between a root job's statistics and the step that first uses its roots."""
+        if self.root_delay is not None:
+            return self.root_delay
+        return 1 if asynchronous else 0
+
+
+def as_grafting(graft: Any, b2: float, eps: float) -> GraftingConfig:
+    """``graft`` as a :class:`GraftingConfig` (a string picks the type; b2/eps are the defaults)."""
+    if isinstance(graft, GraftingConfig):
+        return graft
+    if isinstance(graft, str):
+        return GraftingConfig(graft, b2, eps)
+    if graft is None:
+        return GraftingConfig("none", b2, eps)
+    raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, got {type(graft).__name__}")
+
+
+def finite_or_inf(name: str, v: Any) -> float:
+    if v == math.inf:
+        return v
+    return _validate.check_real(name, v)

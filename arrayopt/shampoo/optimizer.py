@@ -1,0 +1,394 @@
+r"""Shampoo: blocked Kronecker preconditioning with exact inverse roots and grafting.
+
+Per parameter ``W`` (merged small dims, large dims cut into blocks) and step
+``t`` (1-based), with gradient ``g``:
+
+.. math::
+    F^{(j)}_b \leftarrow β_2 F^{(j)}_b + w\,G_b^{(j)} G_b^{(j)\top} \qquad\text{(every block } b\text{, axis } j)
+
+    R^{(j)}_b = (F^{(j)}_b + ε λ_{\max} I)^{-1/p},\quad p = 2k \text{ (or exponent\_override)}
+    \qquad\text{every } F \text{ steps from } t_0
+
+    d = \operatorname{merge}_b\big(G_b \times_1 R^{(1)}_b \cdots \times_k R^{(k)}_b\big),\qquad
+    u = \frac{\lVert u_g\rVert_F}{\lVert d\rVert_F}\, d \quad\text{(layer-wise grafting)}
+
+    m \leftarrow β_1 m + w_1 u;\quad v = w_1 u + β_1 m \ \text{(Nesterov) or } m;\quad
+    W \leftarrow W - η_t (v + λ W)
+
+with ``u_g`` the grafted first-order direction (:class:`GraftingConfig`), used
+alone (``u = u_g``) before the first roots are installed (``t < t_0``, or while
+the first asynchronous roots are in flight) and for skipped parameters
+(scalars, any dim above ``skip_preconditioning_dim_size_gt``). ``w = 1`` if
+``β₂ = 1`` (AdaGrad-style sum) else ``1 - β₂``; ``w_1 = 1 - β₁`` if
+``ema_momentum`` else 1. Weight decay is decoupled (AdamW style).
+
+Roots are computed on the host in float64 by default (``root_dtype``), every
+``precondition_every`` steps from ``start_preconditioning_step``, and installed
+``root_delay`` steps later (0 without an executor; 1 with one, so a job runs
+while the next step's caller computes gradients). ``executor=`` any
+``concurrent.futures.Executor`` runs them asynchronously; ``comm=`` spreads them
+over data-parallel ranks (:mod:`arrayopt.shampoo.distributed`).
+
+>>> import numpy as np, arrayopt as ao
+>>> opt = ao.shampoo(learning_rate=0.1, block_size=128)
+>>> params = {"w": np.ones((4, 3), np.float32)}
+>>> state = opt.init(params)
+>>> params, state = opt.step(params, {"w": np.full((4, 3), 0.5, np.float32)}, state)
+>>> state["count"], state["roots_step"]
+(1, 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import _validate
+from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
+from ..base import Optimizer
+from .async_roots import RootJob, owners, run_root_job
+from .blocking import LeafPlan, merge, plan_leaf, split
+from .config import ShampooConfig, as_grafting
+from .distributed import as_comm
+from .grafting import frobenius, graft_direction
+from .preconditioner import precondition_block, update_factors
+
+__all__ = ["Shampoo", "ShampooState", "shampoo"]
+
+_COUNTERS = ("roots_step", "root_staleness", "root_jobs", "root_failures", "root_fallbacks")
+
+
+class ShampooState(dict):
+    """Shampoo's state: a plain dict of arrays, lists and scalars, plus a pending root job.
+
+    ``settle()`` waits for an in-flight asynchronous root job and stores its
+    result in ``state["pending"]["result"]`` (``ao.save_state`` calls it).
+    """
+
+    _future = None
+
+    def settle(self) -> None:
+        if self._future is not None:
+            res = _job_result(self._future, self["pending"]["stats_step"])
+            self["pending"] = {**self["pending"], "result": res}
+            self._future = None
+
+    def _carry(self, new: dict) -> "ShampooState":
+        out = ShampooState(new)
+        out._future = self._future if isinstance(self, ShampooState) else None
+        return out
+
+
+def _job_result(future, stats_step):
+    try:
+        return future.result()
+    except Exception as e:
+        raise RuntimeError(
+            f"shampoo: the asynchronous root job for the statistics of step {stats_step} failed "
+            f"with {type(e).__name__}: {e}; the state is unchanged (this call was rejected)") from e
+
+
+class Shampoo(Optimizer):
+    """Shampoo with blocking, grafting, infrequent/asynchronous/distributed roots; see the module doc."""
+
+    name = "shampoo"
+
+    def __init__(self, config: ShampooConfig, *, executor=None, comm=None, on_nonfinite="raise"):
+        super().__init__(on_nonfinite=on_nonfinite)
+        if not isinstance(config, ShampooConfig):
+            raise TypeError(f"config: expected a ShampooConfig, got {type(config).__name__}")
+        if executor is not None and not callable(getattr(executor, "submit", None)):
+            raise TypeError(f"executor: expected a concurrent.futures.Executor (with submit()), "
+                            f"got {type(executor).__name__}")
+        self.config = config
+        self.executor = executor
+        self.comm = as_comm(comm)
+        self.delay = config.delay(executor is not None)
+        self._plans: dict = {}
+        self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
+
+    # ---------------------------------------------------------------- layout
+
+    def plan(self, shape) -> LeafPlan:
+        key = tuple(int(d) for d in shape)
+        if key not in self._plans:
+            self._plans[key] = plan_leaf(key, self.config)
+        return self._plans[key]
+
+    def _init(self, ns, leaves):
+        xp, cfg = ns.xp, self.config
+        stats, roots = [], []
+        for p in leaves:
+            dt = state_dtype(xp, p.dtype)
+            shapes = self.plan(p.shape).factor_shapes()
+            stats.append([[xp.zeros(s, dtype=dt, device=ns.device) for s in blk] for blk in shapes])
+            roots.append([[xp.eye(s[0], dtype=dt, device=ns.device) for s in blk] for blk in shapes])
+        out: dict = {"stats": stats, "roots": roots}
+        if cfg.graft.has_state:
+            out["graft"] = [xp.zeros(p.shape, dtype=state_dtype(xp, p.dtype), device=ns.device) for p in leaves]
+        if cfg.b1 > 0:
+            out["momentum"] = [xp.zeros(p.shape, dtype=state_dtype(xp, p.dtype), device=ns.device)
+                               for p in leaves]
+        out.update({k: (-1 if k == "root_staleness" else 0) for k in _COUNTERS})
+        out["pending"] = None
+        return out
+
+    def init(self, params):
+        return ShampooState(super().init(params))
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_state(self, ns, leaves, paths, state, params_missing):
+        cfg = self.config
+        if params_missing and cfg.weight_decay != 0.0:
+            raise ValueError("params: shampoo with weight decay needs the params in update()")
+        keys = ["stats", "roots"] + (["graft"] if cfg.graft.has_state else []) + \
+            (["momentum"] if cfg.b1 > 0 else []) + list(_COUNTERS) + ["pending"]
+        for k in keys:
+            if k not in state:
+                raise ValueError(f"state: missing entry {k!r}; was it made by this optimizer's init()?")
+        dtypes = [state_dtype(ns.xp, p.dtype) for p in leaves]
+        for name in ("graft", "momentum"):
+            if name in keys:
+                _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
+        for name in ("stats", "roots"):
+            tree = state[name]
+            if not isinstance(tree, list) or len(tree) != len(leaves):
+                raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
+            for p, path, dt, per_leaf in zip(leaves, paths, dtypes, tree):
+                want = self.plan(p.shape).factor_shapes()
+                got = [[tuple(f.shape) for f in blk] if isinstance(blk, list) else None for blk in per_leaf] \
+                    if isinstance(per_leaf, list) else None
+                if got != [[tuple(s) for s in blk] for blk in want]:
+                    raise ValueError(f"state[{name!r}] leaf {path}: factor shapes {got} do not match "
+                                     f"the blocks of params shape {tuple(p.shape)} ({want})")
+                for blk in per_leaf:
+                    for f in blk:
+                        if ns.library != "numpy" or not isinstance(f, np.ndarray):
+                            _validate.check_state_leaves(name, [f], [path], ns, [f], [dt])
+                        elif f.dtype != dt:
+                            raise TypeError(f"state[{name!r}] leaf {path}: dtype {dtype_name(f.dtype)}, "
+                                            f"expected {dtype_name(dt)}")
+        for k in _COUNTERS:
+            v = state[k]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"state[{k!r}]: expected an int, got {v!r}")
+        pend = state["pending"]
+        if pend is not None:
+            if not isinstance(pend, dict) or set(pend) != {"install_at", "stats_step", "result"}:
+                raise ValueError("state['pending']: expected None or the dict of a pending root job")
+            if pend["result"] is None and getattr(state, "_future", None) is None:
+                raise ValueError("state['pending']: a root job is in flight but its future was lost "
+                                 "(the state was copied into a plain dict); use the state returned by "
+                                 "update()/step(), or save_state() it to settle the job")
+            fut = getattr(state, "_future", None)
+            if fut is not None and fut.done() and fut.exception() is not None:
+                _job_result(fut, pend["stats_step"])  # raises with a clear message
+
+    def _skipped_state(self, state):
+        new = super()._skipped_state(state)
+        return state._carry(new) if isinstance(state, ShampooState) else ShampooState(new)
+
+    # ---------------------------------------------------------------- roots
+
+    def _is_root_step(self, t: int) -> bool:
+        cfg = self.config
+        return t >= cfg.start_preconditioning_step and (t - cfg.start_preconditioning_step) % cfg.precondition_every == 0
+
+    def _flat_factors(self, stats):
+        return [f for per_leaf in stats for blk in per_leaf for f in blk]
+
+    def _exponents(self, leaves):
+        out = []
+        for p in leaves:
+            plan = self.plan(p.shape)
+            out += [plan.exponent] * sum(len(b) for b in plan.factor_shapes())
+        return out
+
+    def _make_job(self, leaves, stats, out_dtype):
+        cfg = self.config
+        flat = self._flat_factors(stats)
+        expo = self._exponents(leaves)
+        own = owners([tuple(f.shape) for f in flat], self.comm.size)
+        idx = [i for i, r in enumerate(own) if r == self.comm.rank]
+        mats = [np.array(to_numpy(flat[i]), copy=True) for i in idx]
+        return RootJob(mats, [expo[i] for i in idx], idx, len(flat), own, self.comm.rank,
+                       eps=cfg.eps, relative=cfg.relative_epsilon, method=cfg.root_method,
+                       compute_dtype=cfg.root_dtype, threshold=cfg.inverse_failure_threshold,
+                       out_dtype=out_dtype)
+
+    def _install(self, ns, roots, result, counters, stats_step):
+        """New roots tree with the job's results (failed factors keep their previous root)."""
+        xp = ns.xp
+        flat_new = result["roots"]
+        out, i = [], 0
+        for per_leaf in roots:
+            leaf_out = []
+            for blk in per_leaf:
+                blk_out = []
+                for old in blk:
+                    h = flat_new[i]
+                    blk_out.append(old if h is None else _from_host(ns, h, old))
+                    i += 1
+                leaf_out.append(blk_out)
+            out.append(leaf_out)
+        counters["roots_step"] = stats_step
+        counters["root_failures"] += int(result["failures"])
+        counters["root_fallbacks"] += int(result["fallbacks"])
+        return out
+
+    # ---------------------------------------------------------------- the step
+
+    def _update(self, ns, leaves, g_leaves, state, paths):
+        xp, cfg = ns.xp, self.config
+        t = state["count"] + 1
+        lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
+        counters = {k: state[k] for k in _COUNTERS}
+        roots = state["roots"]
+        pending = state["pending"]
+        future = getattr(state, "_future", None)
+        # 1. install roots that are due (waits for an in-flight job)
+        if pending is not None and (pending["install_at"] <= t or self._is_root_step(t)):
+            result = pending["result"] if pending["result"] is not None else _job_result(future, pending["stats_step"])
+            roots = self._install(ns, roots, result, counters, pending["stats_step"])
+            pending, future = None, None
+        # 2. statistics (raw gradient, state dtype)
+        g32 = [xp.astype(g, xp.float32) if is_low_precision(g.dtype) else g for g in g_leaves]
+        stats = []
+        for p, g, per_leaf in zip(leaves, g32, state["stats"]):
+            plan = self.plan(p.shape)
+            if plan.skipped:
+                stats.append(per_leaf)
+                continue
+            blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
+            stats.append([update_factors(xp, fs, b, plan.mask, cfg.b2) for fs, b in zip(per_leaf, blocks)])
+        # 3. roots of this step's statistics: now, or installed root_delay steps later
+        if self._is_root_step(t) and len(self._flat_factors(stats)) > 0:
+            out_dtype = dtype_name(state_dtype(xp, leaves[0].dtype))
+            job = self._make_job(leaves, stats, out_dtype)
+            counters["root_jobs"] += 1
+            if self.delay == 0:
+                res = run_root_job(job, self.comm) if self.executor is None else \
+                    _job_result(self.executor.submit(run_root_job, job, self.comm), t)
+                roots = self._install(ns, roots, res, counters, t)
+            elif self.executor is None:
+                pending = {"install_at": t + self.delay, "stats_step": t, "result": run_root_job(job, self.comm)}
+            else:
+                future = self.executor.submit(run_root_job, job, self.comm)
+                pending = {"install_at": t + self.delay, "stats_step": t, "result": None}
+        active = counters["roots_step"] > 0
+        counters["root_staleness"] = t - counters["roots_step"] if active else -1
+        # 4. directions, grafting, momentum, decay
+        new_graft, new_mom, updates = [], [], []
+        b1 = cfg.b1
+        w1 = (1.0 - b1) if cfg.ema_momentum else 1.0
+        for i, (p, g) in enumerate(zip(leaves, g32)):
+            plan = self.plan(p.shape)
+            low = is_low_precision(p.dtype)
+            acc = state["graft"][i] if cfg.graft.has_state else None
+            u_g, acc = graft_direction(xp, cfg.graft, g, acc, t)
+            if acc is not None:
+                new_graft.append(acc)
+            if plan.skipped or not active:
+                u = u_g
+            else:
+                blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
+                d_blocks = [precondition_block(xp, b, rs, plan.mask) for b, rs in zip(blocks, roots[i])]
+                d = xp.reshape(merge(xp, d_blocks, plan.shape, cfg.block_size), tuple(p.shape))
+                if cfg.graft.type == "none":
+                    u = d
+                else:
+                    u = d * (frobenius(xp, u_g) / (frobenius(xp, d) + 1e-30))
+            if b1 > 0:
+                m = state["momentum"][i] * b1 + (u * w1 if w1 != 1.0 else u)
+                new_mom.append(m)
+                v = (u * w1 if w1 != 1.0 else u) + m * b1 if cfg.nesterov else m
+            else:
+                v = u
+            if cfg.weight_decay != 0.0:
+                p32 = xp.astype(p, xp.float32) if low else p
+                v = v + p32 * cfg.weight_decay
+            upd = v * (-lr)
+            updates.append(xp.astype(upd, p.dtype) if low else upd)
+        if ns.library == "numpy":  # NumPy turns 0-d results into scalars
+            updates = [np.asarray(u) for u in updates]
+            new_graft = [np.asarray(a) for a in new_graft]
+            new_mom = [np.asarray(a) for a in new_mom]
+        new = dict(state)
+        new["count"] = t
+        new["stats"] = stats
+        new["roots"] = roots
+        if cfg.graft.has_state:
+            new["graft"] = new_graft
+        if b1 > 0:
+            new["momentum"] = new_mom
+        new.update(counters)
+        new["pending"] = pending
+        out = ShampooState(new)
+        out._future = future
+        return updates, out
+
+
+def _from_host(ns, h: np.ndarray, like):
+    """A host root as an array of ``like``'s namespace, device and dtype."""
+    if ns.library == "numpy":
+        return h if h.dtype == like.dtype else h.astype(like.dtype)
+    if ns.library == "torch":
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(h)).to(device=like.device, dtype=like.dtype)
+    out = ns.xp.asarray(h, device=ns.device)
+    return out if out.dtype == like.dtype else ns.xp.astype(out, like.dtype)
+
+
+def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: float = 0.999,
+            eps: float = 1e-6, exponent_override: int = 0, precondition_every: int = 1,
+            start_preconditioning_step: int = 1, root_method: str = "eigh",
+            graft: Any = "adam", executor=None, *, graft_b2: float | None = None,
+            graft_eps: float = 1e-8, nesterov: bool = True, ema_momentum: bool = False,
+            weight_decay: float = 0.0, root_dtype: str = "float64", merge_small_dims: int | None = None,
+            skip_preconditioning_dim_size_gt: int | None = 4096, skip_preconditioning_rank_lt: int = 1,
+            preconditioner_type: str = "all", relative_epsilon: bool = True,
+            inverse_failure_threshold: float = 0.1, root_delay: int | None = None, comm=None,
+            on_nonfinite: str = "raise") -> Shampoo:
+    """Shampoo (see the module docstring for the math).
+
+    Args:
+      learning_rate: float or schedule ``count -> float``.
+      block_size: dims longer than this are cut into blocks of this size.
+      b1: momentum (heavy-ball; EMA with ``ema_momentum=True``); 0 disables it.
+      b2: factor statistics decay; ``1.0`` is the AdaGrad-style running sum.
+      eps: ridge of the roots, relative to ``λmax`` (absolute if ``relative_epsilon=False``).
+      exponent_override: ``p`` of every root (``-1/p``); 0 means ``2 × #preconditioned dims``.
+      precondition_every: roots every this many steps (``F``).
+      start_preconditioning_step: first step (1-based) that computes roots; before
+        the first roots are installed the grafting direction is used alone.
+      root_method: ``"eigh"`` (host, ``root_dtype``) or ``"newton"`` (coupled Newton,
+        falling back to eigh, then to the previous root).
+      graft: ``"none"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"rmsprop_normalized"``,
+        ``"adam"``, ``"sqrt_n"`` or a :class:`GraftingConfig` (``graft_b2``/``graft_eps``).
+      executor: a ``concurrent.futures.Executor`` for asynchronous host roots.
+      comm: a communicator (:mod:`arrayopt.shampoo.distributed`) to spread roots over ranks.
+      root_delay: steps from a root job's statistics to the step that uses its roots
+        (default 0 synchronous, 1 with an executor).
+      merge_small_dims: merge threshold (default ``block_size``).
+      skip_preconditioning_dim_size_gt: params with a dim above this use the grafting
+        direction only (None: never).
+      preconditioner_type: ``"all"``, ``"input"`` (all but the last dim) or ``"output"`` (last dim).
+    """
+    if graft_b2 is None:
+        graft_b2 = b2 if isinstance(b2, (int, float)) and 0.0 <= b2 < 1.0 else 0.999
+    g = as_grafting(graft, graft_b2, graft_eps)
+    cfg = ShampooConfig(
+        learning_rate=learning_rate, block_size=block_size, b1=b1, b2=b2, eps=eps,
+        exponent_override=exponent_override, precondition_every=precondition_every,
+        start_preconditioning_step=start_preconditioning_step, root_method=root_method,
+        root_dtype=root_dtype, graft=g, nesterov=nesterov, ema_momentum=ema_momentum,
+        weight_decay=weight_decay, merge_small_dims=merge_small_dims,
+        skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
+        skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
+        preconditioner_type=preconditioner_type, relative_epsilon=relative_epsilon,
+        inverse_failure_threshold=inverse_failure_threshold, root_delay=root_delay)
+    return Shampoo(cfg, executor=executor, comm=comm, on_nonfinite=on_nonfinite)
+

@@ -1,0 +1,55 @@
+"""Shampoo's record for the generic tests (see tests/records.py)."""
+
+from __future__ import annotations
+
+import arrayopt as ao
+from records import OptimizerRecord
+
+_BAD_LR = (
+    ({"learning_rate": -1.0}, ValueError, "learning_rate: must be >= 0"),
+    ({"learning_rate": float("nan")}, ValueError, "learning_rate: must be finite"),
+    ({"learning_rate": "0.1"}, TypeError, "learning_rate: expected a real number"),
+)
+
+RECORDS = (
+    OptimizerRecord(
+        "shampoo", ao.shampoo,
+        configs=(
+            {"learning_rate": 0.05, "block_size": 3},
+            {"learning_rate": 0.05, "block_size": 3, "graft": "rmsprop_normalized", "b2": 0.9},
+            {"learning_rate": 0.05, "block_size": 8, "b2": 1.0, "graft": "adagrad", "precondition_every": 3,
+             "start_preconditioning_step": 2, "nesterov": False},
+            {"learning_rate": 0.05, "block_size": 2, "graft": "adam", "weight_decay": 1e-3, "ema_momentum": True,
+             "b1": 0.5, "exponent_override": 4},
+            {"learning_rate": 0.1, "block_size": 4, "graft": "sgd", "b1": 0.0, "root_method": "newton"},
+            {"learning_rate": ao.schedules.cosine_decay(0.05, 400, alpha=0.1), "block_size": 16,
+             "graft": "rmsprop", "preconditioner_type": "input"},
+        ),
+        invalid=_BAD_LR + (
+            ({"block_size": 0}, ValueError, "block_size: must be >= 1"),
+            ({"block_size": 2.5}, TypeError, "block_size: expected an integer"),
+            ({"b1": 1.0}, ValueError, "b1: must be < 1"),
+            ({"b2": 0.0}, ValueError, "b2: must be > 0"),
+            ({"b2": 1.5}, ValueError, "b2: must be <= 1"),
+            ({"eps": -1e-6}, ValueError, "eps: must be >= 0"),
+            ({"precondition_every": 0}, ValueError, "precondition_every: must be >= 1"),
+            ({"start_preconditioning_step": 0}, ValueError, "start_preconditioning_step: must be >= 1"),
+            ({"root_method": "svd"}, ValueError, "root_method: must be one of"),
+            ({"graft": "lamb"}, ValueError, "graft: must be one of"),
+            ({"graft": 3}, TypeError, "graft: expected a GraftingConfig"),
+            ({"graft_b2": 1.0}, ValueError, "graft_b2: must be < 1"),
+            ({"graft_eps": -1.0}, ValueError, "graft_eps: must be >= 0"),
+            ({"exponent_override": -2}, ValueError, "exponent_override: must be >= 0"),
+            ({"weight_decay": -1.0}, ValueError, "weight_decay: must be >= 0"),
+            ({"preconditioner_type": "left"}, ValueError, "preconditioner_type: must be one of"),
+            ({"root_dtype": "float16"}, ValueError, "root_dtype: must be one of"),
+            ({"nesterov": 1}, TypeError, "nesterov: expected a bool"),
+            ({"executor": object()}, TypeError, "executor: expected a concurrent.futures.Executor"),
+            ({"comm": object()}, TypeError, "comm: expected a communicator"),
+            ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite: must be one of"),
+        ),
+        rtol={"float64": 1e-9, "float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3},
+        atol={"float64": 1e-11, "float32": 2e-5, "bfloat16": 1e-2, "float16": 1e-3},
+        converge_steps=300,
+    ),
+)
