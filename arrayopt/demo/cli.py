@@ -10,19 +10,21 @@ results table and writes ``results.json``, ``results.md`` and ``losses.png`` to
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
+import traceback
 
 import numpy as np
 
 import arrayopt as ao
 
-from . import data, model, report, train
+from . import data, model, report, threads, train
 
 __all__ = ["main", "parse_args"]
 
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 20
 DEFAULT_BATCH_SIZE = 32
 BACKENDS = ("auto", "reference", "numba_cpu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -69,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of data, params and computation (default float32)")
     p.add_argument("--lr", type=_lr_overrides, default={}, metavar="NAME=LR[,NAME=LR]",
                    help="override registered learning rates, e.g. --lr sgd=0.01,adam=1e-3")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="CPU threads for BLAS and the Numba kernels during training (default 1: the "
+                        "model is small and idle threads spinning between calls slow every step)")
     p.add_argument("--out", default="arrayopt-demo-out",
                    help="output folder (default arrayopt-demo-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,8 +111,8 @@ class _Progress:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     t_start = time.perf_counter()
+    args = parse_args(argv)
     dtype = DTYPES[args.dtype]
     backend = None if args.backend == "auto" else args.backend
 
@@ -120,14 +125,17 @@ def main(argv=None) -> int:
     params0 = model.init_params(np.random.default_rng(args.seed), sizes, dtype=dtype)
     steps_per_epoch = digits.train.shape[0] // args.batch_size
     registry = ao.registry.registered()
+    floor_train = float(model.target_entropy(digits.train).mean())
+    floor_test = float(model.target_entropy(digits.test).mean())
     print(f"MLP autoencoder {'-'.join(map(str, sizes))} ({model.num_params(params0):,} params, {args.dtype}); "
           f"digits: {digits.train.shape[0]} train / {digits.test.shape[0]} test images; "
           f"{args.epochs} epochs x {steps_per_epoch} steps of batch {args.batch_size}; "
-          f"backend {args.backend}", flush=True)
+          f"backend {args.backend}; loss floor (target entropy): {floor_train:.2f} train / "
+          f"{floor_test:.2f} test", flush=True)
 
     progress = _Progress(not args.no_progress)
     results = []
-    with ao.dispatch.use_backend(backend):
+    with ao.dispatch.use_backend(backend), threads.limit(args.threads):
         for name in args.optimizers:
             overrides = {"learning_rate": args.lr[name]} if name in args.lr else {}
             opt = ao.registry.make(name, **overrides)
@@ -143,16 +151,26 @@ def main(argv=None) -> int:
                 r = train.train(name, opt, params0, digits.train, digits.test, epochs=args.epochs,
                                 batch_size=args.batch_size, seed=args.seed,
                                 description=registry[name].description, on_step=on_step)
+            except Exception as e:  # one broken optimizer must not hide the others' results
+                traceback.print_exc()
+                r = train.RunResult(name=name, description=registry[name].description, failed=True,
+                                    error=f"{type(e).__name__}: {e}")
             finally:
                 if bar is not None:
                     bar.close()
             results.append(r)
 
-    wall = time.perf_counter() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    report.plot(os.path.join(args.out, "losses.png"), results,
+                title=f"MLP autoencoder {'-'.join(map(str, sizes))} on digits "
+                      f"({args.dtype}, backend {args.backend})")
+    wall = time.perf_counter() - t_start  # everything but the interpreter's start and the JSON/Markdown
     config = {
         "model": "-".join(map(str, sizes)),
         "params": model.num_params(params0),
         "loss": "sigmoid cross-entropy, summed over pixels, mean over batch (nats/image)",
+        "loss_floor_train": round(floor_train, 4),
+        "loss_floor_test": round(floor_test, 4),
         "train_images": int(digits.train.shape[0]),
         "test_images": int(digits.test.shape[0]),
         "epochs": args.epochs,
@@ -161,6 +179,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "dtype": args.dtype,
         "backend": args.backend,
+        "threads": args.threads,
         "lr_overrides": args.lr,
         "optimizers": args.optimizers,
         "wall_seconds": round(wall, 2),
@@ -169,16 +188,12 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
-    import os
-    os.makedirs(args.out, exist_ok=True)
     report.write_json(os.path.join(args.out, "results.json"), config, results)
     report.write_markdown(os.path.join(args.out, "results.md"), config, results)
-    report.plot(os.path.join(args.out, "losses.png"), results,
-                title=f"MLP autoencoder {config['model']} on digits ({args.dtype}, backend {args.backend})")
     print()
     print(report.format_table(results))
     for r in results:
-        if r.diverged:
-            print(f"{r.name}: diverged ({r.error})")
+        if r.diverged or r.failed:
+            print(f"{r.name}: {'diverged' if r.diverged else 'failed'} ({r.error})")
     print(f"\nwall time {wall:.1f} s; wrote results.json, results.md, losses.png to {args.out}")
-    return 0
+    return 1 if any(r.failed for r in results) else 0

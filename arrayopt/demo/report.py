@@ -1,9 +1,11 @@
 """Reporting: the results table (text, Markdown, JSON) and the loss plot (PNG).
 
 The plot has two panels, the training loss against the step and against the
-training seconds, one line per optimizer. The per-step minibatch loss is noisy,
-so the lines show its exponential moving average (bias-corrected, ``smoothing``
-0.9); the dots mark the full-training-set loss measured after each epoch.
+training seconds, one line per optimizer. The loss is drawn on a log scale
+minus its floor, the entropy of the targets (so the curves show how far each
+optimizer is from a perfect reconstruction). The per-step minibatch loss is
+noisy, so the lines show its exponential moving average (bias-corrected,
+``smoothing`` 0.9); the dots mark the full-training-set loss after each epoch.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ COLUMNS = (
 )
 
 
-def _fmt(key: str, value, diverged: bool) -> str:
+def _fmt(key: str, value, s: dict) -> str:
     if key == "optimizer":
-        return str(value) + (" (diverged)" if diverged else "")
+        return str(value) + (" (diverged)" if s["diverged"] else " (failed)" if s["failed"] else "")
     if key == "state_bytes":
         return f"{int(value):,}"
     if isinstance(value, float) and not math.isfinite(value):
@@ -44,7 +46,7 @@ def rows(results) -> list:
     out = []
     for r in results:
         s = r.summary()
-        out.append([_fmt(k, s[k], s["diverged"]) for k, _ in COLUMNS])
+        out.append([_fmt(k, s[k], s) for k, _ in COLUMNS])
     return out
 
 
@@ -89,7 +91,8 @@ def write_markdown(path: str, config: dict, results) -> None:
     lines += [f"- {k}: `{v}`" for k, v in config.items()]
     lines += ["", markdown_table(results), "",
               "Losses: sigmoid cross-entropy in nats per image (summed over 64 pixels) on the full "
-              "train/test sets after the last epoch. Steps/s: optimizer step alone (`opt.step`), and the "
+              "train/test sets after the last epoch; their floor is the entropy of the targets "
+              "(`loss_floor_train`/`loss_floor_test` above). Steps/s: optimizer step alone (`opt.step`), and the "
               "whole training step (forward, backward and optimizer step). State bytes: "
               "`arrayopt.state_nbytes(state)`.", ""]
     with open(path, "w", encoding="utf-8") as f:
@@ -111,32 +114,38 @@ def plot(path: str, results, title: str = "", smoothing: float = 0.9) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("the demo needs matplotlib: pip install 'arrayopt[demo]'") from e
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax_step, ax_time = fig.subplots(1, 2, sharey=True)
     for i, r in enumerate(results):
-        color = f"C{i % 10}"
-        label = r.name + (" (diverged)" if r.diverged else "")
-        if r.step_loss:
-            steps = np.arange(1, len(r.step_loss) + 1)
-            smooth = _ema(r.step_loss, smoothing)
-            ax_step.plot(steps, smooth, color=color, lw=1.2, label=label)
-            ax_time.plot(r.step_time, smooth, color=color, lw=1.2, label=label)
-        ev = [e for e in r.evals if e["train_loss"] is not None and math.isfinite(e["train_loss"])]
+        color, style = f"C{i % 10}", ("-", "--", "-.", ":")[i % 4]
+        label = r.name + (" (diverged)" if r.diverged else " (failed)" if r.failed else "")
+        if r.step_excess:
+            steps = np.arange(1, len(r.step_excess) + 1)
+            smooth = _ema(r.step_excess, smoothing)
+            ax_step.plot(steps, smooth, color=color, ls=style, lw=1.2, label=label)
+            ax_time.plot(r.step_time, smooth, color=color, ls=style, lw=1.2)
+        ev = [e for e in r.evals if math.isfinite(e["train_excess"])]
         if ev:
-            ax_step.plot([e["step"] for e in ev], [e["train_loss"] for e in ev], "o", color=color, ms=2.5)
-            ax_time.plot([e["seconds"] for e in ev], [e["train_loss"] for e in ev], "o", color=color, ms=2.5)
+            ax_step.plot([e["step"] for e in ev], [e["train_excess"] for e in ev], "o", color=color, ms=2.5)
+            ev = [e for e in ev if e["seconds"] > 0]  # log time axis: the dot before training is left out
+            ax_time.plot([e["seconds"] for e in ev], [e["train_excess"] for e in ev], "o", color=color, ms=2.5)
     ax_step.set_xlabel("step")
     ax_time.set_xlabel("training seconds (forward + backward + optimizer step)")
-    ax_step.set_ylabel("train loss (nats / image)")
+    ax_step.set_ylabel("train loss minus target entropy (nats / image)")
     ax_step.set_yscale("log")
+    ax_time.set_xscale("log")  # optimizers differ in speed by orders of magnitude
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax_step.yaxis.set_major_formatter(plain)
+    ax_step.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "2358" else ""))
     for ax in (ax_step, ax_time):
         ax.grid(True, which="both", alpha=0.3)
-    ax_step.legend(loc="upper right", fontsize="small")
+    fig.legend(loc="outside right upper", fontsize="small")
     ax_step.set_title(f"minibatch loss (EMA {smoothing}); dots: full train set", fontsize="small")
-    ax_time.set_title("same, against wall-clock training time", fontsize="small")
+    ax_time.set_title("same, against training time (log scale)", fontsize="small")
     if title:
         fig.suptitle(title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -5,6 +5,7 @@
 - the minibatch loss of every step, with the cumulative training seconds
   (forward + backward + optimizer step; evaluation is not counted);
 - the loss on the full training and test sets before training and after each epoch;
+- the same losses minus the entropy of the targets (their floor), for log-scale plots;
 - the time spent in ``opt.step`` alone and in whole training steps.
 
 A throw-away warm-up step on copies of the params runs first, so that one-time
@@ -35,11 +36,13 @@ class RunResult:
     description: str = ""
     steps: int = 0
     diverged: bool = False
+    failed: bool = False  # raised an exception (see ``error``); set by the caller
     error: str = ""
     opt_seconds: float = 0.0    # time inside opt.step
     train_seconds: float = 0.0  # forward + backward + opt.step (+ batch gathering)
     state_bytes: int = 0
     step_loss: list = field(default_factory=list)   # minibatch loss at each step
+    step_excess: list = field(default_factory=list)  # minibatch loss minus the batch's target entropy
     step_time: list = field(default_factory=list)   # cumulative training seconds after each step
     evals: list = field(default_factory=list)       # dicts: epoch, step, seconds, train_loss, test_loss
 
@@ -70,6 +73,7 @@ class RunResult:
             "description": self.description,
             "steps": self.steps,
             "diverged": self.diverged,
+            "failed": self.failed,
             "error": self.error,
             "initial_train_loss": self.initial_train_loss,
             "final_train_loss": self.final_train_loss,
@@ -82,7 +86,8 @@ class RunResult:
         }
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "step_loss": self.step_loss, "step_time": self.step_time,
+        return {**self.summary(), "step_loss": self.step_loss, "step_excess": self.step_excess,
+                "step_time": self.step_time,
                 "evals": self.evals}
 
 
@@ -118,11 +123,14 @@ def train(name: str, opt, params0: dict, train_x: np.ndarray, test_x: np.ndarray
     state = opt.init(params)
     rng = np.random.default_rng(seed)
     clock = 0.0
+    entropy = model.target_entropy(train_x)
+    floor_train, floor_test = float(entropy.mean()), float(model.target_entropy(test_x).mean())
 
     def evaluate(epoch: int) -> None:
+        tr, te = model.loss(params, train_x), model.loss(params, test_x)
         result.evals.append({"epoch": epoch, "step": result.steps, "seconds": clock,
-                             "train_loss": model.loss(params, train_x),
-                             "test_loss": model.loss(params, test_x)})
+                             "train_loss": tr, "test_loss": te,
+                             "train_excess": tr - floor_train, "test_excess": te - floor_test})
 
     # a diverging run is detected (non-finite loss) and reported, not warned about
     with np.errstate(over="ignore", invalid="ignore"):
@@ -149,6 +157,7 @@ def train(name: str, opt, params0: dict, train_x: np.ndarray, test_x: np.ndarray
                 clock = result.train_seconds
                 result.steps += 1
                 result.step_loss.append(value)
+                result.step_excess.append(value - float(entropy[idx].mean()))
                 result.step_time.append(clock)
                 if on_step is not None:
                     on_step(result.steps, value)
