@@ -1,20 +1,242 @@
-"""CuPy CUDA backend (placeholder until the kernels land): never available."""
+"""CuPy CUDA backend: fused in-place kernels for CuPy arrays and torch CUDA tensors.
+
+Accepted arrays (everything else takes the reference path):
+
+- CuPy arrays, float32/float64, C-contiguous, all on one device; kernels run on CuPy's
+  current stream of that device;
+- torch CUDA tensors, float32/float64, contiguous, all on one device, reached zero-copy
+  with ``cupy.from_dlpack(t.detach())``; kernels run on torch's current stream through
+  ``cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)``, so they are
+  ordered with the caller's torch work and no synchronisation is added.
+
+Each step is one pass per leaf over params, grads and state, with the arithmetic of
+``arrayopt.first_order`` in the same order (``first_order.cu``)::
+
+    sgd       d = g + λθ;  θ ← θ - η d                          (momentum 0, no state)
+              d = g + λθ;  b ← μ b + d;  θ ← θ - η (d + μ b | b)  (momentum, Nesterov)
+    adam      g ← g + l2 θ;  θ ← θ·decay;  m ← m + (1-β1)(g - m);  v ← β2 v + (1-β2) g²
+              θ ← θ - step_size · m / (√v / √(1-β2^t) + ε)
+    adagrad   d = g + λθ;  s ← s + d²;  θ ← θ - η d / (√s + ε)
+
+The finiteness pre-pass is one read-only counting kernel per gradient leaf into one
+shared counter and a single device-to-host read. Results equal the reference up to
+float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
+instruction (no FMA contraction, no flush-to-zero despite CuPy's ``-ftz=true``).
+
+Scalars reach the kernels typed (``numpy.float32`` for float32 arrays, ``numpy.float64``
+for float64, SGD's ``nesterov`` as ``numpy.int32`` 0/1); see ``_kernels``. CuPy and
+torch are imported only when needed, never at module import. The source is compiled
+once per process and device by NVRTC (CuPy recompiles template modules with
+``name_expressions`` in every process: about a second, on the first step).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = ["BACKEND", "CupyCUDA"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _importable(name: str) -> bool:
+    mod = sys.modules.get(name, False)
+    if mod is not False:
+        return mod is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _probe() -> tuple:
+    """``(available, reason)``: cupy imports and sees at least one CUDA device."""
+    if not _importable("cupy"):
+        return False, "cupy is not installed"
+    try:
+        import cupy
+    except Exception as e:  # broken install, missing CUDA libraries, ...
+        return False, f"cupy does not import ({type(e).__name__}: {e})"
+    try:
+        n = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as e:  # no driver, no device
+        return False, f"no CUDA device ({type(e).__name__}: {e})"
+    if n <= 0:
+        return False, "no CUDA device"
+    return True, ""
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+@contextlib.contextmanager
+def _on_device_stream(x):
+    """Make ``x``'s device current for CuPy and, for a torch tensor, torch's current stream."""
+    import cupy
+
+    with contextlib.ExitStack() as stack:
+        if _is_torch(x):
+            import torch
+
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            stack.enter_context(cupy.cuda.Device(index))
+            ptr = torch.cuda.current_stream(x.device).cuda_stream
+            stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, index)
+            stack.enter_context(stream)
+        else:
+            stack.enter_context(cupy.cuda.Device(x.device.id))
+        yield
+
+
+class _Views(list):
+    """Flat CuPy views of one group of leaves; ``anchor`` is the first original leaf (it
+    names the device and, for torch, the stream the views belong to)."""
+
+    anchor = None
+
 
 class CupyCUDA:
+    """The ``cupy_cuda`` backend (see the module docstring)."""
+
     name = "cupy_cuda"
-    ops = frozenset()
+    ops = frozenset({"sgd", "adam", "adagrad"})
+
+    def __init__(self):
+        self._probed = None
+
+    def _probe(self) -> tuple:
+        if self._probed is None:
+            try:
+                self._probed = _probe()
+            except Exception as e:  # never raise from available()
+                self._probed = (False, f"probe failed ({type(e).__name__}: {e})")
+        return self._probed
 
     def available(self) -> bool:
-        return False
+        return self._probe()[0]
 
     def reason(self) -> str:
-        return "not built yet"
+        ok, why = self._probe()
+        if not ok:
+            return why
+        return ("CuPy arrays and torch CUDA tensors (float32/float64, C-contiguous), "
+                "on the caller's stream")
+
+    # ---------------------------------------------------------------- acceptance
 
     def accepts(self, ns, *groups) -> bool:
-        return False
+        if ns.library not in ("cupy", "torch") or not groups or not groups[0]:
+            return False
+        if not self.available():
+            return False
+        params = groups[0]
+        if any(len(group) != len(params) for group in groups[1:]):
+            return False
+        ok = self._accepts_cupy(groups) if ns.library == "cupy" else self._accepts_torch(groups)
+        if not ok:
+            return False
+        for i, p in enumerate(params):  # each leaf's grads and state match its param
+            for group in groups[1:]:
+                a = group[i]
+                if a.dtype != p.dtype or a.shape != p.shape:
+                    return False
+        return True
+
+    @staticmethod
+    def _accepts_cupy(groups) -> bool:
+        import cupy
+
+        device = None
+        for group in groups:
+            for a in group:
+                if not isinstance(a, cupy.ndarray) or a.dtype not in _FLOATS:
+                    return False
+                if not a.flags.c_contiguous:
+                    return False
+                if device is None:
+                    device = a.device.id
+                elif a.device.id != device:
+                    return False
+        return True
+
+    @staticmethod
+    def _accepts_torch(groups) -> bool:
+        import torch
+
+        floats = (torch.float32, torch.float64)
+        device = None
+        for group in groups:
+            for a in group:
+                if not isinstance(a, torch.Tensor) or a.device.type != "cuda":
+                    return False
+                if a.dtype not in floats or not a.is_contiguous() or a.is_conj() or a.is_neg():
+                    return False
+                if device is None:
+                    device = a.device
+                elif a.device != device:
+                    return False
+        return True
+
+    # ---------------------------------------------------------------- kernels
+
+    def views(self, arrays) -> list:
+        """Flat CuPy views sharing memory with ``arrays`` (zero-copy DLPack for torch)."""
+        out = _Views()
+        if not arrays:
+            return out
+        out.anchor = arrays[0]
+        if _is_torch(arrays[0]):
+            import cupy
+
+            # made on torch's stream, so the DLPack exchange needs no extra synchronisation
+            with _on_device_stream(arrays[0]):
+                out.extend(cupy.from_dlpack(a.detach()).reshape(-1) for a in arrays)
+        else:
+            out.extend(a.reshape(-1) for a in arrays)
+        return out
+
+    def all_finite(self, views) -> bool:
+        """One counting kernel per leaf into a shared counter, then one device-to-host read."""
+        if not any(v.size for v in views):
+            return True
+        import cupy
+
+        anchor = getattr(views, "anchor", None)
+        with _on_device_stream(anchor if anchor is not None else views[0]):
+            device = views[0].device.id
+            blocks = _kernels.max_blocks(device)
+            counter = cupy.zeros(1, dtype=np.uint64)
+            for v in views:
+                if v.size:
+                    kernel = _kernels.function(_kernels.COUNT_KERNEL, v.dtype, device)
+                    grid, block = _kernels.launch_shape(v.size, blocks)
+                    kernel(grid, block, _kernels.count_args(v, counter))
+            return int(counter.get()[0]) == 0
+
+    def run(self, op, params, grads, states, scalars, g_views=None) -> None:
+        """Update ``params`` and ``states`` in place with the ``op`` kernel, leaf by leaf."""
+        if not params:
+            return
+        base = _kernels.kernel_base(op, len(states))
+        with _on_device_stream(params[0]):
+            p_views = self.views(params)
+            g_views = g_views if g_views is not None else self.views(grads)
+            s_views = [self.views(s) for s in states]
+            device = p_views[0].device.id
+            blocks = _kernels.max_blocks(device)
+            for i, (p, g) in enumerate(zip(p_views, g_views)):
+                if p.size == 0:
+                    continue
+                kernel = _kernels.function(base, p.dtype, device)
+                grid, block = _kernels.launch_shape(p.size, blocks)
+                kernel(grid, block, _kernels.kernel_args(p, g, [s[i] for s in s_views], scalars))
 
 
 BACKEND = CupyCUDA()
