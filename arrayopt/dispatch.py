@@ -90,6 +90,7 @@ def select(op: str, ns, *groups):
     for b in _BACKENDS:
         if forced is not None and b.name != forced:
             continue
-        if op in b.ops and b.available() and b.accepts(ns, *groups):
+        # accepts() only looks at the arrays; available() may import the backend's package
+        if op in b.ops and b.accepts(ns, *groups) and b.available():
             return b
     return None

@@ -69,21 +69,20 @@ class NumbaCPU:
         return [_numpy_view(a, lib).reshape(-1) for a in arrays]
 
     def all_finite(self, views) -> bool:
-        from .kernels import count_nonfinite
+        from .kernels import all_finite
 
-        return all(count_nonfinite(v) == 0 for v in views)
+        return all_finite(views)
 
     def run(self, op, params, grads, states, scalars, g_views=None) -> None:
         from .kernels import kernel_for
 
-        kernel = kernel_for(op, len(states))
         p_views = self.views(params)
         g_views = g_views if g_views is not None else self.views(grads)
         s_views = [self.views(s) for s in states]
         for i, (p, g) in enumerate(zip(p_views, g_views)):
             cast = p.dtype.type
             typed = tuple(s if isinstance(s, bool) else cast(s) for s in scalars)
-            kernel(p, g, *[sv[i] for sv in s_views], *typed)
+            kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
 
 
 BACKEND = NumbaCPU()
