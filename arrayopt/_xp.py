@@ -38,14 +38,28 @@ def library_of(x: Any) -> str:
     return mod
 
 
+_NAMESPACE_BY_TYPE: dict = {}
+_CACHEABLE = ("numpy", "torch", "cupy", "jax")
+
+
 def namespace_of(x: Any):
-    """The array-API namespace of one array; ``TypeError`` if ``x`` is not an array."""
+    """The array-API namespace of one array; ``TypeError`` if ``x`` is not an array.
+
+    For NumPy, torch, CuPy and JAX the namespace depends on the array type only and is cached.
+    """
+    t = type(x)
+    xp = _NAMESPACE_BY_TYPE.get(t)
+    if xp is not None:
+        return xp
     if isinstance(x, (bool, int, float, complex)) or x is None:
-        raise TypeError(f"expected an array, got a Python {type(x).__name__}")
+        raise TypeError(f"expected an array, got a Python {t.__name__}")
     try:
-        return compat.array_namespace(x)
+        xp = compat.array_namespace(x)
     except TypeError as e:
-        raise TypeError(f"expected an array, got {type(x).__name__} ({e})") from None
+        raise TypeError(f"expected an array, got {t.__name__} ({e})") from None
+    if library_of(x) in _CACHEABLE:
+        _NAMESPACE_BY_TYPE[t] = xp
+    return xp
 
 
 def device_of(x: Any):
@@ -72,11 +86,23 @@ def resolve(leaf: Any) -> Namespace:
     return Namespace(namespace_of(leaf), device_of(leaf), library_of(leaf))
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(dtype: Any) -> str:
     """A library-independent dtype name ("float32", "bfloat16", ...)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        pass
     name = getattr(dtype, "name", None)  # NumPy, CuPy, JAX dtypes
     s = name if isinstance(name, str) else str(dtype)
-    return s.rsplit(".", 1)[-1].strip("')> ")
+    s = s.rsplit(".", 1)[-1].strip("')> ")
+    try:
+        _DTYPE_NAMES[dtype] = s
+    except TypeError:
+        pass
+    return s
 
 
 def is_low_precision(dtype: Any) -> bool:

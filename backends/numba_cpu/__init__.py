@@ -79,9 +79,12 @@ class NumbaCPU:
         p_views = self.views(params)
         g_views = g_views if g_views is not None else self.views(grads)
         s_views = [self.views(s) for s in states]
+        typed_by_dtype: dict = {}
         for i, (p, g) in enumerate(zip(p_views, g_views)):
-            cast = p.dtype.type
-            typed = tuple(s if isinstance(s, bool) else cast(s) for s in scalars)
+            typed = typed_by_dtype.get(p.dtype)
+            if typed is None:  # float32 scalars for float32 leaves, float64 for float64
+                cast = p.dtype.type
+                typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in scalars)
             kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
 
 
