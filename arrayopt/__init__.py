@@ -26,6 +26,7 @@ from . import dispatch, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
 from .shampoo import shampoo  # noqa: E402
+from .sonew import sonew  # noqa: E402
 from .state_io import load_state, save_state, state_nbytes  # noqa: E402
 from .transforms import clip_by_global_norm, scale  # noqa: E402
 
@@ -56,14 +57,23 @@ __all__ = [
     "schedules",
     "sgd",
     "shampoo",
+    "sonew",
     "state_nbytes",
 ]
 
-registry.register("sgd", lambda **kw: sgd(**{"learning_rate": 0.05, "momentum": 0.9, "nesterov": True, **kw}),
+registry.register("sgd", lambda **kw: sgd(**{"learning_rate": 0.01, "momentum": 0.9, "nesterov": True, **kw}),
                   "SGD with Nesterov momentum 0.9")
 registry.register("adam", lambda **kw: adam(**{"learning_rate": 3e-3, **kw}), "Adam")
 registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 1e-4, **kw}),
                   "AdamW (decoupled weight decay)")
-registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.05, **kw}), "AdaGrad")
-registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "block_size": 128, **kw}),
-                  "Shampoo (blocked, Adam grafting, f64 eigh roots)")
+registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.01, **kw}), "AdaGrad")
+registry.register("sonew_diag", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 0, **kw}),
+                  "diag-SONew (m/(v+eps), Adam graft)")
+registry.register("sonew_tridiag", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 1, **kw}),
+                  "tridiagonal SONew (Adam graft)")
+registry.register("sonew_band4", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 4, **kw}),
+                  "band-4 SONew (Adam graft)")
+registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "block_size": 128, "ema_momentum": True,
+                                                       "precondition_every": 10, "start_preconditioning_step": 10,
+                                                       **kw}),
+                  "Shampoo (block 128, Adam grafting, f64 eigh roots every 10 steps)")

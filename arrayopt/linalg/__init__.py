@@ -6,5 +6,6 @@ Banded LogDet factor and apply (SONew), inverse p-th roots (Shampoo).
 from __future__ import annotations
 
 from .roots import inverse_pth_root
+from .sonew import sonew_apply, sonew_factor
 
-__all__: list = ["inverse_pth_root"]
+__all__: list = ["sonew_factor", "sonew_apply", "inverse_pth_root"]

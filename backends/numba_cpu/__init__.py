@@ -24,7 +24,7 @@ class NumbaCPU:
     """The ``numba_cpu`` backend (see the module docstring)."""
 
     name = "numba_cpu"
-    ops = frozenset({"sgd", "adam", "adagrad"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
 
     def __init__(self):
         self._available = None
@@ -86,6 +86,13 @@ class NumbaCPU:
                 cast = p.dtype.type
                 typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in scalars)
             kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
+
+
+    def run_sonew(self, opt, params, grads, mus, bands, scalars, g_views=None) -> list:
+        """SONew's fused step (``backends/numba_cpu/sonew.py``); returns per-leaf removal counts."""
+        from .sonew import run
+
+        return run(self, opt, params, grads, mus, bands, scalars, g_views)
 
 
 BACKEND = NumbaCPU()
