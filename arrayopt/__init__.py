@@ -69,9 +69,9 @@ registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_
 registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.01, **kw}), "AdaGrad")
 registry.register("sonew_diag", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 0, **kw}),
                   "diag-SONew (m/(v+eps), Adam graft)")
-registry.register("sonew_tridiag", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 1, **kw}),
+registry.register("sonew_tridiag", lambda **kw: sonew(**{"learning_rate": 1e-2, "band": 1, **kw}),
                   "tridiagonal SONew (Adam graft)")
-registry.register("sonew_band4", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 4, **kw}),
+registry.register("sonew_band4", lambda **kw: sonew(**{"learning_rate": 1e-2, "band": 4, **kw}),
                   "band-4 SONew (Adam graft)")
 registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "block_size": 128, "ema_momentum": True,
                                                        "precondition_every": 10, "start_preconditioning_step": 10,

@@ -407,3 +407,4 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
             scaled_apply(p, u, scale, neg_lr, wd)
         out.append((edges, fallback))
     return out
+

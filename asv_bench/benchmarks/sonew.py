@@ -1,0 +1,113 @@
+"""SONew steps: time per band, state bytes per band, and ratios to our Adam measured in one run.
+
+- ``SONewStep.time_step``: ``ao.sonew(band=b).step`` (defaults: relative eps,
+  Adam graft) for b in {0, 1, 4}, backend numba_cpu / reference, 1M and 10M
+  float32 params in one flat array.
+- ``SONewStep.track_state_bytes``: optimizer state bytes per band (Adam: 8 B/param).
+- ``SONewRatios.track_ratio``: in ONE process (``setup_cache``), contenders
+  interleaved round-robin, ratio of medians (``common.interleaved``):
+
+  ``tridiag/adam``        tridiagonal SONew step / our Adam step (Numba, 10M f32); target ≤ 1.35
+  ``tridiag_nograft/adam`` the same with ``graft="none"`` (no second pass for the norm)
+  ``band4/adam``          band-4 SONew / Adam; target ≤ 3
+  ``diag/adam``           diag-SONew / Adam
+
+``python asv_bench/benchmarks/sonew.py`` prints the same figures without asv.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import SIZES, ao, interleaved, make_data, medians_ms, OptimizerStep, warm_up
+
+BANDS = {"diag": 0, "tridiag": 1, "band4": 4}
+LR = 1e-3
+
+
+class SONewStepper:
+    """``opt.step`` of SONew on one flat float32 param of ``n`` elements (numba_cpu or reference)."""
+
+    def __init__(self, band: int, backend: str, n: int, warmup: int = 2, **kw):
+        self.opt = ao.sonew(LR, band=band, **kw)
+        self.backend = backend
+        self.p, self.g = make_data(n)
+        self.state = self.opt.init(self.p)
+        for _ in range(warmup):
+            self()
+
+    def __call__(self):
+        if self.backend == "reference":
+            with ao.dispatch.use_backend("reference"):
+                self.p, self.state = self.opt.step(self.p, self.g, self.state)
+        else:
+            self.p, self.state = self.opt.step(self.p, self.g, self.state)
+
+
+class SONewStep:
+    params = (list(BANDS), ["numba_cpu", "reference"], list(SIZES))
+    param_names = ["band", "backend", "size"]
+    timeout = 300
+
+    def setup(self, band, backend, size):
+        warm_up()
+        self.stepper = SONewStepper(BANDS[band], backend, SIZES[size])
+
+    def time_step(self, band, backend, size):
+        self.stepper()
+
+    def track_state_bytes(self, band, backend, size):
+        return ao.state_nbytes(self.stepper.state)
+
+    track_state_bytes.unit = "bytes"
+
+
+def measure_ratios(n: int = SIZES["10M"], rounds: int = 9, steps: int = 2) -> dict:
+    """SONew / Adam step ratios, all Numba, measured interleaved in this process."""
+    warm_up()
+    built = {
+        "adam": OptimizerStep("adam", "numba_cpu", n),
+        "diag": SONewStepper(0, "numba_cpu", n),
+        "tridiag": SONewStepper(1, "numba_cpu", n),
+        "tridiag_nograft": SONewStepper(1, "numba_cpu", n, graft="none"),
+        "band4": SONewStepper(4, "numba_cpu", n),
+    }
+    med = medians_ms(interleaved(built, rounds, steps))
+    out = {"n": n, "ms": med}
+    for k in ("diag", "tridiag", "tridiag_nograft", "band4"):
+        out[f"{k}/adam"] = med[k] / med["adam"]
+    out["state_bytes_per_param"] = {k: ao.state_nbytes(v.state) / n for k, v in built.items()}
+    return out
+
+
+class SONewRatios:
+    timeout = 900
+    params = (["diag/adam", "tridiag/adam", "tridiag_nograft/adam", "band4/adam"],)
+    param_names = ["ratio"]
+
+    def setup_cache(self):
+        return measure_ratios()
+
+    def track_ratio(self, cache, ratio):
+        return cache[ratio]
+
+    track_ratio.unit = "x our Adam"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import json
+    import sys
+
+    n = int(float(sys.argv[1])) if len(sys.argv) > 1 else SIZES["10M"]
+    r = measure_ratios(n)
+    print(json.dumps(r, indent=1))
+    ref = {}
+    for name, b in BANDS.items():
+        st = SONewStepper(b, "reference", n, warmup=1)
+        import time
+
+        t = time.perf_counter()
+        st()
+        ref[name] = 1e3 * (time.perf_counter() - t)
+    print("reference path ms (one step):", json.dumps(ref))
+    np.asarray(0)
