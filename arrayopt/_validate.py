@@ -79,26 +79,7 @@ def check_like(arg: str, tree: Any, treedef, paths, ref_leaves, ns: Namespace, r
             else f"{arg}: empty tree, but {ref_arg} has {len(paths)} leaves"
         )
     for leaf, ref, path in zip(leaves, ref_leaves, paths):
-        xp = _leaf_namespace(arg, path, leaf)
-        if xp is not ns.xp:
-            raise TypeError(
-                f"{arg} leaf {path}: array namespace {library_of(leaf)} differs from "
-                f"{ref_arg} namespace {ns.library}"
-            )
-        if device_of(leaf) != ns.device:
-            raise ValueError(
-                f"{arg} leaf {path}: device {device_of(leaf)} differs from {ref_arg} device {ns.device}"
-            )
-        if tuple(leaf.shape) != tuple(ref.shape):
-            raise ValueError(
-                f"{arg} leaf {path}: shape {tuple(leaf.shape)} differs from "
-                f"{ref_arg} shape {tuple(ref.shape)}"
-            )
-        if leaf.dtype != ref.dtype:
-            raise TypeError(
-                f"{arg} leaf {path}: dtype {dtype_name(leaf.dtype)} differs from "
-                f"{ref_arg} dtype {dtype_name(ref.dtype)}"
-            )
+        _check_leaf(arg, path, leaf, ref.shape, ref.dtype, ns, ref_arg)
     return leaves
 
 
@@ -111,25 +92,24 @@ def check_state_leaves(name: str, arrays, paths, ns: Namespace, params_leaves, d
             f"was the state made by init() for these params?"
         )
     for a, p, path, dt in zip(arrays, params_leaves, paths, dtypes):
-        xp = _leaf_namespace(f"state[{name!r}]", path, a)
-        if xp is not ns.xp:
-            raise TypeError(
-                f"state[{name!r}] leaf {path}: array namespace {library_of(a)} differs from "
-                f"params namespace {ns.library}"
-            )
-        if device_of(a) != ns.device:
-            raise ValueError(
-                f"state[{name!r}] leaf {path}: device {device_of(a)} differs from params device {ns.device}"
-            )
-        if tuple(a.shape) != tuple(p.shape):
-            raise ValueError(
-                f"state[{name!r}] leaf {path}: shape {tuple(a.shape)} differs from "
-                f"params shape {tuple(p.shape)}"
-            )
-        if a.dtype != dt:
-            raise TypeError(
-                f"state[{name!r}] leaf {path}: dtype {dtype_name(a.dtype)}, expected {dtype_name(dt)}"
-            )
+        _check_leaf(f"state[{name!r}]", path, a, p.shape, dt, ns, "expected")
+
+
+def _check_leaf(arg, path, leaf, shape, dtype, ns: Namespace, ref_arg):
+    """One leaf against the namespace/device of the call and an expected shape and dtype."""
+    xp = _leaf_namespace(arg, path, leaf)
+    if xp is not ns.xp:
+        raise TypeError(
+            f"{arg} leaf {path}: array namespace {library_of(leaf)} differs from "
+            f"params namespace {ns.library}"
+        )
+    if device_of(leaf) != ns.device:
+        raise ValueError(f"{arg} leaf {path}: device {device_of(leaf)} differs from params device {ns.device}")
+    if tuple(leaf.shape) != tuple(shape):
+        raise ValueError(f"{arg} leaf {path}: shape {tuple(leaf.shape)} differs from {ref_arg} shape {tuple(shape)}")
+    if leaf.dtype != dtype:
+        raise TypeError(
+            f"{arg} leaf {path}: dtype {dtype_name(leaf.dtype)} differs from {ref_arg} dtype {dtype_name(dtype)}")
 
 
 def all_finite(xp, leaves) -> bool:

@@ -208,22 +208,29 @@ class ElementwiseOptimizer(Optimizer):
         new.update(new_states_by_name)
         return new
 
-    def _update(self, ns, leaves, g_leaves, state, paths):
+    def _reference_leaves(self, ns, leaves, g_leaves, state):
+        """The reference on every leaf, in the state dtype: ``(p32s, new_p32s, new_state)``."""
         xp = ns.xp
         scalars = self._scalars(state["count"])
-        updates = []
+        olds, news = [], []
         per_name = {name: [] for name in self.state_names}
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             low = is_low_precision(p.dtype)
             p32 = xp.astype(p, xp.float32) if low else p
             g32 = xp.astype(g, xp.float32) if low else g
-            states = [state[name][i] for name in self.state_names]
-            p_new, new_states = self._reference(ns, p32, g32, states, scalars)
-            u = p_new - p32
-            updates.append(xp.astype(u, p.dtype) if low else u)
+            p_new, new_states = self._reference(
+                ns, p32, g32, [state[n][i] for n in self.state_names], scalars)
+            olds.append(p32)
+            news.append(p_new)
             for name, s in zip(self.state_names, new_states):
                 per_name[name].append(s)
-        return updates, self._new_state(state, per_name)
+        return olds, news, self._new_state(state, per_name)
+
+    def _update(self, ns, leaves, g_leaves, state, paths):
+        olds, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
+        updates = [ns.xp.astype(q - o, p.dtype) if is_low_precision(p.dtype) else q - o
+                   for p, o, q in zip(leaves, olds, news)]
+        return updates, new_state
 
     def _step(self, ns, leaves, g_leaves, state, paths):
         from . import dispatch
@@ -231,23 +238,13 @@ class ElementwiseOptimizer(Optimizer):
         backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves,
                                   *[state[n] for n in self.state_names])
         if backend is None:
-            xp = ns.xp
-            if not _validate.all_finite(xp, g_leaves):
-                self._handle_nonfinite(xp, g_leaves, paths)
+            if not _validate.all_finite(ns.xp, g_leaves):
+                self._handle_nonfinite(ns.xp, g_leaves, paths)
                 return None
-            scalars = self._scalars(state["count"])
-            new_params = []
-            per_name = {name: [] for name in self.state_names}
-            for i, (p, g) in enumerate(zip(leaves, g_leaves)):
-                low = is_low_precision(p.dtype)
-                p32 = xp.astype(p, xp.float32) if low else p
-                g32 = xp.astype(g, xp.float32) if low else g
-                p_new, new_states = self._reference(
-                    ns, p32, g32, [state[n][i] for n in self.state_names], scalars)
-                new_params.append(xp.astype(p_new, p.dtype) if low else p_new)
-                for name, s in zip(self.state_names, new_states):
-                    per_name[name].append(s)
-            return write_params(ns, leaves, new_params), self._new_state(state, per_name)
+            _, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
+            new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q
+                          for p, q in zip(leaves, news)]
+            return write_params(ns, leaves, new_params), new_state
         # fused backend: finiteness pre-pass over the gradients, then one pass in place
         views = backend.views(g_leaves)
         if not backend.all_finite(views):
