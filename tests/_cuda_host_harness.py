@@ -156,7 +156,10 @@ def fake_cupy(harness: HostHarness, launches: list | None = None) -> types.Modul
     def zeros(shape, dtype=np.float64):
         return as_fake(np.zeros(shape, dtype))
 
-    cp.zeros = zeros
+    def empty(shape, dtype=np.float64):
+        return as_fake(np.empty(shape, dtype))
+
+    cp.zeros, cp.empty = zeros, empty
 
     class RawKernel:
         def __init__(self, expression):

@@ -144,7 +144,7 @@ def test_nvrtc_compiles_like_cupy():
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set "
                     "ARRAYOPT_NVRTC_PATH / ARRAYOPT_NVRTC_LIB)")
     options = _kernels.COMPILE_OPTIONS + _kernels.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
-    ptx, lowered, log = hh.nvrtc_compile(lib, _kernels.SOURCE.read_text(), options,
+    ptx, lowered, log = hh.nvrtc_compile(lib, _kernels.source_text(_kernels.SOURCE), options,
                                          _kernels.NAME_EXPRESSIONS)
     assert "warning" not in log.lower(), log
     assert set(lowered) == set(_kernels.NAME_EXPRESSIONS)
@@ -266,7 +266,7 @@ def test_launch_shape():
 
 def test_backend_is_registered_and_has_the_interface():
     b = cupy_cuda.BACKEND
-    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad"})
+    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad", "sonew"})
     assert any(x is b for x in dispatch.backends())
     for method in ("available", "reason", "accepts", "views", "all_finite", "run"):
         assert callable(getattr(b, method))
@@ -359,7 +359,7 @@ def test_emulated_available_and_module(emulated):
     backend, _ = emulated
     assert backend.available() is True and "CuPy arrays" in backend.reason()
     mod = _kernels.module()
-    assert mod.code == _kernels.SOURCE.read_text()
+    assert mod.code == _kernels.source_text(_kernels.SOURCE)
     assert mod.options == _kernels.COMPILE_OPTIONS and "-fmad=false" in mod.options
     assert mod.name_expressions == _kernels.NAME_EXPRESSIONS
     assert _kernels.max_blocks(0) == 64

@@ -18,6 +18,14 @@ Each step is one pass per leaf over params, grads and state, with the arithmetic
               θ ← θ - step_size · m / (√v / √(1-β2^t) + ε)
     adagrad   d = g + λθ;  s ← s + d²;  θ ← θ - η d / (√s + ε)
 
+SONew (``ao.sonew``, op ``"sonew"``, :meth:`CupyCUDA.run_sonew`; ``sonew.cu``): the fused
+step of ``backends/numba_cpu/sonew.py`` with one thread per row: statistics, band ∞-norm
+(relative eps), then for ``band=1`` one kernel for the tridiagonal factor with edge removal
+and ``u = X m̂``, for other bands (``<= 32``) one batched kernel factoring every row's
+``b×b`` window with the bandwidth fallback and one for ``u = L t``, then the grafted update.
+Global norms are block reductions plus atomics and stay on the device; the removal counts
+of all leaves come back in one device-to-host read per step.
+
 The finiteness pre-pass is one read-only counting kernel per gradient leaf into one
 shared counter and a single device-to-host read. Results equal the reference up to
 float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
@@ -106,7 +114,7 @@ class CupyCUDA:
     """The ``cupy_cuda`` backend (see the module docstring)."""
 
     name = "cupy_cuda"
-    ops = frozenset({"sgd", "adam", "adagrad"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
 
     def __init__(self):
         self._probed = None
@@ -145,7 +153,10 @@ class CupyCUDA:
         for i, p in enumerate(params):  # each leaf's grads and state match its param
             for group in groups[1:]:
                 a = group[i]
-                if a.dtype != p.dtype or a.shape != p.shape:
+                if a.dtype != p.dtype:
+                    return False
+                # SONew's band state is (p.size, b+1), b <= _kernels.SONEW_MAX_BAND
+                if a.shape != p.shape and not _kernels.is_sonew_band(a, p):
                     return False
         return True
 
@@ -237,6 +248,44 @@ class CupyCUDA:
                 kernel = _kernels.function(base, p.dtype, device)
                 grid, block = _kernels.launch_shape(p.size, blocks)
                 kernel(grid, block, _kernels.kernel_args(p, g, [s[i] for s in s_views], scalars))
+
+    def run_sonew(self, opt, params, grads, mus, bands, scalars, g_views=None) -> list:
+        """SONew's fused step (``sonew.cu``), in place on every leaf; returns per-leaf
+        ``(removed_edges, fallback_rows)`` as ints (one device-to-host read for all leaves)."""
+        if not params:
+            return []
+        import cupy
+
+        with _on_device_stream(params[0]):
+            p_views = self.views(params)
+            g_views = g_views if g_views is not None else self.views(grads)
+            m_views = self.views(mus)
+            b_views = self.views(bands)
+            device = p_views[0].device.id
+            blocks = _kernels.max_blocks(device)
+            k = len(p_views)
+            norms = cupy.zeros((k, 2), dtype=np.float64)
+            counts = cupy.zeros((k, 2), dtype=np.uint64)
+            rowmax: dict = {}
+            for i, (p, g, m, band) in enumerate(zip(p_views, g_views, m_views, b_views)):
+                n = p.size
+                if n == 0:
+                    continue
+                b = int(bands[i].shape[1]) - 1
+                rm = rowmax.get(p.dtype)
+                if rm is None:
+                    rm = rowmax[p.dtype] = cupy.zeros(k, dtype=p.dtype)
+                u = None if opt.graft == "none" else cupy.empty(n, dtype=p.dtype)
+                psi = t = None
+                if b != 1:
+                    psi, t = cupy.empty(n * b, dtype=p.dtype), cupy.empty(n, dtype=p.dtype)
+                grid, block = _kernels.launch_shape(n, blocks)
+                for base, args in _kernels.sonew_launches(opt, p, g, m, band, b, scalars,
+                                                          norms[i], counts[i], rm[i:i + 1],
+                                                          u, psi, t):
+                    _kernels.function(base, p.dtype, device)(grid, block, args)
+            host = counts.get()
+        return [(int(e), int(f)) for e, f in host]
 
 
 BACKEND = CupyCUDA()

@@ -1,7 +1,8 @@
-"""Kernel table, argument typing and the lazily compiled ``cupy.RawModule``.
+"""Kernel table, argument typing and the lazily compiled ``cupy.RawModule``\ s.
 
-The kernels live in ``first_order.cu`` next to this file (see its header for the math
-and the IEEE rounding rules). Everything here except :func:`module`, :func:`function`
+The kernels live in ``first_order.cu`` and ``sonew.cu`` next to this file (see their
+headers for the math; the IEEE rounding helpers they share are in ``rn_ops.cuh``, which
+:func:`source_text` inlines into the source handed to NVRTC). Everything here except :func:`module`, :func:`function`
 and :func:`max_blocks` is pure Python/NumPy, so the tests check kernel names and
 argument typing without CuPy or a GPU (the host harness has the kernels' exact
 parameter lists).
@@ -19,6 +20,8 @@ parameter would be garbage: the types here are the contract.
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 from pathlib import Path
 
@@ -26,6 +29,14 @@ import numpy as np
 
 __all__ = [
     "SOURCE",
+    "SONEW_SOURCE",
+    "SONEW_KERNEL_BASES",
+    "SONEW_NAME_EXPRESSIONS",
+    "SONEW_MAX_BAND",
+    "source_text",
+    "sonew_factor_kernel",
+    "sonew_launches",
+    "sonew_module",
     "COMPILE_OPTIONS",
     "CUPY_ADDED_OPTIONS",
     "BLOCK",
@@ -42,6 +53,19 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("first_order.cu")
+SONEW_SOURCE = Path(__file__).with_name("sonew.cu")
+
+_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
+
+
+def source_text(path=SOURCE) -> str:
+    """The text of a ``.cu`` file with its local ``#include "x.cuh"`` lines replaced by the
+    headers' text: what NVRTC compiles (no include path needed, and CuPy's kernel cache,
+    keyed by the source text, sees header changes)."""
+    path = Path(path)
+    return _INCLUDE.sub(lambda m: path.with_name(m.group(1)).read_text(encoding="utf-8"),
+                        path.read_text(encoding="utf-8"))
+
 
 # CuPy requires a -std option for `name_expressions` (templates). No fast math;
 # -fmad=false forbids contracting a*b+c into an FMA (the reference rounds the product). The
@@ -99,6 +123,69 @@ def count_args(x, counter) -> tuple:
     return (x, np.int64(x.size), counter)
 
 
+# ---------------------------------------------------------------- SONew (sonew.cu)
+
+SONEW_KERNEL_BASES = ("sonew_stats", "sonew_rowmax", "sonew_tri_precond", "sonew_band_factor_8",
+                      "sonew_band_factor_32", "sonew_band_apply", "sonew_scaled_apply")
+SONEW_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in SONEW_KERNEL_BASES for t in _CTYPE)
+# the widest band the kernels take (per-thread window arrays); wider bands take the reference
+SONEW_MAX_BAND = 32
+SONEW_GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3}
+
+
+def sonew_factor_kernel(b: int) -> str:
+    """The banded factor kernel for half-bandwidth ``b`` (its window arrays hold ``b``)."""
+    if b <= 8:
+        return "sonew_band_factor_8"
+    if b <= SONEW_MAX_BAND:
+        return "sonew_band_factor_32"
+    raise ValueError(f"cupy_cuda: SONew kernels take band <= {SONEW_MAX_BAND}, got {b}")
+
+
+def is_sonew_band(a, p) -> bool:
+    """``a`` has the shape of SONew's band state for param ``p``: ``(p.size, b+1)``, b <= max."""
+    shape = tuple(a.shape)
+    return (len(shape) == 2 and shape[0] == math.prod(tuple(p.shape))
+            and 1 <= shape[1] <= SONEW_MAX_BAND + 1)
+
+
+def sonew_launches(opt, p, g, m, band, b, scalars, norms, counts, rowmax, u=None, psi=None,
+                   t=None) -> list:
+    """The kernel launches ``[(base, args)]`` of one SONew step on one leaf.
+
+    ``p, g, m, band`` are flat views (``band`` of ``n*(b+1)`` entries); ``norms`` (float64,
+    2), ``counts`` (uint64, 2) and ``rowmax`` (param dtype, 1) are zeroed device scratch;
+    ``u`` (n) is needed with a graft, ``psi`` (n*b) and ``t`` (n) when ``b != 1``. Scalars
+    are typed as the param dtype (the Numba backend's casts), flags and ``b`` as int32,
+    ``n`` as int64.
+    """
+    cast = np.float64 if np.dtype(p.dtype) == np.float64 else np.float32
+    lr, bc1, bc2 = scalars
+    n, bi = np.int64(p.size), np.int32(b)
+    graft = SONEW_GRAFT_CODES[opt.graft]
+    cbc1, cbc2 = cast(bc1), cast(bc2)
+    launches = [("sonew_stats", (g, m, band, n, bi, cast(1.0 - opt.b1), cast(opt.b2),
+                                 cast(1.0 - opt.b2), cbc1, cbc2, cast(opt.graft_eps),
+                                 np.int32(graft), norms))]
+    if opt.relative_eps:
+        launches.append(("sonew_rowmax", (band, n, bi, cbc2, rowmax)))
+    eps_args = (rowmax, cast(opt.eps), cast(opt.eps_min), np.int32(bool(opt.relative_eps)),
+                cast(opt._tau(np.dtype(p.dtype))))
+    write_p = graft == 0
+    out = p if write_p else u
+    neg_lr, wd, wp = cast(-lr), cast(opt.weight_decay), np.int32(write_p)
+    if b == 1:
+        launches.append(("sonew_tri_precond", (p, m, band, out, n, cbc1, cbc2, *eps_args,
+                                               neg_lr, wd, wp, norms, counts)))
+    else:
+        launches.append((sonew_factor_kernel(b), (m, band, psi, t, n, bi, cbc1, cbc2, *eps_args,
+                                                  counts)))
+        launches.append(("sonew_band_apply", (p, psi, t, out, n, bi, neg_lr, wd, wp, norms)))
+    if not write_p:
+        launches.append(("sonew_scaled_apply", (p, u, n, norms, neg_lr, wd)))
+    return launches
+
+
 def launch_shape(n: int, max_blocks: int) -> tuple:
     """``(grid, block)`` for a grid-stride loop over ``n`` elements."""
     blocks = max(1, min((n + BLOCK - 1) // BLOCK, max_blocks))
@@ -109,6 +196,7 @@ def launch_shape(n: int, max_blocks: int) -> tuple:
 
 _lock = threading.Lock()
 _module = None
+_sonew_module = None
 _functions: dict = {}
 _max_blocks: dict = {}
 
@@ -122,10 +210,24 @@ def module():
             if _module is None:
                 import cupy
 
-                _module = cupy.RawModule(code=SOURCE.read_text(encoding="utf-8"),
+                _module = cupy.RawModule(code=source_text(SOURCE),
                                          options=COMPILE_OPTIONS,
                                          name_expressions=NAME_EXPRESSIONS)
     return _module
+
+
+def sonew_module():
+    """The ``cupy.RawModule`` of ``sonew.cu`` (created once, compiled on first use)."""
+    global _sonew_module
+    if _sonew_module is None:
+        with _lock:
+            if _sonew_module is None:
+                import cupy
+
+                _sonew_module = cupy.RawModule(code=source_text(SONEW_SOURCE),
+                                               options=COMPILE_OPTIONS,
+                                               name_expressions=SONEW_NAME_EXPRESSIONS)
+    return _sonew_module
 
 
 def function(base: str, dtype, device_id: int):
@@ -133,7 +235,8 @@ def function(base: str, dtype, device_id: int):
     key = (base, np.dtype(dtype), device_id)
     f = _functions.get(key)
     if f is None:
-        f = module().get_function(kernel_name(base, dtype))
+        mod = sonew_module() if base in SONEW_KERNEL_BASES else module()
+        f = mod.get_function(kernel_name(base, dtype))
         _functions[key] = f
     return f
 

@@ -2,13 +2,12 @@
 // and the non-finite counter of the finiteness pre-pass.
 //
 // Layout (README §3, "CUDA without a GPU"):
-//   1. `ieee::` — IEEE-754 round-to-nearest add/sub/mul/div/sqrt as __host__ __device__
-//      functions. On the device they are explicit PTX `.rn` instructions *without* `.ftz`:
-//      CuPy appends `-ftz=true` to every RawModule compile (it overrides a user `-ftz=false`,
-//      cupy/cupy#9576), which would flush float32 subnormals to zero; explicit `.rn`
-//      instructions are never flushed and never contracted into FMA. On the host they are the
-//      plain C operators (compile with -ffp-contract=off). Both are exactly IEEE, so the device,
-//      the host harness and NumPy's reference round identically.
+//   1. `ieee::` (rn_ops.cuh, shared with sonew.cu) — IEEE-754 round-to-nearest
+//      add/sub/mul/div/sqrt as __host__ __device__ functions. On the device they are
+//      explicit PTX `.rn` instructions *without* `.ftz`, so CuPy's forced `-ftz=true`
+//      (cupy/cupy#9576) neither flushes float32 subnormals nor contracts into FMA; on the
+//      host the plain C operators (compile with -ffp-contract=off). Both are exactly IEEE,
+//      so the device, the host harness and NumPy's reference round identically.
 //   2. `*_at(i, ...)` — the per-element math of each optimizer, templated on float/double,
 //      in the operation order of arrayopt/first_order.py `reference()`.
 //   3. `__global__` templates: thin grid-stride loops over `*_at`, instantiated for float and
@@ -22,102 +21,12 @@
 // tuple of the optimizer's `step_scalars(t, lr)`, typed as the array dtype (float or double);
 // SGD's `nesterov` flag is an int (0/1). `n` is a long long element count.
 //
-// No headers are needed under NVRTC (CuPy's default compiler).
+// No system headers are needed under NVRTC (CuPy's default compiler); _kernels inlines
+// rn_ops.cuh into the source it hands to NVRTC.
 
-#if !defined(__CUDACC_RTC__)
-#include <math.h>
-#endif
+#include "rn_ops.cuh"
 
 namespace arrayopt {
-namespace ieee {
-
-__host__ __device__ inline float add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-    float r; asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
-#else
-    return a + b;
-#endif
-}
-__host__ __device__ inline float sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-    float r; asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
-#else
-    return a - b;
-#endif
-}
-__host__ __device__ inline float mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-    float r; asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
-#else
-    return a * b;
-#endif
-}
-__host__ __device__ inline float div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-    float r; asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b)); return r;
-#else
-    return a / b;
-#endif
-}
-__host__ __device__ inline float sqrt(float a) {
-#if defined(__CUDA_ARCH__)
-    float r; asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a)); return r;
-#else
-    return ::sqrtf(a);
-#endif
-}
-// x != 0 with IEEE semantics (NaN != 0); a bit test so that -ftz cannot turn a subnormal
-// scalar into zero on the device.
-__host__ __device__ inline bool nonzero(float x) {
-#if defined(__CUDA_ARCH__)
-    return (__float_as_uint(x) & 0x7fffffffu) != 0u;
-#else
-    return x != 0.0f;
-#endif
-}
-
-__host__ __device__ inline double add(double a, double b) {
-#if defined(__CUDA_ARCH__)
-    double r; asm("add.rn.f64 %0, %1, %2;" : "=d"(r) : "d"(a), "d"(b)); return r;
-#else
-    return a + b;
-#endif
-}
-__host__ __device__ inline double sub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-    double r; asm("sub.rn.f64 %0, %1, %2;" : "=d"(r) : "d"(a), "d"(b)); return r;
-#else
-    return a - b;
-#endif
-}
-__host__ __device__ inline double mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-    double r; asm("mul.rn.f64 %0, %1, %2;" : "=d"(r) : "d"(a), "d"(b)); return r;
-#else
-    return a * b;
-#endif
-}
-__host__ __device__ inline double div(double a, double b) {
-#if defined(__CUDA_ARCH__)
-    double r; asm("div.rn.f64 %0, %1, %2;" : "=d"(r) : "d"(a), "d"(b)); return r;
-#else
-    return a / b;
-#endif
-}
-__host__ __device__ inline double sqrt(double a) {
-#if defined(__CUDA_ARCH__)
-    double r; asm("sqrt.rn.f64 %0, %1;" : "=d"(r) : "d"(a)); return r;
-#else
-    return ::sqrt(a);
-#endif
-}
-__host__ __device__ inline bool nonzero(double x) { return x != 0.0; }
-
-// NaN or ±Inf: x - x is 0 exactly for finite x (also under -ftz: a flushed subnormal is 0).
-template <typename T>
-__host__ __device__ inline bool nonfinite(T x) { return sub(x, x) != T(0); }
-
-}  // namespace ieee
 
 // ------------------------------------------------------------------ per-element math
 //
