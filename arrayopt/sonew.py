@@ -377,9 +377,9 @@ class SONew(Optimizer):
                                    g_views=views)
         new = dict(state)
         new["count"] = state["count"] + 1
-        new["removed_edges"] = [xp.asarray(int(r) + c[0], dtype=xp.int64) for r, c in
+        new["removed_edges"] = [xp.asarray(int(r) + c[0], dtype=xp.int64, device=ns.device) for r, c in
                                 zip(_to_ints(state["removed_edges"]), counts)]
-        new["fallback_rows"] = [xp.asarray(int(r) + c[1], dtype=xp.int64) for r, c in
+        new["fallback_rows"] = [xp.asarray(int(r) + c[1], dtype=xp.int64, device=ns.device) for r, c in
                                 zip(_to_ints(state["fallback_rows"]), counts)]
         return list(leaves), new
 
