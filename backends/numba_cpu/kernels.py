@@ -13,10 +13,14 @@ thread pool costs more than the pass (elementwise math: identical results).
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
-_OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False)
+# error_model="numpy": x/0 gives inf/nan as in the NumPy reference, and no per-division
+# zero check blocks vectorization.
+_OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 _SERIAL = dict(_OPTS, parallel=False)
 SMALL = 1 << 15  # elements; below this a leaf is updated by one thread
 
@@ -78,8 +82,22 @@ def adagrad(p, g, s, lr, eps, wd):
 
 _PY = {"count_nonfinite": count_nonfinite, "sgd": sgd, "sgd_momentum": sgd_momentum,
        "adam": adam, "adagrad": adagrad}
-_PARALLEL = {k: njit(**_OPTS)(f) for k, f in _PY.items()}
-_SERIAL_K = {k: njit(**_SERIAL)(f) for k, f in _PY.items()}
+
+
+def _renamed(f, suffix: str):
+    """A copy of ``f`` under another qualified name, so that its Numba cache files differ.
+
+    Numba names cache files after the function's qualname and line and does not key them
+    on ``parallel=``: two variants of one function would load each other's machine code.
+    """
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    g.__doc__ = f.__doc__
+    return g
+
+
+_PARALLEL = {k: njit(**_OPTS)(_renamed(f, "_parallel")) for k, f in _PY.items()}
+_SERIAL_K = {k: njit(**_SERIAL)(_renamed(f, "_serial")) for k, f in _PY.items()}
 
 
 def _pick(name: str, size: int):
