@@ -11,6 +11,7 @@
   ``tridiag_nograft/adam`` the same with ``graft="none"`` (no second pass for the norm)
   ``band4/adam``          band-4 SONew / Adam; target ≤ 3
   ``diag/adam``           diag-SONew / Adam
+  ``tridiag/floor``       tridiagonal step / its memory floor (``TRIDIAG_BYTES`` at the axpy bandwidth)
 
 ``python asv_bench/benchmarks/sonew.py`` prints the same figures without asv.
 """
@@ -19,9 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import SIZES, ao, interleaved, make_data, medians_ms, OptimizerStep, warm_up
+from .common import AXPY_BYTES, SIZES, Axpy, ao, interleaved, make_data, medians_ms, OptimizerStep, warm_up
 
 BANDS = {"diag": 0, "tridiag": 1, "band4": 4}
+# bytes per float32 param the exact tridiagonal step must stream (graft="adam"): finiteness pre-pass
+# (read g: 4) + statistics (read g, m, d, e; write m, d, e: 28) + factor/apply/‖u‖ (read m, d, e;
+# write u with its read-for-ownership: 20) + grafted update (read p, u; write p: 12)
+TRIDIAG_BYTES = 64
 LR = 1e-3
 
 
@@ -71,18 +76,21 @@ def measure_ratios(n: int = SIZES["10M"], rounds: int = 9, steps: int = 2) -> di
         "tridiag": SONewStepper(1, "numba_cpu", n),
         "tridiag_nograft": SONewStepper(1, "numba_cpu", n, graft="none"),
         "band4": SONewStepper(4, "numba_cpu", n),
+        "axpy": Axpy(n),
     }
     med = medians_ms(interleaved(built, rounds, steps))
     out = {"n": n, "ms": med}
     for k in ("diag", "tridiag", "tridiag_nograft", "band4"):
         out[f"{k}/adam"] = med[k] / med["adam"]
-    out["state_bytes_per_param"] = {k: ao.state_nbytes(v.state) / n for k, v in built.items()}
+    # the exact method's memory floor: TRIDIAG_BYTES at the in-place bandwidth of the axpy probe
+    out["tridiag/floor"] = med["tridiag"] / (med["axpy"] * TRIDIAG_BYTES / AXPY_BYTES)
+    out["state_bytes_per_param"] = {k: ao.state_nbytes(v.state) / n for k, v in built.items() if k != "axpy"}
     return out
 
 
 class SONewRatios:
     timeout = 900
-    params = (["diag/adam", "tridiag/adam", "tridiag_nograft/adam", "band4/adam"],)
+    params = (["diag/adam", "tridiag/adam", "tridiag_nograft/adam", "band4/adam", "tridiag/floor"],)
     param_names = ["ratio"]
 
     def setup_cache(self):

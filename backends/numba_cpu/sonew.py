@@ -19,6 +19,12 @@ old statistics at chunk boundaries are saved before the parallel pass):
 Any band ``b`` (``band_*``): statistics, ∞-norm, then one batched kernel that
 factors every row's ``b×b`` window (unpivoted ``LDLᵀ`` with the per-row
 bandwidth fallback) and applies ``Lᵀ`` and ``D``, then ``L`` and the update.
+
+Vectorisation rules used below: inner loops index block-local views from 0 (so
+LLVM can drop Numba's negative-index wraparound selects), carry no value from
+one element to the next (neighbours go through small L1 buffers), and leave the
+reductions (max row sum, float64 norms) to 4-accumulator helpers; the band
+factor runs ``RB`` rows side by side, each row's arithmetic in the scalar order.
 """
 
 from __future__ import annotations
@@ -39,109 +45,225 @@ def _save_boundaries(band, nchunks, chunk, saved):
         saved[c] = band[c * chunk - 1, 1]
 
 
+BLK = 1024  # rows per L1-resident sub-block inside a chunk
+
+
+@njit(**_SERIAL)
+def _sum4(buf, k):
+    """``Σ buf[:k]`` with four independent float64 accumulators (latency hidden, no fastmath)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    k4 = k - k % 4
+    for i in range(0, k4, 4):
+        s0 += buf[i]
+        s1 += buf[i + 1]
+        s2 += buf[i + 2]
+        s3 += buf[i + 3]
+    for i in range(k4, k):
+        s0 += buf[i]
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(**_SERIAL)
+def _max4(buf, k, start):
+    """``max(start, buf[:k])`` (NaNs ignored, as ``r > rmax`` did) with four independent chains."""
+    m0 = start
+    m1 = start
+    m2 = start
+    m3 = start
+    k4 = k - k % 4
+    for i in range(0, k4, 4):
+        v0 = buf[i]
+        v1 = buf[i + 1]
+        v2 = buf[i + 2]
+        v3 = buf[i + 3]
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+    for i in range(k4, k):
+        v0 = buf[i]
+        m0 = v0 if v0 > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m0 = m2 if m2 > m0 else m0
+    m0 = m3 if m3 > m0 else m0
+    return m0
+
+
 @njit(**_OPTS)
-def tri_stats(g, m, band, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """Pass 1 (b = 1): moments in place; per-chunk max row sum of |Ĥ| and graft norm²."""
+def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
+    """Pass 1 (b = 1): moments in place; per-chunk max row sum of |Ĥ| and graft norm².
+
+    ``bf`` is the band flattened (``bf[2j] = d_j``, ``bf[2j+1] = e_j``). Chunks run in
+    reverse order (the finiteness pre-pass just streamed ``g`` forwards, so its tail is
+    still in the last-level cache). Per sub-block: an element-wise update loop, then a
+    read-only loop (row sums, graft terms into L1 buffers), then the two reductions:
+    no loop carries a value from one element to the next, so both loops vectorise.
+    """
     n = g.size
     nchunks = rows_out.size
-    for c in prange(nchunks):
+    for cc in prange(nchunks):
+        c = nchunks - 1 - cc
         lo = c * chunk
         hi = min(lo + chunk, n)
+        rbuf = np.empty(BLK, dtype=bf.dtype)
+        abuf = np.empty(BLK, dtype=bf.dtype)
         # new off-diagonal of row lo-1 (its old value saved before this pass)
         if lo > 0:
-            e_prev = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
+            e_first = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
         else:
-            e_prev = omb2 * 0  # typed zero
-        rmax = e_prev * 0
+            e_first = omb2 * 0  # typed zero
+        rmax = e_first * 0
         acc = 0.0
-        for j in range(lo, hi):
-            gj = g[j]
-            mj = m[j] + omb1 * (gj - m[j])
-            m[j] = mj
-            dj = band[j, 0] * b2 + omb2 * (gj * gj)
-            band[j, 0] = dj
-            if j + 1 < n:
-                ej = band[j, 1] * b2 + omb2 * (gj * g[j + 1])
+        for blo in range(lo, hi, BLK):
+            bhi = min(blo + BLK, hi)
+            k = bhi - blo
+            kt = min(bhi, n - 1) - blo      # rows with a right neighbour
+            gb = g[blo:min(bhi + 1, n)]
+            mb = m[blo:bhi]
+            bb = bf[2 * blo:2 * bhi]
+            for i in range(kt):
+                gj = gb[i]
+                mj = mb[i] + omb1 * (gj - mb[i])
+                mb[i] = mj
+                bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+                bb[2 * i + 1] = bb[2 * i + 1] * b2 + omb2 * (gj * gb[i + 1])
+            if kt < k:  # the last row: no right neighbour
+                i = kt
+                gj = gb[i]
+                mj = mb[i] + omb1 * (gj - mb[i])
+                mb[i] = mj
+                bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+                bb[2 * i + 1] = bb[2 * i + 1] * b2
+            # row sums: left neighbour of row blo from e_first (chunk start) or the previous block
+            if blo == lo:
+                ep0 = e_first
             else:
-                ej = band[j, 1] * b2
-            band[j, 1] = ej
-            dh = dj / bc2
-            eh = ej / bc2
-            r = dh + abs(eh) + abs(e_prev)
-            if r > rmax:
-                rmax = r
-            e_prev = eh
+                ep0 = bf[2 * blo - 1] / bc2
+            rbuf[0] = bb[0] / bc2 + abs(bb[1] / bc2) + abs(ep0)
+            for i in range(1, k):
+                rbuf[i] = bb[2 * i] / bc2 + abs(bb[2 * i + 1] / bc2) + abs(bb[2 * i - 1] / bc2)
             if graft == 1:
-                a = (mj / bc1) / (np.sqrt(dh) + graft_eps)
-                acc += float(a) * float(a)
+                for i in range(k):
+                    abuf[i] = (mb[i] / bc1) / (np.sqrt(bb[2 * i] / bc2) + graft_eps)
             elif graft == 2:
-                acc += float(gj) * float(gj)
+                for i in range(k):
+                    abuf[i] = gb[i]
             elif graft == 3:
-                mh = mj / bc1
-                acc += float(mh) * float(mh)
+                for i in range(k):
+                    abuf[i] = mb[i] / bc1
+            rmax = _max4(rbuf, k, rmax)
+            if graft != 0:  # Σ float64(a_i)²
+                acc += _sumsq4(abuf, 0, k)
         rows_out[c] = rmax
         norms_out[c] = acc
 
 
 @njit(**_OPTS)
-def tri_precond(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, chunk):
-    """Pass 2 (b = 1): ψ, s (edge removal), ``y = L D Lᵀ m̂``; writes p (no graft) or u."""
+def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, chunk):
+    """Pass 2 (b = 1): ψ, s (edge removal), ``y = L D Lᵀ m̂``; writes p (no graft) or u.
+
+    Per sub-block: a loop computing ``ψ_j`` and ``t_j = (m̂_j - ψ_j m̂_{j+1})/s_j`` into L1
+    buffers (index 0 holds row ``blo-1``), then ``y_j = t_j - ψ_{j-1} t_{j-1}`` and the
+    store, then ``‖y‖²``: all three vectorise.
+    """
     n = m.size
     nchunks = norms_out.size
+    zero = eps_eff * 0
     for c in prange(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
+        psib = np.empty(BLK + 1, dtype=bf.dtype)
+        tb = np.empty(BLK + 1, dtype=bf.dtype)
         acc = 0.0
         removed = 0
         # t_{lo-1} and ψ_{lo-1}, recomputed (read-only pass: no race)
-        t_prev = eps_eff * 0
-        psi_prev = eps_eff * 0
+        t_prev = zero
+        psi_prev = zero
         if lo > 0:
             i = lo - 1
-            d0 = band[i, 0] / bc2 + eps_eff
-            z = band[i, 1] / bc2
-            dn = band[i + 1, 0] / bc2 + eps_eff
+            d0 = bf[2 * i] / bc2 + eps_eff
+            z = bf[2 * i + 1] / bc2
+            dn = bf[2 * i + 2] / bc2 + eps_eff
             w = z / dn
             s = d0 - z * w
             if not (s > tau * d0):
-                w = w * 0
+                w = zero
                 s = d0
             psi_prev = w
             t_prev = (m[i] / bc1 - w * (m[i + 1] / bc1)) / s
-        # sliding values: H_jj (with eps) of the current row
-        d0 = band[lo, 0] / bc2 + eps_eff
-        for j in range(lo, hi):
-            mh = m[j] / bc1
-            if j + 1 < n:
-                z = band[j, 1] / bc2
-                dn = band[j + 1, 0] / bc2 + eps_eff
+        for blo in range(lo, hi, BLK):
+            bhi = min(blo + BLK, hi)
+            top = min(bhi, n - 1)
+            psib[0] = psi_prev
+            tb[0] = t_prev
+            k = bhi - blo
+            kt = min(bhi, n - 1) - blo      # rows with a right neighbour
+            mb = m[blo:min(bhi + 1, n)]
+            bb = bf[2 * blo:min(2 * bhi + 2, 2 * n)]
+            for i in range(kt):
+                mh = mb[i] / bc1
+                d0 = bb[2 * i] / bc2 + eps_eff
+                z = bb[2 * i + 1] / bc2
+                dn = bb[2 * i + 2] / bc2 + eps_eff
                 w = z / dn
                 s = d0 - z * w
-                if not (s > tau * d0):
-                    w = w * 0
-                    s = d0
-                    removed += 1
-                t = (mh - w * (m[j + 1] / bc1)) / s
-            else:
-                dn = d0
-                w = d0 * 0
-                t = mh / d0
-            y = t - psi_prev * t_prev
+                keep = s > tau * d0
+                removed += 0 if keep else 1
+                w = w if keep else zero
+                s = s if keep else d0
+                psib[i + 1] = w
+                tb[i + 1] = (mh - w * (mb[i + 1] / bc1)) / s
+            if kt < k:  # the last row: no right neighbour
+                i = kt
+                psib[i + 1] = zero
+                tb[i + 1] = (mb[i] / bc1) / (bb[2 * i] / bc2 + eps_eff)
             if write_p:
-                pj = p[j]
+                pb = p[blo:bhi]
                 if wd != 0:
-                    upd = neg_lr * (y + wd * pj)
+                    for i in range(k):
+                        y = tb[i + 1] - psib[i] * tb[i]
+                        pj = pb[i]
+                        pb[i] = pj + neg_lr * (y + wd * pj)
                 else:
-                    upd = neg_lr * y
-                p[j] = pj + upd
+                    for i in range(k):
+                        y = tb[i + 1] - psib[i] * tb[i]
+                        pb[i] = pb[i] + neg_lr * y
             else:
-                u[j] = y
-                acc += float(y) * float(y)
-            t_prev = t
-            psi_prev = w
-            d0 = dn
+                ub = u[blo:bhi]
+                for i in range(k):
+                    ub[i] = tb[i + 1] - psib[i] * tb[i]
+                acc += _sumsq4(ub, 0, k)
+            psi_prev = psib[k]
+            t_prev = tb[k]
         norms_out[c] = acc
         removed_out[c] = removed
+
+
+@njit(**_SERIAL)
+def _sumsq4(x, lo, hi):
+    """``Σ float64(x[i])²`` over ``[lo, hi)`` with four independent accumulators."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    k = hi - lo
+    k4 = lo + (k - k % 4)
+    for i in range(lo, k4, 4):
+        a0 = float(x[i])
+        a1 = float(x[i + 1])
+        a2 = float(x[i + 2])
+        a3 = float(x[i + 3])
+        s0 += a0 * a0
+        s1 += a1 * a1
+        s2 += a2 * a2
+        s3 += a3 * a3
+    for i in range(k4, hi):
+        a0 = float(x[i])
+        s0 += a0 * a0
+    return (s0 + s1) + (s2 + s3)
 
 
 @njit(**_OPTS)
@@ -209,95 +331,233 @@ def band_rowmax(band, bc2, rows_out, chunk):
         rows_out[c] = rmax
 
 
+@njit(**_SERIAL)
+def _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, lo, hi, A, L, d, okv, z, wv, ps):
+    """Rows ``[lo, hi)`` one at a time (the last ``b`` rows, whose windows reach past ``n``)."""
+    n = band.shape[0]
+    b = band.shape[1] - 1
+    one = bc2 / bc2
+    zero = bc2 * 0
+    removed = 0
+    fallback = 0
+    for j in range(lo, hi):
+        # window A[a, c] = H[j+1+a, j+1+c] (padded rows: H_ii = 1, no couplings)
+        for a in range(b):
+            for cc in range(a, b):
+                ia = j + 1 + a
+                ic = j + 1 + cc
+                if ic < n:
+                    v = band[ia, cc - a] / bc2
+                    if a == cc:
+                        v = v + eps_eff
+                elif a == cc:
+                    v = one
+                else:
+                    v = zero
+                A[a, cc] = v
+                A[cc, a] = v
+        for i in range(b):
+            aii = A[i, i]
+            di = aii
+            for l_ in range(i):
+                di = di - L[i, l_] * (L[i, l_] * d[l_])
+            okv[i] = di > tau * aii
+            if not okv[i]:
+                di = aii
+            d[i] = di
+            for r in range(i + 1, b):
+                w = A[r, i]
+                for l_ in range(i):
+                    w = w - L[r, l_] * (L[i, l_] * d[l_])
+                L[r, i] = w / di
+        d0 = band[j, 0] / bc2 + eps_eff
+        s = d0
+        alive = True
+        kept = 0
+        for i in range(b):
+            if j + 1 + i < n:
+                zi = band[j, i + 1] / bc2
+            else:
+                zi = zero
+            for l_ in range(i):
+                zi = zi - L[i, l_] * z[l_]
+            z[i] = zi
+            wi = zi / d[i]
+            s_next = s - zi * wi
+            if alive:
+                alive = okv[i] and (s_next > tau * d0)
+            if alive:
+                s = s_next
+                kept += 1
+            else:
+                wi = zero
+            wv[i] = wi
+        real = min(b, n - 1 - j)
+        if kept < real:
+            removed += real - kept
+            fallback += 1
+        for i in range(b - 1, -1, -1):
+            pi = wv[i]
+            for r in range(i + 1, b):
+                pi = pi - L[r, i] * ps[r]
+            ps[i] = pi
+        acc = m[j] / bc1
+        for k in range(1, b + 1):
+            if j + k < n:
+                psi[j, k - 1] = ps[k - 1]
+                acc = acc - ps[k - 1] * (m[j + k] / bc1)
+            else:
+                psi[j, k - 1] = zero
+        t[j] = acc / s
+    return removed, fallback
+
+
+RB = 128  # rows per batch in the band factorisation (all per-row scalars live in (…, RB) buffers)
+
+
 @njit(**_OPTS)
 def band_factor_lt(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallback_out, chunk):
-    """Per row: ``LDLᵀ`` of the window, prefix Schur complements, fallback, ψ; ``t = D⁻¹ Lᵀ m̂``."""
+    """Per row: ``LDLᵀ`` of the window, prefix Schur complements, fallback, ψ; ``t = D⁻¹ Lᵀ m̂``.
+
+    Rows are processed in batches of ``RB``: every scalar of the per-row algorithm
+    becomes a length-``RB`` buffer and every step a loop over the batch, so the
+    ``b×b`` factorisations of ``RB`` rows run side by side in SIMD lanes. The
+    arithmetic of each row is the scalar algorithm's, in the same order (bit for
+    bit). Rows whose window reaches past ``n`` (the last ``b``) take the scalar path.
+    """
     n = band.shape[0]
     b = band.shape[1] - 1
     nchunks = removed_out.size
     for c in prange(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
-        A = np.empty((b, b), dtype=band.dtype)
-        L = np.zeros((b, b), dtype=band.dtype)
-        d = np.empty(b, dtype=band.dtype)
-        okv = np.empty(b, dtype=np.bool_)
-        z = np.empty(b, dtype=band.dtype)
-        wv = np.empty(b, dtype=band.dtype)
-        ps = np.empty(b, dtype=band.dtype)
-        one = bc2 / bc2
+        A = np.empty((b, b, RB), dtype=band.dtype)
+        L = np.zeros((b, b, RB), dtype=band.dtype)
+        d = np.empty((b, RB), dtype=band.dtype)
+        okv = np.empty((b, RB), dtype=np.bool_)
+        z = np.empty((b, RB), dtype=band.dtype)
+        wv = np.empty((b, RB), dtype=band.dtype)
+        ps = np.empty((b, RB), dtype=band.dtype)
+        sv = np.empty(RB, dtype=band.dtype)
+        d0v = np.empty(RB, dtype=band.dtype)
+        alive = np.empty(RB, dtype=np.bool_)
+        kept = np.empty(RB, dtype=np.int64)
+        accv = np.empty(RB, dtype=band.dtype)
+        A2 = np.empty((b, b), dtype=band.dtype)
+        L2 = np.zeros((b, b), dtype=band.dtype)
+        d2 = np.empty(b, dtype=band.dtype)
+        ok2 = np.empty(b, dtype=np.bool_)
+        z2 = np.empty(b, dtype=band.dtype)
+        w2 = np.empty(b, dtype=band.dtype)
+        p2 = np.empty(b, dtype=band.dtype)
         zero = bc2 * 0
         removed = 0
         fallback = 0
-        for j in range(lo, hi):
-            # window A[a, c] = H[j+1+a, j+1+c] (padded rows: H_ii = 1, no couplings)
+        fast_hi = min(hi, n - b)  # rows j with j + b <= n - 1: full window, all neighbours real
+        blo = lo
+        while blo < fast_hi:
+            k = min(RB, fast_hi - blo)
             for a in range(b):
                 for cc in range(a, b):
-                    ia = j + 1 + a
-                    ic = j + 1 + cc
-                    if ic < n:
-                        v = band[ia, cc - a] / bc2
-                        if a == cc:
-                            v = v + eps_eff
-                    elif a == cc:
-                        v = one
+                    Aac = A[a, cc]
+                    col = band[blo + 1 + a:blo + 1 + a + k, cc - a]
+                    if a == cc:
+                        for r in range(k):
+                            Aac[r] = col[r] / bc2 + eps_eff
                     else:
-                        v = zero
-                    A[a, cc] = v
-                    A[cc, a] = v
+                        Aca = A[cc, a]
+                        for r in range(k):
+                            v = col[r] / bc2
+                            Aac[r] = v
+                            Aca[r] = v
             for i in range(b):
-                aii = A[i, i]
-                di = aii
+                di = d[i]
+                Aii = A[i, i]
+                for r in range(k):
+                    di[r] = Aii[r]
                 for l_ in range(i):
-                    di = di - L[i, l_] * (L[i, l_] * d[l_])
-                okv[i] = di > tau * aii
-                if not okv[i]:
-                    di = aii
-                d[i] = di
-                for r in range(i + 1, b):
-                    w = A[r, i]
+                    Lil = L[i, l_]
+                    dl = d[l_]
+                    for r in range(k):
+                        di[r] = di[r] - Lil[r] * (Lil[r] * dl[r])
+                oki = okv[i]
+                for r in range(k):
+                    ok = di[r] > tau * Aii[r]
+                    oki[r] = ok
+                    di[r] = di[r] if ok else Aii[r]
+                for rr in range(i + 1, b):
+                    Lri = L[rr, i]
+                    Ari = A[rr, i]
+                    for r in range(k):
+                        Lri[r] = Ari[r]
                     for l_ in range(i):
-                        w = w - L[r, l_] * (L[i, l_] * d[l_])
-                    L[r, i] = w / di
-            d0 = band[j, 0] / bc2 + eps_eff
-            s = d0
-            alive = True
-            kept = 0
+                        Lrl = L[rr, l_]
+                        Lil = L[i, l_]
+                        dl = d[l_]
+                        for r in range(k):
+                            Lri[r] = Lri[r] - Lrl[r] * (Lil[r] * dl[r])
+                    for r in range(k):
+                        Lri[r] = Lri[r] / di[r]
+            c0 = band[blo:blo + k, 0]
+            for r in range(k):
+                d0 = c0[r] / bc2 + eps_eff
+                d0v[r] = d0
+                sv[r] = d0
+                alive[r] = True
+                kept[r] = 0
             for i in range(b):
-                if j + 1 + i < n:
-                    zi = band[j, i + 1] / bc2
-                else:
-                    zi = zero
+                zi = z[i]
+                ci = band[blo:blo + k, i + 1]
+                for r in range(k):
+                    zi[r] = ci[r] / bc2
                 for l_ in range(i):
-                    zi = zi - L[i, l_] * z[l_]
-                z[i] = zi
-                wi = zi / d[i]
-                s_next = s - zi * wi
-                if alive:
-                    alive = okv[i] and (s_next > tau * d0)
-                if alive:
-                    s = s_next
-                    kept += 1
-                else:
-                    wi = zero
-                wv[i] = wi
-            real = min(b, n - 1 - j)
-            if kept < real:
-                removed += real - kept
-                fallback += 1
+                    Lil = L[i, l_]
+                    zl = z[l_]
+                    for r in range(k):
+                        zi[r] = zi[r] - Lil[r] * zl[r]
+                di = d[i]
+                oki = okv[i]
+                wi = wv[i]
+                for r in range(k):
+                    w = zi[r] / di[r]
+                    s_next = sv[r] - zi[r] * w
+                    al = alive[r] and oki[r] and (s_next > tau * d0v[r])
+                    alive[r] = al
+                    sv[r] = s_next if al else sv[r]
+                    kept[r] += 1 if al else 0
+                    wi[r] = w if al else zero
+            for r in range(k):
+                if kept[r] < b:
+                    removed += b - kept[r]
+                    fallback += 1
             for i in range(b - 1, -1, -1):
-                pi = wv[i]
-                for r in range(i + 1, b):
-                    pi = pi - L[r, i] * ps[r]
-                ps[i] = pi
-            acc = m[j] / bc1
-            for k in range(1, b + 1):
-                if j + k < n:
-                    psi[j, k - 1] = ps[k - 1]
-                    acc = acc - ps[k - 1] * (m[j + k] / bc1)
-                else:
-                    psi[j, k - 1] = zero
-            t[j] = acc / s
+                pi = ps[i]
+                wi = wv[i]
+                for r in range(k):
+                    pi[r] = wi[r]
+                for rr in range(i + 1, b):
+                    Lri = L[rr, i]
+                    pr = ps[rr]
+                    for r in range(k):
+                        pi[r] = pi[r] - Lri[r] * pr[r]
+            mb = m[blo:blo + k + b]
+            tb = t[blo:blo + k]
+            for r in range(k):
+                accv[r] = mb[r] / bc1
+            for kk in range(1, b + 1):
+                pk = ps[kk - 1]
+                ob = psi[blo:blo + k, kk - 1]
+                for r in range(k):
+                    ob[r] = pk[r]
+                    accv[r] = accv[r] - pk[r] * (mb[r + kk] / bc1)
+            for r in range(k):
+                tb[r] = accv[r] / sv[r]
+            blo += k
+        if max(lo, fast_hi) < hi:
+            rm, fb = _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, max(lo, fast_hi), hi,
+                                       A2, L2, d2, ok2, z2, w2, p2)
+            removed += rm
+            fallback += fb
         removed_out[c] = removed
         fallback_out[c] = fallback
 
@@ -366,10 +626,12 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
         removed = np.zeros(nchunks, np.int64)
         omb1, b2, omb2 = cast(1.0 - opt.b1), cast(opt.b2), cast(1.0 - opt.b2)
         cbc1, cbc2, geps = cast(bc1), cast(bc2), cast(opt.graft_eps)
+        if not band.flags.c_contiguous:
+            raise ValueError("SONew band state: expected a C-contiguous (n, b+1) array")
         if b == 1:
             saved = _scratch("saved", (nchunks,), p.dtype)
             _save_boundaries(band, nchunks, chunk, saved)
-            tri_stats(g, m, band, saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
+            tri_stats(g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
         else:
             band_stats(g, m, band, omb1, b2, omb2, cbc1, cbc2, geps, graft, norms, chunk)
             if opt.relative_eps:
@@ -384,7 +646,7 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
         neg_lr, wd = cast(-lr), cast(opt.weight_decay)
         u = p if write_p else _scratch("u", (n,), p.dtype)
         if b == 1:
-            tri_precond(p, m, band, u, cbc1, cbc2, eps_eff, tau, neg_lr, wd, write_p, norms, removed, chunk)
+            tri_precond(p, m, band.reshape(-1), u, cbc1, cbc2, eps_eff, tau, neg_lr, wd, write_p, norms, removed, chunk)
             fallback = int(removed.sum())
             edges = fallback
         elif b == 0:
