@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False)
-_SERIAL = dict(cache=True, nogil=True, boundscheck=False)
+_OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
+_SERIAL = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 
 GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3}
 CHUNK = 16384
