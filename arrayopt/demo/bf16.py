@@ -58,12 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("bfloat16 parameters need torch (pip install torch)")
+        import ml_dtypes  # bfloat16 rounding of the initial values in NumPy (installed with jax)
+        import torch
+    except ImportError as e:
+        print(f"bfloat16 parameters need torch and ml_dtypes (pip install '.[test]'): {e}")
         return 1
-    import ml_dtypes  # bfloat16 rounding of the initial values in NumPy (installed with jax)
-    import torch
 
     torch.set_num_threads(1)  # small model: one thread per pool, as in the main job
 
