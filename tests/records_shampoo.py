@@ -49,9 +49,10 @@ RECORDS = (
             ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite: must be one of"),
         ),
         # float32: statistics summed by different BLAS (OpenBLAS vs MKL) differ by rounding, and the
-        # inverse 4th roots amplify that by up to κ^(1/4) of each factor
+        # inverse 4th roots amplify that by up to κ^(1/4) of each factor (momentum entries up to ~8
+        # differ by ~1e-4 relative to the largest entry between torch and NumPy)
         rtol={"float64": 1e-9, "float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3},
-        atol={"float64": 1e-11, "float32": 3e-4, "bfloat16": 1e-2, "float16": 1e-3},
+        atol={"float64": 1e-11, "float32": 2e-3, "bfloat16": 1e-2, "float16": 1e-3},
         converge_steps=300,
     ),
 )
