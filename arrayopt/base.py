@@ -134,13 +134,13 @@ class Optimizer:
 
     # subclasses
     def _init(self, ns: Namespace, leaves) -> dict:
-        raise NotImplementedError  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement _init()")  # pragma: no cover
 
     def _check_state(self, ns, leaves, paths, state, params_missing: bool) -> None:
         pass
 
     def _update(self, ns, leaves, g_leaves, state, paths):
-        raise NotImplementedError  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement _update()")  # pragma: no cover
 
     def __repr__(self) -> str:
         hp = getattr(self, "hyperparams", {})
@@ -264,10 +264,10 @@ class ElementwiseOptimizer(Optimizer):
         return p_new, new_states
 
     def step_scalars(self, t: int, lr: float):
-        raise NotImplementedError  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement step_scalars()")  # pragma: no cover
 
     def reference(self, xp, p, g, states, scalars):
-        raise NotImplementedError  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must implement reference()")  # pragma: no cover
 
 
 # ---------------------------------------------------------------- composition
