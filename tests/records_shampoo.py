@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import arrayopt as ao
-from records import OptimizerRecord
-
-_BAD_LR = (
-    ({"learning_rate": -1.0}, ValueError, "learning_rate: must be >= 0"),
-    ({"learning_rate": float("nan")}, ValueError, "learning_rate: must be finite"),
-    ({"learning_rate": "0.1"}, TypeError, "learning_rate: expected a real number"),
-)
+from records import _BAD_LR, OptimizerRecord
 
 RECORDS = (
     OptimizerRecord(
