@@ -91,15 +91,16 @@ _DTYPE_NAMES: dict = {}
 
 def dtype_name(dtype: Any) -> str:
     """A library-independent dtype name ("float32", "bfloat16", ...)."""
+    key = (type(dtype), dtype)  # the type first: dtypes of different libraries never get compared
     try:
-        return _DTYPE_NAMES[dtype]
+        return _DTYPE_NAMES[key]
     except (KeyError, TypeError):
         pass
     name = getattr(dtype, "name", None)  # NumPy, CuPy, JAX dtypes
     s = name if isinstance(name, str) else str(dtype)
     s = s.rsplit(".", 1)[-1].strip("')> ")
     try:
-        _DTYPE_NAMES[dtype] = s
+        _DTYPE_NAMES[key] = s
     except TypeError:
         pass
     return s

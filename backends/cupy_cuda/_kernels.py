@@ -1,4 +1,4 @@
-"""Kernel table, argument typing and the lazily compiled ``cupy.RawModule``\ s.
+"""Kernel table, argument typing and the lazily compiled ``cupy.RawModule`` objects.
 
 The kernels live in ``first_order.cu`` and ``sonew.cu`` next to this file (see their
 headers for the math; the IEEE rounding helpers they share are in ``rn_ops.cuh``, which
