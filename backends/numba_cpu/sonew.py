@@ -277,6 +277,78 @@ def scaled_apply(p, u, scale, neg_lr, wd):
         p[j] = pj + neg_lr * d
 
 
+# ---------------------------------------------------------------- diagonal (b = 0)
+
+
+@njit(**_OPTS)
+def diag_stats(g, m, h, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
+    """``m``, ``H_jj`` updates; per chunk the max of ``H_jj/bc2`` and the graft norm² (L1 sub-blocks)."""
+    n = g.size
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        buf = np.zeros(BLK, np.float64)
+        rbuf = np.empty(BLK, h.dtype)
+        acc = 0.0
+        rmax = bc2 * 0
+        for s0 in range(lo, hi, BLK):
+            k = min(s0 + BLK, hi) - s0
+            gs = g[s0:s0 + k]
+            ms = m[s0:s0 + k]
+            hs = h[s0:s0 + k]
+            for i in range(k):
+                gj = gs[i]
+                mj = ms[i] + omb1 * (gj - ms[i])
+                ms[i] = mj
+                hj = hs[i] * b2 + omb2 * (gj * gj)
+                hs[i] = hj
+                rbuf[i] = hj / bc2
+                if graft == 1:
+                    a = (mj / bc1) / (np.sqrt(hj / bc2) + graft_eps)
+                    buf[i] = float(a) * float(a)
+                elif graft == 2:
+                    buf[i] = float(gj) * float(gj)
+                elif graft == 3:
+                    mh = mj / bc1
+                    buf[i] = float(mh) * float(mh)
+            if graft != 0:
+                acc += _sum4(buf, k)
+            rmax = _max4(rbuf, k, rmax)
+        norms_out[c] = acc
+        rows_out[c] = rmax
+
+
+@njit(**_OPTS)
+def diag_apply(p, m, h, u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_out, chunk):
+    """``y_j = (m_j/bc1) / (H_jj/bc2 + ε)``; writes p (no graft) or u and ‖y‖² per chunk."""
+    n = p.size
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = 0.0
+        for s0 in range(lo, hi, BLK):
+            k = min(s0 + BLK, hi) - s0
+            ms = m[s0:s0 + k]
+            hs = h[s0:s0 + k]
+            ps = p[s0:s0 + k]
+            us = u[s0:s0 + k]
+            for i in range(k):
+                y = (ms[i] / bc1) / (hs[i] / bc2 + eps_eff)
+                if write_p:
+                    pj = ps[i]
+                    if wd != 0:
+                        ps[i] = pj + neg_lr * (y + wd * pj)
+                    else:
+                        ps[i] = pj + neg_lr * y
+                else:
+                    us[i] = y
+            if not write_p:
+                acc += _sumsq4(us, 0, k)
+        norms_out[c] = acc
+
+
 # ---------------------------------------------------------------- any band b
 
 
@@ -632,6 +704,8 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
             saved = _scratch("saved", (nchunks,), p.dtype)
             _save_boundaries(band, nchunks, chunk, saved)
             tri_stats(g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
+        elif b == 0:
+            diag_stats(g, m, band.reshape(-1), omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
         else:
             band_stats(g, m, band, omb1, b2, omb2, cbc1, cbc2, geps, graft, norms, chunk)
             if opt.relative_eps:
@@ -650,11 +724,8 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
             fallback = int(removed.sum())
             edges = fallback
         elif b == 0:
-            # diag-SONew: X = diag(1/H_jj); reuse the band kernels with an empty window
-            psi = _scratch("psi", (n, 0), p.dtype)
-            t = _scratch("t", (n,), p.dtype)
-            band_factor_lt(m, band, psi, t, cbc1, cbc2, eps_eff, tau, removed, removed.copy(), chunk)
-            band_l_apply(p, psi, t, u, neg_lr, wd, write_p, norms, chunk)
+            # diag-SONew: X = diag(1/(H_jj + ε)), one vectorised sweep
+            diag_apply(p, m, band.reshape(-1), u, cbc1, cbc2, eps_eff, neg_lr, wd, write_p, norms, chunk)
             edges = fallback = 0
         else:
             psi = _scratch("psi", (n, b), p.dtype)
