@@ -46,7 +46,7 @@ from numba import njit, prange  # noqa: E402
 
 __all__ = [
     "ao", "SIZES", "DTYPE", "LR", "OPTIMIZERS", "BACKENDS", "ADAM_BYTES", "AXPY_BYTES",
-    "make_data", "warm_up", "selected_backend", "OptimizerStep", "Axpy", "TorchFusedAdam",
+    "make_data", "warm_up", "selected_backend", "Stepper", "OptimizerStep", "Axpy", "TorchFusedAdam",
     "AdamKernel", "FinitenessPrePass", "CONTENDERS", "RATIOS", "interleaved", "medians_ms",
     "ratios_from", "measure", "measure_grid", "env_info", "STEP_BYTES", "set_threads",
 ]
@@ -143,7 +143,18 @@ def selected_backend(opt, p, g, state):
 # ---------------------------------------------------------------- steppers (callables)
 
 
-class OptimizerStep:
+class Stepper:
+    """A callable that runs ``self.opt.step`` once on ``self.p``/``self.g``, on ``self.backend``."""
+
+    def __call__(self):
+        if self.backend == "reference":
+            with ao.dispatch.use_backend("reference"):
+                self.p, self.state = self.opt.step(self.p, self.g, self.state)
+        else:
+            self.p, self.state = self.opt.step(self.p, self.g, self.state)
+
+
+class OptimizerStep(Stepper):
     """``opt.step`` of one optimizer on one flat float32 param of ``n`` elements.
 
     ``backend="numba_cpu"``: the automatic dispatch, checked to pick the fused
@@ -164,13 +175,6 @@ class OptimizerStep:
                 raise NotImplementedError(f"numba_cpu backend not selected (got {got!r})")
         for _ in range(warmup):  # compiles/loads the kernels for this size; reference allocates
             self()
-
-    def __call__(self):
-        if self.backend == "reference":
-            with ao.dispatch.use_backend("reference"):
-                self.p, self.state = self.opt.step(self.p, self.g, self.state)
-        else:
-            self.p, self.state = self.opt.step(self.p, self.g, self.state)
 
 
 class Axpy:

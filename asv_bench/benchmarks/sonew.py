@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import AXPY_BYTES, SIZES, Axpy, ao, interleaved, make_data, medians_ms, OptimizerStep, warm_up
+from .common import (AXPY_BYTES, SIZES, Axpy, OptimizerStep, Stepper, ao, interleaved, make_data, medians_ms,
+                     warm_up)
 
 BANDS = {"diag": 0, "tridiag": 1, "band4": 4}
 # bytes per float32 param the exact tridiagonal step must stream (graft="adam"): finiteness pre-pass
@@ -30,7 +31,7 @@ TRIDIAG_BYTES = 64
 LR = 1e-3
 
 
-class SONewStepper:
+class SONewStepper(Stepper):
     """``opt.step`` of SONew on one flat float32 param of ``n`` elements (numba_cpu or reference)."""
 
     def __init__(self, band: int, backend: str, n: int, warmup: int = 2, **kw):
@@ -40,13 +41,6 @@ class SONewStepper:
         self.state = self.opt.init(self.p)
         for _ in range(warmup):
             self()
-
-    def __call__(self):
-        if self.backend == "reference":
-            with ao.dispatch.use_backend("reference"):
-                self.p, self.state = self.opt.step(self.p, self.g, self.state)
-        else:
-            self.p, self.state = self.opt.step(self.p, self.g, self.state)
 
 
 class SONewStep:
