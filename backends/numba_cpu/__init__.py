@@ -11,6 +11,8 @@ import importlib.util
 
 import numpy as np
 
+from ..._xp import library_of
+
 __all__ = ["BACKEND", "NumbaCPU"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -65,7 +67,7 @@ class NumbaCPU:
         """Flat writeable NumPy views sharing memory with ``arrays``."""
         if not arrays:
             return []
-        lib = "torch" if type(arrays[0]).__module__.startswith("torch") else "numpy"
+        lib = library_of(arrays[0])
         return [_numpy_view(a, lib).reshape(-1) for a in arrays]
 
     def all_finite(self, views) -> bool:

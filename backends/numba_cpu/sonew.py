@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..._xp import library_of
+
 _OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 _SERIAL = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 
@@ -683,7 +685,7 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     m_views = backend.views(mus)
-    b_views = [(bd.detach().numpy() if type(bd).__module__.startswith("torch") else bd) for bd in bands]
+    b_views = [(bd.detach().numpy() if library_of(bd) == "torch" else bd) for bd in bands]
     graft = GRAFT_CODES[opt.graft]
     out = []
     for p, g, m, band in zip(p_views, g_views, m_views, b_views):
