@@ -116,8 +116,8 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
         if lo > 0:
             e_first = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
         else:
-            e_first = omb2 * 0  # typed zero
-        rmax = e_first * 0
+            e_first = omb2 - omb2  # typed zero
+        rmax = e_first - e_first
         acc = 0.0
         for blo in range(lo, hi, BLK):
             bhi = min(blo + BLK, hi)
@@ -173,7 +173,7 @@ def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_
     """
     n = m.size
     nchunks = norms_out.size
-    zero = eps_eff * 0
+    zero = eps_eff - eps_eff
     for c in prange(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
@@ -293,7 +293,7 @@ def diag_stats(g, m, h, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, no
         buf = np.zeros(BLK, np.float64)
         rbuf = np.empty(BLK, h.dtype)
         acc = 0.0
-        rmax = bc2 * 0
+        rmax = bc2 - bc2
         for s0 in range(lo, hi, BLK):
             k = min(s0 + BLK, hi) - s0
             gs = g[s0:s0 + k]
@@ -391,7 +391,7 @@ def band_rowmax(band, bc2, rows_out, chunk):
     for c in prange(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
-        rmax = bc2 * 0
+        rmax = bc2 - bc2
         for j in range(lo, hi):
             r = band[j, 0] / bc2
             for k in range(1, b + 1):
@@ -406,83 +406,107 @@ def band_rowmax(band, bc2, rows_out, chunk):
 
 
 @njit(**_SERIAL)
-def _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, lo, hi, A, L, d, okv, z, wv, ps):
-    """Rows ``[lo, hi)`` one at a time (the last ``b`` rows, whose windows reach past ``n``)."""
+def _save_band_rows(band, nchunks, chunk, saved):
+    """``saved[c] = band[c·chunk - b : c·chunk]`` (old values of the rows before each chunk)."""
+    b = band.shape[1] - 1
+    for c in range(1, nchunks):
+        for q in range(b):
+            i = c * chunk - b + q
+            if i >= 0:
+                for k in range(b + 1):
+                    saved[c, q, k] = band[i, k]
+
+
+@njit(**_SERIAL)
+def _band_row(m, band, j, bc1, bc2, eps_eff, tau, A, L, d, okv, z, wv, ps):
+    """Row ``j``: window ``LDLᵀ``, fallback, ``ψ_j`` into ``ps``; returns ``(t_j, kept, real)``.
+
+    The window past ``n`` is padded (``H_ii = 1``, no couplings); ``real`` counts the
+    neighbours that exist. Same operations in the same order as the unrolled kernels.
+    """
     n = band.shape[0]
     b = band.shape[1] - 1
     one = bc2 / bc2
-    zero = bc2 * 0
+    zero = bc2 - bc2
+    # window A[a, c] = H[j+1+a, j+1+c]
+    for a in range(b):
+        for cc in range(a, b):
+            ia = j + 1 + a
+            ic = j + 1 + cc
+            if ic < n:
+                v = band[ia, cc - a] / bc2
+                if a == cc:
+                    v = v + eps_eff
+            elif a == cc:
+                v = one
+            else:
+                v = zero
+            A[a, cc] = v
+            A[cc, a] = v
+    for i in range(b):
+        aii = A[i, i]
+        di = aii
+        for l_ in range(i):
+            di = di - L[i, l_] * (L[i, l_] * d[l_])
+        okv[i] = di > tau * aii
+        if not okv[i]:
+            di = aii
+        d[i] = di
+        for r in range(i + 1, b):
+            w = A[r, i]
+            for l_ in range(i):
+                w = w - L[r, l_] * (L[i, l_] * d[l_])
+            L[r, i] = w / di
+    d0 = band[j, 0] / bc2 + eps_eff
+    s = d0
+    alive = True
+    kept = 0
+    for i in range(b):
+        if j + 1 + i < n:
+            zi = band[j, i + 1] / bc2
+        else:
+            zi = zero
+        for l_ in range(i):
+            zi = zi - L[i, l_] * z[l_]
+        z[i] = zi
+        wi = zi / d[i]
+        s_next = s - zi * wi
+        if alive:
+            alive = okv[i] and (s_next > tau * d0)
+        if alive:
+            s = s_next
+            kept += 1
+        else:
+            wi = zero
+        wv[i] = wi
+    for i in range(b - 1, -1, -1):
+        pi = wv[i]
+        for r in range(i + 1, b):
+            pi = pi - L[r, i] * ps[r]
+        ps[i] = pi
+    acc = m[j] / bc1
+    for k in range(1, b + 1):
+        if j + k < n:
+            acc = acc - ps[k - 1] * (m[j + k] / bc1)
+        else:
+            ps[k - 1] = zero
+    return acc / s, kept, min(b, n - 1 - j)
+
+
+@njit(**_SERIAL)
+def _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, lo, hi, A, L, d, okv, z, wv, ps):
+    """Rows ``[lo, hi)`` one at a time (the last ``b`` rows, whose windows reach past ``n``)."""
+    b = band.shape[1] - 1
     removed = 0
     fallback = 0
     for j in range(lo, hi):
-        # window A[a, c] = H[j+1+a, j+1+c] (padded rows: H_ii = 1, no couplings)
-        for a in range(b):
-            for cc in range(a, b):
-                ia = j + 1 + a
-                ic = j + 1 + cc
-                if ic < n:
-                    v = band[ia, cc - a] / bc2
-                    if a == cc:
-                        v = v + eps_eff
-                elif a == cc:
-                    v = one
-                else:
-                    v = zero
-                A[a, cc] = v
-                A[cc, a] = v
-        for i in range(b):
-            aii = A[i, i]
-            di = aii
-            for l_ in range(i):
-                di = di - L[i, l_] * (L[i, l_] * d[l_])
-            okv[i] = di > tau * aii
-            if not okv[i]:
-                di = aii
-            d[i] = di
-            for r in range(i + 1, b):
-                w = A[r, i]
-                for l_ in range(i):
-                    w = w - L[r, l_] * (L[i, l_] * d[l_])
-                L[r, i] = w / di
-        d0 = band[j, 0] / bc2 + eps_eff
-        s = d0
-        alive = True
-        kept = 0
-        for i in range(b):
-            if j + 1 + i < n:
-                zi = band[j, i + 1] / bc2
-            else:
-                zi = zero
-            for l_ in range(i):
-                zi = zi - L[i, l_] * z[l_]
-            z[i] = zi
-            wi = zi / d[i]
-            s_next = s - zi * wi
-            if alive:
-                alive = okv[i] and (s_next > tau * d0)
-            if alive:
-                s = s_next
-                kept += 1
-            else:
-                wi = zero
-            wv[i] = wi
-        real = min(b, n - 1 - j)
+        tj, kept, real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, A, L, d, okv, z, wv, ps)
         if kept < real:
             removed += real - kept
             fallback += 1
-        for i in range(b - 1, -1, -1):
-            pi = wv[i]
-            for r in range(i + 1, b):
-                pi = pi - L[r, i] * ps[r]
-            ps[i] = pi
-        acc = m[j] / bc1
-        for k in range(1, b + 1):
-            if j + k < n:
-                psi[j, k - 1] = ps[k - 1]
-                acc = acc - ps[k - 1] * (m[j + k] / bc1)
-            else:
-                psi[j, k - 1] = zero
-        t[j] = acc / s
+        for k in range(b):
+            psi[j, k] = ps[k]
+        t[j] = tj
     return removed, fallback
 
 
@@ -524,7 +548,7 @@ def band_factor_lt(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallbac
         z2 = np.empty(b, dtype=band.dtype)
         w2 = np.empty(b, dtype=band.dtype)
         p2 = np.empty(b, dtype=band.dtype)
-        zero = bc2 * 0
+        zero = bc2 - bc2
         removed = 0
         fallback = 0
         fast_hi = min(hi, n - b)  # rows j with j + b <= n - 1: full window, all neighbours real
@@ -681,6 +705,8 @@ def _scratch(key, shape, dtype):
 
 def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
     """One SONew step on every leaf, in place; returns ``[(removed_edges, fallback_rows)]`` per leaf."""
+    from . import sonew_band_kernels as unrolled
+
     lr, bc1, bc2 = scalars
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
@@ -708,6 +734,10 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
             tri_stats(g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
         elif b == 0:
             diag_stats(g, m, band.reshape(-1), omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
+        elif b in unrolled.STATS:
+            saved = _scratch("saved_band", (nchunks, b, b + 1), p.dtype)
+            _save_band_rows(band, nchunks, chunk, saved)
+            unrolled.STATS[b](g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
         else:
             band_stats(g, m, band, omb1, b2, omb2, cbc1, cbc2, geps, graft, norms, chunk)
             if opt.relative_eps:
@@ -729,6 +759,11 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
             # diag-SONew: X = diag(1/(H_jj + ε)), one vectorised sweep
             diag_apply(p, m, band.reshape(-1), u, cbc1, cbc2, eps_eff, neg_lr, wd, write_p, norms, chunk)
             edges = fallback = 0
+        elif b in unrolled.FACTOR_APPLY:
+            rows_fb = np.zeros(nchunks, np.int64)
+            unrolled.FACTOR_APPLY[b](p, m, band, u, cbc1, cbc2, eps_eff, tau, neg_lr, wd, write_p, norms, removed,
+                                     rows_fb, chunk)
+            edges, fallback = int(removed.sum()), int(rows_fb.sum())
         else:
             psi = _scratch("psi", (n, b), p.dtype)
             t = _scratch("t", (n,), p.dtype)
