@@ -102,9 +102,10 @@ def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
     else:
         w_r = w + eps
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        inv = w_r ** (-1.0 / p)
-    root = np.matmul(q * inv[..., None, :], np.swapaxes(q, -1, -2))
-    root = 0.5 * (root + np.swapaxes(root, -1, -2))
+        half = w_r ** (-0.5 / p)  # Q diag(λ^(-1/p)) Qᵀ = B Bᵀ with B = Q diag(λ^(-1/(2p)))
+    bq = q * half[..., None, :]
+    # B @ Bᵀ of one 2-D array is a symmetric rank-k update (half the flops of a GEMM, exactly symmetric)
+    root = np.stack([m @ m.T for m in bq.reshape((-1,) + bq.shape[-2:])]).reshape(bq.shape)
     ok = ok & np.isfinite(root).all(axis=(-1, -2))
     return root, ok
 
