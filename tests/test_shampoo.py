@@ -202,6 +202,27 @@ def test_statistics_algebra_and_root_cadence():
     assert roots_at == [2, 5] and s["root_jobs"] == 2 and s["root_staleness"] == 2
 
 
+@pytest.mark.parametrize("b2", [1.0, 0.9])
+def test_statistics_untouched_between_statistics_steps(b2):
+    """Oracle 14 (statistics_compute_steps): factors take only the gradients of steps t % k == 0."""
+    gs = grads_for((4, 3), 7)
+    opt = ao.shampoo(block_size=64, b2=b2, statistics_every=3, merge_small_dims=1)
+    p = {"w": np.zeros((4, 3))}
+    s = opt.init(p)
+    left = np.zeros((4, 4))
+    for i, g in enumerate(gs, start=1):
+        before = np.array(s["stats"][0][0][0], copy=True)
+        _, s = opt.update({"w": g}, s, p)
+        after = s["stats"][0][0][0]
+        if i % 3:
+            np.testing.assert_array_equal(after, before)
+        else:
+            left = left + g @ g.T if b2 == 1.0 else b2 * left + (1 - b2) * (g @ g.T)
+            np.testing.assert_allclose(after, left, rtol=1e-12)
+    with pytest.raises(ValueError, match="statistics_every"):
+        ao.shampoo(statistics_every=0)
+
+
 def test_start_step_switch_uses_grafting_before():
     gs = grads_for((4, 3), 4)
     kw = dict(learning_rate=1.0, b1=0.0, block_size=64, graft="adagrad", start_preconditioning_step=3)

@@ -71,6 +71,7 @@ class ShampooConfig:
     eps: float = 1e-6
     exponent_override: int = 0
     precondition_every: int = 1
+    statistics_every: int = 1
     start_preconditioning_step: int = 1
     root_method: str = "eigh"
     root_dtype: str = "float64"
@@ -95,6 +96,7 @@ class ShampooConfig:
         s(self, "eps", _validate.check_real("eps", self.eps, 0.0))
         s(self, "exponent_override", _validate.check_int("exponent_override", self.exponent_override, 0))
         s(self, "precondition_every", _validate.check_int("precondition_every", self.precondition_every, 1))
+        s(self, "statistics_every", _validate.check_int("statistics_every", self.statistics_every, 1))
         s(self, "start_preconditioning_step",
           _validate.check_int("start_preconditioning_step", self.start_preconditioning_step, 1))
         _validate.check_choice("root_method", self.root_method, ROOT_METHODS)

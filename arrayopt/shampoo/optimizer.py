@@ -258,7 +258,7 @@ class Shampoo(Optimizer):
         stats = []
         for p, g, per_leaf in zip(leaves, g32, state["stats"]):
             plan = self.plan(p.shape)
-            if plan.skipped:
+            if plan.skipped or t % cfg.statistics_every != 0:
                 stats.append(per_leaf)
                 continue
             blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
@@ -344,7 +344,7 @@ def _from_host(ns, h: np.ndarray, like):
 
 def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: float = 0.999,
             eps: float = 1e-6, exponent_override: int = 0, precondition_every: int = 1,
-            start_preconditioning_step: int = 1, root_method: str = "eigh",
+            statistics_every: int = 1, start_preconditioning_step: int = 1, root_method: str = "eigh",
             graft: Any = "adam", executor=None, *, graft_b2: float | None = None,
             graft_eps: float = 1e-8, nesterov: bool = True, ema_momentum: bool = False,
             weight_decay: float = 0.0, root_dtype: str = "float64", merge_small_dims: int | None = None,
@@ -362,6 +362,8 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
       eps: ridge of the roots, relative to ``λmax`` (absolute if ``relative_epsilon=False``).
       exponent_override: ``p`` of every root (``-1/p``); 0 means ``2 × #preconditioned dims``.
       precondition_every: roots every this many steps (``F``).
+      statistics_every: the factor statistics take the gradient only on steps ``t`` with
+        ``t % statistics_every == 0`` (JAX's ``statistics_compute_steps``); untouched otherwise.
       start_preconditioning_step: first step (1-based) that computes roots; before
         the first roots are installed the grafting direction is used alone.
       root_method: ``"eigh"`` (host, ``root_dtype``) or ``"newton"`` (coupled Newton,
@@ -383,7 +385,8 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
     cfg = ShampooConfig(
         learning_rate=learning_rate, block_size=block_size, b1=b1, b2=b2, eps=eps,
         exponent_override=exponent_override, precondition_every=precondition_every,
-        start_preconditioning_step=start_preconditioning_step, root_method=root_method,
+        statistics_every=statistics_every, start_preconditioning_step=start_preconditioning_step,
+        root_method=root_method,
         root_dtype=root_dtype, graft=g, nesterov=nesterov, ema_momentum=ema_momentum,
         weight_decay=weight_decay, merge_small_dims=merge_small_dims,
         skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
