@@ -141,3 +141,23 @@ def test_namespaces_match_numpy(lib, method):
     got32 = inverse_pth_root(asarray(lib, a, "float32"), 4, method=method)
     assert "float32" in str(got32.dtype)
     np.testing.assert_allclose(to_numpy(got32), want, rtol=5e-3, atol=1e-4)
+
+
+def test_ridge_escalation_newton_converges_at_a_larger_ridge():
+    """Oracle 7 (JAX ridge escalation): fails at ε, converges at ε·10^i with retries = i."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    A = (q * np.geomspace(1.0, 1e-12, 6)) @ q.T
+    kw = dict(ridge_epsilon=1e-14, method="newton", max_iterations=30, failure_threshold=1e-3)
+    _, info0 = inverse_pth_root_info(A, 4, **kw)
+    assert info0["fallbacks"] == 1 and info0["method"][()] == "eigh" and info0["retries"][()] == 0
+    root, info = inverse_pth_root_info(A, 4, ridge_retries=8, **kw)
+    i = int(info["retries"][()])
+    assert i >= 1 and info["fallbacks"] == 0 and info["method"][()] == "newton" and info["error"][()] <= 1e-3
+    # the root is the one of the escalated ridge ε·10^i (Newton accuracy: error / p)
+    exact = inverse_pth_root(A, 4, ridge_epsilon=1e-14 * 10.0 ** i)
+    np.testing.assert_allclose(root, exact, atol=1e-3 * np.abs(exact).max())
+    _, info1 = inverse_pth_root_info(A, 4, ridge_retries=i - 1, **kw)
+    assert info1["fallbacks"] == 1  # not enough retries: eigh at ε
+    with pytest.raises(ValueError, match="ridge_retries"):
+        inverse_pth_root_info(A, 4, ridge_retries=-1, **kw)

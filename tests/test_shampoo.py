@@ -276,3 +276,22 @@ def test_state_bytes_and_float32_roots_for_bf16():
     # 4 blocks (4x4, 4x1, 2x4, 2x1) -> factors 4,4,4,1,2,4,2,1 ; stats+roots + graft + momentum
     n_fac = 16 + 16 + 16 + 1 + 4 + 16 + 4 + 1
     assert ao.state_nbytes(s) == 4 * (2 * n_fac + 2 * 30)
+
+
+def test_ridge_retries_reach_the_root_job_and_are_validated(monkeypatch):
+    import arrayopt.shampoo.async_roots as ar
+
+    seen = []
+    real = ar.host_inverse_pth_roots
+
+    def spy(*a, **kw):
+        seen.append(kw["ridge_retries"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ar, "host_inverse_pth_roots", spy)
+    opt = ao.shampoo(block_size=64, root_method="newton", ridge_retries=3, merge_small_dims=1)
+    p = {"w": np.zeros((4, 3))}
+    opt.update({"w": np.ones((4, 3))}, opt.init(p), p)
+    assert seen == [3]
+    with pytest.raises(ValueError, match="ridge_retries"):
+        ao.shampoo(ridge_retries=-1)

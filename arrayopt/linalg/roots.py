@@ -112,12 +112,13 @@ def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
 
 def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, method="eigh",
                            compute_dtype="float64", error_tolerance=1e-6, max_iterations=100,
-                           failure_threshold=0.1):
+                           failure_threshold=0.1, ridge_retries=0):
     """Roots of a list of host (NumPy) matrices of any sizes, each with its own exponent.
 
     Returns ``(roots, ok, fallbacks)``: ``roots[i]`` in ``compute_dtype`` (``None``
     where the root failed: the caller keeps its previous root), ``ok[i]`` a bool
-    and ``fallbacks`` the number of Newton roots that fell back to eigh. Never
+    and ``fallbacks`` the number of Newton roots that fell back to eigh (after the
+    ridge escalation ``ε·10^i``, ``i = 1..ridge_retries``). Never
     raises for numerical failures. This is the job the optimizer runs on the
     host, synchronously or on an executor; NumPy's LAPACK calls release the GIL.
     """
@@ -129,6 +130,12 @@ def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, met
             r, info = _newton_numpy(a, p, ridge_epsilon, relative, error_tolerance, max_iterations,
                                     failure_threshold)
             good = bool(info["ok"])
+            for i in range(1, ridge_retries + 1):
+                if good:
+                    break
+                r, info = _newton_numpy(a, p, ridge_epsilon * 10.0 ** i, relative, error_tolerance,
+                                        max_iterations, failure_threshold)
+                good = bool(info["ok"])
             if not good:
                 fallbacks += 1
                 r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
@@ -265,14 +272,17 @@ def _from_host(h: np.ndarray, like):
 def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "eigh",
                           relative: bool = True, compute_dtype: str = "float64",
                           error_tolerance: float = 1e-6, max_iterations: int = 100,
-                          failure_threshold: float = 0.1):
+                          failure_threshold: float = 0.1, ridge_retries: int = 0):
     """Like :func:`inverse_pth_root` but returns ``(root, info)`` and never raises on failure.
 
     ``info``: ``method`` (per matrix: what produced the root), ``ok`` (bool per
     matrix; a failed matrix's root is the identity), ``fallbacks`` (Newton roots
-    that fell back to eigh) and ``error`` (Newton's final ``max|M - I|``, 0 for eigh).
+    that fell back to eigh), ``error`` (Newton's final ``max|M - I|``, 0 for eigh)
+    and ``retries`` (per matrix, the ``i`` of the ridge ``ε·10^i`` Newton converged at).
     """
     _check_args(p, ridge_epsilon, method, compute_dtype)
+    if isinstance(ridge_retries, bool) or not isinstance(ridge_retries, int) or ridge_retries < 0:
+        raise ValueError(f"ridge_retries: expected an integer >= 0, got {ridge_retries!r}")
     if len(A.shape) < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A: expected square matrices (..., n, n), got shape {tuple(A.shape)}")
     name = dtype_name(A.dtype)
@@ -287,6 +297,18 @@ def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "e
                              max_iterations, failure_threshold)
         ok_h = np.asarray(to_numpy(ok), dtype=bool).reshape(batch)
         err_h = np.asarray(to_numpy(err), dtype=np.float64).reshape(batch)
+        retries = np.zeros(batch, dtype=np.int64)
+        for i in range(1, ridge_retries + 1):  # ridge escalation: ε·10^i for the matrices still failing
+            if ok_h.all():
+                break
+            H_i, err_i, ok_i = _newton(ns.xp, work, int(p), float(ridge_epsilon) * 10.0 ** i, relative,
+                                       error_tolerance, max_iterations, failure_threshold)
+            take_h = np.asarray(to_numpy(ok_i), dtype=bool).reshape(batch) & ~ok_h
+            take = xp.asarray(take_h.reshape(tuple(H.shape[:-2])), device=device_of(H))
+            H = xp.where(take[..., None, None], H_i, H)
+            err_h = np.where(take_h, np.asarray(to_numpy(err_i), dtype=np.float64).reshape(batch), err_h)
+            retries = np.where(take_h, i, retries)
+            ok_h = ok_h | take_h
         methods = np.full(batch, "newton", dtype=object)
         fallbacks = int((~ok_h).sum())
         if fallbacks:
@@ -301,20 +323,20 @@ def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "e
             root = _from_host(H_h, A)
         else:
             root = xp.astype(H, A.dtype)
-        info = {"method": methods, "ok": ok_h, "fallbacks": fallbacks, "error": err_h}
+        info = {"method": methods, "ok": ok_h, "fallbacks": fallbacks, "error": err_h, "retries": retries}
         return root, info
     hostA = _to_host(A, compute_dtype)
     r, ok = _eigh_root_host(hostA, p, float(ridge_epsilon), relative)
     r = np.where(ok[..., None, None], r, np.eye(A.shape[-1], dtype=r.dtype))
     info = {"method": np.full(batch, "eigh", dtype=object), "ok": ok, "fallbacks": 0,
-            "error": np.zeros(batch)}
+            "error": np.zeros(batch), "retries": np.zeros(batch, dtype=np.int64)}
     return _from_host(r, A), info
 
 
 def inverse_pth_root(A: Any, p, *, ridge_epsilon: float = 1e-6, method: str = "eigh",
                      relative: bool = True, compute_dtype: str = "float64",
                      error_tolerance: float = 1e-6, max_iterations: int = 100,
-                     failure_threshold: float = 0.1):
+                     failure_threshold: float = 0.1, ridge_retries: int = 0):
     r"""``(A + ε·λmax·I)^{-1/p}`` for symmetric PSD ``A`` (batched over leading dims).
 
     Args:
@@ -324,6 +346,9 @@ def inverse_pth_root(A: Any, p, *, ridge_epsilon: float = 1e-6, method: str = "e
       method: ``"eigh"`` (host NumPy, ``compute_dtype``) or ``"newton"`` (coupled
         Newton in ``A``'s namespace, falling back to eigh when its error check fails).
       compute_dtype: ``"float64"`` (default) or ``"float32"``.
+      ridge_retries: ``method="newton"`` only: a matrix whose iteration fails at ``ε``
+        is retried at ``ε·10^i`` for ``i = 1..ridge_retries`` (JAX's ridge escalation)
+        before it falls back to eigh at ``ε``.
 
     Raises ``ArithmeticError`` if a root cannot be computed (non-finite input or
     both methods failed); :func:`inverse_pth_root_info` reports it instead.
@@ -331,7 +356,7 @@ def inverse_pth_root(A: Any, p, *, ridge_epsilon: float = 1e-6, method: str = "e
     root, info = inverse_pth_root_info(
         A, p, ridge_epsilon=ridge_epsilon, method=method, relative=relative,
         compute_dtype=compute_dtype, error_tolerance=error_tolerance,
-        max_iterations=max_iterations, failure_threshold=failure_threshold)
+        max_iterations=max_iterations, failure_threshold=failure_threshold, ridge_retries=ridge_retries)
     if not np.all(info["ok"]):
         bad = np.argwhere(~np.asarray(info["ok"]).reshape(-1))[:, 0].tolist()
         raise ArithmeticError(f"A: inverse {p}-th root failed for matrices {bad[:8]} "

@@ -45,7 +45,7 @@ class RootJob:
     """Everything a root computation needs, as plain host data (picklable)."""
 
     def __init__(self, mats, exponents, index, total, owner, rank, *, eps, relative, method,
-                 compute_dtype, threshold, out_dtype):
+                 compute_dtype, threshold, out_dtype, ridge_retries=0):
         self.mats = mats            # host copies of the factors this rank owns
         self.exponents = exponents  # their exponents
         self.index = index          # their global factor indices
@@ -58,6 +58,7 @@ class RootJob:
         self.compute_dtype = compute_dtype
         self.threshold = threshold
         self.out_dtype = out_dtype
+        self.ridge_retries = ridge_retries
 
 
 def run_root_job(job: RootJob, comm) -> dict:
@@ -68,7 +69,7 @@ def run_root_job(job: RootJob, comm) -> dict:
     """
     roots, ok, fallbacks = host_inverse_pth_roots(
         job.mats, job.exponents, ridge_epsilon=job.eps, relative=job.relative, method=job.method,
-        compute_dtype=job.compute_dtype, failure_threshold=job.threshold)
+        compute_dtype=job.compute_dtype, failure_threshold=job.threshold, ridge_retries=job.ridge_retries)
     mine = {i: (None if r is None else np.ascontiguousarray(r.astype(job.out_dtype)))
             for i, r in zip(job.index, roots)}
     local = {"roots": mine, "failures": int(sum(1 for g in ok if not g)), "fallbacks": int(fallbacks)}

@@ -85,6 +85,7 @@ class ShampooConfig:
     preconditioner_type: str = "all"
     relative_epsilon: bool = True
     inverse_failure_threshold: float = 0.1
+    ridge_retries: int = 0
     root_delay: int | None = None
 
     def __post_init__(self):
@@ -118,6 +119,7 @@ class ShampooConfig:
         _validate.check_choice("preconditioner_type", self.preconditioner_type, PRECONDITIONER_TYPES)
         s(self, "inverse_failure_threshold",
           _validate.check_real("inverse_failure_threshold", self.inverse_failure_threshold, 0.0, low_open=True))
+        _validate.check_int("ridge_retries", self.ridge_retries, 0)
         if self.root_delay is not None:
             _validate.check_int("root_delay", self.root_delay, 0)
         if self.exponent_override and self.root_method == "newton" and not float(self.exponent_override).is_integer():

@@ -216,7 +216,7 @@ class Shampoo(Optimizer):
         return RootJob(mats, [expo[i] for i in idx], idx, len(flat), own, self.comm.rank,
                        eps=cfg.eps, relative=cfg.relative_epsilon, method=cfg.root_method,
                        compute_dtype=cfg.root_dtype, threshold=cfg.inverse_failure_threshold,
-                       out_dtype=out_dtype)
+                       out_dtype=out_dtype, ridge_retries=cfg.ridge_retries)
 
     def _install(self, ns, roots, result, counters, stats_step):
         """New roots tree with the job's results (failed factors keep their previous root)."""
@@ -350,7 +350,7 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
             weight_decay: float = 0.0, root_dtype: str = "float64", merge_small_dims: int | None = None,
             skip_preconditioning_dim_size_gt: int | None = 4096, skip_preconditioning_rank_lt: int = 1,
             preconditioner_type: str = "all", relative_epsilon: bool = True,
-            inverse_failure_threshold: float = 0.1, root_delay: int | None = None, comm=None,
+            inverse_failure_threshold: float = 0.1, ridge_retries: int = 0, root_delay: int | None = None, comm=None,
             on_nonfinite: str = "raise") -> Shampoo:
     """Shampoo (see the module docstring for the math).
 
@@ -368,6 +368,8 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
         the first roots are installed the grafting direction is used alone.
       root_method: ``"eigh"`` (host, ``root_dtype``) or ``"newton"`` (coupled Newton,
         falling back to eigh, then to the previous root).
+      ridge_retries: with ``root_method="newton"``, a failed root is retried at ridge
+        ``eps·10^i`` for ``i = 1..ridge_retries`` before the eigh fallback (JAX's escalation).
       graft: ``"none"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"rmsprop_normalized"``,
         ``"adam"``, ``"sqrt_n"`` or a :class:`GraftingConfig` (``graft_b2``/``graft_eps``).
       executor: a ``concurrent.futures.Executor`` for asynchronous host roots.
@@ -392,6 +394,6 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
         skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
         skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
         preconditioner_type=preconditioner_type, relative_epsilon=relative_epsilon,
-        inverse_failure_threshold=inverse_failure_threshold, root_delay=root_delay)
+        inverse_failure_threshold=inverse_failure_threshold, ridge_retries=ridge_retries, root_delay=root_delay)
     return Shampoo(cfg, executor=executor, comm=comm, on_nonfinite=on_nonfinite)
 
