@@ -279,7 +279,9 @@ def test_state_bytes_and_float32_roots_for_bf16():
 
 
 def test_ridge_retries_reach_the_root_job_and_are_validated(monkeypatch):
-    import arrayopt.shampoo.async_roots as ar
+    import importlib
+
+    ar = importlib.import_module("arrayopt.shampoo.async_roots")
 
     seen = []
     real = ar.host_inverse_pth_roots
