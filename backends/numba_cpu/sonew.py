@@ -16,9 +16,13 @@ old statistics at chunk boundaries are saved before the parallel pass):
    ``‖u‖``;
 3. ``scaled_apply``: ``p ← p - lr (c u + λ p)``.
 
-Any band ``b`` (``band_*``): statistics, ∞-norm, then one batched kernel that
-factors every row's ``b×b`` window (unpivoted ``LDLᵀ`` with the per-row
-bandwidth fallback) and applies ``Lᵀ`` and ``D``, then ``L`` and the update.
+Band ``2 <= b <= 8``: kernels unrolled for that ``b`` in ``sonew_band_kernels.py``
+(written by ``band_codegen.py``; same operations as the generic ones below, bit for
+bit): statistics with row sums in one pass, then window factors and ``L D Lᵀ m̂``
+in one pass without storing ``ψ``. Any larger band (``band_*``): statistics,
+∞-norm, then one batched kernel that factors every row's ``b×b`` window
+(unpivoted ``LDLᵀ`` with the per-row bandwidth fallback) and applies ``Lᵀ`` and
+``D``, then ``L`` and the update.
 
 Vectorisation rules used below: inner loops index block-local views from 0 (so
 LLVM can drop Numba's negative-index wraparound selects), carry no value from
