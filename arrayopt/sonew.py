@@ -355,6 +355,8 @@ class SONew(Optimizer):
         backend = None
         if self._kernel_ok():
             backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves, state["mu"], state["band"])
+            if backend is not None and self.block_size is not None and not getattr(backend, "sonew_blocks", False):
+                backend = None  # this backend's kernels have no block cuts
         xp = ns.xp
         if backend is None:
             if not _validate.all_finite(xp, g_leaves):
@@ -385,7 +387,7 @@ class SONew(Optimizer):
 
     def _kernel_ok(self):
         """The fused kernels cover the defaults and the common options."""
-        return (self.graft in ("adam", "none", "sgd", "momentum") and self.block_size is None
+        return (self.graft in ("adam", "none", "sgd", "momentum")
                 and self.order == "C" and self.small_param_fallback == "sonew")
 
 

@@ -94,3 +94,58 @@ def test_generic_band_kernel_past_the_unrolled_range_matches_reference():
         out.append((p, st))
     np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(out[0][1]["band"][0], out[1][1]["band"][0], rtol=1e-12, atol=1e-30)
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, band_codegen.BANDS[-1] + 1])
+def test_block_cuts_match_reference(b, monkeypatch):
+    """``block_size``: the Numba kernels cut the band at block ends as the reference's mask does."""
+    from arrayopt.backends.numba_cpu import NumbaCPU
+
+    calls = []
+    real = NumbaCPU.run_sonew
+    monkeypatch.setattr(NumbaCPU, "run_sonew", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    rng = np.random.default_rng(11)
+    n = 2 * CHUNK + 7
+    p0 = rng.normal(size=n)
+    grads = [rng.normal(size=n) for _ in range(3)]
+    for block_size in (1, 7, 512, 1000):
+        opt = ao.sonew(0.01, band=b, eps=1e-3, block_size=block_size)
+        out = []
+        for backend in ("numba_cpu", "reference"):
+            p = p0.copy()
+            st = opt.init(p)
+            with ao.dispatch.use_backend(backend):
+                for g in grads:
+                    p, st = opt.step(p, g, st)
+            out.append((p, st))
+        band = out[0][1]["band"][0]
+        np.testing.assert_allclose(band, out[1][1]["band"][0], rtol=1e-12, atol=1e-30)
+        np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
+        j = np.arange(n)[:, None]
+        crossing = (j // block_size) != ((j + np.arange(b + 1)[None, :]) // block_size)
+        assert np.all(band[crossing] == 0)
+    assert len(calls) == 4 * 3, "the Numba kernels were not used"
+
+
+def test_block_cuts_unrolled_equal_generic():
+    rng = np.random.default_rng(5)
+    n = CHUNK + 300
+    g = rng.normal(size=n).astype("float32")
+    res = []
+    for unrolled in (True, False):
+        saved = dict(sonew_band_kernels.STATS), dict(sonew_band_kernels.FACTOR_APPLY)
+        if not unrolled:
+            sonew_band_kernels.STATS.clear()
+            sonew_band_kernels.FACTOR_APPLY.clear()
+        try:
+            opt = ao.sonew(0.01, band=3, graft="none", block_size=100)
+            p = np.ones(n, dtype="float32")
+            st = opt.init(p)
+            for s in range(2):
+                p, st = opt.step(p, g * (s + 1), st)
+        finally:
+            sonew_band_kernels.STATS.update(saved[0])
+            sonew_band_kernels.FACTOR_APPLY.update(saved[1])
+        res.append((p, st["band"][0]))
+    np.testing.assert_array_equal(res[0][0], res[1][0])
+    np.testing.assert_array_equal(res[0][1], res[1][1])

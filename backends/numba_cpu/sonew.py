@@ -99,7 +99,7 @@ def _max4(buf, k, start):
 
 
 @njit(**_OPTS)
-def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
+def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """Pass 1 (b = 1): moments in place; per-chunk max row sum of |Ĥ| and graft norm².
 
     ``bf`` is the band flattened (``bf[2j] = d_j``, ``bf[2j+1] = e_j``). Chunks run in
@@ -107,6 +107,8 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
     still in the last-level cache). Per sub-block: an element-wise update loop, then a
     read-only loop (row sums, graft terms into L1 buffers), then the two reductions:
     no loop carries a value from one element to the next, so both loops vectorise.
+    ``bs``: the block size (``n`` for none): the edge from a block's last row to the
+    next block takes no gradient product (``block_size`` of ``arrayopt.sonew``).
     """
     n = g.size
     nchunks = rows_out.size
@@ -117,8 +119,10 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
         rbuf = np.empty(BLK, dtype=bf.dtype)
         abuf = np.empty(BLK, dtype=bf.dtype)
         # new off-diagonal of row lo-1 (its old value saved before this pass)
-        if lo > 0:
+        if lo > 0 and lo % bs != 0:
             e_first = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
+        elif lo > 0:
+            e_first = (saved[c] * b2) / bc2
         else:
             e_first = omb2 - omb2  # typed zero
         rmax = e_first - e_first
@@ -130,12 +134,25 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
             gb = g[blo:min(bhi + 1, n)]
             mb = m[blo:bhi]
             bb = bf[2 * blo:2 * bhi]
-            for i in range(kt):
-                gj = gb[i]
-                mj = mb[i] + omb1 * (gj - mb[i])
-                mb[i] = mj
-                bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
-                bb[2 * i + 1] = bb[2 * i + 1] * b2 + omb2 * (gj * gb[i + 1])
+            s0 = 0
+            while s0 < kt:  # segments of rows whose right neighbour is in their block
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo
+                s1 = min(kt, bend - 1)
+                for i in range(s0, s1):
+                    gj = gb[i]
+                    mj = mb[i] + omb1 * (gj - mb[i])
+                    mb[i] = mj
+                    bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+                    bb[2 * i + 1] = bb[2 * i + 1] * b2 + omb2 * (gj * gb[i + 1])
+                if s1 < kt:  # the last row of a block: no coupling to the next block
+                    i = s1
+                    gj = gb[i]
+                    mj = mb[i] + omb1 * (gj - mb[i])
+                    mb[i] = mj
+                    bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+                    bb[2 * i + 1] = bb[2 * i + 1] * b2
+                    s1 += 1
+                s0 = s1
             if kt < k:  # the last row: no right neighbour
                 i = kt
                 gj = gb[i]
@@ -359,7 +376,7 @@ def diag_apply(p, m, h, u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_out, ch
 
 
 @njit(**_OPTS)
-def band_stats(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk):
+def band_stats(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk, bs):
     n = g.size
     b = band.shape[1] - 1
     nchunks = norms_out.size
@@ -372,7 +389,7 @@ def band_stats(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out
             mj = m[j] + omb1 * (gj - m[j])
             m[j] = mj
             for k in range(b + 1):
-                if j + k < n:
+                if j + k < n and j // bs == (j + k) // bs:
                     band[j, k] = band[j, k] * b2 + omb2 * (gj * g[j + k])
                 else:
                     band[j, k] = band[j, k] * b2
@@ -725,6 +742,7 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
         tau = cast(opt._tau(p.dtype))
         chunk = CHUNK
         nchunks = (n + chunk - 1) // chunk
+        bs = n if opt.block_size is None else min(opt.block_size, n)  # blocks of the flat vector
         norms = np.zeros(nchunks, np.float64)
         rows = np.zeros(nchunks, p.dtype)
         removed = np.zeros(nchunks, np.int64)
@@ -735,15 +753,17 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
         if b == 1:
             saved = _scratch("saved", (nchunks,), p.dtype)
             _save_boundaries(band, nchunks, chunk, saved)
-            tri_stats(g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
+            tri_stats(g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk,
+                      bs)
         elif b == 0:
             diag_stats(g, m, band.reshape(-1), omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
         elif b in unrolled.STATS:
             saved = _scratch("saved_band", (nchunks, b, b + 1), p.dtype)
             _save_band_rows(band, nchunks, chunk, saved)
-            unrolled.STATS[b](g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
+            unrolled.STATS[b](g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms,
+                              chunk, bs)
         else:
-            band_stats(g, m, band, omb1, b2, omb2, cbc1, cbc2, geps, graft, norms, chunk)
+            band_stats(g, m, band, omb1, b2, omb2, cbc1, cbc2, geps, graft, norms, chunk, bs)
             if opt.relative_eps:
                 band_rowmax(band, cbc2, rows, chunk)
         target = float(np.sqrt(norms.sum()))

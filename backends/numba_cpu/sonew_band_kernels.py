@@ -22,8 +22,8 @@ BLK = 512  # rows per L1-resident sub-block
 
 
 @njit(**_OPTS)
-def stats_2(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[3j + k] = B[j, k]``)."""
+def stats_2(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[3j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -38,36 +38,43 @@ def stats_2(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 2 + q
             if i >= 0:
                 for kk in range(3):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[514 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[514 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 2 - blo))  # rows whose 2 upper neighbours all exist
             gb = g[blo:blo + min(k + 2, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[3 * blo:3 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[3 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[3 * r + 0] = v
-                Hb[2 + r] = abs(v / bc2)
-                v = bb[3 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[3 * r + 1] = v
-                Hb[516 + r] = abs(v / bc2)
-                v = bb[3 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[3 * r + 2] = v
-                Hb[1030 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(3):
-                    if blo + r + kk < n:
-                        v = bb[3 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[3 * r + kk] * b2
-                    bb[3 * r + kk] = v
-                    Hb[514 * kk + 2 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 2))  # rows whose 2 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[3 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[3 * r + 0] = v
+                    Hb[2 + r] = abs(v / bc2)
+                    v = bb[3 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[3 * r + 1] = v
+                    Hb[516 + r] = abs(v / bc2)
+                    v = bb[3 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[3 * r + 2] = v
+                    Hb[1030 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(3):
+                        if r + kk < bend:
+                            v = bb[3 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[3 * r + kk] * b2
+                        bb[3 * r + kk] = v
+                        Hb[514 * kk + 2 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((Hb[2 + r] + Hb[516 + r]) + Hb[1030 + r]) + Hb[515 + r]) + Hb[1028 + r])
             rmax = _max4(rbuf, k, rmax)
@@ -200,8 +207,8 @@ def factor_apply_2(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, n
 
 
 @njit(**_OPTS)
-def stats_3(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[4j + k] = B[j, k]``)."""
+def stats_3(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[4j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -216,39 +223,46 @@ def stats_3(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 3 + q
             if i >= 0:
                 for kk in range(4):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[515 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[515 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 3 - blo))  # rows whose 3 upper neighbours all exist
             gb = g[blo:blo + min(k + 3, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[4 * blo:4 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[4 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[4 * r + 0] = v
-                Hb[3 + r] = abs(v / bc2)
-                v = bb[4 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[4 * r + 1] = v
-                Hb[518 + r] = abs(v / bc2)
-                v = bb[4 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[4 * r + 2] = v
-                Hb[1033 + r] = abs(v / bc2)
-                v = bb[4 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
-                bb[4 * r + 3] = v
-                Hb[1548 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(4):
-                    if blo + r + kk < n:
-                        v = bb[4 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[4 * r + kk] * b2
-                    bb[4 * r + kk] = v
-                    Hb[515 * kk + 3 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 3))  # rows whose 3 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[4 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[4 * r + 0] = v
+                    Hb[3 + r] = abs(v / bc2)
+                    v = bb[4 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[4 * r + 1] = v
+                    Hb[518 + r] = abs(v / bc2)
+                    v = bb[4 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[4 * r + 2] = v
+                    Hb[1033 + r] = abs(v / bc2)
+                    v = bb[4 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
+                    bb[4 * r + 3] = v
+                    Hb[1548 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(4):
+                        if r + kk < bend:
+                            v = bb[4 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[4 * r + kk] * b2
+                        bb[4 * r + kk] = v
+                        Hb[515 * kk + 3 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((((Hb[3 + r] + Hb[518 + r]) + Hb[1033 + r]) + Hb[1548 + r]) + Hb[517 + r]) + Hb[1031 + r]) + Hb[1545 + r])
             rmax = _max4(rbuf, k, rmax)
@@ -399,8 +413,8 @@ def factor_apply_3(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, n
 
 
 @njit(**_OPTS)
-def stats_4(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[5j + k] = B[j, k]``)."""
+def stats_4(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[5j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -415,42 +429,49 @@ def stats_4(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 4 + q
             if i >= 0:
                 for kk in range(5):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[516 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[516 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 4 - blo))  # rows whose 4 upper neighbours all exist
             gb = g[blo:blo + min(k + 4, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[5 * blo:5 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[5 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[5 * r + 0] = v
-                Hb[4 + r] = abs(v / bc2)
-                v = bb[5 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[5 * r + 1] = v
-                Hb[520 + r] = abs(v / bc2)
-                v = bb[5 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[5 * r + 2] = v
-                Hb[1036 + r] = abs(v / bc2)
-                v = bb[5 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
-                bb[5 * r + 3] = v
-                Hb[1552 + r] = abs(v / bc2)
-                v = bb[5 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
-                bb[5 * r + 4] = v
-                Hb[2068 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(5):
-                    if blo + r + kk < n:
-                        v = bb[5 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[5 * r + kk] * b2
-                    bb[5 * r + kk] = v
-                    Hb[516 * kk + 4 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 4))  # rows whose 4 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[5 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[5 * r + 0] = v
+                    Hb[4 + r] = abs(v / bc2)
+                    v = bb[5 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[5 * r + 1] = v
+                    Hb[520 + r] = abs(v / bc2)
+                    v = bb[5 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[5 * r + 2] = v
+                    Hb[1036 + r] = abs(v / bc2)
+                    v = bb[5 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
+                    bb[5 * r + 3] = v
+                    Hb[1552 + r] = abs(v / bc2)
+                    v = bb[5 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
+                    bb[5 * r + 4] = v
+                    Hb[2068 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(5):
+                        if r + kk < bend:
+                            v = bb[5 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[5 * r + kk] * b2
+                        bb[5 * r + kk] = v
+                        Hb[516 * kk + 4 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((((((Hb[4 + r] + Hb[520 + r]) + Hb[1036 + r]) + Hb[1552 + r]) + Hb[2068 + r]) + Hb[519 + r]) + Hb[1034 + r]) + Hb[1549 + r]) + Hb[2064 + r])
             rmax = _max4(rbuf, k, rmax)
@@ -621,8 +642,8 @@ def factor_apply_4(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, n
 
 
 @njit(**_OPTS)
-def stats_5(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[6j + k] = B[j, k]``)."""
+def stats_5(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[6j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -637,45 +658,52 @@ def stats_5(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 5 + q
             if i >= 0:
                 for kk in range(6):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[517 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[517 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 5 - blo))  # rows whose 5 upper neighbours all exist
             gb = g[blo:blo + min(k + 5, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[6 * blo:6 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[6 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[6 * r + 0] = v
-                Hb[5 + r] = abs(v / bc2)
-                v = bb[6 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[6 * r + 1] = v
-                Hb[522 + r] = abs(v / bc2)
-                v = bb[6 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[6 * r + 2] = v
-                Hb[1039 + r] = abs(v / bc2)
-                v = bb[6 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
-                bb[6 * r + 3] = v
-                Hb[1556 + r] = abs(v / bc2)
-                v = bb[6 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
-                bb[6 * r + 4] = v
-                Hb[2073 + r] = abs(v / bc2)
-                v = bb[6 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
-                bb[6 * r + 5] = v
-                Hb[2590 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(6):
-                    if blo + r + kk < n:
-                        v = bb[6 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[6 * r + kk] * b2
-                    bb[6 * r + kk] = v
-                    Hb[517 * kk + 5 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 5))  # rows whose 5 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[6 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[6 * r + 0] = v
+                    Hb[5 + r] = abs(v / bc2)
+                    v = bb[6 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[6 * r + 1] = v
+                    Hb[522 + r] = abs(v / bc2)
+                    v = bb[6 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[6 * r + 2] = v
+                    Hb[1039 + r] = abs(v / bc2)
+                    v = bb[6 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
+                    bb[6 * r + 3] = v
+                    Hb[1556 + r] = abs(v / bc2)
+                    v = bb[6 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
+                    bb[6 * r + 4] = v
+                    Hb[2073 + r] = abs(v / bc2)
+                    v = bb[6 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
+                    bb[6 * r + 5] = v
+                    Hb[2590 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(6):
+                        if r + kk < bend:
+                            v = bb[6 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[6 * r + kk] * b2
+                        bb[6 * r + kk] = v
+                        Hb[517 * kk + 5 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((((((((Hb[5 + r] + Hb[522 + r]) + Hb[1039 + r]) + Hb[1556 + r]) + Hb[2073 + r]) + Hb[2590 + r]) + Hb[521 + r]) + Hb[1037 + r]) + Hb[1553 + r]) + Hb[2069 + r]) + Hb[2585 + r])
             rmax = _max4(rbuf, k, rmax)
@@ -868,8 +896,8 @@ def factor_apply_5(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, n
 
 
 @njit(**_OPTS)
-def stats_6(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[7j + k] = B[j, k]``)."""
+def stats_6(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[7j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -884,48 +912,55 @@ def stats_6(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 6 + q
             if i >= 0:
                 for kk in range(7):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[518 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[518 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 6 - blo))  # rows whose 6 upper neighbours all exist
             gb = g[blo:blo + min(k + 6, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[7 * blo:7 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[7 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[7 * r + 0] = v
-                Hb[6 + r] = abs(v / bc2)
-                v = bb[7 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[7 * r + 1] = v
-                Hb[524 + r] = abs(v / bc2)
-                v = bb[7 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[7 * r + 2] = v
-                Hb[1042 + r] = abs(v / bc2)
-                v = bb[7 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
-                bb[7 * r + 3] = v
-                Hb[1560 + r] = abs(v / bc2)
-                v = bb[7 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
-                bb[7 * r + 4] = v
-                Hb[2078 + r] = abs(v / bc2)
-                v = bb[7 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
-                bb[7 * r + 5] = v
-                Hb[2596 + r] = abs(v / bc2)
-                v = bb[7 * r + 6] * b2 + omb2 * (gj * gb[r + 6])
-                bb[7 * r + 6] = v
-                Hb[3114 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(7):
-                    if blo + r + kk < n:
-                        v = bb[7 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[7 * r + kk] * b2
-                    bb[7 * r + kk] = v
-                    Hb[518 * kk + 6 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 6))  # rows whose 6 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[7 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[7 * r + 0] = v
+                    Hb[6 + r] = abs(v / bc2)
+                    v = bb[7 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[7 * r + 1] = v
+                    Hb[524 + r] = abs(v / bc2)
+                    v = bb[7 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[7 * r + 2] = v
+                    Hb[1042 + r] = abs(v / bc2)
+                    v = bb[7 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
+                    bb[7 * r + 3] = v
+                    Hb[1560 + r] = abs(v / bc2)
+                    v = bb[7 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
+                    bb[7 * r + 4] = v
+                    Hb[2078 + r] = abs(v / bc2)
+                    v = bb[7 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
+                    bb[7 * r + 5] = v
+                    Hb[2596 + r] = abs(v / bc2)
+                    v = bb[7 * r + 6] * b2 + omb2 * (gj * gb[r + 6])
+                    bb[7 * r + 6] = v
+                    Hb[3114 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(7):
+                        if r + kk < bend:
+                            v = bb[7 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[7 * r + kk] * b2
+                        bb[7 * r + kk] = v
+                        Hb[518 * kk + 6 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((((((((((Hb[6 + r] + Hb[524 + r]) + Hb[1042 + r]) + Hb[1560 + r]) + Hb[2078 + r]) + Hb[2596 + r]) + Hb[3114 + r]) + Hb[523 + r]) + Hb[1040 + r]) + Hb[1557 + r]) + Hb[2074 + r]) + Hb[2591 + r]) + Hb[3108 + r])
             rmax = _max4(rbuf, k, rmax)
@@ -1142,8 +1177,8 @@ def factor_apply_6(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, n
 
 
 @njit(**_OPTS)
-def stats_7(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[8j + k] = B[j, k]``)."""
+def stats_7(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[8j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -1158,51 +1193,58 @@ def stats_7(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 7 + q
             if i >= 0:
                 for kk in range(8):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[519 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[519 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 7 - blo))  # rows whose 7 upper neighbours all exist
             gb = g[blo:blo + min(k + 7, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[8 * blo:8 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[8 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[8 * r + 0] = v
-                Hb[7 + r] = abs(v / bc2)
-                v = bb[8 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[8 * r + 1] = v
-                Hb[526 + r] = abs(v / bc2)
-                v = bb[8 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[8 * r + 2] = v
-                Hb[1045 + r] = abs(v / bc2)
-                v = bb[8 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
-                bb[8 * r + 3] = v
-                Hb[1564 + r] = abs(v / bc2)
-                v = bb[8 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
-                bb[8 * r + 4] = v
-                Hb[2083 + r] = abs(v / bc2)
-                v = bb[8 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
-                bb[8 * r + 5] = v
-                Hb[2602 + r] = abs(v / bc2)
-                v = bb[8 * r + 6] * b2 + omb2 * (gj * gb[r + 6])
-                bb[8 * r + 6] = v
-                Hb[3121 + r] = abs(v / bc2)
-                v = bb[8 * r + 7] * b2 + omb2 * (gj * gb[r + 7])
-                bb[8 * r + 7] = v
-                Hb[3640 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(8):
-                    if blo + r + kk < n:
-                        v = bb[8 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[8 * r + kk] * b2
-                    bb[8 * r + kk] = v
-                    Hb[519 * kk + 7 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 7))  # rows whose 7 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[8 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[8 * r + 0] = v
+                    Hb[7 + r] = abs(v / bc2)
+                    v = bb[8 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[8 * r + 1] = v
+                    Hb[526 + r] = abs(v / bc2)
+                    v = bb[8 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[8 * r + 2] = v
+                    Hb[1045 + r] = abs(v / bc2)
+                    v = bb[8 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
+                    bb[8 * r + 3] = v
+                    Hb[1564 + r] = abs(v / bc2)
+                    v = bb[8 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
+                    bb[8 * r + 4] = v
+                    Hb[2083 + r] = abs(v / bc2)
+                    v = bb[8 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
+                    bb[8 * r + 5] = v
+                    Hb[2602 + r] = abs(v / bc2)
+                    v = bb[8 * r + 6] * b2 + omb2 * (gj * gb[r + 6])
+                    bb[8 * r + 6] = v
+                    Hb[3121 + r] = abs(v / bc2)
+                    v = bb[8 * r + 7] * b2 + omb2 * (gj * gb[r + 7])
+                    bb[8 * r + 7] = v
+                    Hb[3640 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(8):
+                        if r + kk < bend:
+                            v = bb[8 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[8 * r + kk] * b2
+                        bb[8 * r + kk] = v
+                        Hb[519 * kk + 7 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((((((((((((Hb[7 + r] + Hb[526 + r]) + Hb[1045 + r]) + Hb[1564 + r]) + Hb[2083 + r]) + Hb[2602 + r]) + Hb[3121 + r]) + Hb[3640 + r]) + Hb[525 + r]) + Hb[1043 + r]) + Hb[1561 + r]) + Hb[2079 + r]) + Hb[2597 + r]) + Hb[3115 + r]) + Hb[3633 + r])
             rmax = _max4(rbuf, k, rmax)
@@ -1445,8 +1487,8 @@ def factor_apply_7(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, n
 
 
 @njit(**_OPTS)
-def stats_8(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
-    """``bf``: the band flattened (``bf[9j + k] = B[j, k]``)."""
+def stats_8(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
+    """``bf``: the band flattened (``bf[9j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
     n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
@@ -1461,54 +1503,61 @@ def stats_8(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_ou
             i = lo - 8 + q
             if i >= 0:
                 for kk in range(9):
-                    if i + kk < n:
+                    if i + kk < n and i // bs == (i + kk) // bs:
                         Hb[520 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                        Hb[520 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
         for blo in range(lo, hi, BLK):
             k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 8 - blo))  # rows whose 8 upper neighbours all exist
             gb = g[blo:blo + min(k + 8, n - blo)]
             mb = m[blo:blo + k]
             bb = bf[9 * blo:9 * (blo + k)]
-            for r in range(kf):
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                v = bb[9 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
-                bb[9 * r + 0] = v
-                Hb[8 + r] = abs(v / bc2)
-                v = bb[9 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
-                bb[9 * r + 1] = v
-                Hb[528 + r] = abs(v / bc2)
-                v = bb[9 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
-                bb[9 * r + 2] = v
-                Hb[1048 + r] = abs(v / bc2)
-                v = bb[9 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
-                bb[9 * r + 3] = v
-                Hb[1568 + r] = abs(v / bc2)
-                v = bb[9 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
-                bb[9 * r + 4] = v
-                Hb[2088 + r] = abs(v / bc2)
-                v = bb[9 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
-                bb[9 * r + 5] = v
-                Hb[2608 + r] = abs(v / bc2)
-                v = bb[9 * r + 6] * b2 + omb2 * (gj * gb[r + 6])
-                bb[9 * r + 6] = v
-                Hb[3128 + r] = abs(v / bc2)
-                v = bb[9 * r + 7] * b2 + omb2 * (gj * gb[r + 7])
-                bb[9 * r + 7] = v
-                Hb[3648 + r] = abs(v / bc2)
-                v = bb[9 * r + 8] * b2 + omb2 * (gj * gb[r + 8])
-                bb[9 * r + 8] = v
-                Hb[4168 + r] = abs(v / bc2)
-            for r in range(kf, k):  # the last rows: neighbours past n
-                gj = gb[r]
-                mb[r] = mb[r] + omb1 * (gj - mb[r])
-                for kk in range(9):
-                    if blo + r + kk < n:
-                        v = bb[9 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                    else:
-                        v = bb[9 * r + kk] * b2
-                    bb[9 * r + kk] = v
-                    Hb[520 * kk + 8 + r] = abs(v / bc2)
+            s0 = 0
+            while s0 < k:  # segments of rows in one block (one segment without blocks)
+                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+                s1 = min(k, bend)
+                kf = max(s0, min(s1, bend - 8))  # rows whose 8 upper neighbours are in the block
+                for r in range(s0, kf):
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    v = bb[9 * r + 0] * b2 + omb2 * (gj * gb[r + 0])
+                    bb[9 * r + 0] = v
+                    Hb[8 + r] = abs(v / bc2)
+                    v = bb[9 * r + 1] * b2 + omb2 * (gj * gb[r + 1])
+                    bb[9 * r + 1] = v
+                    Hb[528 + r] = abs(v / bc2)
+                    v = bb[9 * r + 2] * b2 + omb2 * (gj * gb[r + 2])
+                    bb[9 * r + 2] = v
+                    Hb[1048 + r] = abs(v / bc2)
+                    v = bb[9 * r + 3] * b2 + omb2 * (gj * gb[r + 3])
+                    bb[9 * r + 3] = v
+                    Hb[1568 + r] = abs(v / bc2)
+                    v = bb[9 * r + 4] * b2 + omb2 * (gj * gb[r + 4])
+                    bb[9 * r + 4] = v
+                    Hb[2088 + r] = abs(v / bc2)
+                    v = bb[9 * r + 5] * b2 + omb2 * (gj * gb[r + 5])
+                    bb[9 * r + 5] = v
+                    Hb[2608 + r] = abs(v / bc2)
+                    v = bb[9 * r + 6] * b2 + omb2 * (gj * gb[r + 6])
+                    bb[9 * r + 6] = v
+                    Hb[3128 + r] = abs(v / bc2)
+                    v = bb[9 * r + 7] * b2 + omb2 * (gj * gb[r + 7])
+                    bb[9 * r + 7] = v
+                    Hb[3648 + r] = abs(v / bc2)
+                    v = bb[9 * r + 8] * b2 + omb2 * (gj * gb[r + 8])
+                    bb[9 * r + 8] = v
+                    Hb[4168 + r] = abs(v / bc2)
+                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                    gj = gb[r]
+                    mb[r] = mb[r] + omb1 * (gj - mb[r])
+                    for kk in range(9):
+                        if r + kk < bend:
+                            v = bb[9 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                        else:
+                            v = bb[9 * r + kk] * b2
+                        bb[9 * r + kk] = v
+                        Hb[520 * kk + 8 + r] = abs(v / bc2)
+                s0 = s1
             for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
                 rbuf[r] = ((((((((((((((((Hb[8 + r] + Hb[528 + r]) + Hb[1048 + r]) + Hb[1568 + r]) + Hb[2088 + r]) + Hb[2608 + r]) + Hb[3128 + r]) + Hb[3648 + r]) + Hb[4168 + r]) + Hb[527 + r]) + Hb[1046 + r]) + Hb[1565 + r]) + Hb[2084 + r]) + Hb[2603 + r]) + Hb[3122 + r]) + Hb[3641 + r]) + Hb[4160 + r])
             rmax = _max4(rbuf, k, rmax)
