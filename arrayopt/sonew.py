@@ -355,8 +355,9 @@ class SONew(Optimizer):
         backend = None
         if self._kernel_ok():
             backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves, state["mu"], state["band"])
-            if backend is not None and self.block_size is not None and not getattr(backend, "sonew_blocks", False):
-                backend = None  # this backend's kernels have no block cuts
+            if backend is not None and (self.block_size is not None or self.order == "F") \
+                    and not getattr(backend, "sonew_blocks", False):
+                backend = None  # this backend's kernels have no block cuts and no F-order flattening
         xp = ns.xp
         if backend is None:
             if not _validate.all_finite(xp, g_leaves):
@@ -387,8 +388,7 @@ class SONew(Optimizer):
 
     def _kernel_ok(self):
         """The fused kernels cover the defaults and the common options."""
-        return (self.graft in ("adam", "none", "sgd", "momentum")
-                and self.order == "C" and self.small_param_fallback == "sonew")
+        return self.graft in ("adam", "none", "sgd", "momentum") and self.small_param_fallback == "sonew"
 
 
 class _ShapeOnly:

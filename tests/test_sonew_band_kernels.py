@@ -149,3 +149,33 @@ def test_block_cuts_unrolled_equal_generic():
         res.append((p, st["band"][0]))
     np.testing.assert_array_equal(res[0][0], res[1][0])
     np.testing.assert_array_equal(res[0][1], res[1][1])
+
+
+@pytest.mark.parametrize("b", [0, 1, 4])
+def test_f_order_flattening_matches_reference(b, monkeypatch):
+    """``flatten_order="F"`` runs the kernels on first-axis-fastest copies and writes p, m back."""
+    from arrayopt.backends.numba_cpu import NumbaCPU
+
+    calls = []
+    real = NumbaCPU.run_sonew
+    monkeypatch.setattr(NumbaCPU, "run_sonew", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    rng = np.random.default_rng(12)
+    shapes = {"w": (130, 70), "k": (3, 5, 40), "bias": (70,)}
+    p0 = {k: rng.normal(size=s) for k, s in shapes.items()}
+    grads = [{k: rng.normal(size=s) for k, s in shapes.items()} for _ in range(3)]
+    opt = ao.sonew(0.01, band=b, eps=1e-3, flatten_order="F", block_size=64)
+    out = []
+    for backend in ("numba_cpu", "reference"):
+        p = {k: v.copy() for k, v in p0.items()}
+        st = opt.init(p)
+        with ao.dispatch.use_backend(backend):
+            for g in grads:
+                p, st = opt.step(p, g, st)
+        out.append((p, st))
+    for k in shapes:
+        np.testing.assert_allclose(out[0][0][k], out[1][0][k], rtol=1e-10, atol=1e-12, err_msg=k)
+    for a, r in zip(out[0][1]["mu"], out[1][1]["mu"]):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-30)
+    for a, r in zip(out[0][1]["band"], out[1][1]["band"]):
+        np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-30)
+    assert len(calls) == 3

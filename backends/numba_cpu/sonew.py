@@ -730,10 +730,19 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
 
     lr, bc1, bc2 = scalars
     p_views = backend.views(params)
-    g_views = g_views if g_views is not None else backend.views(grads)
+    g_views = list(g_views) if g_views is not None else backend.views(grads)
     m_views = backend.views(mus)
     b_views = [(bd.detach().numpy() if library_of(bd) == "torch" else bd) for bd in bands]
     graft = GRAFT_CODES[opt.graft]
+    write_back = []
+    if opt.order == "F":  # flatten_order="F": the band runs over the first axis fastest
+        for i, leaf in enumerate(params):
+            shape = tuple(leaf.shape)
+            if len(shape) > 1:
+                p_nd, m_nd = p_views[i].reshape(shape), m_views[i].reshape(shape)
+                p_views[i], m_views[i] = np.ravel(p_nd, order="F"), np.ravel(m_nd, order="F")
+                g_views[i] = np.ravel(g_views[i].reshape(shape), order="F")
+                write_back.append((p_nd, p_views[i], m_nd, m_views[i]))
     out = []
     for p, g, m, band in zip(p_views, g_views, m_views, b_views):
         cast = p.dtype.type
@@ -800,5 +809,8 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
             scale = cast(target / un if un > 0 else 0.0)
             scaled_apply(p, u, scale, neg_lr, wd)
         out.append((edges, fallback))
+    for p_nd, p_f, m_nd, m_f in write_back:
+        p_nd[...] = p_f.reshape(p_nd.shape, order="F")
+        m_nd[...] = m_f.reshape(m_nd.shape, order="F")
     return out
 
