@@ -120,3 +120,18 @@ def test_roots_run_beside_the_step_in_a_thread():
         release.set()
         s.settle()
         assert s["pending"]["result"] is not None
+
+
+def test_dask_distributed_executor_equals_sync():
+    """A ``dask.distributed`` client's executor (worker processes on loopback) as the root executor."""
+    distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    grads = _grads(7)
+    kw = dict(learning_rate=0.05, block_size=4, precondition_every=2, root_delay=1)
+    p_sync, s_sync = _run(ao.shampoo(**kw), grads)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  host="127.0.0.1") as cluster, distributed.Client(cluster) as client:
+        ex = client.get_executor(pure=False)
+        p_dask, s_dask = _run(ao.shampoo(**kw, executor=ex), grads)
+        s_dask.settle()
+    assert snapshot(p_sync) == snapshot(p_dask)
+    assert snapshot(dict(s_sync)) == snapshot(dict(s_dask))
