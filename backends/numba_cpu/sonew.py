@@ -118,6 +118,8 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
         hi = min(lo + chunk, n)
         rbuf = np.empty(BLK, dtype=bf.dtype)
         abuf = np.empty(BLK, dtype=bf.dtype)
+        W = BLK + 1
+        hb = np.empty(2 * W, dtype=bf.dtype)  # |Ĥ_j-1,j| for rows blo-1.., then Ĥ_jj for rows blo..
         # new off-diagonal of row lo-1 (its old value saved before this pass)
         if lo > 0 and lo % bs != 0:
             e_first = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
@@ -138,12 +140,15 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
             while s0 < kt:  # segments of rows whose right neighbour is in their block
                 bend = min(((blo + s0) // bs + 1) * bs, n) - blo
                 s1 = min(kt, bend - 1)
-                for i in range(s0, s1):
-                    gj = gb[i]
-                    mj = mb[i] + omb1 * (gj - mb[i])
-                    mb[i] = mj
-                    bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
-                    bb[2 * i + 1] = bb[2 * i + 1] * b2 + omb2 * (gj * gb[i + 1])
+                gs = gb[s0:]  # views from s0: indices provably >= 0, the loop vectorises
+                ms = mb[s0:]
+                bs_ = bb[2 * s0:]
+                for x in range(s1 - s0):
+                    gj = gs[x]
+                    mj = ms[x] + omb1 * (gj - ms[x])
+                    ms[x] = mj
+                    bs_[2 * x] = bs_[2 * x] * b2 + omb2 * (gj * gj)
+                    bs_[2 * x + 1] = bs_[2 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
                 if s1 < kt:  # the last row of a block: no coupling to the next block
                     i = s1
                     gj = gb[i]
@@ -165,12 +170,15 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
                 ep0 = e_first
             else:
                 ep0 = bf[2 * blo - 1] / bc2
-            rbuf[0] = bb[0] / bc2 + abs(bb[1] / bc2) + abs(ep0)
-            for i in range(1, k):
-                rbuf[i] = bb[2 * i] / bc2 + abs(bb[2 * i + 1] / bc2) + abs(bb[2 * i - 1] / bc2)
+            hb[0] = abs(ep0)
+            for i in range(k):  # Ĥ_jj and |Ĥ_j,j+1|, each divided once
+                hb[W + i] = bb[2 * i] / bc2
+                hb[1 + i] = abs(bb[2 * i + 1] / bc2)
+            for i in range(k):
+                rbuf[i] = hb[W + i] + hb[1 + i] + hb[i]
             if graft == 1:
                 for i in range(k):
-                    abuf[i] = (mb[i] / bc1) / (np.sqrt(bb[2 * i] / bc2) + graft_eps)
+                    abuf[i] = (mb[i] / bc1) / (np.sqrt(hb[W + i]) + graft_eps)
             elif graft == 2:
                 for i in range(k):
                     abuf[i] = gb[i]
@@ -188,9 +196,9 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
 def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, chunk):
     """Pass 2 (b = 1): ψ, s (edge removal), ``y = L D Lᵀ m̂``; writes p (no graft) or u.
 
-    Per sub-block: a loop computing ``ψ_j`` and ``t_j = (m̂_j - ψ_j m̂_{j+1})/s_j`` into L1
-    buffers (index 0 holds row ``blo-1``), then ``y_j = t_j - ψ_{j-1} t_{j-1}`` and the
-    store, then ``‖y‖²``: all three vectorise.
+    Per sub-block: ``Ĥ`` and ``m̂`` divided once into an L1 buffer, a loop computing ``ψ_j``
+    and ``t_j = (m̂_j - ψ_j m̂_{j+1})/s_j`` (slot 0 holds row ``blo-1``), then
+    ``y_j = t_j - ψ_{j-1} t_{j-1}`` and the store, then ``‖y‖²``: all of them vectorise.
     """
     n = m.size
     nchunks = norms_out.size
@@ -198,8 +206,10 @@ def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_
     for c in prange(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
-        psib = np.empty(BLK + 1, dtype=bf.dtype)
-        tb = np.empty(BLK + 1, dtype=bf.dtype)
+        W = BLK + 1
+        # one flat L1 buffer (fixed offsets, so LLVM sees one object): D = Ĥ_jj + ε, E = Ĥ_j,j+1,
+        # m̂ for rows blo..blo+k, then ψ and t for rows blo-1..blo+k-1
+        buf = np.empty(5 * W, dtype=bf.dtype)
         acc = 0.0
         removed = 0
         # t_{lo-1} and ψ_{lo-1}, recomputed (read-only pass: no race)
@@ -219,48 +229,50 @@ def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_
             t_prev = (m[i] / bc1 - w * (m[i + 1] / bc1)) / s
         for blo in range(lo, hi, BLK):
             bhi = min(blo + BLK, hi)
-            top = min(bhi, n - 1)
-            psib[0] = psi_prev
-            tb[0] = t_prev
             k = bhi - blo
             kt = min(bhi, n - 1) - blo      # rows with a right neighbour
-            mb = m[blo:min(bhi + 1, n)]
-            bb = bf[2 * blo:min(2 * bhi + 2, 2 * n)]
+            nq = min(k + 1, n - blo)
+            mb = m[blo:blo + nq]
+            bb = bf[2 * blo:2 * (blo + nq)]
+            for q in range(nq):  # every division by bc1, bc2 once per element
+                buf[q] = bb[2 * q] / bc2 + eps_eff
+                buf[W + q] = bb[2 * q + 1] / bc2
+                buf[2 * W + q] = mb[q] / bc1
+            buf[3 * W] = psi_prev
+            buf[4 * W] = t_prev
             for i in range(kt):
-                mh = mb[i] / bc1
-                d0 = bb[2 * i] / bc2 + eps_eff
-                z = bb[2 * i + 1] / bc2
-                dn = bb[2 * i + 2] / bc2 + eps_eff
-                w = z / dn
+                z = buf[W + i]
+                w = z / buf[i + 1]
+                d0 = buf[i]
                 s = d0 - z * w
                 keep = s > tau * d0
                 removed += 0 if keep else 1
                 w = w if keep else zero
                 s = s if keep else d0
-                psib[i + 1] = w
-                tb[i + 1] = (mh - w * (mb[i + 1] / bc1)) / s
+                buf[3 * W + 1 + i] = w
+                buf[4 * W + 1 + i] = (buf[2 * W + i] - w * buf[2 * W + i + 1]) / s
             if kt < k:  # the last row: no right neighbour
                 i = kt
-                psib[i + 1] = zero
-                tb[i + 1] = (mb[i] / bc1) / (bb[2 * i] / bc2 + eps_eff)
+                buf[3 * W + 1 + i] = zero
+                buf[4 * W + 1 + i] = buf[2 * W + i] / buf[i]
             if write_p:
                 pb = p[blo:bhi]
                 if wd != 0:
                     for i in range(k):
-                        y = tb[i + 1] - psib[i] * tb[i]
+                        y = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
                         pj = pb[i]
                         pb[i] = pj + neg_lr * (y + wd * pj)
                 else:
                     for i in range(k):
-                        y = tb[i + 1] - psib[i] * tb[i]
+                        y = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
                         pb[i] = pb[i] + neg_lr * y
             else:
                 ub = u[blo:bhi]
                 for i in range(k):
-                    ub[i] = tb[i + 1] - psib[i] * tb[i]
+                    ub[i] = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
                 acc += _sumsq4(ub, 0, k)
-            psi_prev = psib[k]
-            t_prev = tb[k]
+            psi_prev = buf[3 * W + k]
+            t_prev = buf[4 * W + k]
         norms_out[c] = acc
         removed_out[c] = removed
 
