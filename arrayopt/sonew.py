@@ -63,6 +63,9 @@ Choices between the reference codes (spec §4.2), and why:
   (the JAX ``tds``).
 - ``block_size``: cut each flattened tensor into independent chunks of that
   many entries (removes the band edges at the cuts).
+- Kernels: the Numba backend runs the step fused for every option except
+  ``graft="rmsprop_normalized"`` and ``small_param_fallback="adam"``, which take
+  the reference path (as do ``block_size`` and ``flatten_order="F"`` on CUDA).
 
 >>> import numpy as np, arrayopt as ao
 >>> params = {"w": np.ones((3, 4), np.float32)}
@@ -356,7 +359,7 @@ class SONew(Optimizer):
         if self._kernel_ok():
             backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves, state["mu"], state["band"])
             if backend is not None and (self.block_size is not None or self.order == "F") \
-                    and not getattr(backend, "sonew_blocks", False):
+                    and not getattr(backend, "sonew_block_and_order", False):
                 backend = None  # this backend's kernels have no block cuts and no F-order flattening
         xp = ns.xp
         if backend is None:

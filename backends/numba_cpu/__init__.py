@@ -27,7 +27,7 @@ class NumbaCPU:
 
     name = "numba_cpu"
     ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
-    sonew_blocks = True  # the SONew kernels apply ``block_size`` cuts and ``flatten_order="F"``
+    sonew_block_and_order = True  # the SONew kernels apply ``block_size`` cuts and ``flatten_order="F"``
 
     def __init__(self):
         self._available = None
