@@ -127,15 +127,9 @@ def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, met
     for m, p in zip(mats, exponents):
         a = np.asarray(m, dtype=dt)
         if method == "newton":
-            r, info = _newton_numpy(a, p, ridge_epsilon, relative, error_tolerance, max_iterations,
-                                    failure_threshold)
-            good = bool(info["ok"])
-            for i in range(1, ridge_retries + 1):
-                if good:
-                    break
-                r, info = _newton_numpy(a, p, ridge_epsilon * 10.0 ** i, relative, error_tolerance,
-                                        max_iterations, failure_threshold)
-                good = bool(info["ok"])
+            r, _, ok, _ = _newton_escalated(np, a, int(p), ridge_epsilon, relative, error_tolerance,
+                                            max_iterations, failure_threshold, ridge_retries)
+            good = bool(np.all(ok))
             if not good:
                 fallbacks += 1
                 r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
@@ -230,9 +224,23 @@ def _newton(xp, A, p: int, eps, relative, tol, max_iters, threshold):
     return H, err, ok
 
 
-def _newton_numpy(a, p, eps, relative, tol, max_iters, threshold):
-    H, err, ok = _newton(np, a, int(p), eps, relative, tol, max_iters, threshold)
-    return H, {"error": err, "ok": np.all(ok)}
+def _newton_escalated(xp, A, p: int, eps, relative, tol, max_iters, threshold, retries: int):
+    """Coupled Newton at ``ε``, then at ``ε·10^i`` (``i = 1..retries``) for the matrices still failing.
+
+    Returns ``(H, error, ok, used)`` per matrix, ``used`` the ``i`` each root converged at.
+    """
+    H, err, ok = _newton(xp, A, p, eps, relative, tol, max_iters, threshold)
+    used = xp.zeros(ok.shape, dtype=xp.int64, device=device_of(A))
+    for i in range(1, retries + 1):
+        if bool(xp.all(ok)):
+            break
+        H_i, err_i, ok_i = _newton(xp, A, p, eps * 10.0 ** i, relative, tol, max_iters, threshold)
+        take = ok_i & ~ok
+        H = xp.where(take[..., None, None], H_i, H)
+        err = xp.where(take, err_i, err)
+        used = xp.where(take, xp.full_like(used, i), used)
+        ok = ok | take
+    return H, err, ok, used
 
 
 # ---------------------------------------------------------------- public API
@@ -293,22 +301,11 @@ def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "e
         xp = namespace_of(A)
         ns = Namespace(xp, device_of(A), library_of(A))
         work = xp.astype(A, _compute_dtype_in(xp, A, compute_dtype))
-        H, err, ok = _newton(ns.xp, work, int(p), float(ridge_epsilon), relative, error_tolerance,
-                             max_iterations, failure_threshold)
+        H, err, ok, used = _newton_escalated(ns.xp, work, int(p), float(ridge_epsilon), relative,
+                                             error_tolerance, max_iterations, failure_threshold, ridge_retries)
         ok_h = np.asarray(to_numpy(ok), dtype=bool).reshape(batch)
         err_h = np.asarray(to_numpy(err), dtype=np.float64).reshape(batch)
-        retries = np.zeros(batch, dtype=np.int64)
-        for i in range(1, ridge_retries + 1):  # ridge escalation: ε·10^i for the matrices still failing
-            if ok_h.all():
-                break
-            H_i, err_i, ok_i = _newton(ns.xp, work, int(p), float(ridge_epsilon) * 10.0 ** i, relative,
-                                       error_tolerance, max_iterations, failure_threshold)
-            take_h = np.asarray(to_numpy(ok_i), dtype=bool).reshape(batch) & ~ok_h
-            take = xp.asarray(take_h.reshape(tuple(H.shape[:-2])), device=device_of(H))
-            H = xp.where(take[..., None, None], H_i, H)
-            err_h = np.where(take_h, np.asarray(to_numpy(err_i), dtype=np.float64).reshape(batch), err_h)
-            retries = np.where(take_h, i, retries)
-            ok_h = ok_h | take_h
+        retries = np.asarray(to_numpy(used), dtype=np.int64).reshape(batch)
         methods = np.full(batch, "newton", dtype=object)
         fallbacks = int((~ok_h).sum())
         if fallbacks:
