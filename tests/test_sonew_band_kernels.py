@@ -8,6 +8,8 @@ near-singular windows so that the bandwidth fallback fires.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -24,26 +26,43 @@ def test_generated_module_is_up_to_date():
         assert f.read() == band_codegen.generate(), "run python -m arrayopt.backends.numba_cpu.band_codegen"
 
 
-def _run(b, n, dtype, graft, wd, unrolled, steps=3):
-    rng = np.random.default_rng(1000 * b + n)
-    p = rng.standard_normal(n).astype(dtype)
-    opt = ao.sonew(1e-2, band=b, graft=graft, eps=1e-9 if dtype == "float32" else 1e-30, weight_decay=wd)
-    st = opt.init(p)
+@contextlib.contextmanager
+def _kernels(unrolled):
+    """Run the unrolled band kernels (default) or, with ``unrolled=False``, the generic ones."""
     saved = dict(sonew_band_kernels.STATS), dict(sonew_band_kernels.FACTOR_APPLY)
     if not unrolled:
         sonew_band_kernels.STATS.clear()
         sonew_band_kernels.FACTOR_APPLY.clear()
     try:
-        with ao.dispatch.use_backend("numba_cpu"):
-            for s in range(steps):
-                g = rng.standard_normal(n).astype(dtype)
-                if s >= 1:  # pairs of equal entries: singular windows, rows fall back
-                    g[1::2] = g[0::2][: g[1::2].size]
-                    g[::13] *= 1e-3
-                p, st = opt.step(p, g, st)
+        yield
     finally:
         sonew_band_kernels.STATS.update(saved[0])
         sonew_band_kernels.FACTOR_APPLY.update(saved[1])
+
+
+@pytest.fixture
+def numba_calls(monkeypatch):
+    """A list that grows by one each time the Numba backend runs a SONew step."""
+    from arrayopt.backends.numba_cpu import NumbaCPU
+
+    calls = []
+    real = NumbaCPU.run_sonew
+    monkeypatch.setattr(NumbaCPU, "run_sonew", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    return calls
+
+
+def _run(b, n, dtype, graft, wd, unrolled, steps=3):
+    rng = np.random.default_rng(1000 * b + n)
+    p = rng.standard_normal(n).astype(dtype)
+    opt = ao.sonew(1e-2, band=b, graft=graft, eps=1e-9 if dtype == "float32" else 1e-30, weight_decay=wd)
+    st = opt.init(p)
+    with _kernels(unrolled), ao.dispatch.use_backend("numba_cpu"):
+        for s in range(steps):
+            g = rng.standard_normal(n).astype(dtype)
+            if s >= 1:  # pairs of equal entries: singular windows, rows fall back
+                g[1::2] = g[0::2][: g[1::2].size]
+                g[::13] *= 1e-3
+            p, st = opt.step(p, g, st)
     return p, st
 
 
@@ -97,13 +116,8 @@ def test_generic_band_kernel_past_the_unrolled_range_matches_reference():
 
 
 @pytest.mark.parametrize("b", [1, 2, 4, band_codegen.BANDS[-1] + 1])
-def test_block_cuts_match_reference(b, monkeypatch):
+def test_block_cuts_match_reference(b, numba_calls):
     """``block_size``: the Numba kernels cut the band at block ends as the reference's mask does."""
-    from arrayopt.backends.numba_cpu import NumbaCPU
-
-    calls = []
-    real = NumbaCPU.run_sonew
-    monkeypatch.setattr(NumbaCPU, "run_sonew", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
     rng = np.random.default_rng(11)
     n = 2 * CHUNK + 7
     p0 = rng.normal(size=n)
@@ -124,7 +138,7 @@ def test_block_cuts_match_reference(b, monkeypatch):
         j = np.arange(n)[:, None]
         crossing = (j // block_size) != ((j + np.arange(b + 1)[None, :]) // block_size)
         assert np.all(band[crossing] == 0)
-    assert len(calls) == 4 * 3, "the Numba kernels were not used"
+    assert len(numba_calls) == 4 * 3, "the Numba kernels were not used"
 
 
 def test_block_cuts_unrolled_equal_generic():
@@ -133,32 +147,20 @@ def test_block_cuts_unrolled_equal_generic():
     g = rng.normal(size=n).astype("float32")
     res = []
     for unrolled in (True, False):
-        saved = dict(sonew_band_kernels.STATS), dict(sonew_band_kernels.FACTOR_APPLY)
-        if not unrolled:
-            sonew_band_kernels.STATS.clear()
-            sonew_band_kernels.FACTOR_APPLY.clear()
-        try:
+        with _kernels(unrolled):
             opt = ao.sonew(0.01, band=3, graft="none", block_size=100)
             p = np.ones(n, dtype="float32")
             st = opt.init(p)
             for s in range(2):
                 p, st = opt.step(p, g * (s + 1), st)
-        finally:
-            sonew_band_kernels.STATS.update(saved[0])
-            sonew_band_kernels.FACTOR_APPLY.update(saved[1])
         res.append((p, st["band"][0]))
     np.testing.assert_array_equal(res[0][0], res[1][0])
     np.testing.assert_array_equal(res[0][1], res[1][1])
 
 
 @pytest.mark.parametrize("b", [0, 1, 4])
-def test_f_order_flattening_matches_reference(b, monkeypatch):
+def test_f_order_flattening_matches_reference(b, numba_calls):
     """``flatten_order="F"`` runs the kernels on first-axis-fastest copies and writes p, m back."""
-    from arrayopt.backends.numba_cpu import NumbaCPU
-
-    calls = []
-    real = NumbaCPU.run_sonew
-    monkeypatch.setattr(NumbaCPU, "run_sonew", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
     rng = np.random.default_rng(12)
     shapes = {"w": (130, 70), "k": (3, 5, 40), "bias": (70,)}
     p0 = {k: rng.normal(size=s) for k, s in shapes.items()}
@@ -178,4 +180,4 @@ def test_f_order_flattening_matches_reference(b, monkeypatch):
         np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-30)
     for a, r in zip(out[0][1]["band"], out[1][1]["band"]):
         np.testing.assert_allclose(a, r, rtol=1e-12, atol=1e-30)
-    assert len(calls) == 3
+    assert len(numba_calls) == 3
