@@ -228,10 +228,19 @@ def band_outer(g, b: int):
 
 
 def band_rowsum_max(h):
-    """``max_i Σ_j |H_ij|`` over the band (the ∞-norm of the banded symmetric matrix)."""
+    """``max_i Σ_j |H_ij|`` over the band (the ∞-norm of the banded symmetric matrix).
+
+    Each row is summed in one fixed order, ``|H_ii|``, then ``|H_{i,i+k}|`` and
+    ``|H_{i,i-k}|`` for ``k = 1..b``, one addition at a time, as every kernel does:
+    ``xp.sum(a, axis=1)`` would leave the order to the library (NumPy sums rows of
+    eight or more entries pairwise), and the relative ε built from this value
+    would then differ in its last bit between namespaces and backends.
+    """
     xp = _xp(h)
     a = xp.abs(_masked(xp, h))
-    r = xp.sum(a, axis=1)
+    r = a[:, 0]
+    for k in range(1, h.shape[1]):
+        r = r + a[:, k]
     for k in range(1, h.shape[1]):
         r = r + shift_down(xp, a[:, k], k)
     return xp.max(r)
