@@ -46,6 +46,8 @@ def to_numpy(x) -> np.ndarray:
         return x.detach().cpu().double().numpy()
     if mod.startswith("array_api_strict"):
         return np.asarray(x._array, dtype=np.float64)
+    if mod.startswith("cupy"):
+        return np.asarray(x.get(), dtype=np.float64)
     return np.asarray(x, dtype=np.float64)
 
 
@@ -67,6 +69,8 @@ def bits(x):
         return (str(t.dtype), tuple(t.shape), bytes(t.contiguous().view(-1).view(__import__("torch").uint8).numpy()))
     if mod.startswith("array_api_strict"):
         a = x._array
+    elif mod.startswith("cupy"):
+        a = x.get()
     else:
         a = np.asarray(x)
     return (str(a.dtype), a.shape, np.ascontiguousarray(a).tobytes())
