@@ -14,7 +14,7 @@ import arrayopt as ao
 from _arrays import snapshot, to_numpy, tree_map
 from arrayopt import dispatch
 from arrayopt.backends import cupy_cuda
-from records import CASE_IDS, CASES
+from records import CASE_IDS, CASES, RECORDS
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cupy_cuda.BACKEND.available(),
@@ -125,5 +125,9 @@ def test_torch_cuda_tensors_match_numpy_reference(name):
         params, state = opt.step(params, {k: torch.tensor(v, device="cuda") for k, v in g.items()}, state)
         with dispatch.use_backend("reference"):
             ref, ref_state = opt.step(ref, g, ref_state)
+    # the records' float32 tolerances: Shampoo's factor statistics are summed in another
+    # order on the device (cuBLAS) and its roots amplify that (2e-3, as on every namespace)
+    rec = next(r for r in RECORDS if r.name == {"sonew": "sonew_band4"}.get(name, name))
     for k in host:
-        np.testing.assert_allclose(to_numpy(params[k]), ref[k], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(params[k]), ref[k], rtol=rec.rtol["float32"],
+                                   atol=rec.atol["float32"], err_msg=f"{name} {k}")
