@@ -40,6 +40,7 @@ over data-parallel ranks (:mod:`arrayopt.shampoo.distributed`).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -105,16 +106,19 @@ class Shampoo(Optimizer):
         self.executor = executor
         self.comm = as_comm(comm)
         self.delay = config.delay(executor is not None)
-        self._plans: dict = {}
+        self._plans: dict = {}  # shape -> LeafPlan (pure function of the shape and config)
+        self._plans_lock = threading.Lock()
         self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
 
     # ---------------------------------------------------------------- layout
 
     def plan(self, shape) -> LeafPlan:
         key = tuple(int(d) for d in shape)
-        if key not in self._plans:
-            self._plans[key] = plan_leaf(key, self.config)
-        return self._plans[key]
+        plan = self._plans.get(key)
+        if plan is None:
+            with self._plans_lock:
+                plan = self._plans.setdefault(key, plan_leaf(key, self.config))
+        return plan
 
     def _init(self, ns, leaves):
         xp, cfg = ns.xp, self.config
