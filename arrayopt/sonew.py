@@ -65,7 +65,10 @@ Choices between the reference codes (spec §4.2), and why:
   many entries (removes the band edges at the cuts).
 - Kernels: the Numba backend runs the step fused for every option except
   ``graft="rmsprop_normalized"`` and ``small_param_fallback="adam"``, which take
-  the reference path (as do ``block_size`` and ``flatten_order="F"`` on CUDA).
+  the reference path (as do ``block_size`` and ``flatten_order="F"`` on CUDA);
+  each backend's ``capabilities`` table says so, and ``ao.explain(opt, params)``
+  shows it. Backends receive :class:`arrayopt.sonew_step.SONewStep`
+  (:meth:`SONew.step_description`), never the optimizer.
 
 >>> import numpy as np, arrayopt as ao
 >>> params = {"w": np.ones((3, 4), np.float32)}
