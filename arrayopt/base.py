@@ -104,6 +104,25 @@ class Optimizer(metaclass=_FrozenAfterInit):
             raise AttributeError(f"{type(self).__name__}.{name}: an optimizer is immutable after construction")
         object.__delattr__(self, name)
 
+    # caches and their locks are rebuilt, not pickled (a lock cannot be; a cache need not be)
+    _TRANSIENT: tuple = ()
+
+    def _init_transient(self) -> None:
+        """Create the attributes named in ``_TRANSIENT`` (empty caches, fresh locks)."""
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+        if isinstance(state.get("hyperparams"), MappingProxyType):
+            state["hyperparams"] = dict(state["hyperparams"])
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if isinstance(state.get("hyperparams"), dict):
+            state["hyperparams"] = MappingProxyType(state["hyperparams"])
+        self.__dict__.update(state)
+        self._init_transient()
+
     # ---------------------------------------------------------------- backend contract
 
     def step_description(self, count: int):

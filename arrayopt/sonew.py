@@ -162,11 +162,15 @@ class SONew(Optimizer):
             eps_min=self.eps_min, relative_eps=relative_eps, tau_factor=self.tau_factor, graft=self.graft,
             graft_eps=self.graft_eps, weight_decay=self.weight_decay, order=self.order,
             block_size=block_size, small_param_fallback=self.small_param_fallback)
-        # jax.jit'ed steps keyed by (namespace, small): filled under the lock, shared by threads
-        self._jitted: dict = {}
-        self._jit_lock = threading.Lock()
+        self._init_transient()
 
     kernel_op = "sonew"
+    _TRANSIENT = ("_jitted", "_jit_lock")
+
+    def _init_transient(self):
+        # jax.jit'ed steps keyed by (namespace, small): filled under the lock, shared by threads
+        object.__setattr__(self, "_jitted", {})
+        object.__setattr__(self, "_jit_lock", threading.Lock())
 
     # ------------------------------------------------------------------ state
 

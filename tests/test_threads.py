@@ -147,6 +147,22 @@ def test_optimizers_are_immutable(name):
         chained.parts = ()
 
 
+@pytest.mark.parametrize("name", list(ao.registry.registered()))
+def test_optimizers_pickle_and_stay_frozen(name):
+    """Caches and locks are rebuilt on unpickling; the copy steps like the original."""
+    import pickle
+
+    opt = ao.registry.make(name)
+    p = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
+    g = {"w": np.full((3, 4), 0.25, np.float32)}
+    ref = opt.step({"w": p["w"].copy()}, g, opt.init(p))[0]
+    copy = pickle.loads(pickle.dumps(opt))
+    got = copy.step({"w": p["w"].copy()}, g, copy.init(p))[0]
+    np.testing.assert_array_equal(got["w"], ref["w"])
+    with pytest.raises(AttributeError, match="immutable after construction"):
+        copy.learning_rate = 1.0
+
+
 # ---------------------------------------------------------------- dispatch
 
 

@@ -106,9 +106,15 @@ class Shampoo(Optimizer):
         self.executor = executor
         self.comm = as_comm(comm)
         self.delay = config.delay(executor is not None)
-        self._plans: dict = {}  # shape -> LeafPlan (pure function of the shape and config)
-        self._plans_lock = threading.Lock()
+        self._init_transient()
         self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
+
+    _TRANSIENT = ("_plans", "_plans_lock")
+
+    def _init_transient(self):
+        # shape -> LeafPlan (a pure function of the shape and the config), filled under the lock
+        object.__setattr__(self, "_plans", {})
+        object.__setattr__(self, "_plans_lock", threading.Lock())
 
     # ---------------------------------------------------------------- layout
 
