@@ -89,6 +89,8 @@ class Optimizer(metaclass=_FrozenAfterInit):
 
     name: str = "optimizer"
     kernel_op: str = ""  # the backend op of the fused step ("": the reference only)
+    #: what ``ao.explain`` says when ``kernel_op`` is empty
+    no_kernel_reason: str = "no fused kernel exists for this optimizer (its step is pure array-API code)"
 
     def __init__(self, *, on_nonfinite: str = "raise"):
         self.on_nonfinite = _validate.check_choice("on_nonfinite", on_nonfinite, _ON_NONFINITE)
@@ -355,6 +357,8 @@ class Chain(Optimizer):
     """Run optimizers/transforms in sequence: each one's updates are the next one's input."""
 
     name = "chain"
+    no_kernel_reason = ("a chain runs each part's update(), the array-API reference "
+                        "(fused kernels serve step() of a single optimizer)")
 
     def __init__(self, *parts: Optimizer):
         super().__init__()

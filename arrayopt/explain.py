@@ -73,8 +73,7 @@ def explain(opt, params, grads=None, state=None) -> Explanation:
     step = opt.step_description(count) if op else None
     whole = opt._choose(ns, step, leaves, g_leaves, state) if op else None
     if whole is None:
-        name, reason = "reference", ("no fused kernel exists for this optimizer "
-                                     "(its step is pure array-API code)")
+        name, reason = "reference", opt.no_kernel_reason
     else:
         name = whole.backend.name if whole.backend else "reference"
         reason = _name_leaves(whole.reason, paths)

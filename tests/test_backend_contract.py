@@ -142,6 +142,8 @@ def test_explain_says_which_path_and_why():
     assert e.backend == "reference" and "graft='rmsprop_normalized' is not fused" in e.reason
     e = ao.explain(ao.registry.make("shampoo"), f32)
     assert e.backend == "reference" and "no fused kernel" in e.reason
+    e = ao.explain(ao.chain(ao.clip_by_global_norm(1.0), ao.adam()), f32)
+    assert e.backend == "reference" and "a chain runs each part's update()" in e.reason
     with dispatch.use_backend("reference"):
         assert "forced" in ao.explain(ao.adam(), f32).reason
     ro = np.zeros(5, np.float32)
