@@ -24,6 +24,7 @@ if not _os.path.isdir(_os.path.join(_here, "backends")):
 
 from . import dispatch, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
+from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
 from .shampoo import shampoo  # noqa: E402
 from .sonew import sonew  # noqa: E402
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 
 
 def backends_available() -> list:
-    """Names of the active backends (``arrayopt.backends.available()``)."""
+    """Names of the active backends, every registered one included (``arrayopt.backends.available()``)."""
     from . import backends
 
     return backends.available()
@@ -50,6 +51,7 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "dispatch",
+    "explain",
     "load_state",
     "registry",
     "save_state",

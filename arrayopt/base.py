@@ -8,13 +8,16 @@ path::
     params, state = opt.step(params, grads, state)      # in place where arrays are writeable
 
 The ``state`` passed to ``update``/``step`` is consumed: keep only the returned
-one. State is a ``dict`` of arrays, lists of arrays and Python scalars, with
+one. An optimizer object is immutable after construction (setting an attribute
+raises ``AttributeError``) and may be shared by threads: all mutable data lives
+in the state or in per-call buffers. State is a ``dict`` of arrays, lists of arrays and Python scalars, with
 ``state["count"]`` the number of steps taken and ``state["nonfinite_skipped"]``
 the number of steps skipped for non-finite gradients.
 """
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import array_api_compat as compat
@@ -61,16 +64,82 @@ def write_params(ns: Namespace, leaves, new_leaves):
     return list(leaves)
 
 
-class Optimizer:
+class _FrozenAfterInit(type):
+    """Metaclass: an instance is frozen once the outermost ``__init__`` has returned."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        object.__setattr__(obj, "_frozen", True)
+        if isinstance(obj.__dict__.get("hyperparams"), dict):
+            object.__setattr__(obj, "hyperparams", MappingProxyType(dict(obj.hyperparams)))
+        return obj
+
+
+class Optimizer(metaclass=_FrozenAfterInit):
     """Base class. Subclasses implement ``_init`` and ``_update`` on validated leaves.
 
     ``_step`` defaults to ``_update`` followed by writing the params in place.
+
+    Immutable after construction (``AttributeError`` on assignment): caches an
+    optimizer keeps (jitted functions, layouts) are filled under a lock and keyed by
+    everything they depend on. A subclass with fused kernels sets ``kernel_op`` and
+    implements ``step_description(count)`` (the frozen description a backend receives)
+    and ``_kernel_groups`` (the arrays a backend must accept).
     """
 
     name: str = "optimizer"
+    kernel_op: str = ""  # the backend op of the fused step ("": the reference only)
+    #: what ``ao.explain`` says when ``kernel_op`` is empty
+    no_kernel_reason: str = "no fused kernel exists for this optimizer (its step is pure array-API code)"
 
     def __init__(self, *, on_nonfinite: str = "raise"):
         self.on_nonfinite = _validate.check_choice("on_nonfinite", on_nonfinite, _ON_NONFINITE)
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"{type(self).__name__}.{name}: an optimizer is immutable after construction "
+                                 f"(it may be shared by threads); make a new one with the new setting")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"{type(self).__name__}.{name}: an optimizer is immutable after construction")
+        object.__delattr__(self, name)
+
+    # caches and their locks are rebuilt, not pickled (a lock cannot be; a cache need not be)
+    _TRANSIENT: tuple = ()
+
+    def _init_transient(self) -> None:
+        """Create the attributes named in ``_TRANSIENT`` (empty caches, fresh locks)."""
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+        if isinstance(state.get("hyperparams"), MappingProxyType):
+            state["hyperparams"] = dict(state["hyperparams"])
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if isinstance(state.get("hyperparams"), dict):
+            state["hyperparams"] = MappingProxyType(state["hyperparams"])
+        self.__dict__.update(state)
+        self._init_transient()
+
+    # ---------------------------------------------------------------- backend contract
+
+    def step_description(self, count: int):
+        """The frozen description of step ``count + 1`` that a backend receives (``None``: no kernel)."""
+        return None
+
+    def _kernel_groups(self, leaves, g_leaves, state) -> tuple:
+        """The arrays a backend must accept: params, grads, then the state arrays it updates."""
+        return (leaves, g_leaves)
+
+    def _choose(self, ns, step, leaves, g_leaves, state):
+        """:func:`arrayopt.dispatch.choose` for this optimizer's op: ``(backend or None, reason)``."""
+        from . import dispatch
+
+        return dispatch.choose(self.kernel_op, ns, step, *self._kernel_groups(leaves, g_leaves, state))
 
     # ---------------------------------------------------------------- public API
 
@@ -202,6 +271,13 @@ class ElementwiseOptimizer(Optimizer):
         lr = _validate.learning_rate_at(self.learning_rate, count)
         return self.step_scalars(count + 1, lr)
 
+    def step_description(self, count: int) -> tuple:
+        """The step scalars of step ``count + 1`` (:meth:`step_scalars`): what a backend receives."""
+        return self._scalars(count)
+
+    def _kernel_groups(self, leaves, g_leaves, state):
+        return (leaves, g_leaves, *[state[n] for n in self.state_names])
+
     def _new_state(self, state, new_states_by_name):
         new = dict(state)
         new["count"] = state["count"] + 1
@@ -233,10 +309,8 @@ class ElementwiseOptimizer(Optimizer):
         return updates, new_state
 
     def _step(self, ns, leaves, g_leaves, state, paths):
-        from . import dispatch
-
-        backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves,
-                                  *[state[n] for n in self.state_names])
+        scalars = self.step_description(state["count"])
+        backend = self._choose(ns, scalars, leaves, g_leaves, state).backend
         if backend is None:
             if not _validate.all_finite(ns.xp, g_leaves):
                 self._handle_nonfinite(ns.xp, g_leaves, paths)
@@ -250,7 +324,6 @@ class ElementwiseOptimizer(Optimizer):
         if not backend.all_finite(views):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None
-        scalars = self._scalars(state["count"])
         backend.run(self.kernel_op, leaves, g_leaves,
                     [state[n] for n in self.state_names], scalars, g_views=views)
         return list(leaves), self._new_state(state, {n: state[n] for n in self.state_names})
@@ -284,6 +357,8 @@ class Chain(Optimizer):
     """Run optimizers/transforms in sequence: each one's updates are the next one's input."""
 
     name = "chain"
+    no_kernel_reason = ("a chain runs each part's update(), the array-API reference "
+                        "(fused kernels serve step() of a single optimizer)")
 
     def __init__(self, *parts: Optimizer):
         super().__init__()

@@ -65,7 +65,10 @@ Choices between the reference codes (spec §4.2), and why:
   many entries (removes the band edges at the cuts).
 - Kernels: the Numba backend runs the step fused for every option except
   ``graft="rmsprop_normalized"`` and ``small_param_fallback="adam"``, which take
-  the reference path (as do ``block_size`` and ``flatten_order="F"`` on CUDA).
+  the reference path (as do ``block_size`` and ``flatten_order="F"`` on CUDA);
+  each backend's ``capabilities`` table says so, and ``ao.explain(opt, params)``
+  shows it. Backends receive :class:`arrayopt.sonew_step.SONewStep`
+  (:meth:`SONew.step_description`), never the optimizer.
 
 >>> import numpy as np, arrayopt as ao
 >>> params = {"w": np.ones((3, 4), np.float32)}
@@ -79,18 +82,19 @@ Choices between the reference codes (spec §4.2), and why:
 from __future__ import annotations
 
 import math
+import threading
 
-from . import _validate
-from ._xp import dtype_name, is_low_precision, state_dtype
+from . import _validate, grafting
+from ._xp import is_low_precision, state_dtype
 from .base import Optimizer, write_params
-from .linalg.sonew import band_outer, band_rowsum_max, shift_down, sonew_apply, sonew_factor_guarded
+from .linalg.sonew import band_outer, band_rowsum_max, sonew_apply, sonew_factor_guarded
+from .sonew_step import SONewStep
 
 __all__ = ["sonew", "SONew"]
 
 GRAFTS = ("adam", "none", "sgd", "momentum", "rmsprop_normalized")
 ORDERS = ("fan_in", "C", "F")
 FALLBACKS = ("sonew", "adam")
-_UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float64": 2.0 ** -53}
 
 
 def _vec(xp, x, order):
@@ -105,14 +109,6 @@ def _unvec(xp, v, shape, order):
         v = xp.reshape(v, tuple(reversed(shape)))
         return xp.permute_dims(v, tuple(reversed(range(len(shape)))))
     return xp.reshape(v, shape)
-
-
-def _safe_norm(xp, x):
-    """``‖x‖₂`` without overflow or underflow in float32 (scaled by ``max|x|``)."""
-    amax = xp.max(xp.abs(x))
-    scale = xp.where(amax > 0, amax, xp.ones_like(amax))
-    y = x / scale
-    return amax * xp.sqrt(xp.sum(y * y))
 
 
 def _block_mask(xp, n, b, block_size, dtype, device):
@@ -160,8 +156,21 @@ class SONew(Optimizer):
             "small_param_fallback", small_param_fallback, FALLBACKS)
         self.hyperparams = dict(learning_rate=learning_rate, band=band, b1=b1, b2=b2, eps=eps, graft=graft,
                                 weight_decay=weight_decay)
-        self.kernel_op = "sonew"
-        self._jax = False
+        # the step description without its per-step scalars (lr, bc1, bc2)
+        self._template = SONewStep(
+            lr=0.0, bc1=1.0, bc2=1.0, b1=self.b1, b2=self.b2, band=self.band, eps=self.eps,
+            eps_min=self.eps_min, relative_eps=relative_eps, tau_factor=self.tau_factor, graft=self.graft,
+            graft_eps=self.graft_eps, weight_decay=self.weight_decay, order=self.order,
+            block_size=block_size, small_param_fallback=self.small_param_fallback)
+        self._init_transient()
+
+    kernel_op = "sonew"
+    _TRANSIENT = ("_jitted", "_jit_lock")
+
+    def _init_transient(self):
+        # jax.jit'ed steps keyed by (namespace, small): filled under the lock, shared by threads
+        object.__setattr__(self, "_jitted", {})
+        object.__setattr__(self, "_jit_lock", threading.Lock())
 
     # ------------------------------------------------------------------ state
 
@@ -211,50 +220,54 @@ class SONew(Optimizer):
 
     # ------------------------------------------------------------------ math
 
-    def _tau(self, dtype):
-        return self.tau_factor * _UNIT_ROUNDOFF.get(dtype_name(dtype), 2.0 ** -24)
-
-    def _scalars(self, count):
+    def step_description(self, count: int) -> SONewStep:
+        """The frozen :class:`SONewStep` of step ``count + 1`` (what backends receive)."""
         lr = _validate.learning_rate_at(self.learning_rate, count)
         t = count + 1
-        return lr, 1.0 - self.b1 ** t, 1.0 - self.b2 ** t
+        return self._template.with_scalars(lr, 1.0 - self.b1 ** t, 1.0 - self.b2 ** t)
 
-    def reference_leaf(self, xp, p, g, m, band, nu, scalars):
+    def _kernel_groups(self, leaves, g_leaves, state):
+        return (leaves, g_leaves, state["mu"], state["band"])
+
+    def reference_leaf(self, xp, p, g, m, band, nu, step, jit=False):
         """One tensor's step in the compute dtype: returns ``(update, m, band, nu, removed, fallback)``.
 
-        Pure array-API code; ``update`` is what is added to ``p``.
+        Pure array-API code; ``update`` is what is added to ``p``. ``step``: the
+        :class:`SONewStep`; ``jit``: run under ``jax.jit`` (JAX arrays).
         """
-        shape, order = p.shape, self.order
+        shape, order = p.shape, step.order
         n = math.prod(shape)
         flat = [_vec(xp, x, order) if x is not None else None for x in (p, g, m, nu)]
         small = len(shape) <= 1
-        if self._jax:  # one XLA compile per (size bucket, options), not per op and shape
-            u, m2, band, nu2, removed, fallback = self._jax_flat(xp, *flat, band, scalars, small, n)
+        if jit:  # one XLA compile per (size bucket, options), not per op and shape
+            u, m2, band, nu2, removed, fallback = self._jax_flat(xp, *flat, band, step, small, n)
         else:
-            u, m2, band, nu2, removed, fallback = self.flat_leaf(xp, *flat, band, scalars, small, n)
+            u, m2, band, nu2, removed, fallback = self.flat_leaf(xp, *flat, band, step, small, n)
         unv = [_unvec(xp, x, shape, order) if x is not None else None for x in (u, m2, nu2)]
         return unv[0], unv[1], band, unv[2], removed, fallback
 
-    def flat_leaf(self, xp, p, g, m, nu, band, scalars, small, n_real):
-        """The step on flattened vectors (entries past ``n_real`` are zero padding)."""
-        lr, bc1, bc2 = scalars
-        b = self.band
+    @staticmethod
+    def flat_leaf(xp, p, g, m, nu, band, step, small, n_real):
+        """The step on flattened vectors (entries past ``n_real`` are zero padding).
+
+        Reads nothing but its arguments: ``step`` (:class:`SONewStep`) holds every
+        hyperparameter, resolved for this step.
+        """
+        lr, bc1, bc2 = step.lr, step.bc1, step.bc2
+        b = step.band
         n = g.shape[0]
-        m = m + (1.0 - self.b1) * (g - m)
+        m = m + (1.0 - step.b1) * (g - m)
         outer = band_outer(g, b)
-        mask = _block_mask(xp, n, b, self.block_size, band.dtype, _dev(p))
+        mask = _block_mask(xp, n, b, step.block_size, band.dtype, _dev(p))
         if mask is not None:
             outer = outer * mask
-        band = band * self.b2 + (1.0 - self.b2) * outer
+        band = band * step.b2 + (1.0 - step.b2) * outer
         hhat = band / bc2
         mhat = m / bc1
-        if self.relative_eps:
-            eps_eff = xp.clip(self.eps * band_rowsum_max(hhat), min=self.eps_min)
-        else:
-            eps_eff = self.eps
+        eps_eff = step.eps_effective(xp, band_rowsum_max(hhat)) if step.relative_eps else step.eps
         vhat = hhat[:, 0]
         h = xp.concat([xp.reshape(vhat + eps_eff, (n, 1)), hhat[:, 1:]], axis=1)
-        psi, s, kept = sonew_factor_guarded(h, self._tau(band.dtype))
+        psi, s, kept = sonew_factor_guarded(h, step.tau(band.dtype))
         u = sonew_apply(psi, s, mhat)
         if b > 0:
             j = xp.arange(n, device=_dev(p))
@@ -265,40 +278,46 @@ class SONew(Optimizer):
         else:
             removed = fallback = xp.zeros((), dtype=xp.int64, device=_dev(p))
         new_nu = nu
-        if self.graft == "none":
+        if step.graft == "none":
             direction = u
-        else:
-            if self.graft == "adam":
-                target = _safe_norm(xp, mhat / (xp.sqrt(vhat) + self.graft_eps))
-            elif self.graft == "sgd":
-                target = _safe_norm(xp, g)
-            elif self.graft == "momentum":
-                target = _safe_norm(xp, mhat)
+        else:  # graft: the norm of a first-order direction (arrayopt.grafting)
+            if step.graft == "adam":
+                target = grafting.norm(xp, grafting.adam_direction(xp, mhat, vhat, step.graft_eps))
+            elif step.graft == "sgd":
+                target = grafting.norm(xp, g)
+            elif step.graft == "momentum":
+                target = grafting.norm(xp, mhat)
             else:  # rmsprop_normalized
-                gn_norm = _safe_norm(xp, g)
-                ghat = g / xp.where(gn_norm > 0, gn_norm, xp.ones_like(gn_norm))
-                new_nu = nu * self.b2 + (1.0 - self.b2) * (ghat * ghat)
-                target = _safe_norm(xp, ghat / (xp.sqrt(new_nu) + self.graft_eps))
-            un = _safe_norm(xp, u)
-            direction = u * (target / xp.where(un > 0, un, xp.ones_like(un)))
-        if self.small_param_fallback == "adam" and small:
-            direction = mhat / (xp.sqrt(vhat) + self.graft_eps)
-        if self.weight_decay != 0.0:
-            direction = direction + self.weight_decay * p
+                a, new_nu = grafting.direction(xp, "rmsprop_normalized", g, nu, 0, b2=step.b2,
+                                               eps=step.graft_eps)
+                target = grafting.norm(xp, a)
+            direction = u * grafting.graft_scale(xp, target, grafting.norm(xp, u))
+        if step.small_param_fallback == "adam" and small:
+            direction = grafting.adam_direction(xp, mhat, vhat, step.graft_eps)
+        if step.weight_decay != 0.0:
+            direction = direction + step.weight_decay * p
         return -lr * direction, m, band, new_nu, removed, fallback
 
-    def _jax_flat(self, xp, p, g, m, nu, band, scalars, small, n):
+    def _jax_flat(self, xp, p, g, m, nu, band, step, small, n):
         """JAX: pad small vectors to a power of two (exact: the padding is a separate block of the
-        preconditioner with zero gradient) and run :meth:`flat_leaf` under ``jax.jit``."""
+        preconditioner with zero gradient) and run :meth:`flat_leaf` under ``jax.jit``.
+
+        The jitted functions are cached per (namespace, small) on the optimizer (its options
+        are fixed at construction); the per-step scalars are traced arguments.
+        """
         import jax
 
-        fns = self.__dict__.setdefault("_jitted", {})
-        fn = fns.get(small)
+        key = (xp, small)
+        fn = self._jitted.get(key)
         if fn is None:
-            def leaf(p, g, m, nu, band, scalars, n_real):
-                return self.flat_leaf(xp, p, g, m, nu, band, scalars, small, n_real)
+            template = self._template
 
-            fn = fns[small] = jax.jit(leaf)
+            def leaf(p, g, m, nu, band, lr, bc1, bc2, n_real):
+                return SONew.flat_leaf(xp, p, g, m, nu, band, template.with_scalars(lr, bc1, bc2), small,
+                                       n_real)
+
+            with self._jit_lock:
+                fn = self._jitted.setdefault(key, jax.jit(leaf))
         size = n if n > 4096 else max(8, 1 << (n - 1).bit_length())
         pad = size - n
         band_p = band
@@ -308,7 +327,7 @@ class SONew(Optimizer):
 
             p, g, m, nu = (padv(x) for x in (p, g, m, nu))
             band_p = xp.concat([band, xp.zeros((pad, band.shape[1]), dtype=band.dtype)])
-        u, m2, band2, nu2, removed, fallback = fn(p, g, m, nu, band_p, scalars, n)
+        u, m2, band2, nu2, removed, fallback = fn(p, g, m, nu, band_p, step.lr, step.bc1, step.bc2, n)
         if pad:
             u, m2, band2 = u[:n], m2[:n], band2[:n]
             nu2 = None if nu2 is None else nu2[:n]
@@ -316,9 +335,9 @@ class SONew(Optimizer):
 
     def _reference_all(self, ns, leaves, g_leaves, state):
         xp = ns.xp
-        scalars = self._scalars(state["count"])
+        step = self.step_description(state["count"])
+        jit = ns.library == "jax"
         out = {"updates": [], "mu": [], "band": [], "graft_nu": [], "removed_edges": [], "fallback_rows": []}
-        self._jax = ns.library == "jax"
         leaf_fn = self.reference_leaf
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             low = is_low_precision(p.dtype)
@@ -326,7 +345,7 @@ class SONew(Optimizer):
             g32 = xp.astype(g, xp.float32) if low else g
             nu = state["graft_nu"][i] if "graft_nu" in state else None
             u, m, band, nu, removed, fallback = leaf_fn(
-                xp, p32, g32, state["mu"][i], state["band"][i], nu, scalars)
+                xp, p32, g32, state["mu"][i], state["band"][i], nu, step, jit)
             out["updates"].append(u)
             out["mu"].append(m)
             out["band"].append(band)
@@ -353,14 +372,8 @@ class SONew(Optimizer):
         return updates, new
 
     def _step(self, ns, leaves, g_leaves, state, paths):
-        from . import dispatch
-
-        backend = None
-        if self._kernel_ok():
-            backend = dispatch.select(self.kernel_op, ns, leaves, g_leaves, state["mu"], state["band"])
-            if backend is not None and (self.block_size is not None or self.order == "F") \
-                    and not getattr(backend, "sonew_block_and_order", False):
-                backend = None  # this backend's kernels have no block cuts and no F-order flattening
+        step = self.step_description(state["count"])
+        backend = self._choose(ns, step, leaves, g_leaves, state).backend
         xp = ns.xp
         if backend is None:
             if not _validate.all_finite(xp, g_leaves):
@@ -378,9 +391,7 @@ class SONew(Optimizer):
         if not backend.all_finite(views):
             self._handle_nonfinite(xp, g_leaves, paths)
             return None
-        lr, bc1, bc2 = self._scalars(state["count"])
-        counts = backend.run_sonew(self, leaves, g_leaves, state["mu"], state["band"], (lr, bc1, bc2),
-                                   g_views=views)
+        counts = backend.run("sonew", leaves, g_leaves, [state["mu"], state["band"]], step, g_views=views)
         new = dict(state)
         new["count"] = state["count"] + 1
         new["removed_edges"] = [xp.asarray(int(r) + c[0], dtype=xp.int64, device=ns.device) for r, c in
@@ -388,10 +399,6 @@ class SONew(Optimizer):
         new["fallback_rows"] = [xp.asarray(int(r) + c[1], dtype=xp.int64, device=ns.device) for r, c in
                                 zip(_to_ints(state["fallback_rows"]), counts)]
         return list(leaves), new
-
-    def _kernel_ok(self):
-        """The fused kernels cover the defaults and the common options."""
-        return self.graft in ("adam", "none", "sgd", "momentum") and self.small_param_fallback == "sonew"
 
 
 class _ShapeOnly:

@@ -22,12 +22,16 @@ register_backend(_cupy_cuda)
 
 
 def status() -> dict:
-    """Each backend's name -> (available, reason) (``reason`` says why not, or what it serves)."""
-    return {b.name: (b.available(), b.reason()) for b in (_numba_cpu, _cupy_cuda)}
+    """Each registered backend's name -> (available, reason) (``reason`` says why not, or what it
+    serves), including backends added with ``arrayopt.dispatch.register_backend``."""
+    from ..dispatch import backends
+
+    return {b.name: (b.available(), b.reason()) for b in backends()}
 
 
 def available() -> list:
-    """Names of the backends that are active on this machine (the reference is always there)."""
+    """Names of the registered backends that are active on this machine and not excluded by
+    ``use_backend`` / ``ARRAYOPT_BACKEND`` (the reference is always there)."""
     from ..dispatch import forced_backend
 
     forced = forced_backend()

@@ -10,7 +10,7 @@ Without a GPU:
   ``sonew_apply`` (band 0, 1, 2, 4, 9; float32 and float64; hypothesis over ``n``, the
   conditioning and rank-deficient bands that trigger edge removal / the bandwidth
   fallback, whose counts must agree exactly), and full optimizer steps through
-  ``CupyCUDA.run_sonew`` on a fake ``cupy`` whose kernels are the host harness, against
+  ``CupyCUDA.run("sonew", ...)`` on a fake ``cupy`` whose kernels are the host harness, against
   ``ao.sonew(...).step`` on the reference path;
 - argument typing, the kernel table and the band-state acceptance rule.
 
@@ -244,7 +244,7 @@ def emulated(sonew_harness, fo_harness, monkeypatch):
 
 
 def _emulated_steps(backend, opt, shapes, dtype, grads_fn, steps):
-    """``steps`` SONew steps through ``run_sonew`` (what ``SONew._step`` does with a backend)
+    """``steps`` SONew steps through ``run("sonew", ...)`` (what ``SONew._step`` does with a backend)
     and through the reference path; returns both (params, state)."""
     rng = np.random.default_rng(0)
     params = {f"p{i}": rng.normal(size=s).astype(dtype) for i, s in enumerate(shapes)}
@@ -264,7 +264,7 @@ def _emulated_steps(backend, opt, shapes, dtype, grads_fn, steps):
         assert backend.accepts(ns, dev_p, dev_g, dev_m, dev_b)
         views = backend.views(dev_g)
         assert backend.all_finite(views)
-        counts = backend.run_sonew(opt, dev_p, dev_g, dev_m, dev_b, opt._scalars(t), g_views=views)
+        counts = backend.run("sonew", dev_p, dev_g, [dev_m, dev_b], opt.step_description(t), g_views=views)
         for i, (e, f) in enumerate(counts):
             removed[i] += e
             fallback[i] += f
@@ -386,9 +386,8 @@ def test_sonew_launch_args_are_typed(dtype, band, graft):
     arr = lambda k=n, d=dtype: np.zeros(k, d)  # noqa: E731
     opt = ao.sonew(0.1, band=band, graft=graft)
     norms, counts, rowmax = np.zeros(2), np.zeros(2, np.uint64), np.zeros(1, dtype)
-    launches = _kernels.sonew_launches(opt, arr(), arr(), arr(), arr(n * (band + 1)), band,
-                                       opt._scalars(0), norms, counts, rowmax, arr(),
-                                       arr(n * band), arr())
+    launches = _kernels.sonew_launches(opt.step_description(0), arr(), arr(), arr(), arr(n * (band + 1)),
+                                       band, norms, counts, rowmax, arr(), arr(n * band), arr())
     T = np.dtype(dtype).type
     for base, args in launches:
         assert base in _kernels.SONEW_KERNEL_BASES

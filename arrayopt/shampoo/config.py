@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import _validate
+from .. import _validate, grafting
 
 __all__ = ["GraftingConfig", "ShampooConfig", "GRAFT_TYPES", "PRECONDITIONER_TYPES", "ROOT_METHODS"]
 
@@ -42,16 +42,21 @@ class GraftingConfig:
       the first moment is Shampoo's momentum);
     - ``sqrt_n``: ``u_g = sign(g)`` (norm ``√n``).
 
-    The Shampoo direction ``d`` of a layer is rescaled to ``‖u_g‖_F/‖d‖_F · d``
-    (layer-wise grafting: one norm per parameter, over all its blocks).
+    The directions, norms and zero guard are :mod:`arrayopt.grafting`'s. With
+    ``per="layer"`` the Shampoo direction ``d`` of a layer is rescaled to
+    ``‖u_g‖/‖d‖ · d`` (one norm per parameter, over all its blocks); with
+    ``per="block"`` each block ``d_i`` to ``‖u_g,i‖/‖d_i‖ · d_i`` (Meta's
+    ``distributed_shampoo``). ``u = 0`` where ``‖d‖ = 0``.
     """
 
     type: str = "adam"
     b2: float = 0.999
     eps: float = 1e-8
+    per: str = "layer"
 
     def __post_init__(self):
         _validate.check_choice("graft", self.type, GRAFT_TYPES)
+        grafting.check_granularity(self.per)
         object.__setattr__(self, "b2", _validate.check_real("graft_b2", self.b2, 0.0, 1.0, high_open=True))
         object.__setattr__(self, "eps", _validate.check_real("graft_eps", self.eps, 0.0))
 
@@ -136,14 +141,14 @@ class ShampooConfig:
         return 1 if asynchronous else 0
 
 
-def as_grafting(graft: Any, b2: float, eps: float) -> GraftingConfig:
-    """``graft`` as a :class:`GraftingConfig` (a string picks the type; b2/eps are the defaults)."""
+def as_grafting(graft: Any, b2: float, eps: float, per: str = "layer") -> GraftingConfig:
+    """``graft`` as a :class:`GraftingConfig` (a string picks the type; b2/eps/per are the defaults)."""
     if isinstance(graft, GraftingConfig):
         return graft
     if isinstance(graft, str):
-        return GraftingConfig(graft, b2, eps)
+        return GraftingConfig(graft, b2, eps, per)
     if graft is None:
-        return GraftingConfig("none", b2, eps)
+        return GraftingConfig("none", b2, eps, per)
     raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, got {type(graft).__name__}")
 
 

@@ -40,6 +40,7 @@ over data-parallel ranks (:mod:`arrayopt.shampoo.distributed`).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ from .async_roots import RootJob, owners, run_root_job
 from .blocking import LeafPlan, merge, plan_leaf, split
 from .config import ShampooConfig, as_grafting
 from .distributed import as_comm
-from .grafting import frobenius, graft_direction
+from .. import grafting
 from .preconditioner import precondition_block, update_factors
 
 __all__ = ["Shampoo", "ShampooState", "shampoo"]
@@ -105,16 +106,25 @@ class Shampoo(Optimizer):
         self.executor = executor
         self.comm = as_comm(comm)
         self.delay = config.delay(executor is not None)
-        self._plans: dict = {}
+        self._init_transient()
         self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
+
+    _TRANSIENT = ("_plans", "_plans_lock")
+
+    def _init_transient(self):
+        # shape -> LeafPlan (a pure function of the shape and the config), filled under the lock
+        object.__setattr__(self, "_plans", {})
+        object.__setattr__(self, "_plans_lock", threading.Lock())
 
     # ---------------------------------------------------------------- layout
 
     def plan(self, shape) -> LeafPlan:
         key = tuple(int(d) for d in shape)
-        if key not in self._plans:
-            self._plans[key] = plan_leaf(key, self.config)
-        return self._plans[key]
+        plan = self._plans.get(key)
+        if plan is None:
+            with self._plans_lock:
+                plan = self._plans.setdefault(key, plan_leaf(key, self.config))
+        return plan
 
     def _init(self, ns, leaves):
         xp, cfg = ns.xp, self.config
@@ -287,7 +297,8 @@ class Shampoo(Optimizer):
             plan = self.plan(p.shape)
             low = is_low_precision(p.dtype)
             acc = state["graft"][i] if cfg.graft.has_state else None
-            u_g, acc = graft_direction(xp, cfg.graft, g, acc, t)
+            kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
+            u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
             if acc is not None:
                 new_graft.append(acc)
             if plan.skipped or not active:
@@ -295,11 +306,14 @@ class Shampoo(Optimizer):
             else:
                 blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
                 d_blocks = [precondition_block(xp, b, rs, plan.mask) for b, rs in zip(blocks, roots[i])]
+                if cfg.graft.type != "none" and cfg.graft.per == "block":
+                    a_blocks = split(xp, xp.reshape(u_g, plan.shape), plan.blocks)
+                    d_blocks = grafting.graft_blocks(xp, d_blocks, a_blocks, per="block")
                 d = xp.reshape(merge(xp, d_blocks, plan.shape, cfg.block_size), tuple(p.shape))
-                if cfg.graft.type == "none":
+                if cfg.graft.type == "none" or cfg.graft.per == "block":
                     u = d
-                else:
-                    u = d * (frobenius(xp, u_g) / (frobenius(xp, d) + 1e-30))
+                else:  # per layer: one norm over all the blocks
+                    u = grafting.graft(xp, d, u_g)
             if b1 > 0:
                 m = state["momentum"][i] * b1 + (u * w1 if w1 != 1.0 else u)
                 new_mom.append(m)
@@ -346,7 +360,7 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
             eps: float = 1e-6, exponent_override: int = 0, precondition_every: int = 1,
             statistics_every: int = 1, start_preconditioning_step: int = 1, root_method: str = "eigh",
             graft: Any = "adam", executor=None, *, graft_b2: float | None = None,
-            graft_eps: float = 1e-8, nesterov: bool = True, ema_momentum: bool = False,
+            graft_eps: float = 1e-8, graft_per: str = "layer", nesterov: bool = True, ema_momentum: bool = False,
             weight_decay: float = 0.0, root_dtype: str = "float64", merge_small_dims: int | None = None,
             skip_preconditioning_dim_size_gt: int | None = 4096, skip_preconditioning_rank_lt: int = 1,
             preconditioner_type: str = "all", relative_epsilon: bool = True,
@@ -372,6 +386,8 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
         ``eps·10^i`` for ``i = 1..ridge_retries`` before the eigh fallback (JAX's escalation).
       graft: ``"none"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"rmsprop_normalized"``,
         ``"adam"``, ``"sqrt_n"`` or a :class:`GraftingConfig` (``graft_b2``/``graft_eps``).
+      graft_per: ``"layer"`` (one graft norm per parameter) or ``"block"`` (per block, as
+        Meta's ``distributed_shampoo``); see :mod:`arrayopt.grafting`.
       executor: a ``concurrent.futures.Executor`` for asynchronous host roots.
       comm: a communicator (:mod:`arrayopt.shampoo.distributed`) to spread roots over ranks.
       root_delay: steps from a root job's statistics to the step that uses its roots
@@ -383,7 +399,7 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
     """
     if graft_b2 is None:
         graft_b2 = b2 if isinstance(b2, (int, float)) and 0.0 <= b2 < 1.0 else 0.999
-    g = as_grafting(graft, graft_b2, graft_eps)
+    g = as_grafting(graft, graft_b2, graft_eps, graft_per)
     cfg = ShampooConfig(
         learning_rate=learning_rate, block_size=block_size, b1=b1, b2=b2, eps=eps,
         exponent_override=exponent_override, precondition_every=precondition_every,

@@ -103,6 +103,11 @@ def _on_device_stream(x):
         yield
 
 
+def _band_fits(b) -> bool:
+    """the kernels' window arrays hold at most SONEW_MAX_BAND = 32"""
+    return b <= _kernels.SONEW_MAX_BAND
+
+
 class _Views(list):
     """Flat CuPy views of one group of leaves; ``anchor`` is the first original leaf (it
     names the device and, for torch, the stream the views belong to)."""
@@ -115,6 +120,17 @@ class CupyCUDA:
 
     name = "cupy_cuda"
     ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
+    # the one place that says which options of each op's step description the kernels fuse
+    capabilities = {
+        "sgd": {}, "adam": {}, "adagrad": {},
+        "sonew": {
+            "graft": frozenset({"none", "adam", "sgd", "momentum"}),
+            "small_param_fallback": frozenset({"sonew"}),
+            "band": _band_fits,
+            "block_size": frozenset({None}),   # no block cuts in sonew.cu
+            "order": frozenset({"C"}),         # no first-axis-fastest flattening in sonew.cu
+        },
+    }
 
     def __init__(self):
         self._probed = None
@@ -139,26 +155,38 @@ class CupyCUDA:
 
     # ---------------------------------------------------------------- acceptance
 
-    def accepts(self, ns, *groups) -> bool:
-        if ns.library not in ("cupy", "torch") or not groups or not groups[0]:
-            return False
+    def refuse_options(self, op, step):
+        from ...dispatch import check_capabilities
+
+        return check_capabilities(self.capabilities, op, step)
+
+    def refuse_arrays(self, ns, *groups):
+        """``None`` if the kernels take these arrays, else why not."""
+        if ns.library not in ("cupy", "torch"):
+            return f"{ns.library} arrays are not taken (CuPy arrays and torch CUDA tensors only)"
+        if not groups or not groups[0]:
+            return "no params"
         if not self.available():
-            return False
+            return self.reason()
         params = groups[0]
         if any(len(group) != len(params) for group in groups[1:]):
-            return False
+            return "groups of different lengths"
         ok = self._accepts_cupy(groups) if ns.library == "cupy" else self._accepts_torch(groups)
         if not ok:
-            return False
+            return "arrays not all float32/float64, contiguous, on one CUDA device"
         for i, p in enumerate(params):  # each leaf's grads and state match its param
             for group in groups[1:]:
                 a = group[i]
                 if a.dtype != p.dtype:
-                    return False
+                    return f"leaf {i}: grads or state dtype {a.dtype} differs from the params' {p.dtype}"
                 # SONew's band state is (p.size, b+1), b <= _kernels.SONEW_MAX_BAND
                 if a.shape != p.shape and not _kernels.is_sonew_band(a, p):
-                    return False
-        return True
+                    return f"leaf {i}: state shape {tuple(a.shape)} (band > {_kernels.SONEW_MAX_BAND}?)"
+        return None
+
+    def accepts(self, ns, *groups) -> bool:
+        """``refuse_arrays(ns, *groups) is None``."""
+        return self.refuse_arrays(ns, *groups) is None
 
     @staticmethod
     def _accepts_cupy(groups) -> bool:
@@ -231,10 +259,19 @@ class CupyCUDA:
                     kernel(grid, block, _kernels.count_args(v, counter))
             return int(counter.get()[0]) == 0
 
-    def run(self, op, params, grads, states, scalars, g_views=None) -> None:
-        """Update ``params`` and ``states`` in place with the ``op`` kernel, leaf by leaf."""
+    def run(self, op, params, grads, states, step, g_views=None):
+        """Update ``params`` and ``states`` in place with the ``op`` kernel, leaf by leaf.
+
+        ``step``: the op's frozen step description (first-order ops: the ``step_scalars``
+        tuple; ``"sonew"``: a ``SONewStep`` with ``states = [mus, bands]``, returning per-leaf
+        ``(removed_edges, fallback_rows)``).
+        """
+        if op == "sonew":
+            mus, bands = states
+            return self.run_sonew(step, params, grads, mus, bands, g_views)
         if not params:
-            return
+            return None
+        scalars = step
         base = _kernels.kernel_base(op, len(states))
         with _on_device_stream(params[0]):
             p_views = self.views(params)
@@ -249,7 +286,7 @@ class CupyCUDA:
                 grid, block = _kernels.launch_shape(p.size, blocks)
                 kernel(grid, block, _kernels.kernel_args(p, g, [s[i] for s in s_views], scalars))
 
-    def run_sonew(self, opt, params, grads, mus, bands, scalars, g_views=None) -> list:
+    def run_sonew(self, step, params, grads, mus, bands, g_views=None) -> list:
         """SONew's fused step (``sonew.cu``), in place on every leaf; returns per-leaf
         ``(removed_edges, fallback_rows)`` as ints (one device-to-host read for all leaves)."""
         if not params:
@@ -275,12 +312,12 @@ class CupyCUDA:
                 rm = rowmax.get(p.dtype)
                 if rm is None:
                     rm = rowmax[p.dtype] = cupy.zeros(k, dtype=p.dtype)
-                u = None if opt.graft == "none" else cupy.empty(n, dtype=p.dtype)
+                u = None if step.graft == "none" else cupy.empty(n, dtype=p.dtype)
                 psi = t = None
                 if b != 1:
                     psi, t = cupy.empty(n * b, dtype=p.dtype), cupy.empty(n, dtype=p.dtype)
                 grid, block = _kernels.launch_shape(n, blocks)
-                for base, args in _kernels.sonew_launches(opt, p, g, m, band, b, scalars,
+                for base, args in _kernels.sonew_launches(step, p, g, m, band, b,
                                                           norms[i], counts[i], rm[i:i + 1],
                                                           u, psi, t):
                     _kernels.function(base, p.dtype, device)(grid, block, args)

@@ -149,31 +149,31 @@ def is_sonew_band(a, p) -> bool:
             and 1 <= shape[1] <= SONEW_MAX_BAND + 1)
 
 
-def sonew_launches(opt, p, g, m, band, b, scalars, norms, counts, rowmax, u=None, psi=None,
-                   t=None) -> list:
+def sonew_launches(step, p, g, m, band, b, norms, counts, rowmax, u=None, psi=None, t=None) -> list:
     """The kernel launches ``[(base, args)]`` of one SONew step on one leaf.
 
-    ``p, g, m, band`` are flat views (``band`` of ``n*(b+1)`` entries); ``norms`` (float64,
-    2), ``counts`` (uint64, 2) and ``rowmax`` (param dtype, 1) are zeroed device scratch;
-    ``u`` (n) is needed with a graft, ``psi`` (n*b) and ``t`` (n) when ``b != 1``. Scalars
-    are typed as the param dtype (the Numba backend's casts), flags and ``b`` as int32,
-    ``n`` as int64.
+    ``step``: the frozen ``arrayopt.sonew_step.SONewStep`` (hyperparameters, ``lr``,
+    ``bc1``, ``bc2``). ``p, g, m, band`` are flat views (``band`` of ``n*(b+1)`` entries);
+    ``norms`` (float64, 2), ``counts`` (uint64, 2) and ``rowmax`` (param dtype, 1) are zeroed
+    device scratch; ``u`` (n) is needed with a graft, ``psi`` (n*b) and ``t`` (n) when
+    ``b != 1``. Scalars are typed as the param dtype (the Numba backend's casts), flags and
+    ``b`` as int32, ``n`` as int64.
     """
     cast = np.float64 if np.dtype(p.dtype) == np.float64 else np.float32
-    lr, bc1, bc2 = scalars
     n, bi = np.int64(p.size), np.int32(b)
-    graft = SONEW_GRAFT_CODES[opt.graft]
-    cbc1, cbc2 = cast(bc1), cast(bc2)
-    launches = [("sonew_stats", (g, m, band, n, bi, cast(1.0 - opt.b1), cast(opt.b2),
-                                 cast(1.0 - opt.b2), cbc1, cbc2, cast(opt.graft_eps),
+    graft = SONEW_GRAFT_CODES[step.graft]
+    cbc1, cbc2 = cast(step.bc1), cast(step.bc2)
+    launches = [("sonew_stats", (g, m, band, n, bi, cast(step.omb1), cast(step.b2),
+                                 cast(step.omb2), cbc1, cbc2, cast(step.graft_eps),
                                  np.int32(graft), norms))]
-    if opt.relative_eps:
+    if step.relative_eps:
         launches.append(("sonew_rowmax", (band, n, bi, cbc2, rowmax)))
-    eps_args = (rowmax, cast(opt.eps), cast(opt.eps_min), np.int32(bool(opt.relative_eps)),
-                cast(opt._tau(np.dtype(p.dtype))))
+    # ε_eff = max(ε·rowmax, ε_min) (relative) or ε, evaluated on the device from these
+    eps_args = (rowmax, cast(step.eps), cast(step.eps_min), np.int32(bool(step.relative_eps)),
+                cast(step.tau(np.dtype(p.dtype))))
     write_p = graft == 0
     out = p if write_p else u
-    neg_lr, wd, wp = cast(-lr), cast(opt.weight_decay), np.int32(write_p)
+    neg_lr, wd, wp = cast(-step.lr), cast(step.weight_decay), np.int32(write_p)
     if b == 1:
         launches.append(("sonew_tri_precond", (p, m, band, out, n, cbc1, cbc2, *eps_args,
                                                neg_lr, wd, wp, norms, counts)))

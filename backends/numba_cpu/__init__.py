@@ -23,11 +23,19 @@ def _numpy_view(a, library: str):
 
 
 class NumbaCPU:
-    """The ``numba_cpu`` backend (see the module docstring)."""
+    """The ``numba_cpu`` backend (see the module docstring and ``arrayopt.dispatch.Backend``)."""
 
     name = "numba_cpu"
     ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
-    sonew_block_and_order = True  # the SONew kernels apply ``block_size`` cuts and ``flatten_order="F"``
+    # the one place that says which options of each op's step description the kernels fuse
+    capabilities = {
+        "sgd": {}, "adam": {}, "adagrad": {},
+        "sonew": {
+            "graft": frozenset({"none", "adam", "sgd", "momentum"}),
+            "small_param_fallback": frozenset({"sonew"}),
+            # any band (b <= 8 unrolled, larger generic), block_size cuts, flatten orders C and F
+        },
+    }
 
     def __init__(self):
         self._available = None
@@ -42,27 +50,46 @@ class NumbaCPU:
             return "numba is not installed"
         return "NumPy arrays and torch CPU tensors (float32/float64, C-contiguous)"
 
-    def accepts(self, ns, *groups) -> bool:
+    def refuse_options(self, op, step):
+        from ...dispatch import check_capabilities
+
+        return check_capabilities(self.capabilities, op, step)
+
+    def refuse_arrays(self, ns, *groups):
+        """``None`` if the kernels take these arrays, else why not (first offending leaf)."""
         lib = ns.library
+        names = ("params", "grads") + ("state",) * max(0, len(groups) - 2)
         if lib == "numpy":
-            for group in groups:
-                for a in group:
-                    if a.dtype not in _FLOATS or not a.flags.c_contiguous:
-                        return False
-            params = groups[0]
-            return all(a.flags.writeable for g in (params,) + groups[2:] for a in g)
+            for name, group in zip(names, groups):
+                for i, a in enumerate(group):
+                    if a.dtype not in _FLOATS:
+                        return f"{name} leaf {i}: dtype {a.dtype} (kernels take float32/float64)"
+                    if not a.flags.c_contiguous:
+                        return f"{name} leaf {i}: not C-contiguous"
+                    if name != "grads" and not a.flags.writeable:
+                        return f"{name} leaf {i}: read-only (kernels update in place)"
+            return None
         if lib == "torch":
             import torch
 
             ok = (torch.float32, torch.float64)
-            for group in groups:
-                for a in group:
-                    if a.device.type != "cpu" or a.dtype not in ok or not a.is_contiguous():
-                        return False
+            for name, group in zip(names, groups):
+                for i, a in enumerate(group):
+                    if a.device.type != "cpu":
+                        return f"{name} leaf {i}: on device {a.device} (numba_cpu takes CPU tensors)"
+                    if a.dtype not in ok:
+                        return f"{name} leaf {i}: dtype {str(a.dtype).replace('torch.', '')} " \
+                               f"(kernels take float32/float64)"
+                    if not a.is_contiguous():
+                        return f"{name} leaf {i}: not contiguous"
                     if a.is_conj() or a.is_neg():
-                        return False
-            return True
-        return False
+                        return f"{name} leaf {i}: a lazy conj/neg view"
+            return None
+        return f"{lib} arrays are not taken (NumPy arrays and torch CPU tensors only)"
+
+    def accepts(self, ns, *groups) -> bool:
+        """``refuse_arrays(ns, *groups) is None``."""
+        return self.refuse_arrays(ns, *groups) is None
 
     def views(self, arrays) -> list:
         """Flat writeable NumPy views sharing memory with ``arrays``."""
@@ -76,7 +103,16 @@ class NumbaCPU:
 
         return all_finite(views)
 
-    def run(self, op, params, grads, states, scalars, g_views=None) -> None:
+    def run(self, op, params, grads, states, step, g_views=None):
+        """The fused step of ``op`` in place; ``step`` is the op's frozen step description.
+
+        First-order ops: ``step`` is the tuple of ``step_scalars``, returns ``None``.
+        ``"sonew"``: ``states = [mus, bands]``, ``step`` a ``SONewStep``; returns per-leaf
+        ``(removed_edges, fallback_rows)``.
+        """
+        if op == "sonew":
+            mus, bands = states
+            return self.run_sonew(step, params, grads, mus, bands, g_views)
         from .kernels import kernel_for
 
         p_views = self.views(params)
@@ -87,15 +123,15 @@ class NumbaCPU:
             typed = typed_by_dtype.get(p.dtype)
             if typed is None:  # float32 scalars for float32 leaves, float64 for float64
                 cast = p.dtype.type
-                typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in scalars)
+                typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in step)
             kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
+        return None
 
-
-    def run_sonew(self, opt, params, grads, mus, bands, scalars, g_views=None) -> list:
+    def run_sonew(self, step, params, grads, mus, bands, g_views=None) -> list:
         """SONew's fused step (``backends/numba_cpu/sonew.py``); returns per-leaf removal counts."""
         from .sonew import run
 
-        return run(self, opt, params, grads, mus, bands, scalars, g_views)
+        return run(self, step, params, grads, mus, bands, g_views)
 
 
 BACKEND = NumbaCPU()

@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..._xp import library_of
+from ...grafting import graft_scale
 
 _OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 _SERIAL = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -722,32 +723,24 @@ def band_l_apply(p, psi, t, u, neg_lr, wd, write_p, norms_out, chunk):
 
 # ---------------------------------------------------------------- driver
 
-_SCRATCH: dict = {}
 
+def run(backend, step, params, grads, mus, bands, g_views=None):
+    """One SONew step on every leaf, in place; returns ``[(removed_edges, fallback_rows)]`` per leaf.
 
-def _scratch(key, shape, dtype):
-    """Reused scratch arrays (not state): allocated once per (purpose, shape, dtype)."""
-    k = (key, shape, np.dtype(dtype).str)
-    a = _SCRATCH.get(k)
-    if a is None:
-        if len(_SCRATCH) > 64:
-            _SCRATCH.clear()
-        a = _SCRATCH[k] = np.empty(shape, dtype=dtype)
-    return a
-
-
-def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
-    """One SONew step on every leaf, in place; returns ``[(removed_edges, fallback_rows)]`` per leaf."""
+    ``step``: the frozen ``arrayopt.sonew_step.SONewStep`` of this step (hyperparameters,
+    ``lr``, ``bc1``, ``bc2``); nothing is read from the optimizer. Every scratch array is
+    allocated here, per call: two threads stepping at once (the kernels release the GIL)
+    never share one.
+    """
     from . import sonew_band_kernels as unrolled
 
-    lr, bc1, bc2 = scalars
     p_views = backend.views(params)
     g_views = list(g_views) if g_views is not None else backend.views(grads)
     m_views = backend.views(mus)
     b_views = [(bd.detach().numpy() if library_of(bd) == "torch" else bd) for bd in bands]
-    graft = GRAFT_CODES[opt.graft]
+    graft = GRAFT_CODES[step.graft]
     write_back = []
-    if opt.order == "F":  # flatten_order="F": the band runs over the first axis fastest
+    if step.order == "F":  # flatten_order="F": the band runs over the first axis fastest
         for i, leaf in enumerate(params):
             shape = tuple(leaf.shape)
             if len(shape) > 1:
@@ -760,42 +753,39 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
         cast = p.dtype.type
         n = p.size
         b = band.shape[1] - 1
-        tau = cast(opt._tau(p.dtype))
+        tau = cast(step.tau(p.dtype))
         chunk = CHUNK
         nchunks = (n + chunk - 1) // chunk
-        bs = n if opt.block_size is None else min(opt.block_size, n)  # blocks of the flat vector
+        bs = n if step.block_size is None else min(step.block_size, n)  # blocks of the flat vector
         norms = np.zeros(nchunks, np.float64)
         rows = np.zeros(nchunks, p.dtype)
         removed = np.zeros(nchunks, np.int64)
-        omb1, b2, omb2 = cast(1.0 - opt.b1), cast(opt.b2), cast(1.0 - opt.b2)
-        cbc1, cbc2, geps = cast(bc1), cast(bc2), cast(opt.graft_eps)
+        omb1, b2, omb2 = cast(step.omb1), cast(step.b2), cast(step.omb2)
+        cbc1, cbc2, geps = cast(step.bc1), cast(step.bc2), cast(step.graft_eps)
         if not band.flags.c_contiguous:
             raise ValueError("SONew band state: expected a C-contiguous (n, b+1) array")
         if b == 1:
-            saved = _scratch("saved", (nchunks,), p.dtype)
+            saved = np.empty(nchunks, p.dtype)
             _save_boundaries(band, nchunks, chunk, saved)
             tri_stats(g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk,
                       bs)
         elif b == 0:
             diag_stats(g, m, band.reshape(-1), omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms, chunk)
         elif b in unrolled.STATS:
-            saved = _scratch("saved_band", (nchunks, b, b + 1), p.dtype)
+            saved = np.empty((nchunks, b, b + 1), p.dtype)
             _save_band_rows(band, nchunks, chunk, saved)
             unrolled.STATS[b](g, m, band.reshape(-1), saved, omb1, b2, omb2, cbc1, cbc2, geps, graft, rows, norms,
                               chunk, bs)
         else:
             band_stats(g, m, band, omb1, b2, omb2, cbc1, cbc2, geps, graft, norms, chunk, bs)
-            if opt.relative_eps:
+            if step.relative_eps:
                 band_rowmax(band, cbc2, rows, chunk)
         target = float(np.sqrt(norms.sum()))
-        if opt.relative_eps:
-            eps_eff = max(cast(opt.eps) * rows.max(), cast(opt.eps_min))
-        else:
-            eps_eff = opt.eps
-        eps_eff = cast(eps_eff)
+        # ε_eff = max(ε·‖Ĥ‖∞, ε_min) in the param dtype (SONewStep.eps_effective)
+        eps_eff = cast(step.eps_effective(np, rows.max() if step.relative_eps else None))
         write_p = graft == 0
-        neg_lr, wd = cast(-lr), cast(opt.weight_decay)
-        u = p if write_p else _scratch("u", (n,), p.dtype)
+        neg_lr, wd = cast(-step.lr), cast(step.weight_decay)
+        u = p if write_p else np.empty(n, p.dtype)
         if b == 1:
             tri_precond(p, m, band.reshape(-1), u, cbc1, cbc2, eps_eff, tau, neg_lr, wd, write_p, norms, removed, chunk)
             fallback = int(removed.sum())
@@ -810,19 +800,18 @@ def run(backend, opt, params, grads, mus, bands, scalars, g_views=None):
                                      rows_fb, chunk)
             edges, fallback = int(removed.sum()), int(rows_fb.sum())
         else:
-            psi = _scratch("psi", (n, b), p.dtype)
-            t = _scratch("t", (n,), p.dtype)
+            psi = np.empty((n, b), p.dtype)
+            t = np.empty(n, p.dtype)
             rows_fb = np.zeros(nchunks, np.int64)
             band_factor_lt(m, band, psi, t, cbc1, cbc2, eps_eff, tau, removed, rows_fb, chunk)
             band_l_apply(p, psi, t, u, neg_lr, wd, write_p, norms, chunk)
             edges, fallback = int(removed.sum()), int(rows_fb.sum())
         if not write_p:
-            un = float(np.sqrt(norms.sum()))
-            scale = cast(target / un if un > 0 else 0.0)
+            # graft scale ‖a‖/‖u‖, 0 when ‖u‖ = 0 (arrayopt.grafting.graft_scale), float64 norms
+            scale = cast(graft_scale(np, np.float64(target), np.float64(np.sqrt(norms.sum()))))
             scaled_apply(p, u, scale, neg_lr, wd)
         out.append((edges, fallback))
     for p_nd, p_f, m_nd, m_f in write_back:
         p_nd[...] = p_f.reshape(p_nd.shape, order="F")
         m_nd[...] = m_f.reshape(m_nd.shape, order="F")
     return out
-

@@ -1,0 +1,109 @@
+"""``explain(opt, params)``: which path each leaf's step takes (a fused kernel or the reference) and why.
+
+A step runs on one path for all its leaves: the first backend (in priority
+order) that fuses the optimizer's options and accepts every array, else the
+pure array-API reference. :func:`explain` asks the same question
+:meth:`Optimizer.step` asks (``arrayopt.dispatch.choose``), for the whole call and
+for each leaf on its own, so a user who sees a slow step learns, e.g., that a
+bfloat16 leaf sends the step to the reference.
+
+>>> import numpy as np, arrayopt as ao
+>>> print(ao.explain(ao.sonew(1e-3, graft="rmsprop_normalized"), {"w": np.zeros((4, 3), np.float32)}))
+... # doctest: +ELLIPSIS
+sonew (op 'sonew'): reference -- numba_cpu: graft='rmsprop_normalized' is not fused ...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import _validate
+
+__all__ = ["explain", "Explanation", "LeafPath"]
+
+
+@dataclass(frozen=True)
+class LeafPath:
+    """One leaf: its path in the tree, shape, dtype, the path its step takes and why."""
+
+    path: str
+    shape: tuple
+    dtype: str
+    backend: str  # a backend's name, or "reference"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain` returns; ``str()`` (and ``repr()``) is a readable table."""
+
+    optimizer: str
+    op: str
+    backend: str  # a backend's name, or "reference"
+    reason: str
+    leaves: tuple
+
+    def __str__(self) -> str:
+        head = f"{self.optimizer} (op {self.op!r}): {self.backend} -- {self.reason}"
+        rows = [f"  {lp.path}  {lp.dtype}{list(lp.shape)}: {lp.backend} -- {lp.reason}" for lp in self.leaves]
+        return "\n".join([head] + rows)
+
+    __repr__ = __str__
+
+
+def explain(opt, params, grads=None, state=None) -> Explanation:
+    """Which path ``opt.step(params, grads, state)`` takes for each leaf, and why.
+
+    ``grads`` defaults to arrays like ``params`` (their dtype and layout are what
+    matter); ``state`` to ``opt.init(params)``. Honours ``use_backend`` and
+    ``ARRAYOPT_BACKEND`` like the step does. Nothing is computed or written.
+    """
+    from . import dispatch
+    from .base import Optimizer
+
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
+    leaves, treedef, paths, ns = _validate.check_params(params)
+    g_leaves = leaves if grads is None else _validate.check_like("grads", grads, treedef, paths, leaves, ns)
+    if state is None:
+        state = opt.init(params)
+    op = opt.kernel_op
+    count = state.get("count", 0) if isinstance(state, dict) else 0
+    step = opt.step_description(count) if op else None
+    whole = opt._choose(ns, step, leaves, g_leaves, state) if op else None
+    if whole is None:
+        name, reason = "reference", opt.no_kernel_reason
+    else:
+        name = whole.backend.name if whole.backend else "reference"
+        reason = _name_leaves(whole.reason, paths)
+    groups = opt._kernel_groups(leaves, g_leaves, state) if op else ()
+    out = []
+    for i, (p, path) in enumerate(zip(leaves, paths)):
+        if whole is not None and whole.backend is None:
+            alone = dispatch.choose(op, ns, step, *[[grp[i]] for grp in groups])
+            why = _name_leaves(alone.reason, [path]) if alone.backend is None else \
+                f"this leaf alone would take {alone.backend.name}, but another leaf sends the step to the reference"
+        else:
+            why = reason
+        out.append(LeafPath(_tree_path(path), tuple(int(d) for d in p.shape), _dtype(p), name, why))
+    return Explanation(getattr(opt, "name", type(opt).__name__), op or "", name, reason, tuple(out))
+
+
+def _name_leaves(reason: str, paths) -> str:
+    """Replace the backends' ``leaf <i>`` by the leaf's path in the tree."""
+    def name(m):
+        i = int(m.group(1))
+        return f"leaf {_tree_path(paths[i])}" if i < len(paths) else m.group(0)
+
+    return re.sub(r"leaf (\d+)", name, reason)
+
+
+def _tree_path(path) -> str:
+    return path if isinstance(path, str) else str(path)
+
+
+def _dtype(a) -> str:
+    from ._xp import dtype_name
+
+    return dtype_name(a.dtype)

@@ -1,0 +1,148 @@
+r"""Grafting: the step size of a first-order method, the direction of another.
+
+Agarwal, Anil, Hazan, Koren, Zhang, "Disentangling Adaptive Gradient Methods from
+Learning Rates" (arXiv 2002.11803), §2 (Algorithm 1): given a preconditioned
+direction ``d`` and a first-order direction ``a`` (the *graft*), the update is
+
+.. math::
+    u = \frac{\|a\|_2}{\|d\|_2}\, d \qquad(u = 0 \text{ when } \|d\|_2 = 0:\ \text{the zero guard})
+
+with the norms over a whole layer (``per="layer"``: SONew, and Shampoo's
+default) or over each block of the layer (``per="block"``: Meta's
+``distributed_shampoo``, where each block is grafted on its own). One module
+serves SONew, Shampoo and the coming Sketchy and Eva; kernels implement the
+same formulas and are tested against it (``tests/test_grafting.py``).
+
+Directions ``a`` from the gradient ``g`` (step ``t`` 1-based, ``A`` the graft's
+own accumulator, zero at ``t = 0``, ``ε`` the graft eps):
+
+=======================  ==================================================================
+``"sgd"``                ``a = g``
+``"sqrt_n"``             ``a = sign(g)`` (``‖a‖ = √n`` for a gradient without zeros)
+``"adagrad"``            ``A ← A + g²;  a = g / (√A + ε)``
+``"rmsprop"``            ``A ← β₂A + (1-β₂) g²;  a = g / (√A + ε)``
+``"rmsprop_normalized"`` ``ĝ = g / ‖g‖;  A ← β₂A + (1-β₂) ĝ²;  a = ĝ / (√A + ε)``
+``"adam"``               ``A ← β₂A + (1-β₂) g²;  a = g / (√A / √(1-β₂ᵗ) + ε)``
+=======================  ==================================================================
+
+There is no momentum inside the graft: the optimizer applies its own. An
+optimizer whose statistics already hold Adam's moments (SONew: ``m̂`` and
+``v̂ = Ĥ_{ii}``) takes :func:`adam_direction` of them.
+
+Norms are overflow- and underflow-safe in float32: :func:`norm` divides by
+``s = max|x|`` before squaring, ``‖x‖ = s·‖x/s‖``, so the result is finite
+whenever ``max|x|`` is (kernels may instead accumulate float64 squares of the
+float32 entries, which is equivalent: no float32 square ever rounds to 0 or inf).
+"""
+
+from __future__ import annotations
+
+__all__ = ["DIRECTIONS", "GRANULARITIES", "norm", "norm_of_blocks", "graft_scale", "graft", "graft_blocks",
+           "direction", "adam_direction", "has_accumulator", "check_direction", "check_granularity"]
+
+DIRECTIONS = ("sgd", "sqrt_n", "adagrad", "rmsprop", "rmsprop_normalized", "adam")
+GRANULARITIES = ("layer", "block")
+_WITH_ACCUMULATOR = ("adagrad", "rmsprop", "rmsprop_normalized", "adam")
+
+
+def check_direction(kind) -> str:
+    """``kind`` if it is one of :data:`DIRECTIONS`, else a ``ValueError`` naming ``graft``."""
+    if kind not in DIRECTIONS:
+        raise ValueError(f"graft: must be one of {list(DIRECTIONS)}, got {kind!r}")
+    return kind
+
+
+def check_granularity(per) -> str:
+    """``per`` if it is ``"layer"`` or ``"block"``, else a ``ValueError`` naming ``graft_per``."""
+    if per not in GRANULARITIES:
+        raise ValueError(f"graft_per: must be one of {list(GRANULARITIES)}, got {per!r}")
+    return per
+
+
+def norm(xp, x):
+    r"""``‖x‖₂`` as a 0-d array, safe from overflow and underflow: ``s·‖x/s‖₂`` with ``s = max|x|``.
+
+    ``0`` for an all-zero or empty ``x``; no host synchronisation.
+    """
+    if 0 in tuple(x.shape):
+        return xp.sum(x)  # 0, on x's device
+    amax = xp.max(xp.abs(x))
+    scale = xp.where(amax > 0, amax, xp.ones_like(amax))
+    y = x / scale
+    return amax * xp.sqrt(xp.sum(y * y))
+
+
+def norm_of_blocks(xp, blocks):
+    r"""``‖(x_1, …, x_k)‖₂``: the norm of several arrays taken together, overflow-safe as :func:`norm`."""
+    blocks = [b for b in blocks if 0 not in tuple(b.shape)]
+    if not blocks:
+        raise ValueError("blocks: expected at least one non-empty array")
+    if len(blocks) == 1:
+        return norm(xp, blocks[0])
+    amax = xp.max(xp.stack([xp.max(xp.abs(b)) for b in blocks]))
+    scale = xp.where(amax > 0, amax, xp.ones_like(amax))
+    total = sum(xp.sum((b / scale) * (b / scale)) for b in blocks)
+    return amax * xp.sqrt(total)
+
+
+def graft_scale(xp, target_norm, direction_norm):
+    r"""``‖a‖ / ‖d‖``, and ``0`` when ``‖d‖ = 0`` (the zero guard: ``u = 0``, never NaN)."""
+    ok = direction_norm > 0
+    safe = xp.where(ok, direction_norm, xp.ones_like(direction_norm))
+    ratio = target_norm / safe
+    return xp.where(ok, ratio, xp.zeros_like(ratio))
+
+
+def graft(xp, d, a):
+    r"""``u = (‖a‖/‖d‖)·d`` over the whole array (one layer)."""
+    return d * graft_scale(xp, norm(xp, a), norm(xp, d))
+
+
+def graft_blocks(xp, d_blocks, a_blocks, per: str = "layer") -> list:
+    r"""Graft the blocks ``d_i`` of a layer onto the blocks ``a_i`` of its first-order direction.
+
+    ``per="layer"``: one scale ``‖(a_1..a_k)‖ / ‖(d_1..d_k)‖`` for every block (equal to
+    :func:`graft` on the whole layer); ``per="block"``: ``u_i = (‖a_i‖/‖d_i‖)·d_i``.
+    """
+    check_granularity(per)
+    if len(d_blocks) != len(a_blocks):
+        raise ValueError(f"a_blocks: expected {len(d_blocks)} blocks like d_blocks, got {len(a_blocks)}")
+    if per == "block":
+        return [graft(xp, d, a) for d, a in zip(d_blocks, a_blocks)]
+    s = graft_scale(xp, norm_of_blocks(xp, a_blocks), norm_of_blocks(xp, d_blocks))
+    return [d * s for d in d_blocks]
+
+
+def has_accumulator(kind: str) -> bool:
+    """Whether direction ``kind`` keeps an accumulator ``A`` (the shape of the param)."""
+    return kind in _WITH_ACCUMULATOR
+
+
+def direction(xp, kind: str, g, acc, t: int, *, b2: float = 0.999, eps: float = 1e-8):
+    """``(a, new_acc)`` for step ``t`` (1-based); see the table in the module docstring.
+
+    ``acc`` is the accumulator (``None`` for ``"sgd"`` and ``"sqrt_n"``, returned as is).
+    """
+    check_direction(kind)
+    if kind == "sgd":
+        return g, acc
+    if kind == "sqrt_n":
+        return xp.sign(g), acc
+    if acc is None:
+        raise ValueError(f"acc: graft {kind!r} needs its accumulator (zeros at the first step)")
+    if kind == "rmsprop_normalized":
+        n = norm(xp, g)
+        g = g / xp.where(n > 0, n, xp.ones_like(n))
+    if kind == "adagrad":
+        acc = acc + g * g
+        return g / (xp.sqrt(acc) + eps), acc
+    acc = acc * b2 + (g * g) * (1.0 - b2)
+    if kind == "adam":
+        bc2 = 1.0 - b2 ** t
+        return g / (xp.sqrt(acc) / (bc2 ** 0.5) + eps), acc
+    return g / (xp.sqrt(acc) + eps), acc
+
+
+def adam_direction(xp, mhat, vhat, eps):
+    r"""Adam's direction from bias-corrected moments: ``m̂ / (√v̂ + ε)``."""
+    return mhat / (xp.sqrt(vhat) + eps)
