@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import arrayopt as ao
 from _arrays import asarray, assert_trees_close, float_array_dtypes, require, snapshot, to_numpy, tree_map
@@ -270,11 +272,10 @@ def test_low_precision_params_keep_float32_state():
 # ---------------------------------------------------------------- state that cannot be misused
 
 
-def _leaf_state(state, i):
-    """The per-leaf entries of ``state`` for leaf ``i`` (lists of one entry per leaf)."""
-    n = len(state["param_paths"])
+def _leaf_state(state, i, n):
+    """The per-leaf entries of ``state`` for leaf ``i`` of ``n`` (lists of one entry per leaf)."""
     return {k: v[i] for k, v in state.items()
-            if k not in ao.base.HEADER and isinstance(v, (list, tuple)) and len(v) == n}
+            if k != "param_paths" and isinstance(v, (list, tuple)) and len(v) == n}
 
 
 @pytest.mark.parametrize("rec,config", CASES, ids=CASE_IDS)
@@ -302,7 +303,7 @@ def test_zero_size_leaves_are_accepted_and_do_not_change_the_others(rec, config,
                     alone = ao.apply_updates(alone, u)
             assert s["count"] == 3 and params["z"].shape == (0, 3)
             assert snapshot(params["a"]) == snapshot(alone["a"]), call
-            assert snapshot(_leaf_state(s, 1)) == snapshot(_leaf_state(s_alone, 0)), call
+            assert snapshot(_leaf_state(s, 1, 3)) == snapshot(_leaf_state(s_alone, 0, 1)), call
             # a tree of zero-size leaves only: a step that counts and changes nothing
             empty = {"z": np.ones((0, 2), np.float32)}
             p, s = opt.step(empty, {"z": np.ones((0, 2), np.float32)}, opt.init(empty))
@@ -404,3 +405,25 @@ def test_numpy_integer_hyperparameters_are_accepted(rec, config):
             params, state = opt.step(params, grad(params), state)
         runs.append(snapshot(params))
     assert runs[1] == runs[0] and runs[2] == runs[0], ints
+
+
+_SHAPES = st.lists(st.lists(st.integers(0, 3), max_size=3).map(tuple), min_size=1, max_size=4)
+
+
+@given(rec=st.sampled_from(RECORDS), shapes=_SHAPES, backend=st.sampled_from(["auto", "reference"]))
+def test_trees_with_zero_size_leaves_step_like_the_trees_without_them(rec, shapes, backend):
+    rng = np.random.default_rng(8)
+    params = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    keep = [i for i, p in enumerate(params) if p.size > 0]
+    opt = rec.factory(**rec.configs[0])
+    s = opt.init(params)
+    sub = [params[i].copy() for i in keep]
+    s_sub = opt.init(sub) if keep else None
+    with ao.dispatch.use_backend(None if backend == "auto" else backend):
+        for _ in range(2):
+            g = [rng.normal(size=p.shape).astype(np.float32) for p in params]
+            params, s = opt.step(params, g, s)
+            if keep:
+                sub, s_sub = opt.step(sub, [g[i].copy() for i in keep], s_sub)
+    assert s["count"] == 2 and [p.shape for p in params] == shapes
+    assert snapshot([params[i] for i in keep]) == snapshot(sub)
