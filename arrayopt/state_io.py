@@ -251,7 +251,8 @@ def _read(path) -> tuple[dict, dict]:
         if str(e).startswith("path: "):
             raise
         raise _bad_file(path, f"is corrupted: {e}") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: zipfile's "encrypted, password required" (a flipped flag bit)
         problem = str(e) or type(e).__name__
         if isinstance(e, EOFError) or "not a zip file" in problem or "Truncated" in problem:
             raise _bad_file(path, f"is truncated or not a .npz archive ({problem})") from None

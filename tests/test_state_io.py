@@ -69,6 +69,11 @@ def test_corrupted_byte_in_an_array_or_the_header_raises_a_value_error(tmp_path)
         data[start + info.compress_size - 1] ^= 0xFF  # last data byte of the member
         bad.write_bytes(bytes(data))
         assert "corrupted" in _load_error(bad, state)
+    # a flipped "encrypted" flag bit in the central directory (zipfile raises RuntimeError)
+    data = bytearray(raw)
+    data[raw.find(b"PK\x01\x02") + 8] ^= 0x01
+    bad.write_bytes(bytes(data))
+    assert "corrupted" in _load_error(bad, state)
 
 
 def _rewrite_header(path, out, edit):
