@@ -42,7 +42,9 @@ def check_params(params: Any, arg: str = "params"):
     """Flatten ``params`` and check it; return ``(leaves, treedef, paths, ns)``.
 
     Checks: a non-empty tree; every leaf an array of one namespace and device;
-    real floating dtypes only (integer, boolean and complex params are rejected).
+    real floating dtypes only (integer, boolean and complex params are rejected);
+    for ``arg="params"``, no array under two paths (:func:`check_untied`).
+    Zero-size leaves pass (the optimizer base class leaves them out of the step).
     """
     leaves, treedef, paths = _tree.flatten(params)
     if not leaves:
