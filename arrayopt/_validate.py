@@ -8,6 +8,7 @@ optimizer state bit-identical. Errors name the argument ("params", "grads",
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 from . import _tree
@@ -16,6 +17,8 @@ from ._xp import Namespace, device_of, dtype_name, library_of, namespace_of
 __all__ = [
     "check_params",
     "check_like",
+    "check_untied",
+    "check_no_shared_memory",
     "check_state_leaves",
     "all_finite",
     "first_nonfinite",
@@ -39,7 +42,9 @@ def check_params(params: Any, arg: str = "params"):
     """Flatten ``params`` and check it; return ``(leaves, treedef, paths, ns)``.
 
     Checks: a non-empty tree; every leaf an array of one namespace and device;
-    real floating dtypes only (integer, boolean and complex params are rejected).
+    real floating dtypes only (integer, boolean and complex params are rejected);
+    for ``arg="params"``, no array under two paths (:func:`check_untied`).
+    Zero-size leaves pass (the optimizer base class leaves them out of the step).
     """
     leaves, treedef, paths = _tree.flatten(params)
     if not leaves:
@@ -65,7 +70,55 @@ def check_params(params: Any, arg: str = "params"):
                 f"{arg} leaf {path}: dtype {name} is not a real floating dtype; "
                 f"optimizers need float16, bfloat16, float32 or float64 parameters"
             )
+    if arg == "params":
+        check_untied(leaves, paths)
     return leaves, treedef, paths, ns
+
+
+def check_untied(leaves, paths, arg: str = "params") -> None:
+    """Reject tied weights: one array object under two paths of the tree.
+
+    A fused in-place step would update such an array once per path while the
+    reference path updates it once, so neither result is right; we refuse it
+    before anything is written. (Cheap: one ``id`` per leaf.)
+    """
+    if len(leaves) < 2:
+        return
+    seen: dict = {}
+    for leaf, path in zip(leaves, paths):
+        key = id(leaf)
+        if key in seen:
+            raise ValueError(_tied_message(arg, seen[key], path, "the same array"))
+        seen[key] = path
+
+
+def check_no_shared_memory(leaves, paths, arg: str = "params") -> None:
+    """Reject NumPy leaves that are views of overlapping memory (``w`` and ``w.T``, ``w[:2]``).
+
+    Disjoint views of one buffer (a flat parameter buffer carved into leaves) are fine.
+    Runs in ``init()`` (about 4 µs per NumPy leaf); every step checks identity only.
+    """
+    import numpy as np
+
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # NumPy < 2
+        byte_bounds = np.byte_bounds
+    spans = sorted((byte_bounds(a) + (i,)) for i, a in enumerate(leaves)
+                   if isinstance(a, np.ndarray) and a.size > 0)
+    open_spans: list = []
+    for lo, hi, i in spans:
+        open_spans = [(h, j) for h, j in open_spans if h > lo]
+        for _, j in open_spans:
+            if np.shares_memory(leaves[i], leaves[j]):
+                first, second = sorted((i, j))
+                raise ValueError(_tied_message(arg, paths[first], paths[second], "views of overlapping memory"))
+        open_spans.append((hi, i))
+
+
+def _tied_message(arg, first, second, what) -> str:
+    return (f"{arg} leaves {first} and {second}: {what} (tied weights); an optimizer updates each "
+            f"leaf independently, so list a shared array once and add the gradients of its uses")
 
 
 def check_like(arg: str, tree: Any, treedef, paths, ref_leaves, ns: Namespace, ref_arg="params"):
@@ -167,8 +220,11 @@ def check_learning_rate(value: Any, name: str = "learning_rate") -> float | Call
 
 
 def check_int(name: str, value: Any, low=None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (Python ``int`` or a NumPy integer scalar such as ``np.int64``, not a bool);
+    returns it as a Python ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{name}: must be >= {low}, got {value}")
     return value

@@ -10,13 +10,26 @@ path::
 The ``state`` passed to ``update``/``step`` is consumed: keep only the returned
 one. An optimizer object is immutable after construction (setting an attribute
 raises ``AttributeError``) and may be shared by threads: all mutable data lives
-in the state or in per-call buffers. State is a ``dict`` of arrays, lists of arrays and Python scalars, with
-``state["count"]`` the number of steps taken and ``state["nonfinite_skipped"]``
-the number of steps skipped for non-finite gradients.
+in the state or in per-call buffers. State is a ``dict`` of arrays, lists of arrays and Python scalars. Its
+header (:data:`HEADER`): ``state["optimizer"]`` the optimizer's name,
+``state["count"]`` the number of steps taken, ``state["nonfinite_skipped"]``
+the number of steps skipped for non-finite gradients, ``state["param_paths"]``
+the paths of the params leaves it was made for (a renamed or reordered tree is
+rejected), and ``state["consumed"]``, set to ``True`` on the state that a
+successful ``update``/``step`` consumed, so that passing it again raises (on
+the fused path its buffers were reused in place; on the reference path they
+were not, so reusing it would give backend-dependent results).
+
+Zero-size leaves are accepted: the optimizer runs on the other leaves, and a
+zero-size leaf gets an empty update and keeps its (empty) state. The per-leaf
+entries of a state are its lists with one entry per params leaf
+(:meth:`Optimizer._per_leaf_keys`).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from types import MappingProxyType
 from typing import Any
 
@@ -25,21 +38,71 @@ import array_api_compat as compat
 from . import _tree, _validate
 from ._xp import Namespace, is_low_precision, state_dtype
 
-__all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write_params"]
+__all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write_params", "HEADER"]
 
 _ON_NONFINITE = ("raise", "skip")
 
+#: keys every optimizer state carries besides its own entries
+HEADER = ("optimizer", "count", "nonfinite_skipped", "param_paths", "consumed")
 
-def _check_state_header(state: Any, name: str) -> None:
+
+def _header(name: str, paths) -> dict:
+    return {"optimizer": name, "count": 0, "nonfinite_skipped": 0, "param_paths": tuple(paths),
+            "consumed": False}
+
+
+def _check_state_header(state: Any, name: str, where: str = "state") -> None:
     if not isinstance(state, dict):
-        raise TypeError(f"state: expected the dict returned by init(), got {type(state).__name__}")
+        raise TypeError(f"{where}: expected the dict returned by init(), got {type(state).__name__}")
     owner = state.get("optimizer")
     if owner != name:
-        raise ValueError(f"state: made by optimizer {owner!r}, but this optimizer is {name!r}")
+        raise ValueError(f"{where}: made by optimizer {owner!r}, but this optimizer is {name!r}")
     for key in ("count", "nonfinite_skipped"):
         v = state.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"state[{key!r}]: expected a non-negative int, got {v!r}")
+            raise ValueError(f"{where}[{key!r}]: expected a non-negative int, got {v!r}")
+    consumed = state.get("consumed")
+    if consumed is True:
+        raise ValueError(
+            f"{where}: already consumed by an earlier update()/step() (the state passed to them is "
+            f"consumed, and fused kernels reuse its buffers in place); pass the state that call returned")
+    if consumed is not False:
+        raise ValueError(f"{where}['consumed']: expected False, got {consumed!r}; "
+                         f"was the state made by init() or load_state()?")
+    pp = state.get("param_paths")
+    if not isinstance(pp, tuple) or not all(isinstance(x, str) for x in pp):
+        raise ValueError(f"{where}['param_paths']: expected a tuple of leaf paths, got {type(pp).__name__}; "
+                         f"was the state made by init() or load_state()?")
+
+
+def _check_state_paths(state: dict, paths, arg: str, where: str = "state") -> None:
+    """The params (or grads) tree has the leaf paths the state was made for."""
+    saved = state["param_paths"]
+    if list(saved) != list(paths):
+        diff = next((i for i, (a, b) in enumerate(zip(saved, paths)) if a != b), min(len(saved), len(paths)))
+        got = paths[diff] if diff < len(paths) else "<none>"
+        want = saved[diff] if diff < len(saved) else "<none>"
+        raise ValueError(
+            f"{arg}: leaf {diff} is {got}, but the state was made by init() for a tree whose leaf {diff} "
+            f"is {want} ({len(saved)} leaves); pass the params tree the state was made for")
+
+
+def _copy_state(state: dict) -> dict:
+    """A shallow copy of the same class that keeps pending work (e.g. an in-flight root job)."""
+    return copy.copy(state)
+
+
+def _hand_over(old: dict, new: dict) -> dict:
+    """Mark ``old`` consumed and return ``new`` as a distinct, unconsumed state."""
+    if new is old:
+        new = _copy_state(old)
+    old["consumed"] = True
+    new["consumed"] = False
+    return new
+
+
+def _size(a) -> int:
+    return math.prod(int(d) for d in a.shape)
 
 
 def _writeable_inplace(ns: Namespace, leaves) -> bool:
@@ -145,7 +208,8 @@ class Optimizer(metaclass=_FrozenAfterInit):
 
     def init(self, params: Any) -> dict:
         leaves, treedef, paths, ns = _validate.check_params(params)
-        state = {"optimizer": self.name, "count": 0, "nonfinite_skipped": 0}
+        _validate.check_no_shared_memory(leaves, paths)
+        state = _header(self.name, paths)
         state.update(self._init(ns, leaves))
         return state
 
@@ -155,20 +219,27 @@ class Optimizer(metaclass=_FrozenAfterInit):
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)  # raises unless on_nonfinite="skip"
             zeros = [ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device) for p in leaves]
-            return _tree.unflatten(treedef, zeros), self._skipped_state(state)
-        updates, new_state = self._update(ns, leaves, g_leaves, state, paths)
-        return _tree.unflatten(treedef, updates), new_state
+            return _tree.unflatten(treedef, zeros), _hand_over(state, self._skipped_state(state))
+
+        def empty_update(p):
+            return ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device)
+
+        updates, new_state = self._on_nonempty(self._update, empty_update, ns, leaves, g_leaves, state, paths)
+        return _tree.unflatten(treedef, updates), _hand_over(state, new_state)
 
     def step(self, params: Any, grads: Any, state: dict):
         """Fused step: returns ``(new_params, new_state)``, in place where the params are writeable."""
         if params is None:
             raise TypeError("params: step() needs the params")
         ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
-        result = self._step(ns, leaves, g_leaves, state, paths)
+        if all(_size(p) == 0 for p in leaves):  # nothing to write: the pure path keeps the counters right
+            _, new_state = self._on_nonempty(self._update, None, ns, leaves, g_leaves, state, paths)
+            return params, _hand_over(state, new_state)
+        result = self._on_nonempty(self._step, lambda p: p, ns, leaves, g_leaves, state, paths)
         if result is None:  # non-finite gradient, skipped
-            return params, self._skipped_state(state)
+            return params, _hand_over(state, self._skipped_state(state))
         new_leaves, new_state = result
-        return _tree.unflatten(treedef, new_leaves), new_state
+        return _tree.unflatten(treedef, new_leaves), _hand_over(state, new_state)
 
     # ---------------------------------------------------------------- machinery
 
@@ -180,8 +251,42 @@ class Optimizer(metaclass=_FrozenAfterInit):
         else:
             leaves, treedef, paths, ns = _validate.check_params(params)
             g_leaves = _validate.check_like("grads", grads, treedef, paths, leaves, ns)
+        _check_state_paths(state, paths, "params" if params is not None else "grads")
         self._check_state(ns, leaves, paths, state, params is None)
         return ns, treedef, leaves, g_leaves, paths
+
+    def _per_leaf_keys(self, state: dict, n_leaves: int) -> list:
+        """The state entries that hold one item per params leaf: by default every list or tuple
+        of ``n_leaves`` entries outside the header. Override if an optimizer keeps other lists."""
+        return [k for k, v in state.items()
+                if k not in HEADER and isinstance(v, (list, tuple)) and len(v) == n_leaves]
+
+    def _on_nonempty(self, fn, fill, ns, leaves, g_leaves, state, paths):
+        """``fn(ns, leaves, g_leaves, state, paths)`` on the leaves with at least one entry.
+
+        Zero-size leaves are left out of the call (kernels and reductions never see them):
+        their output is ``fill(param)`` and their per-leaf state entries are kept as they
+        are. ``fn`` returns ``(per-leaf outputs, new_state)`` or ``None`` (a skipped step).
+        """
+        keep = [i for i, p in enumerate(leaves) if _size(p) > 0]
+        if len(keep) == len(leaves):
+            return fn(ns, leaves, g_leaves, state, paths)
+        per_leaf = self._per_leaf_keys(state, len(leaves))
+        sub = _copy_state(state)
+        for k in per_leaf:
+            sub[k] = [state[k][i] for i in keep]
+        result = fn(ns, [leaves[i] for i in keep], [g_leaves[i] for i in keep], sub, [paths[i] for i in keep])
+        if result is None:
+            return None
+        outs, new_sub = result
+        by_index = dict(zip(keep, outs))
+        full_outs = [by_index[i] if i in by_index else (fill(p) if fill else None) for i, p in enumerate(leaves)]
+        new_state = _copy_state(new_sub)
+        for k in per_leaf:
+            got = dict(zip(keep, new_sub[k]))
+            merged = [got[i] if i in got else state[k][i] for i in range(len(leaves))]
+            new_state[k] = type(state[k])(merged)
+        return full_outs, new_state
 
     def _handle_nonfinite(self, xp, g_leaves, paths) -> None:
         """Raise (default) or return to let the caller skip the step."""
@@ -371,10 +476,10 @@ class Chain(Optimizer):
         self.hyperparams = {"parts": [type(p).__name__ for p in parts]}
 
     def init(self, params):
-        return {
-            "optimizer": self.name, "count": 0, "nonfinite_skipped": 0,
-            "inner": [p.init(params) for p in self.parts],
-        }
+        leaves, treedef, paths, ns = _validate.check_params(params)
+        state = _header(self.name, paths)
+        state["inner"] = [p.init(params) for p in self.parts]
+        return state
 
     def update(self, grads, state, params=None):
         _check_state_header(state, self.name)
@@ -382,10 +487,12 @@ class Chain(Optimizer):
         if not isinstance(inner, list) or len(inner) != len(self.parts):
             raise ValueError(f"state['inner']: expected {len(self.parts)} inner states")
         # validate every stage's state before any stage runs, so errors leave nothing half-done
-        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads,
-                                                             "params" if params is not None else "grads")
-        for part, s in zip(self.parts, inner):
-            _check_state_header(s, part.name)
+        arg = "params" if params is not None else "grads"
+        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads, arg)
+        _check_state_paths(state, paths, arg)
+        for i, (part, s) in enumerate(zip(self.parts, inner)):
+            _check_state_header(s, part.name, f"state['inner'][{i}]")
+            _check_state_paths(s, paths, arg, f"state['inner'][{i}]")
             part._check_state(ns, leaves, paths, s, params is None)
         new_inner = []
         updates = grads
@@ -402,7 +509,7 @@ class Chain(Optimizer):
             new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
         else:
             new["count"] = state["count"] + 1
-        return updates, new
+        return updates, _hand_over(state, new)
 
     def step(self, params, grads, state):
         updates, new_state = self.update(grads, state, params)

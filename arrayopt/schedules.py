@@ -11,6 +11,7 @@ Any ``learning_rate`` argument accepts one of these (or any callable of the step
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,9 +21,9 @@ __all__ = ["constant", "linear_warmup", "cosine_decay", "piecewise_constant", "j
 
 
 def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step: expected an int >= 0, got {step!r}")
-    return step
+    return int(step)
 
 
 @dataclass(frozen=True)

@@ -6,22 +6,36 @@ tuples, Python ints/floats/bools/strings/None) as JSON, so that
 ``load_state(path, like=state)`` gives back the same tree with bit-identical
 arrays, the same dtypes and the same step counters, in the namespace and on the
 device of ``like``.
+
+The JSON header records the format name and version (:data:`FORMAT`,
+:data:`VERSION`) and the params leaf paths the state was made for, so loading
+with ``like=`` a state of a renamed params tree is caught. Before writing,
+pending work anywhere in the tree is settled (asynchronous Shampoo roots, also
+inside :func:`arrayopt.chain`); a state that ``update``/``step`` already
+consumed is refused. The file is written to ``<path>.tmp`` and renamed over
+``path``, so a failed save leaves the old file intact and no ``.tmp`` behind.
+A file that is empty, truncated, corrupted or not an arrayopt state raises a
+``ValueError`` naming the path and the problem.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 
 from ._xp import device_of, dtype_name, library_of, namespace_of, to_numpy
 
-__all__ = ["save_state", "load_state", "state_nbytes"]
+__all__ = ["save_state", "load_state", "state_nbytes", "FORMAT", "VERSION"]
 
-_FORMAT = "arrayopt-state-1"
+FORMAT = "arrayopt-state"
+VERSION = 2
 _SCALARS = (bool, int, float, str, type(None))
+_MALFORMED = (KeyError, TypeError, IndexError, AttributeError)
 
 
 def _is_array(x) -> bool:
@@ -34,11 +48,36 @@ def _is_array(x) -> bool:
         return False
 
 
-def _settle(state):
-    """Let objects with pending work (asynchronous roots) finish before saving."""
-    settle = getattr(state, "settle", None)
-    if callable(settle):
-        settle()
+def _settle(node) -> None:
+    """Let every object in the tree with pending work (asynchronous roots) finish before saving."""
+    if isinstance(node, dict):
+        settle = getattr(node, "settle", None)
+        if callable(settle):
+            settle()
+        for v in node.values():
+            _settle(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _settle(v)
+
+
+def _check_not_consumed(node, path="") -> None:
+    """Refuse a state (or a nested one, e.g. in a chain) that update()/step() already consumed."""
+    if isinstance(node, dict):
+        if "optimizer" in node and node.get("consumed") is True:
+            raise ValueError(
+                f"state{path}: already consumed by update()/step() (fused kernels may have reused its "
+                f"buffers); save the state that call returned")
+        for k, v in node.items():
+            _check_not_consumed(v, f"{path}[{k!r}]")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_not_consumed(v, f"{path}[{i}]")
+
+
+def _param_paths(state) -> list | None:
+    pp = state.get("param_paths") if isinstance(state, dict) else None
+    return list(pp) if isinstance(pp, (list, tuple)) else None
 
 
 def _encode(node, path, arrays):
@@ -64,15 +103,28 @@ def _encode(node, path, arrays):
 
 
 def save_state(state: Any, path) -> None:
-    """Write ``state`` to ``path`` (a ``.npz`` file) exactly."""
+    """Write ``state`` to ``path`` (a ``.npz`` file) exactly.
+
+    Settles pending work first; refuses a consumed state. On failure the old file at
+    ``path`` (if any) is untouched and ``<path>.tmp`` is removed.
+    """
+    _check_not_consumed(state)
     _settle(state)
     arrays: dict = {}
     tree = _encode(state, "", arrays)
-    meta = np.frombuffer(json.dumps({"format": _FORMAT, "tree": tree}).encode(), dtype=np.uint8)
+    header = {"format": FORMAT, "version": VERSION, "param_paths": _param_paths(state), "tree": tree}
+    meta = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, __meta__=meta, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, __meta__=meta, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _np_dtype(name: str):
@@ -141,8 +193,10 @@ def _decode(node, like, path, data):
             value = float(value)
         if like is not None and type(like).__name__ != node["type"]:
             raise ValueError(f"state{path}: saved a {node['type']}, like= has {type(like).__name__}")
+        if like is not None and isinstance(value, str) and value != like:  # names, not data
+            raise ValueError(f"state{path}: saved {value!r}, like= has {like!r}")
         return value
-    name, shape = node["dtype"], tuple(node["shape"])
+    name, shape = node["dtype"], tuple(int(d) for d in node["shape"])
     if like is not None:
         if not _is_array(like):
             raise ValueError(f"state{path}: saved an array, like= has {type(like).__name__}")
@@ -150,22 +204,97 @@ def _decode(node, like, path, data):
             raise ValueError(
                 f"state{path}: saved {name}{list(shape)}, like= has "
                 f"{dtype_name(like.dtype)}{list(like.shape)}")
-    return _to_like(data[node["array"]], name, shape, like, path)
+    raw = data[node["array"]]
+    dt = _np_dtype(name)
+    want = int(np.prod(shape, dtype=np.int64)) * (dt.itemsize if dt is not None else 2)
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size != want:
+        raise ValueError(f"state{path}: the file holds {raw.size} bytes for {name}{list(shape)} "
+                         f"({want} expected); the file is corrupted")
+    return _to_like(raw, name, shape, like, path)
+
+
+def _bad_file(path, problem: str) -> ValueError:
+    return ValueError(f"path: {os.fspath(path)!r} {problem}")
+
+
+def _read(path) -> tuple[dict, dict]:
+    """The JSON header and the raw arrays of a state file (``ValueError`` naming what is wrong)."""
+    with open(path, "rb") as f:  # FileNotFoundError etc. pass through unchanged
+        head = f.read(6)
+    if not head:
+        raise _bad_file(path, "is empty (0 bytes); not an arrayopt state file")
+    if head.startswith(b"\x93NUMPY"):
+        raise _bad_file(path, "holds a single .npy array, not an arrayopt state file (.npz)")
+    if not head.startswith(b"PK"):
+        raise _bad_file(path, f"is not a .npz archive (it starts with {head!r}, not a zip signature); "
+                              f"not an arrayopt state file")
+    try:
+        data = np.load(path, allow_pickle=False)
+        with data:
+            if "__meta__" not in data.files:
+                raise _bad_file(path, f"is a .npz archive without the arrayopt header (entries "
+                                      f"{sorted(data.files)[:5]}); not an arrayopt state file "
+                                      f"(was it written by numpy.savez?)")
+            try:
+                meta = json.loads(bytes(data["__meta__"]).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise _bad_file(path, f"has a corrupted header ({e})") from None
+            if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith(FORMAT):
+                raise _bad_file(path, "is a .npz archive whose header is not an arrayopt state header")
+            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+                found = meta.get("version", meta.get("format"))
+                raise _bad_file(path, f"is an arrayopt state file of format version {found!r}; this "
+                                      f"arrayopt reads version {VERSION} (which records the param paths): "
+                                      f"save the state again with this version")
+            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    except ValueError as e:
+        if str(e).startswith("path: "):
+            raise
+        raise _bad_file(path, f"is corrupted: {e}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: zipfile's "encrypted, password required" (a flipped flag bit)
+        problem = str(e) or type(e).__name__
+        if isinstance(e, EOFError) or "not a zip file" in problem or "Truncated" in problem:
+            raise _bad_file(path, f"is truncated or not a .npz archive ({problem})") from None
+        raise _bad_file(path, f"is corrupted ({type(e).__name__}: {problem})") from None
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise _bad_file(path, f"could not be read: {e}") from None
+    if "tree" not in meta:
+        raise _bad_file(path, "has a header without the state tree; the file is corrupted")
+    return meta, arrays
+
+
+def _check_param_paths(path, meta, like) -> None:
+    saved, want = meta.get("param_paths"), _param_paths(like)
+    if saved is None or want is None or list(saved) == want:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(saved, want)) if a != b), min(len(saved), len(want)))
+    raise _bad_file(path, f"holds a state for params leaves {saved}, but like= is a state for "
+                          f"{want} (first difference at leaf {i}); pass like= a state made by init() "
+                          f"for the same params tree")
 
 
 def load_state(path, like: Any = None) -> Any:
     """Read a state written by :func:`save_state`.
 
-    With ``like`` (a state of the same optimizer and params), the structure,
-    shapes and dtypes are checked and arrays are placed in ``like``'s namespace
-    and device; without it, arrays come back as NumPy arrays.
+    With ``like`` (a state of the same optimizer and params), the param paths,
+    structure, shapes and dtypes are checked and arrays are placed in ``like``'s
+    namespace and device; without it, arrays come back as NumPy arrays. The
+    loaded state is fresh (not consumed). Raises ``ValueError`` naming the path
+    and the problem for a file that is empty, truncated, corrupted, of another
+    format version, or not an arrayopt state file.
     """
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(bytes(data["__meta__"]).decode())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"path: {path} is not an arrayopt state file")
-        arrays = {k: data[k] for k in data.files if k != "__meta__"}
-    return _decode(meta["tree"], like, "", arrays)
+    meta, arrays = _read(path)
+    _check_param_paths(path, meta, like)
+    try:
+        return _decode(meta["tree"], like, "", arrays)
+    except ValueError as e:
+        raise ValueError(f"{e} (file {os.fspath(path)!r})") from None
+    except _MALFORMED as e:
+        raise _bad_file(path, f"has a malformed state tree ({type(e).__name__}: {e}); "
+                              f"the file is corrupted") from None
 
 
 def state_nbytes(state: Any) -> int:

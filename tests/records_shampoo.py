@@ -25,7 +25,8 @@ RECORDS = (
             ({"b1": 1.0}, ValueError, "b1: must be < 1"),
             ({"b2": 0.0}, ValueError, "b2: must be > 0"),
             ({"b2": 1.5}, ValueError, "b2: must be <= 1"),
-            ({"eps": -1e-6}, ValueError, "eps: must be >= 0"),
+            ({"eps": -1e-6}, ValueError, "eps: must be > 0"),
+            ({"eps": 0.0}, ValueError, "eps: must be > 0"),  # every root would fail
             ({"precondition_every": 0}, ValueError, "precondition_every: must be >= 1"),
             ({"start_preconditioning_step": 0}, ValueError, "start_preconditioning_step: must be >= 1"),
             ({"root_method": "svd"}, ValueError, "root_method: must be one of"),

@@ -34,6 +34,9 @@ def test_schedules_values():
     assert [p(0), p(10), p(25)] == [1.0, 0.5, pytest.approx(0.05)]
     j = s.join([s.linear_warmup(1.0, 10), s.cosine_decay(1.0, 90)], [10])
     assert j(0) == 0.0 and j(10) == 1.0 and j(100) == pytest.approx(0.0, abs=1e-12)
+    # NumPy integer scalars count as ints (hyperparameters and the step)
+    assert s.cosine_decay(2.0, np.int64(100), alpha=0.1)(np.int64(50)) == c(50)
+    assert s.linear_warmup(1.0, np.int32(10), init_value=0.1)(np.uint8(5)) == pytest.approx(0.55)
 
 
 @pytest.mark.parametrize("bad,err,regex", [

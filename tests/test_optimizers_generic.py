@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import arrayopt as ao
 from _arrays import asarray, assert_trees_close, float_array_dtypes, require, snapshot, to_numpy, tree_map
@@ -265,3 +267,163 @@ def test_low_precision_params_keep_float32_state():
             p, s = opt.step(p, g, s)
         assert p["w"].dtype == torch.bfloat16 and p["h"].dtype == torch.float16
         assert all(bool(torch.isfinite(v).all()) for v in p.values())
+
+
+# ---------------------------------------------------------------- state that cannot be misused
+
+
+def _leaf_state(state, i, n):
+    """The per-leaf entries of ``state`` for leaf ``i`` of ``n`` (lists of one entry per leaf)."""
+    return {k: v[i] for k, v in state.items()
+            if k != "param_paths" and isinstance(v, (list, tuple)) and len(v) == n}
+
+
+@pytest.mark.parametrize("rec,config", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_zero_size_leaves_are_accepted_and_do_not_change_the_others(rec, config, backend):
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(5, 4))
+    with ao.dispatch.use_backend(None if backend == "auto" else backend):
+        for call in ("step", "update"):
+            opt = rec.factory(**config)
+            params = {"z": np.ones((0, 3), np.float32), "a": a.astype(np.float32), "e": np.ones(0, np.float32)}
+            alone = {"a": a.astype(np.float32)}
+            s, s_alone = opt.init(params), opt.init(alone)
+            for _ in range(3):
+                g = rng.normal(size=(5, 4)).astype(np.float32)
+                grads = {"z": np.ones((0, 3), np.float32), "a": g, "e": np.ones(0, np.float32)}
+                if call == "step":
+                    params, s = opt.step(params, grads, s)
+                    alone, s_alone = opt.step(alone, {"a": g.copy()}, s_alone)
+                else:
+                    u, s = opt.update(grads, s, params)
+                    assert u["z"].shape == (0, 3) and u["e"].shape == (0,)
+                    params = ao.apply_updates(params, u)
+                    u, s_alone = opt.update({"a": g.copy()}, s_alone, alone)
+                    alone = ao.apply_updates(alone, u)
+            assert s["count"] == 3 and params["z"].shape == (0, 3)
+            assert snapshot(params["a"]) == snapshot(alone["a"]), call
+            assert snapshot(_leaf_state(s, 1, 3)) == snapshot(_leaf_state(s_alone, 0, 1)), call
+            # a tree of zero-size leaves only: a step that counts and changes nothing
+            empty = {"z": np.ones((0, 2), np.float32)}
+            p, s = opt.step(empty, {"z": np.ones((0, 2), np.float32)}, opt.init(empty))
+            assert s["count"] == 1 and p["z"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=REC_IDS)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_tied_weights_raise_before_anything_is_written(rec, backend):
+    opt = rec.factory(**rec.configs[0])
+    w = np.ones((5, 4), np.float32)
+    with pytest.raises(ValueError, match=r"params leaves \['a'\] and \['b'\]: the same array \(tied weights\)"):
+        opt.init({"a": w, "b": w})
+    flat = np.ones(12, np.float32)  # overlapping views of one buffer, also rejected at init()
+    with pytest.raises(ValueError, match=r"params leaves \[0\] and \[1\]: views of overlapping memory"):
+        opt.init([flat[:8], flat[4:]])
+    opt.init([flat[:6], flat[6:]])  # disjoint views of one buffer are separate params
+    with ao.dispatch.use_backend(None if backend == "auto" else backend):
+        params = {"a": np.ones((5, 4), np.float32), "b": np.full((5, 4), 2.0, np.float32)}
+        state = opt.init(params)
+        tied = {"a": params["a"], "b": params["a"]}
+        grads = {"a": np.ones((5, 4), np.float32), "b": np.ones((5, 4), np.float32)}
+        before_s, before_p = snapshot(state), snapshot(params)
+        for call in ("step", "update"):
+            with pytest.raises(ValueError, match=r"params leaves \['a'\] and \['b'\]: the same array"):
+                opt.step(tied, grads, state) if call == "step" else opt.update(grads, state, tied)
+            assert snapshot(state) == before_s and snapshot(params) == before_p
+        with pytest.raises(ValueError, match=r"params leaves \['a'\] and \['b'\]: the same array"):
+            ao.apply_updates(tied, grads)
+
+
+def _unmarked(tree):
+    """``tree`` without the ``consumed`` marks (of the state and of nested states)."""
+    if isinstance(tree, dict):
+        return {k: _unmarked(v) for k, v in tree.items() if k != "consumed"}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_unmarked(v) for v in tree)
+    return tree
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=REC_IDS)
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_a_consumed_state_passed_again_raises_on_every_path(rec, lib, backend):
+    require(lib)
+    rng = np.random.default_rng(6)
+    with ao.dispatch.use_backend(None if backend == "auto" else backend):
+        for wrap in (False, True):  # the optimizer alone, and inside a chain
+            opt = rec.factory(**rec.configs[0])
+            if wrap:
+                opt = ao.chain(ao.scale(1.0), opt)
+            params = {"w": asarray(lib, rng.normal(size=(5, 4)), "float32")}
+            g = {"w": asarray(lib, rng.normal(size=(5, 4)), "float32")}
+            s0 = opt.init(params)
+            params, s1 = opt.step(params, g, s0)
+            for call in ("step", "update"):
+                for old in (s0, dict(s0)):  # a plain copy of a consumed state is consumed too
+                    with pytest.raises(ValueError, match=r"^state: already consumed by an earlier update"):
+                        opt.step(params, g, old) if call == "step" else opt.update(g, old, params)
+            before = snapshot(_unmarked(s1))
+            u, s2 = opt.update(g, s1, params)  # the returned state works; it is consumed in turn
+            assert s2["count"] == 2 and s1["consumed"] is True and s2["consumed"] is False
+            with pytest.raises(ValueError, match="already consumed"):
+                opt.update(g, s1, params)
+            assert snapshot(_unmarked(s1)) == before  # update() and the rejected calls changed nothing else
+            if wrap:  # an inner state that was consumed is caught too
+                with pytest.raises(ValueError, match=r"^state\['inner'\]\[1\]: already consumed"):
+                    opt.update(g, dict(s2, inner=[s2["inner"][0], s1["inner"][1]]), params)
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=REC_IDS)
+def test_state_of_another_params_tree_is_rejected(rec):
+    opt = rec.factory(**rec.configs[0])
+    state = opt.init({"w": np.ones((5, 4), np.float32), "b": np.ones(4, np.float32)})
+    renamed = {"weight": np.ones((5, 4), np.float32), "b": np.ones(4, np.float32)}
+    g = {"weight": np.ones((5, 4), np.float32), "b": np.ones(4, np.float32)}
+    before = snapshot(state)
+    with pytest.raises(ValueError, match=r"params: leaf 0 is \['weight'\], but the state was made by init\(\) "
+                                         r"for a tree whose leaf 0 is \['w'\]"):
+        opt.step(renamed, g, state)
+    with pytest.raises(ValueError, match=r"grads: leaf 0 is \['weight'\]"):
+        opt.update(g, state)
+    assert snapshot(state) == before
+
+
+def _numpy_ints(config, kind):
+    return {k: kind(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in config.items()}
+
+
+@pytest.mark.parametrize("rec,config", CASES, ids=CASE_IDS)
+def test_numpy_integer_hyperparameters_are_accepted(rec, config):
+    ints = [k for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)]
+    runs = []
+    for cfg in (config, _numpy_ints(config, np.int64), _numpy_ints(config, np.int32)):
+        opt = rec.factory(**cfg)
+        params, _, grad = quadratic()
+        state = opt.init(params)
+        for _ in range(3):
+            params, state = opt.step(params, grad(params), state)
+        runs.append(snapshot(params))
+    assert runs[1] == runs[0] and runs[2] == runs[0], ints
+
+
+_SHAPES = st.lists(st.lists(st.integers(0, 3), max_size=3).map(tuple), min_size=1, max_size=4)
+
+
+@given(rec=st.sampled_from(RECORDS), shapes=_SHAPES, backend=st.sampled_from(["auto", "reference"]))
+def test_trees_with_zero_size_leaves_step_like_the_trees_without_them(rec, shapes, backend):
+    rng = np.random.default_rng(8)
+    params = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    keep = [i for i, p in enumerate(params) if p.size > 0]
+    opt = rec.factory(**rec.configs[0])
+    s = opt.init(params)
+    sub = [params[i].copy() for i in keep]
+    s_sub = opt.init(sub) if keep else None
+    with ao.dispatch.use_backend(None if backend == "auto" else backend):
+        for _ in range(2):
+            g = [rng.normal(size=p.shape).astype(np.float32) for p in params]
+            params, s = opt.step(params, g, s)
+            if keep:
+                sub, s_sub = opt.step(sub, [g[i].copy() for i in keep], s_sub)
+    assert s["count"] == 2 and [p.shape for p in params] == shapes
+    assert snapshot([params[i] for i in keep]) == snapshot(sub)

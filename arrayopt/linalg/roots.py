@@ -40,6 +40,7 @@ array([[0.5 , 0.  ],
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -53,11 +54,11 @@ _COMPUTE = ("float64", "float32")
 
 
 def _check_args(p, ridge_epsilon, method, compute_dtype):
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p <= 0:
         raise ValueError(f"p: expected a positive number, got {p!r}")
     if method == "newton" and (not float(p).is_integer()):
         raise ValueError(f"p: method='newton' needs an integer p, got {p!r}")
-    if isinstance(ridge_epsilon, bool) or not isinstance(ridge_epsilon, (int, float)) \
+    if isinstance(ridge_epsilon, bool) or not isinstance(ridge_epsilon, numbers.Real) \
             or not math.isfinite(ridge_epsilon) or ridge_epsilon < 0:
         raise ValueError(f"ridge_epsilon: expected a finite number >= 0, got {ridge_epsilon!r}")
     if method not in _METHODS:
@@ -289,7 +290,7 @@ def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "e
     and ``retries`` (per matrix, the ``i`` of the ridge ``ε·10^i`` Newton converged at).
     """
     _check_args(p, ridge_epsilon, method, compute_dtype)
-    if isinstance(ridge_retries, bool) or not isinstance(ridge_retries, int) or ridge_retries < 0:
+    if isinstance(ridge_retries, bool) or not isinstance(ridge_retries, numbers.Integral) or ridge_retries < 0:
         raise ValueError(f"ridge_retries: expected an integer >= 0, got {ridge_retries!r}")
     if len(A.shape) < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A: expected square matrices (..., n, n), got shape {tuple(A.shape)}")

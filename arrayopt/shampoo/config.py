@@ -99,7 +99,9 @@ class ShampooConfig:
         s(self, "block_size", _validate.check_int("block_size", self.block_size, 1))
         s(self, "b1", _validate.check_real("b1", self.b1, 0.0, 1.0, high_open=True))
         s(self, "b2", _validate.check_real("b2", self.b2, 0.0, 1.0, low_open=True))
-        s(self, "eps", _validate.check_real("eps", self.eps, 0.0))
+        # eps > 0: with a zero ridge the factors of the first steps (rank-deficient sums of g gᵀ)
+        # have no inverse root, so every root would fail
+        s(self, "eps", _validate.check_real("eps", self.eps, 0.0, low_open=True))
         s(self, "exponent_override", _validate.check_int("exponent_override", self.exponent_override, 0))
         s(self, "precondition_every", _validate.check_int("precondition_every", self.precondition_every, 1))
         s(self, "statistics_every", _validate.check_int("statistics_every", self.statistics_every, 1))
@@ -117,16 +119,18 @@ class ShampooConfig:
             s(self, "nesterov", False)  # Nesterov with no momentum is plain momentum-free SGD
         s(self, "weight_decay", _validate.check_real("weight_decay", self.weight_decay, 0.0))
         if self.merge_small_dims is not None:
-            _validate.check_int("merge_small_dims", self.merge_small_dims, 1)
+            s(self, "merge_small_dims", _validate.check_int("merge_small_dims", self.merge_small_dims, 1))
         if self.skip_preconditioning_dim_size_gt is not None:
-            _validate.check_int("skip_preconditioning_dim_size_gt", self.skip_preconditioning_dim_size_gt, 1)
-        _validate.check_int("skip_preconditioning_rank_lt", self.skip_preconditioning_rank_lt, 0)
+            s(self, "skip_preconditioning_dim_size_gt",
+              _validate.check_int("skip_preconditioning_dim_size_gt", self.skip_preconditioning_dim_size_gt, 1))
+        s(self, "skip_preconditioning_rank_lt",
+          _validate.check_int("skip_preconditioning_rank_lt", self.skip_preconditioning_rank_lt, 0))
         _validate.check_choice("preconditioner_type", self.preconditioner_type, PRECONDITIONER_TYPES)
         s(self, "inverse_failure_threshold",
           _validate.check_real("inverse_failure_threshold", self.inverse_failure_threshold, 0.0, low_open=True))
-        _validate.check_int("ridge_retries", self.ridge_retries, 0)
+        s(self, "ridge_retries", _validate.check_int("ridge_retries", self.ridge_retries, 0))
         if self.root_delay is not None:
-            _validate.check_int("root_delay", self.root_delay, 0)
+            s(self, "root_delay", _validate.check_int("root_delay", self.root_delay, 0))
         if self.exponent_override and self.root_method == "newton" and not float(self.exponent_override).is_integer():
             raise ValueError("exponent_override: root_method='newton' needs an integer exponent")
 

@@ -373,7 +373,7 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
       block_size: dims longer than this are cut into blocks of this size.
       b1: momentum (heavy-ball; EMA with ``ema_momentum=True``); 0 disables it.
       b2: factor statistics decay; ``1.0`` is the AdaGrad-style running sum.
-      eps: ridge of the roots, relative to ``λmax`` (absolute if ``relative_epsilon=False``).
+      eps: ridge of the roots (> 0), relative to ``λmax`` (absolute if ``relative_epsilon=False``).
       exponent_override: ``p`` of every root (``-1/p``); 0 means ``2 × #preconditioned dims``.
       precondition_every: roots every this many steps (``F``).
       statistics_every: the factor statistics take the gradient only on steps ``t`` with
