@@ -163,7 +163,7 @@ def _tol(dtype, cond):
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("b", [0, 1, 2, 4, 9])
+@pytest.mark.parametrize("b", [0, 1, 2, 3, 4, 8, 9])
 @SETTINGS
 @given(n=st.integers(1, 48), seed=st.integers(0, 2**32 - 1), rank=st.integers(1, 6),
        cond_exp=st.floats(-18, 0))
@@ -179,12 +179,21 @@ def test_host_factor_apply_match_reference(sonew_harness, dtype, b, n, seed, ran
     real = np.clip(n - 1 - np.arange(n), 0, b)
     kept_real = np.minimum(kept, real)
     removed, fallback = int(np.sum(real - kept_real)), int(np.sum(kept_real < real))
-    kernels = [_kernels.sonew_factor_kernel(b)] + (["sonew_band_factor_32"] if b <= 8 else [])
+    # the chosen kernel (b fixed for 2..8) against the runtime-b kernels, bit for bit
+    kernels = [_kernels.sonew_factor_kernel(b)] + (["sonew_band_factor_8", "sonew_band_factor_32"]
+                                                   if b <= 8 else [])
     if b == 1:
         kernels.append("sonew_tri_precond")
     tol = _tol(dtype, cond)
+    first = None
     for kernel in kernels:
         u, psi, counts = _factor_apply(sonew_harness, band, v, b, cond, tau, kernel)
+        if kernel != "sonew_tri_precond":
+            if first is None:
+                first = (u, psi)
+            else:  # every banded kernel: the same operations in the same order
+                np.testing.assert_array_equal(u, first[0], err_msg=kernel)
+                np.testing.assert_array_equal(psi, first[1], err_msg=kernel)
         assert u.dtype == dtype
         assert (int(counts[0]), int(counts[1])) == (removed, fallback), kernel
         np.testing.assert_allclose(u, u_ref, rtol=tol, atol=tol * np.abs(u_ref).max(), err_msg=kernel)
@@ -309,7 +318,8 @@ def test_emulated_run_sonew_matches_reference_step(emulated, dtype, band, graft,
     _assert_step_parity(got, ref, keys, dtype, graft)
     names = {e.split("::")[1].split("<")[0] for e, _, _ in launches}
     want = {"sonew_stats", "count_nonfinite"} | ({"sonew_rowmax"} if relative else set())
-    want |= {"sonew_tri_precond"} if band == 1 else {"sonew_band_factor_8", "sonew_band_apply"}
+    want |= ({"sonew_tri_precond"} if band == 1
+             else {_kernels.sonew_factor_kernel(band), "sonew_band_apply"})
     want |= set() if graft == "none" else {"sonew_scaled_apply"}
     assert names == want
     assert all(e.endswith("<float>" if dtype == np.float32 else "<double>") for e, _, _ in launches)
@@ -367,13 +377,17 @@ def test_sonew_kernel_table_and_harness_symbols(sonew_harness):
     src = _kernels.SONEW_SOURCE.read_text()
     assert "sonew" in cupy_cuda.BACKEND.ops
     for base in _kernels.SONEW_KERNEL_BASES:
-        assert re.search(rf"__global__ void {base}\(", src), base
+        exact = re.fullmatch(r"sonew_band_factor_b(\d)", base)  # made by ARRAYOPT_EXACT_BAND(B)
+        pattern = rf"\nARRAYOPT_EXACT_BAND\({exact.group(1)}\)\n" if exact else rf"__global__ void {base}\("
+        assert re.search(pattern, src), base
         for dtype in FLOATS:
             assert hasattr(sonew_harness.lib, sonew_harness.symbol(base, dtype))
     assert set(_kernels.SONEW_NAME_EXPRESSIONS) == {
         f"arrayopt::{b}<{t}>" for b in _kernels.SONEW_KERNEL_BASES for t in ("float", "double")}
     assert _kernels.sonew_factor_kernel(0) == "sonew_band_factor_8"
-    assert _kernels.sonew_factor_kernel(8) == "sonew_band_factor_8"
+    assert _kernels.sonew_factor_kernel(1) == "sonew_band_factor_8"
+    assert [_kernels.sonew_factor_kernel(b) for b in range(2, 9)] == [
+        f"sonew_band_factor_b{b}" for b in range(2, 9)]
     assert _kernels.sonew_factor_kernel(9) == "sonew_band_factor_32"
     with pytest.raises(ValueError, match="band <= 32"):
         _kernels.sonew_factor_kernel(33)

@@ -125,8 +125,10 @@ def count_args(x, counter) -> tuple:
 
 # ---------------------------------------------------------------- SONew (sonew.cu)
 
+SONEW_EXACT_BANDS = range(2, 9)  # sonew_band_factor_b<B>: b fixed at compile time
 SONEW_KERNEL_BASES = ("sonew_stats", "sonew_rowmax", "sonew_tri_precond", "sonew_band_factor_8",
-                      "sonew_band_factor_32", "sonew_band_apply", "sonew_scaled_apply")
+                      "sonew_band_factor_32", "sonew_band_apply", "sonew_scaled_apply",
+                      *(f"sonew_band_factor_b{b}" for b in SONEW_EXACT_BANDS))
 SONEW_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in SONEW_KERNEL_BASES for t in _CTYPE)
 # the widest band the kernels take (per-thread window arrays); wider bands take the reference
 SONEW_MAX_BAND = 32
@@ -134,7 +136,10 @@ SONEW_GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3}
 
 
 def sonew_factor_kernel(b: int) -> str:
-    """The banded factor kernel for half-bandwidth ``b`` (its window arrays hold ``b``)."""
+    """The banded factor kernel for half-bandwidth ``b``: ``b`` fixed at compile time for
+    2..8 (window in registers), else a runtime ``b`` in window arrays of 8 or 32."""
+    if b in SONEW_EXACT_BANDS:
+        return f"sonew_band_factor_b{b}"
     if b <= 8:
         return "sonew_band_factor_8"
     if b <= SONEW_MAX_BAND:

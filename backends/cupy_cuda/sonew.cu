@@ -20,7 +20,8 @@
 //   3. b = 1: sonew_tri_precond   per row ψ, s with edge removal for rows j-1 and j (row
 //                       j-1 recomputed, as Numba does at its chunk boundaries), y = L D Lᵀ m̂,
 //                       p updated (graft "none") or u written and ‖u‖² -> norms[1]
-//      else:  sonew_band_factor_8 / _32 (b <= 8 / b <= 32: sizes of the per-thread window)
+//      else:  sonew_band_factor_b2.._b8 (b fixed: window in registers), _8 (b = 0) or _32
+//                       (9 <= b <= 32: the size of the per-thread window)
 //                       per row LDLᵀ of the b×b window with the bandwidth fallback, ψ -> psi,
 //                       t = D⁻¹ Lᵀ m̂; then sonew_band_apply: y = L t, p or u as above
 //   4. sonew_scaled_apply (graft only) p <- p + (-lr)(scale·u + λp),
@@ -174,14 +175,20 @@ __host__ __device__ inline T window(long long j, int a, int c, const T* band, lo
 // Banded row j (b <= MAXB): unpivoted LDLᵀ of the window, prefix Schur complements with the
 // per-row bandwidth fallback, ψ_j -> psi, returns t_j = (m̂_j - Σ_k ψ_j[k] m̂_{j+k}) / s_j.
 // Adds dropped band edges to *removed and 1 to *fallback when the row fell back.
-template <typename T, int MAXB>
+//
+// FIXB > 0 fixes b = FIXB at compile time (MAXB = FIXB): the loops unroll and the window
+// arrays live in registers instead of local memory; the operations and their order are
+// those of the runtime-b form, so both give the same bits.
+template <typename T, int MAXB, int FIXB = 0>
 __host__ __device__ inline T band_row(long long j, const T* m, const T* band, T* psi, long long n,
-                                      int b, T bc1, T bc2, T eps_eff, T tau, long long* removed,
-                                      int* fallback) {
+                                      int b_rt, T bc1, T bc2, T eps_eff, T tau,
+                                      long long* removed, int* fallback) {
+    const int b = FIXB > 0 ? FIXB : b_rt;
     T L[MAXB * (MAXB - 1) / 2 + 1];  // L[r][i], r > i, packed at r(r-1)/2 + i
     T d[MAXB], zv[MAXB], wv[MAXB], ps[MAXB];
     bool okv[MAXB];
 #define ARRAYOPT_L(r, i) L[(r) * ((r) - 1) / 2 + (i)]
+#pragma unroll
     for (int i = 0; i < b; ++i) {
         const T aii = window(j, i, i, band, n, b, bc2, eps_eff);
         T di = aii;
@@ -202,6 +209,7 @@ __host__ __device__ inline T band_row(long long j, const T* m, const T* band, T*
     T s = d0;
     bool alive = true;
     int kept = 0;
+#pragma unroll
     for (int i = 0; i < b; ++i) {
         T zi = (j + 1 + i < n) ? div(band[j * w0 + i + 1], bc2) : T(0);
         for (int l = 0; l < i; ++l) zi = sub(zi, mul(ARRAYOPT_L(i, l), zv[l]));
@@ -223,6 +231,7 @@ __host__ __device__ inline T band_row(long long j, const T* m, const T* band, T*
         *removed += real - kept;
         *fallback += 1;
     }
+#pragma unroll
     for (int i = b - 1; i >= 0; --i) {
         T pi = wv[i];
         for (int r = i + 1; r < b; ++r) pi = sub(pi, mul(ARRAYOPT_L(r, i), ps[r]));
@@ -230,6 +239,7 @@ __host__ __device__ inline T band_row(long long j, const T* m, const T* band, T*
     }
 #undef ARRAYOPT_L
     T acc = div(m[j], bc1);
+#pragma unroll
     for (int k = 1; k <= b; ++k) {
         if (j + k < n) {
             psi[j * b + k - 1] = ps[k - 1];
@@ -387,7 +397,7 @@ __global__ void sonew_tri_precond(T* p, const T* m, const T* band, T* u, long lo
     }
 }
 
-template <typename T, int MAXB>
+template <typename T, int MAXB, int FIXB = 0>
 __device__ inline void band_factor_kernel(const T* m, const T* band, T* psi, T* t, long long n,
                                           int b, T bc1, T bc2, const T* rowmax, T eps, T eps_min,
                                           int relative, T tau, unsigned long long* counts) {
@@ -395,8 +405,8 @@ __device__ inline void band_factor_kernel(const T* m, const T* band, T* psi, T* 
     long long removed = 0;
     int fallback = 0;
     ARRAYOPT_ROWS(j, n) {
-        t[j] = sonew::band_row<T, MAXB>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, &removed,
-                                         &fallback);
+        t[j] = sonew::band_row<T, MAXB, FIXB>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau,
+                                               &removed, &fallback);
     }
     const unsigned long long rem = sonew::block_sum((unsigned long long)removed);
     const unsigned long long fb = sonew::block_sum((unsigned long long)fallback);
@@ -421,6 +431,25 @@ __global__ void sonew_band_factor_32(const T* m, const T* band, T* psi, T* t, lo
     band_factor_kernel<T, 32>(m, band, psi, t, n, b, bc1, bc2, rowmax, eps, eps_min, relative,
                               tau, counts);
 }
+
+// b = 2..8 exactly (the caller passes that b): window arrays in registers.
+#define ARRAYOPT_EXACT_BAND(B)                                                              \
+    template <typename T>                                                                   \
+    __global__ void sonew_band_factor_b##B(const T* m, const T* band, T* psi, T* t,         \
+                                           long long n, int b, T bc1, T bc2,                \
+                                           const T* rowmax, T eps, T eps_min, int relative, \
+                                           T tau, unsigned long long* counts) {             \
+        band_factor_kernel<T, B, B>(m, band, psi, t, n, b, bc1, bc2, rowmax, eps, eps_min,  \
+                                    relative, tau, counts);                                 \
+    }
+ARRAYOPT_EXACT_BAND(2)
+ARRAYOPT_EXACT_BAND(3)
+ARRAYOPT_EXACT_BAND(4)
+ARRAYOPT_EXACT_BAND(5)
+ARRAYOPT_EXACT_BAND(6)
+ARRAYOPT_EXACT_BAND(7)
+ARRAYOPT_EXACT_BAND(8)
+#undef ARRAYOPT_EXACT_BAND
 
 template <typename T>
 __global__ void sonew_band_apply(T* p, const T* psi, const T* t, T* u, long long n, int b,
@@ -447,6 +476,10 @@ __global__ void sonew_scaled_apply(T* p, const T* u, long long n, const double* 
 
 // Explicit instantiations, so that a plain `nvcc --cubin` compiles every kernel; CuPy also
 // names them in `name_expressions`.
+#define ARRAYOPT_INSTANTIATE_EXACT(T, B)                                                    \
+    template __global__ void sonew_band_factor_b##B<T>(const T*, const T*, T*, T*, long long, \
+                                                       int, T, T, const T*, T, T, int, T,   \
+                                                       unsigned long long*);
 #define ARRAYOPT_INSTANTIATE(T)                                                             \
     template __global__ void sonew_stats<T>(const T*, T*, T*, long long, int, T, T, T, T, T, \
                                             T, int, double*);                               \
@@ -460,12 +493,17 @@ __global__ void sonew_scaled_apply(T* p, const T* u, long long n, const double* 
     template __global__ void sonew_band_factor_32<T>(const T*, const T*, T*, T*, long long,  \
                                                      int, T, T, const T*, T, T, int, T,     \
                                                      unsigned long long*);                  \
+    ARRAYOPT_INSTANTIATE_EXACT(T, 2) ARRAYOPT_INSTANTIATE_EXACT(T, 3)                      \
+    ARRAYOPT_INSTANTIATE_EXACT(T, 4) ARRAYOPT_INSTANTIATE_EXACT(T, 5)                      \
+    ARRAYOPT_INSTANTIATE_EXACT(T, 6) ARRAYOPT_INSTANTIATE_EXACT(T, 7)                      \
+    ARRAYOPT_INSTANTIATE_EXACT(T, 8)                                                       \
     template __global__ void sonew_band_apply<T>(T*, const T*, const T*, T*, long long, int, T, \
                                                  T, int, double*);                          \
     template __global__ void sonew_scaled_apply<T>(T*, const T*, long long, const double*, T, T);
 ARRAYOPT_INSTANTIATE(float)
 ARRAYOPT_INSTANTIATE(double)
 #undef ARRAYOPT_INSTANTIATE
+#undef ARRAYOPT_INSTANTIATE_EXACT
 
 #endif  // !ARRAYOPT_HOST_HARNESS
 
@@ -475,6 +513,34 @@ ARRAYOPT_INSTANTIATE(double)
 #if defined(ARRAYOPT_HOST_HARNESS)
 // `host_<kernel>_<f32|f64>`: the kernel's parameter list, run on the host over the rows in
 // order; the block reductions and atomics become plain sums and a max.
+namespace arrayopt {
+namespace sonew {
+// band_row of the kernel `kind`: 8 or 32 (runtime b <= kind), or -B (b = B fixed, 2..8)
+template <typename T>
+inline T host_band_row(int kind, long long j, const T* m, const T* band, T* psi, long long n,
+                       int b, T bc1, T bc2, T eps_eff, T tau, long long* removed,
+                       int* fallback) {
+    switch (kind) {
+        case -2: return band_row<T, 2, 2>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case -3: return band_row<T, 3, 3>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case -4: return band_row<T, 4, 4>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case -5: return band_row<T, 5, 5>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case -6: return band_row<T, 6, 6>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case -7: return band_row<T, 7, 7>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case -8: return band_row<T, 8, 8>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        case 8: return band_row<T, 8>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+        default: return band_row<T, 32>(j, m, band, psi, n, b, bc1, bc2, eps_eff, tau, removed, fallback);
+    }
+}
+}  // namespace sonew
+}  // namespace arrayopt
+#define ARRAYOPT_HOST_EXACT(T, SUF, B)                                                        \
+    extern "C" void host_sonew_band_factor_b##B##_##SUF(                                      \
+        const T* m, const T* band, T* psi, T* t, long long n, int b, T bc1, T bc2,            \
+        const T* rowmax, T eps, T eps_min, int relative, T tau, unsigned long long* counts) { \
+        host_band_factor_##SUF(-B, m, band, psi, t, n, b, bc1, bc2, rowmax, eps, eps_min,     \
+                               relative, tau, counts);                                        \
+    }
 #define ARRAYOPT_HOST(T, SUF)                                                                 \
     extern "C" void host_sonew_stats_##SUF(const T* g, T* m, T* band, long long n, int b,     \
                                            T omb1, T b2, T omb2, T bc1, T bc2, T graft_eps,   \
@@ -516,12 +582,8 @@ ARRAYOPT_INSTANTIATE(double)
         long long removed = 0;                                                                \
         int fallback = 0;                                                                     \
         for (long long j = 0; j < n; ++j)                                                     \
-            t[j] = maxb == 8 ? arrayopt::sonew::band_row<T, 8>(j, m, band, psi, n, b, bc1,    \
-                                                               bc2, eps_eff, tau, &removed,   \
-                                                               &fallback)                     \
-                             : arrayopt::sonew::band_row<T, 32>(j, m, band, psi, n, b, bc1,   \
-                                                                bc2, eps_eff, tau, &removed,  \
-                                                                &fallback);                   \
+            t[j] = arrayopt::sonew::host_band_row(maxb, j, m, band, psi, n, b, bc1, bc2,      \
+                                                  eps_eff, tau, &removed, &fallback);         \
         counts[0] += removed;                                                                 \
         counts[1] += fallback;                                                                \
     }                                                                                         \
@@ -537,6 +599,10 @@ ARRAYOPT_INSTANTIATE(double)
         host_band_factor_##SUF(32, m, band, psi, t, n, b, bc1, bc2, rowmax, eps, eps_min,     \
                                relative, tau, counts);                                        \
     }                                                                                         \
+    ARRAYOPT_HOST_EXACT(T, SUF, 2) ARRAYOPT_HOST_EXACT(T, SUF, 3)                            \
+    ARRAYOPT_HOST_EXACT(T, SUF, 4) ARRAYOPT_HOST_EXACT(T, SUF, 5)                            \
+    ARRAYOPT_HOST_EXACT(T, SUF, 6) ARRAYOPT_HOST_EXACT(T, SUF, 7)                            \
+    ARRAYOPT_HOST_EXACT(T, SUF, 8)                                                           \
     extern "C" void host_sonew_band_apply_##SUF(T* p, const T* psi, const T* t, T* u,         \
                                                 long long n, int b, T neg_lr, T wd,           \
                                                 int write_p, double* norms) {                 \
@@ -555,4 +621,5 @@ ARRAYOPT_INSTANTIATE(double)
 ARRAYOPT_HOST(float, f32)
 ARRAYOPT_HOST(double, f64)
 #undef ARRAYOPT_HOST
+#undef ARRAYOPT_HOST_EXACT
 #endif  // ARRAYOPT_HOST_HARNESS
