@@ -1,6 +1,6 @@
 """The CUDA backend (``arrayopt.backends.cupy_cuda``), tested with and without a GPU.
 
-Without a GPU (README §3):
+Without a GPU (``backends/cupy_cuda/README.md``):
 
 - every ``.cu`` file compiles with ``nvcc -arch=sm_90 --cubin`` and the options CuPy uses;
   the PTX has only IEEE ``.rn`` float arithmetic (no FMA, no flush-to-zero);

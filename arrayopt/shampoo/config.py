@@ -8,7 +8,6 @@ raise ``ValueError``/``TypeError`` naming the field.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -145,9 +144,3 @@ def as_grafting(graft: Any, b2: float, eps: float) -> GraftingConfig:
     if graft is None:
         return GraftingConfig("none", b2, eps)
     raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, got {type(graft).__name__}")
-
-
-def finite_or_inf(name: str, v: Any) -> float:
-    if v == math.inf:
-        return v
-    return _validate.check_real(name, v)

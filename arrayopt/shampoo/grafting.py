@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["graft_direction", "graft_scale", "frobenius"]
+__all__ = ["graft_direction", "frobenius"]
 
 _TINY = 1e-30
 
@@ -29,8 +29,3 @@ def graft_direction(xp, graft, g, acc, t: int):
         bc2 = 1.0 - graft.b2 ** t
         return g / (xp.sqrt(acc) / (bc2 ** 0.5) + graft.eps), acc
     return g / (xp.sqrt(acc) + graft.eps), acc
-
-
-def graft_scale(xp, u_g, d_norm_sq):
-    """``‖u_g‖_F / ‖d‖_F`` with ``‖d‖²`` summed over a layer's blocks (0-d array)."""
-    return frobenius(xp, u_g) / (xp.sqrt(d_norm_sq) + _TINY)
