@@ -93,8 +93,8 @@ __all__ = [
 registry.register("sgd", lambda **kw: sgd(**{"learning_rate": 0.01, "momentum": 0.9, "nesterov": True, **kw}),
                   "SGD with Nesterov momentum 0.9")
 registry.register("adam", lambda **kw: adam(**{"learning_rate": 3e-3, **kw}), "Adam")
-registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 1e-4, **kw}),
-                  "AdamW (decoupled weight decay)")
+registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 0.05, **kw}),
+                  "AdamW (decoupled weight decay 0.05)")
 registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.01, **kw}), "AdaGrad")
 registry.register("sonew_diag", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 0, **kw}),
                   "diag-SONew (m/(v+eps), Adam graft)")
