@@ -1,5 +1,16 @@
+"""Suite-wide settings.
+
+Long property runs are marked ``@pytest.mark.slow`` and skipped unless the run opts in
+with ``--run-slow`` (or ``ARRAYOPT_RUN_SLOW=1``); CI (``.ci/run``) always opts in. They
+are the 10k-step float32 and 2k-step bfloat16 stability runs and the bit-for-bit checks
+of the unrolled band kernels that no other test compiles (b = 5..8, and b = 5 in float64):
+about half of a cold run's Numba compilation and a third of its peak memory.
+"""
+
 import os
 import tempfile
+
+import pytest
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "arrayopt-numba-cache"))
 
@@ -16,3 +27,21 @@ try:  # float64 oracles on JAX need x64
     jax.config.update("jax_enable_x64", True)
 except ImportError:
     pass
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (long property runs; CI runs them)")
+
+
+def run_slow(config) -> bool:
+    return bool(config.getoption("--run-slow")) or os.environ.get("ARRAYOPT_RUN_SLOW", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow: a long property run; run it with --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
