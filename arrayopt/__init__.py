@@ -13,14 +13,43 @@
 from __future__ import annotations
 
 import os as _os
+import sys as _sys
 
-# From a source checkout, ``arrayopt.backends`` lives in the top-level ``backends/``
-# folder (installed wheels place it inside the package).
+
+class _CheckoutBackends:
+    """Finds ``arrayopt.backends`` in a source checkout, where it is the top-level
+    ``backends/`` folder (an installed wheel has it inside the package, through the
+    ``package-dir`` mapping of ``pyproject.toml``).
+
+    It answers for that one name only: submodules are found through the package's own
+    ``__path__``, and nothing else of the checkout (``tests``, ``asv_bench``) becomes part
+    of ``arrayopt``. It sits first on ``sys.meta_path`` so that an editable install of
+    another checkout cannot supply a different ``backends/``.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "arrayopt.backends":
+            return None
+        owner = _sys.modules.get("arrayopt")
+        if owner is None or _os.path.dirname(_os.path.abspath(owner.__file__)) != _here:
+            return None  # some other arrayopt is imported: not ours to answer for
+        import importlib.util
+
+        return importlib.util.spec_from_file_location(
+            fullname, _os.path.join(self.folder, "__init__.py"),
+            submodule_search_locations=[self.folder])
+
+
 _here = _os.path.dirname(_os.path.abspath(__file__))
-if not _os.path.isdir(_os.path.join(_here, "backends")):
-    _root = _os.path.dirname(_here)
-    if _os.path.isfile(_os.path.join(_root, "backends", "__init__.py")):
-        __path__.append(_root)  # noqa: F821  (module __path__)
+_checkout_backends = _os.path.join(_os.path.dirname(_here), "backends")
+if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
+        _os.path.join(_checkout_backends, "__init__.py")):
+    if not any(type(f).__name__ == "_CheckoutBackends" and getattr(f, "folder", None) == _checkout_backends
+               for f in _sys.meta_path):
+        _sys.meta_path.insert(0, _CheckoutBackends(_checkout_backends))
 
 from . import dispatch, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
@@ -66,8 +95,8 @@ __all__ = [
 registry.register("sgd", lambda **kw: sgd(**{"learning_rate": 0.01, "momentum": 0.9, "nesterov": True, **kw}),
                   "SGD with Nesterov momentum 0.9")
 registry.register("adam", lambda **kw: adam(**{"learning_rate": 3e-3, **kw}), "Adam")
-registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 1e-4, **kw}),
-                  "AdamW (decoupled weight decay)")
+registry.register("adamw", lambda **kw: adamw(**{"learning_rate": 3e-3, "weight_decay": 0.05, **kw}),
+                  "AdamW (decoupled weight decay 0.05)")
 registry.register("adagrad", lambda **kw: adagrad(**{"learning_rate": 0.01, **kw}), "AdaGrad")
 registry.register("sonew_diag", lambda **kw: sonew(**{"learning_rate": 3e-3, "band": 0, **kw}),
                   "diag-SONew (m/(v+eps), Adam graft)")

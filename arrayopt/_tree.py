@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TreeDef", "flatten", "unflatten", "tree_paths"]
+__all__ = ["TreeDef", "flatten", "unflatten"]
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class TreeDef:
 
 
 _LEAF = TreeDef("leaf")
-
-
-def _is_container(x: Any) -> bool:
-    return isinstance(x, (dict, list, tuple))
 
 
 def flatten(tree: Any) -> tuple[list, TreeDef, list[str]]:
@@ -73,8 +69,3 @@ def unflatten(treedef: TreeDef, leaves: list) -> Any:
 
     out = build(treedef)
     return out
-
-
-def tree_paths(tree: Any) -> list[str]:
-    """Paths of the leaves of ``tree``."""
-    return flatten(tree)[2]

@@ -74,12 +74,6 @@ class Namespace:
     device: Any
     library: str
 
-    def zeros_like(self, x, dtype=None):
-        return self.xp.zeros(x.shape, dtype=dtype or x.dtype, device=self.device)
-
-    def full_like(self, x, value, dtype=None):
-        return self.xp.full(x.shape, value, dtype=dtype or x.dtype, device=self.device)
-
 
 def resolve(leaf: Any) -> Namespace:
     """Resolve the namespace of a call from its first parameter leaf."""

@@ -1,10 +1,11 @@
 r"""SONew: sparsified online Newton with diagonal, tridiagonal and banded LogDet preconditioners.
 
 Devvrit, Duvvuri, Anil, Gupta, Hsieh, Dhillon, "A Computationally Efficient
-Sparsified Online Newton Method", NeurIPS 2023 (arXiv 2311.10085); spec
-``/work/shared/specs/sonew.md``.
+Sparsified Online Newton Method", NeurIPS 2023 (arXiv:2311.10085). The
+derivations (equations (S1)–(S9)) and the test oracles O1–O18 are in
+``arrayopt/linalg/README.md``.
 
-One step, per parameter tensor (flattened to a vector of ``n`` entries, §3),
+One step, per parameter tensor (flattened to a vector of ``n`` entries, (S9)),
 ``t`` the 1-based step and ``b`` the half-bandwidth (``band``):
 
 .. math::
@@ -27,14 +28,15 @@ exactly Adam's ``v``, so the Adam graft costs no memory. State per tensor:
 ``mu`` (shape of the param) and ``band`` (``(n, b+1)``), float32 for
 bfloat16/float16 params; memory ``(b+2)·n`` (tridiagonal ``3n``, Adam ``2n``).
 
-Choices between the reference codes (spec §4.2), and why:
+Choices between the published reference codes (the authors' PyTorch ``TDS``,
+their JAX scripts, init2winit), and why:
 
 - ``b1=0.9, b2=0.999``: the PyTorch ``TDS`` and the authors' autoencoder flags
   (init2winit's ``tds()`` uses ``b2=0.99``); ``b2=0.999`` equals Adam's, so the
   graft is Adam's own direction.
 - ``eps=1e-6`` **relative** to the true band ∞-norm of ``Ĥ`` (init2winit's and
-  the authors' JAX choice; the reference code under-computes the norm, §7.2, we
-  compute the true row sum), floored at ``eps_min=1e-30``. It bounds
+  the authors' JAX choice; their code under-computes the norm, overwriting
+  instead of summing the row; we compute the true row sum), floored at ``eps_min=1e-30``. It bounds
   ``κ(H) ≤ 1 + 1/ε`` (float32 stays accurate) and makes the step invariant to
   the loss scale. ``relative_eps=False`` gives the PyTorch ``TDS`` absolute eps.
 - ``graft="adam"`` (the PyTorch ``TDS`` and the authors' autoencoder script;
@@ -44,7 +46,7 @@ Choices between the reference codes (spec §4.2), and why:
   ``"sgd"`` (``‖g‖``), ``"momentum"`` (``‖m̂‖``), ``"rmsprop_normalized"``
   (``a = ĝ/(\sqrt{ν}+ε_g)``, ``ĝ = g/‖g‖``, ``ν ← β_2 ν + (1-β_2) ĝ²``, no bias
   correction, an extra state ``graft_nu``).
-- Stability (spec §2.3): per row, keep the first ``k`` neighbours whose
+- Stability ((S7)): per row, keep the first ``k`` neighbours whose
   Schur complements stay above ``τ·H_jj`` (``τ = tau_factor·u``, ``u`` the unit
   roundoff of the compute dtype, ``tau_factor=4``); for the tridiagonal case
   this is the edge removal of the PyTorch and init2winit code (whose ``τ = 0``),
@@ -207,7 +209,6 @@ class SONew(Optimizer):
         b = self.band
         band_like = [_ShapeOnly((math.prod(p.shape), b + 1)) for p in leaves]
         _validate.check_state_leaves("band", state["band"], paths, ns, band_like, dtypes)
-        scalar_like = [_ShapeOnly(()) for _ in leaves]
         for name in ("removed_edges", "fallback_rows"):
             arrs = state[name]
             if not isinstance(arrs, (list, tuple)) or len(arrs) != len(paths):
@@ -216,7 +217,6 @@ class SONew(Optimizer):
                 if ns.xp is not _ns_of(f"state[{name!r}]", path, a) or tuple(a.shape) != ():
                     raise ValueError(f"state[{name!r}] leaf {path}: expected a 0-d integer array "
                                      f"of the params' namespace")
-        del scalar_like
 
     # ------------------------------------------------------------------ math
 

@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """arrayopt Shampoo side by side with peer Shampoo-family optimizers, in ONE process, interleaved.
 
-Contenders per layer shape (one float32 weight, a rotating set of 4 precomputed gradients, as
-``/work/shared/peer-bench/bench_shampoo.py``):
+Contenders per layer shape (one float32 weight, a rotating set of 4 precomputed gradients):
 
   ao-f64 / ao-f32   arrayopt Shampoo, roots by host eigh in float64 / float32, every F steps
   ao-async          same (float64 roots) with a 1-thread executor, root_delay=F (roots run on the host

@@ -1,4 +1,4 @@
-"""Host-side checks of the CUDA backend without a GPU (README §3, "CUDA without a GPU").
+"""Host-side checks of the CUDA backend without a GPU (``backends/cupy_cuda/README.md``).
 
 - :func:`compile_cubin`: ``nvcc -arch=sm_90 --cubin`` of a ``.cu`` file with the options
   CuPy uses (ours plus CuPy's ``-ftz=true``), keeping the PTX for inspection.

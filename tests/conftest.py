@@ -1,5 +1,17 @@
+"""Suite-wide settings.
+
+Long property runs are marked ``@pytest.mark.slow`` and skipped unless the run opts in
+with ``--run-slow`` (or ``ARRAYOPT_RUN_SLOW=1``); CI (``.ci/run``) always opts in. They
+are the 10k-step float32 and 2k-step bfloat16 stability runs and the bit-for-bit checks
+of the unrolled band kernels that no other test compiles (b = 5..8, and b = 5 in float64):
+about half of a cold run's Numba compilation and a third of its peak memory.
+"""
+
 import os
+import sys
 import tempfile
+
+import pytest
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "arrayopt-numba-cache"))
 
@@ -16,3 +28,37 @@ try:  # float64 oracles on JAX need x64
     jax.config.update("jax_enable_x64", True)
 except ImportError:
     pass
+
+
+def free_jax_compilations() -> None:
+    """Drop JAX's compiled executables. Each new shape, dtype or tree structure (hypothesis
+    draws many) compiles and keeps one; over the suite they held about 2.5 GB of the peak."""
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.clear_caches()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_jax_compilations_after_each_module():
+    # per module, not per test: tests of one module share shapes, and recompiling them
+    # after every test cost more CPU time than the whole Numba saving of the slow marks
+    yield
+    free_jax_compilations()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (long property runs; CI runs them)")
+
+
+def run_slow(config) -> bool:
+    return bool(config.getoption("--run-slow")) or os.environ.get("ARRAYOPT_RUN_SLOW", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow: a long property run; run it with --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

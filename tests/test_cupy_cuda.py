@@ -1,6 +1,6 @@
 """The CUDA backend (``arrayopt.backends.cupy_cuda``), tested with and without a GPU.
 
-Without a GPU (README §3):
+Without a GPU (``backends/cupy_cuda/README.md``):
 
 - every ``.cu`` file compiles with ``nvcc -arch=sm_90 --cubin`` and the options CuPy uses;
   the PTX has only IEEE ``.rn`` float arithmetic (no FMA, no flush-to-zero);
@@ -318,14 +318,29 @@ def test_available_false_without_device(monkeypatch, count, why):
 
 
 def test_available_false_when_cupy_does_not_import(monkeypatch):
+    """cupy is found but its import fails (a broken install, missing CUDA libraries): the
+    import itself is made to fail, so this holds whether or not cupy is installed."""
+    import builtins
+
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    real = importlib.util.find_spec
+    real_find_spec, real_import = importlib.util.find_spec, builtins.__import__
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "cupy" else real(name, *a))
+                        lambda name, *a: object() if name == "cupy" else real_find_spec(name, *a))
+
+    def failing_import(name, *args, **kwargs):
+        if name == "cupy" or name.startswith("cupy."):
+            raise OSError("libcudart.so.12: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
     b = cupy_cuda.CupyCUDA()
     assert b.available() is False and "does not import" in b.reason()
-    monkeypatch.setitem(sys.modules, "cupy", None)
-    assert cupy_cuda.CupyCUDA().available() is False
+    assert "OSError" in b.reason() and "libcudart" in b.reason()
+    monkeypatch.undo()
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    b = cupy_cuda.CupyCUDA()
+    assert b.available() is False and "cupy is not installed" in b.reason()
 
 
 def test_numpy_arrays_never_go_to_cuda():

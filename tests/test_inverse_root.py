@@ -1,4 +1,4 @@
-"""Oracles of specs/shampoo.md §9 (1-8) for arrayopt.linalg.inverse_pth_root."""
+"""Oracles R1–R8 (``arrayopt/linalg/README.md``) for arrayopt.linalg.inverse_pth_root."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_root_matches_eigh_in_float64(n, p, seed, method):
     r = inverse_pth_root(a, p, ridge_epsilon=1e-6, method=method)
     ref = eigh_ref(a, p, 1e-6)
     assert np.abs(r - ref).max() / np.abs(ref).max() < 1e-5
-    np.testing.assert_allclose(r, r.T, rtol=0, atol=1e-12 * np.abs(r).max())  # oracle 2
+    np.testing.assert_allclose(r, r.T, rtol=0, atol=1e-12 * np.abs(r).max())  # oracle R2
     ab = a + 1e-6 * np.linalg.eigvalsh(a).max() * np.eye(n)
     assert np.abs(np.linalg.matrix_power(r, p) @ ab - np.eye(n)).max() < 1e-6
 
@@ -144,7 +144,7 @@ def test_namespaces_match_numpy(lib, method):
 
 
 def test_ridge_escalation_newton_converges_at_a_larger_ridge():
-    """Oracle 7 (JAX ridge escalation): fails at ε, converges at ε·10^i with retries = i."""
+    """Oracle R7 (JAX ridge escalation): fails at ε, converges at ε·10^i with retries = i."""
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
     A = (q * np.geomspace(1.0, 1e-12, 6)) @ q.T

@@ -36,6 +36,10 @@ def _run(opt, lib, backend, structure, dtype, seed, steps=3):
     with ao.dispatch.use_backend(None if backend == "auto" else backend):
         for _ in range(steps):
             params, state = opt.step(params, _build(structure, rng, dtype, lib), state)
+    if lib == "jax":  # every drawn shape compiles anew: free them, or the suite's peak grows by GBs
+        from conftest import free_jax_compilations
+
+        free_jax_compilations()
     return params, state
 
 

@@ -1,4 +1,4 @@
-"""Optimizer-level SONew oracles (spec §9: O13–O18) and float32/bfloat16 stability."""
+"""Optimizer-level SONew oracles (O13–O18 of ``arrayopt/linalg/README.md``) and float32/bfloat16 stability."""
 
 from __future__ import annotations
 
@@ -170,12 +170,14 @@ def _rank_one_run(lib, dtype, band, steps, eps):
     return s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("band", [1, 4])
 def test_float32_rank_one_gradients_tiny_eps_10k_steps_stay_finite(band):
     s = _rank_one_run("numpy", "float32", band, 10_000, 1e-12)
     assert int(s["removed_edges"][0]) > 0   # the stability rule had work to do, and says so
 
 
+@pytest.mark.slow
 def test_bfloat16_rank_one_gradients_stay_finite():
     pytest.importorskip("torch")
     s = _rank_one_run("torch", "bfloat16", 1, 2_000, 1e-12)

@@ -1,4 +1,4 @@
-"""Oracles O1–O12 of spec §9 for ``arrayopt.linalg.sonew_factor`` / ``sonew_apply``.
+"""Oracles O1–O12 (``arrayopt/linalg/README.md``) for ``arrayopt.linalg.sonew_factor`` / ``sonew_apply``.
 
 The dense references are independent of the closed form: the clique/separator
 formula (dense inverses of every window) and a direct Newton minimisation of

@@ -22,7 +22,7 @@ import arrayopt as ao
 
 from . import data, model, report, threads, train
 
-__all__ = ["main", "parse_args"]
+__all__ = ["main", "parse_args", "run_one"]
 
 DEFAULT_EPOCHS = 20
 DEFAULT_BATCH_SIZE = 32
@@ -91,11 +91,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+COMPILING = "compiling kernels (first run only)"
+
+
 class _Progress:
     """A tqdm bar per optimizer, or nothing when tqdm is missing or disabled."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, file=None):
         self.tqdm = None
+        self.file = file
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -106,8 +110,42 @@ class _Progress:
     def bar(self, name: str, total: int):
         if self.tqdm is None:
             return None
-        return self.tqdm(total=total, desc=f"{name:>12}", unit="step", leave=True, file=sys.stderr,
-                         dynamic_ncols=True)
+        return self.tqdm(total=total, desc=f"{name:>12}", unit="step", leave=True,
+                         file=self.file or sys.stderr, dynamic_ncols=True)
+
+
+def run_one(name: str, opt, params0: dict, digits, *, epochs: int, batch_size: int, seed: int,
+            description: str, progress: _Progress) -> train.RunResult:
+    """Train one optimizer with its progress bar.
+
+    The warm-up step (kernel compilation on a cold Numba cache) runs first, under the
+    label "compiling kernels (first run only)"; the bar is then reset, so its rate and
+    ETA count training steps only. The warm-up time is ``RunResult.warmup_seconds``.
+    """
+    steps_per_epoch = digits.train.shape[0] // batch_size
+    bar = progress.bar(name, epochs * steps_per_epoch)
+    try:
+        if bar is not None:
+            bar.set_description_str(f"{name:>12}: {COMPILING}")
+        warmup = train.warm_up(opt, params0, digits.train[:batch_size])
+        if bar is not None:
+            bar.set_description_str(f"{name:>12}")
+            bar.reset()  # restarts the clock: compilation stays out of the rate
+
+        def on_step(step, loss):
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss:.2f}", refresh=False)
+
+        r = train.train(name, opt, params0, digits.train, digits.test, epochs=epochs,
+                        batch_size=batch_size, seed=seed, description=description, on_step=on_step,
+                        warmup=False)
+        r.warmup_seconds = warmup
+        return r
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def main(argv=None) -> int:
@@ -138,26 +176,14 @@ def main(argv=None) -> int:
     with ao.dispatch.use_backend(backend), threads.limit(args.threads):
         for name in args.optimizers:
             overrides = {"learning_rate": args.lr[name]} if name in args.lr else {}
-            opt = ao.registry.make(name, **overrides)
-            bar = progress.bar(name, args.epochs * steps_per_epoch)
-
-            def on_step(step, loss, bar=bar):
-                if bar is not None:
-                    bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_postfix(loss=f"{loss:.2f}", refresh=False)
-
             try:
-                r = train.train(name, opt, params0, digits.train, digits.test, epochs=args.epochs,
-                                batch_size=args.batch_size, seed=args.seed,
-                                description=registry[name].description, on_step=on_step)
+                opt = ao.registry.make(name, **overrides)
+                r = run_one(name, opt, params0, digits, epochs=args.epochs, batch_size=args.batch_size,
+                            seed=args.seed, description=registry[name].description, progress=progress)
             except Exception as e:  # one broken optimizer must not hide the others' results
                 traceback.print_exc()
                 r = train.RunResult(name=name, description=registry[name].description, failed=True,
                                     error=f"{type(e).__name__}: {e}")
-            finally:
-                if bar is not None:
-                    bar.close()
             results.append(r)
 
     os.makedirs(args.out, exist_ok=True)
@@ -169,6 +195,7 @@ def main(argv=None) -> int:
         "model": "-".join(map(str, sizes)),
         "params": model.num_params(params0),
         "loss": "sigmoid cross-entropy, summed over pixels, mean over batch (nats/image)",
+        "table_and_plot_loss": report.LOSS_NOTE,
         "loss_floor_train": round(floor_train, 4),
         "loss_floor_test": round(floor_test, 4),
         "train_images": int(digits.train.shape[0]),
@@ -192,6 +219,9 @@ def main(argv=None) -> int:
     report.write_markdown(os.path.join(args.out, "results.md"), config, results)
     print()
     print(report.format_table(results))
+    print(f"({report.LOSS_NOTE}: {floor_train:.2f} train / {floor_test:.2f} test; the plot uses the same.)")
+    warm = ", ".join(f"{r.name} {r.warmup_seconds:.1f} s" for r in results if not r.failed)
+    print(f"warm-up step (kernel compilation on a cold cache), not in the rates: {warm}")
     for r in results:
         if r.diverged or r.failed:
             print(f"{r.name}: {'diverged' if r.diverged else 'failed'} ({r.error})")

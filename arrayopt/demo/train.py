@@ -8,10 +8,11 @@
 - the same losses minus the entropy of the targets (their floor), for log-scale plots;
 - the time spent in ``opt.step`` alone and in whole training steps.
 
-A throw-away warm-up step on copies of the params runs first, so that one-time
-costs (Numba compilation or cache loading, first-touch allocations) stay out of
-the timings. A run whose loss or gradients stop being finite ends early and is
-marked ``diverged``.
+A throw-away warm-up step on copies of the params (:func:`warm_up`) runs first,
+so that one-time costs (Numba compilation on a cold cache, cache loading,
+first-touch allocations) stay out of the timings; its duration is recorded
+separately (``warmup_seconds``). A run whose loss or gradients stop being finite
+ends early and is marked ``diverged``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import arrayopt as ao
 
 from . import model
 
-__all__ = ["RunResult", "train", "batches"]
+__all__ = ["RunResult", "train", "warm_up", "batches"]
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RunResult:
     error: str = ""
     opt_seconds: float = 0.0    # time inside opt.step
     train_seconds: float = 0.0  # forward + backward + opt.step (+ batch gathering)
+    warmup_seconds: float = 0.0  # the untimed warm-up step (kernel compilation on a cold cache)
     state_bytes: int = 0
     step_loss: list = field(default_factory=list)   # minibatch loss at each step
     step_excess: list = field(default_factory=list)  # minibatch loss minus the batch's target entropy
@@ -53,6 +55,15 @@ class RunResult:
     @property
     def final_test_loss(self) -> float:
         return self.evals[-1]["test_loss"] if self.evals else math.nan
+
+    @property
+    def final_train_excess(self) -> float:
+        """Final train loss minus the entropy of the targets (its floor; 0 = perfect)."""
+        return self.evals[-1]["train_excess"] if self.evals else math.nan
+
+    @property
+    def final_test_excess(self) -> float:
+        return self.evals[-1]["test_excess"] if self.evals else math.nan
 
     @property
     def initial_train_loss(self) -> float:
@@ -78,10 +89,13 @@ class RunResult:
             "initial_train_loss": self.initial_train_loss,
             "final_train_loss": self.final_train_loss,
             "final_test_loss": self.final_test_loss,
+            "final_train_excess": self.final_train_excess,
+            "final_test_excess": self.final_test_excess,
             "opt_steps_per_s": self.opt_steps_per_s,
             "train_steps_per_s": self.train_steps_per_s,
             "opt_seconds": self.opt_seconds,
             "train_seconds": self.train_seconds,
+            "warmup_seconds": self.warmup_seconds,
             "state_bytes": self.state_bytes,
         }
 
@@ -102,23 +116,35 @@ def _copy(params: dict) -> dict:
     return {k: v.copy() for k, v in params.items()}
 
 
+def warm_up(opt, params0: dict, x_batch: np.ndarray) -> float:
+    """One throw-away step of ``opt`` on copies of ``params0``; returns its seconds.
+
+    It compiles the kernels the run will use (on a cold Numba cache: seconds to a
+    minute, once per machine) or loads them from the cache, so that the timed run
+    and any progress rate measure training only.
+    """
+    t0 = time.perf_counter()
+    warm = _copy(params0)
+    _, g = model.loss_and_grads(warm, x_batch)
+    opt.step(warm, g, opt.init(warm))
+    return time.perf_counter() - t0
+
+
 def train(name: str, opt, params0: dict, train_x: np.ndarray, test_x: np.ndarray, *,
           epochs: int, batch_size: int, seed: int, description: str = "",
-          on_step: Callable[[int, float], None] | None = None) -> RunResult:
+          on_step: Callable[[int, float], None] | None = None, warmup: bool = True) -> RunResult:
     """Train a copy of ``params0`` with ``opt``; ``params0`` is left untouched.
 
     ``seed`` fixes the minibatch order, so every optimizer sees the same batches.
     ``on_step(step, loss)`` is called after every step (for a progress bar).
+    ``warmup=False`` skips :func:`warm_up` (for a caller that ran it already).
     """
     if batch_size > train_x.shape[0]:
         raise ValueError(f"batch_size: {batch_size} is larger than the {train_x.shape[0]} training images")
     result = RunResult(name=name, description=description)
     params = _copy(params0)
-
-    # warm-up on throw-away copies: compilation and first-call costs are not timed
-    warm = _copy(params0)
-    _, g = model.loss_and_grads(warm, train_x[:batch_size])
-    opt.step(warm, g, opt.init(warm))
+    if warmup:  # compilation and first-call costs are not timed
+        result.warmup_seconds = warm_up(opt, params0, train_x[:batch_size])
 
     state = opt.init(params)
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ ever used), the LogDet problem
 .. math::
     X^\star = \arg\min_{X \in S_n(G_b),\ X \succ 0}\ -\log\det X + \operatorname{tr}(X H)
 
-over matrices with half-bandwidth ``b`` has the closed form (spec §1.4)
+over matrices with half-bandwidth ``b`` has the closed form ((S4) in ``arrayopt/linalg/README.md``)
 ``X = L D Lᵀ`` with ``L`` unit lower-triangular, ``L_{j+k, j} = -ψ_j[k]`` and
 ``D = diag(1/s)``, where for every row ``j`` with ``I_j = {j+1, …, min(j+b, n-1)}``
 
@@ -27,7 +27,7 @@ works). Tridiagonal (``b = 1``) reduces to two vector operations:
 ``ψ_j = H_{j,j+1}/H_{j+1,j+1}``, ``s_j = H_{jj} - H_{j,j+1} ψ_j``.
 
 :func:`sonew_factor` is the exact closed form. The stability rule of the
-optimizer (spec §2.3: keep, per row, the first ``k`` neighbours whose Schur
+optimizer ((S7): keep, per row, the first ``k`` neighbours whose Schur
 complements stay above ``τ·H_jj``; for ``b = 1`` this is edge removal) is
 :func:`sonew_factor_guarded`, which with no row triggering returns bit for bit
 what :func:`sonew_factor` returns. It works because, with ``A = L_A D_A L_Aᵀ``
@@ -184,7 +184,7 @@ def sonew_factor(h):
 
 
 def sonew_factor_guarded(h, tau: float):
-    """Factor with the per-row bandwidth fallback of spec §2.3; returns ``(psi, s, kept)``.
+    """Factor with the per-row bandwidth fallback (S7); returns ``(psi, s, kept)``.
 
     Row ``j`` keeps its first ``k`` neighbours, ``k`` the largest with every
     window pivot ``d_i > τ·A_ii`` and every prefix Schur complement

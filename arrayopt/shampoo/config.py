@@ -8,7 +8,6 @@ raise ``ValueError``/``TypeError`` naming the field.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -154,9 +153,3 @@ def as_grafting(graft: Any, b2: float, eps: float, per: str = "layer") -> Grafti
     if graft is None:
         return GraftingConfig("none", b2, eps, per)
     raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, got {type(graft).__name__}")
-
-
-def finite_or_inf(name: str, v: Any) -> float:
-    if v == math.inf:
-        return v
-    return _validate.check_real(name, v)

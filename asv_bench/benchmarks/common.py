@@ -1,7 +1,7 @@
 """Shared pieces of the asv suite: data generators, warm-up, steppers and the
 in-process ratio measurements (also used by ``asv_bench/report_ratios.py``).
 
-Conventions (``/work/shared/specs/ecosystem.md`` §5, ``specs/baselines.md``):
+Conventions:
 
 - Arrays are allocated and filled in setup (``np.random``/``np.full``), so every
   page is touched before anything is timed; each stepper runs a few untimed

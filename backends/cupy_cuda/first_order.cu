@@ -1,7 +1,7 @@
 // First-order optimizer kernels of arrayopt: SGD (momentum, Nesterov), Adam/AdamW, AdaGrad,
 // and the non-finite counter of the finiteness pre-pass.
 //
-// Layout (README §3, "CUDA without a GPU"):
+// Layout (backends/cupy_cuda/README.md, testing without a GPU):
 //   1. `ieee::` (rn_ops.cuh, shared with sonew.cu) — IEEE-754 round-to-nearest
 //      add/sub/mul/div/sqrt as __host__ __device__ functions. On the device they are
 //      explicit PTX `.rn` instructions *without* `.ftz`, so CuPy's forced `-ftz=true`
