@@ -1,10 +1,10 @@
 """Suite-wide settings.
 
-Long property runs are marked ``@pytest.mark.slow`` and skipped unless the run opts in
-with ``--run-slow`` (or ``ARRAYOPT_RUN_SLOW=1``); CI (``.ci/run``) always opts in. They
-are the 10k-step float32 and 2k-step bfloat16 stability runs and the bit-for-bit checks
-of the unrolled band kernels that no other test compiles (b = 5..8, and b = 5 in float64):
-about half of a cold run's Numba compilation and a third of its peak memory.
+Long property runs are marked ``@pytest.mark.slow``: the 10k-step float32 and 2k-step
+bfloat16 stability runs and the bit-for-bit checks of the unrolled band kernels that no
+other test compiles (b = 5..8, and b = 5 in float64), about half of a cold run's Numba
+compilation. They run by default (the README's command, which CI runs, runs everything);
+``python -m pytest -m "not slow"`` leaves them out for a quick local run.
 """
 
 import os
@@ -45,20 +45,3 @@ def _free_jax_compilations_after_each_module():
     yield
     free_jax_compilations()
 
-
-def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run the tests marked slow (long property runs; CI runs them)")
-
-
-def run_slow(config) -> bool:
-    return bool(config.getoption("--run-slow")) or os.environ.get("ARRAYOPT_RUN_SLOW", "") not in ("", "0")
-
-
-def pytest_collection_modifyitems(config, items):
-    if run_slow(config):
-        return
-    skip = pytest.mark.skip(reason="slow: a long property run; run it with --run-slow (CI does)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

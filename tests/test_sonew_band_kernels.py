@@ -72,7 +72,7 @@ def _ints(x):
 
 # every unrolled band in float32; float64 (a second compilation of each kernel) for two of them.
 # Bands 2..4 are compiled for the optimizer records anyway; 5..8 only here (each unrolled kernel
-# takes tens of seconds to compile), so those run with --run-slow (CI).
+# takes tens of seconds to compile), so those are marked slow (-m "not slow" leaves them out).
 CASES = [(b, "float32") if b <= 4 else pytest.param(b, "float32", marks=pytest.mark.slow)
          for b in band_codegen.BANDS] + [(2, "float64"), pytest.param(5, "float64", marks=pytest.mark.slow)]
 

@@ -35,7 +35,8 @@ def run(out_dir: str, tests: str | None, extra_args=(), timeout_s: float = 600) 
                                 cwd=os.path.dirname(tests), timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             rc = None
-    result = {"ran": True, "command": " ".join(cmd[1:]), "returncode": rc,
+    shown = ["python", *cmd[1:-2], os.path.basename(tests)]  # paths of this machine left out
+    result = {"ran": True, "command": " ".join(shown), "returncode": rc,
               "seconds": round(time.perf_counter() - t0, 1), "log": os.path.basename(log)}
     result.update(_counts(xml))
     if rc is None:
