@@ -59,7 +59,24 @@ def test_every_backend_and_namespace_matches_numpy_reference(rec, structure, dty
             continue
         got_p, got_s = _run(opt, lib, backend, structure, dtype, seed)
         assert_trees_close(got_p, want_p, rtol, atol, f"params {lib}/{backend}")
-        assert_trees_close(got_s, want_s, rtol, atol, f"state {lib}/{backend}")
+        assert_trees_close(_comparable(got_s, dtype), _comparable(want_s, dtype), rtol, atol,
+                           f"state {lib}/{backend}")
+
+
+def _comparable(state, dtype):
+    """The state entries that float rounding cannot move past the records' tolerances.
+
+    Shampoo's inverse roots of float32 statistics are not: the ridge is ``ε·λmax`` with
+    ``ε = 1e-6``, while another library's summation order moves a factor's small
+    eigenvalues by up to ``k·u₃₂·λmax`` (``u₃₂ ≈ 6e-8``, ``k`` the factor's size), so
+    ``(λ + ε λmax)^(-1/p)`` can move by several percent in those directions (hypothesis
+    found 0.7 % on a 6×6 factor, torch against NumPy). The factors themselves and the
+    params (where those directions carry tiny steps) are still compared; float64 compares
+    the roots too.
+    """
+    if dtype != "float32" or not isinstance(state, dict) or "roots" not in state:
+        return state
+    return {k: v for k, v in state.items() if k != "roots"}
 
 
 def test_contenders_really_run():
