@@ -38,6 +38,7 @@ def library_of(x: Any) -> str:
     return mod
 
 
+# memo type -> namespace module: immutable values, one dict write per type (safe under threads)
 _NAMESPACE_BY_TYPE: dict = {}
 _CACHEABLE = ("numpy", "torch", "cupy", "jax")
 
@@ -80,6 +81,7 @@ def resolve(leaf: Any) -> Namespace:
     return Namespace(namespace_of(leaf), device_of(leaf), library_of(leaf))
 
 
+# memo dtype -> name string: immutable values (safe under threads)
 _DTYPE_NAMES: dict = {}
 
 

@@ -9,6 +9,7 @@ An algorithm module registers its optimizer once::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,15 +23,19 @@ class Registered:
     description: str
 
 
+# name -> frozen Registered; written only under _lock (check and insert as one step), read
+# as a copy, so concurrent register/registered/make calls are safe
 _REGISTRY: dict = {}
+_lock = threading.Lock()
 
 
 def register(name: str, factory: Callable, description: str = "") -> None:
     if not isinstance(name, str) or not name:
         raise ValueError("name: expected a non-empty string")
-    if name in _REGISTRY:
-        raise ValueError(f"name: optimizer {name!r} is already registered")
-    _REGISTRY[name] = Registered(name, factory, description)
+    with _lock:
+        if name in _REGISTRY:
+            raise ValueError(f"name: optimizer {name!r} is already registered")
+        _REGISTRY[name] = Registered(name, factory, description)
 
 
 def registered() -> dict:

@@ -252,7 +252,9 @@ def _read(path) -> tuple[dict, dict]:
             raise
         raise _bad_file(path, f"is corrupted: {e}") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, NotImplementedError, RuntimeError) as e:
-        # RuntimeError: zipfile's "encrypted, password required" (a flipped flag bit)
+        # what zipfile raises on a damaged archive: NotImplementedError for a compression
+        # method it does not know (a flipped header byte), RuntimeError for "encrypted,
+        # password required" (a flipped flag bit)
         problem = str(e) or type(e).__name__
         if isinstance(e, EOFError) or "not a zip file" in problem or "Truncated" in problem:
             raise _bad_file(path, f"is truncated or not a .npz archive ({problem})") from None

@@ -202,6 +202,8 @@ def launch_shape(n: int, max_blocks: int) -> tuple:
 _lock = threading.Lock()
 _module = None
 _sonew_module = None
+# memos of compiled kernel handles and per-device grid sizes: immutable values, never
+# scratch; a race compiles a handle twice and keeps one (safe under threads)
 _functions: dict = {}
 _max_blocks: dict = {}
 
