@@ -48,22 +48,25 @@ class RunResult:
     step_time: list = field(default_factory=list)   # cumulative training seconds after each step
     evals: list = field(default_factory=list)       # dicts: epoch, step, seconds, train_loss, test_loss
 
+    def _last(self, key: str) -> float:
+        return self.evals[-1][key] if self.evals else math.nan
+
     @property
     def final_train_loss(self) -> float:
-        return self.evals[-1]["train_loss"] if self.evals else math.nan
+        return self._last("train_loss")
 
     @property
     def final_test_loss(self) -> float:
-        return self.evals[-1]["test_loss"] if self.evals else math.nan
+        return self._last("test_loss")
 
     @property
     def final_train_excess(self) -> float:
         """Final train loss minus the entropy of the targets (its floor; 0 = perfect)."""
-        return self.evals[-1]["train_excess"] if self.evals else math.nan
+        return self._last("train_excess")
 
     @property
     def final_test_excess(self) -> float:
-        return self.evals[-1]["test_excess"] if self.evals else math.nan
+        return self._last("test_excess")
 
     @property
     def initial_train_loss(self) -> float:
