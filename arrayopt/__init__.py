@@ -55,6 +55,7 @@ from . import dispatch, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
 from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
+from .groups import masked, partition  # noqa: E402
 from .shampoo import shampoo  # noqa: E402
 from .sonew import sonew  # noqa: E402
 from .state_io import load_state, save_state, state_nbytes  # noqa: E402
@@ -82,6 +83,8 @@ __all__ = [
     "dispatch",
     "explain",
     "load_state",
+    "masked",
+    "partition",
     "registry",
     "save_state",
     "scale",

@@ -25,6 +25,9 @@ class OptimizerRecord:
     converge_factor: float = 1e-2       # final loss must be below factor * initial loss
     torch_class: str | None = None      # torch.optim class with the same math
     torch_kwargs: Callable | None = None  # config -> torch.optim kwargs
+    # the hypothesis sweep over namespaces and backends (tests/test_parity.py); a composite whose
+    # parts have records of their own sets False and tests its plumbing on one tree instead
+    namespace_sweep: bool = True
 
     def ids(self):
         return [f"{self.name}-{i}" for i in range(len(self.configs))]
