@@ -1,0 +1,18 @@
+"""Adapters for code that expects a framework's own optimizer type.
+
+- ``arrayopt.interop.torch.Optimizer(params, opt)``: a ``torch.optim.Optimizer``.
+- ``arrayopt.interop.optax.transform(opt)``: an ``optax.GradientTransformation``.
+
+The submodules import their framework when first used (``arrayopt.interop.torch`` on
+attribute access); importing ``arrayopt`` imports neither torch nor JAX.
+"""
+
+import importlib as _importlib
+
+_SUBMODULES = ("torch", "jax", "optax")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
