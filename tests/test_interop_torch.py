@@ -1,0 +1,187 @@
+"""``arrayopt.interop.torch.Optimizer``: a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import arrayopt as ao
+
+torch = pytest.importorskip("torch", reason="the torch adapter needs torch")
+from arrayopt.interop.torch import Optimizer  # noqa: E402
+
+
+def _model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+
+
+def _data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 5, generator=g, dtype=dtype), torch.randn(32, 1, generator=g, dtype=dtype)
+
+
+def _train(model, optimizer, scheduler, steps, x, y):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def _groups(model, lr_bias):
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return weights, biases
+
+
+CASES = {
+    "SGD": (lambda: ao.sgd(0.05, momentum=0.9, nesterov=True), lambda: ao.sgd(0.02, momentum=0.9, nesterov=True),
+            dict(momentum=0.9, nesterov=True), 0.05, 0.02),
+    "Adam": (lambda: ao.adam(0.01, weight_decay=1e-3), lambda: ao.adam(0.03), dict(weight_decay=1e-3), 0.01, 0.03),
+    "AdamW": (lambda: ao.adamw(0.01, weight_decay=0.1), lambda: ao.adamw(0.01, weight_decay=0.0),
+              dict(weight_decay=0.1), 0.01, 0.01),
+    "Adagrad": (lambda: ao.adagrad(0.1, eps=1e-10), lambda: ao.adagrad(0.05, eps=1e-10), dict(eps=1e-10), 0.1, 0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_trajectory_equals_torch_optim_with_two_groups_and_steplr(name):
+    make_w, make_b, torch_kw, lr_w, lr_b = CASES[name]
+    x, y = _data()
+    ours, theirs = _model(), _model()
+    w1, b1 = _groups(ours, lr_b)
+    w2, b2 = _groups(theirs, lr_b)
+    opt1 = Optimizer([{"params": w1}, {"params": b1, "opt": make_b()}], make_w())
+    b_kw = dict(torch_kw, weight_decay=0.0) if "weight_decay" in torch_kw else torch_kw
+    opt2 = getattr(torch.optim, name)([{"params": w2, "lr": lr_w, **torch_kw}, {"params": b2, "lr": lr_b, **b_kw}])
+    assert [g["lr"] for g in opt1.param_groups] == [lr_w, lr_b]
+    s1 = torch.optim.lr_scheduler.StepLR(opt1, step_size=10, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=10, gamma=0.5)
+    _train(ours, opt1, s1, 50, x, y)
+    _train(theirs, opt2, s2, 50, x, y)
+    assert opt1.param_groups[0]["lr"] == opt2.param_groups[0]["lr"] == lr_w * 0.5 ** 5
+    for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name} {n}")
+
+
+def test_arrayopt_schedule_times_torch_scheduler():
+    """With an arrayopt schedule the group lr is a multiplier (default 1.0) of the schedule."""
+    model = _model()
+    sched = ao.schedules.cosine_decay(0.1, 20)
+    opt = Optimizer(model.parameters(), ao.sgd(sched))
+    assert opt.param_groups[0]["lr"] == 1.0
+    ref = _model()
+    opt_ref = Optimizer(ref.parameters(), ao.sgd(0.1))
+    x, y = _data()
+    for t in range(4):
+        for m, o in ((model, opt), (ref, opt_ref)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.param_groups[0]["lr"] = 0.5
+        opt_ref.param_groups[0]["lr"] = 0.5 * float(sched(t))
+        opt.step()
+        opt_ref.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [lambda: ao.adam(0.01), lambda: ao.sonew(0.01, band=1),
+                                  lambda: ao.chain(ao.clip_by_global_norm(1.0), ao.shampoo(0.01, block_size=4))],
+                         ids=["adam", "sonew", "chain-shampoo"])
+def test_state_dict_through_torch_save_weights_only_continues_bit_identically(make):
+    x, y = _data(torch.float32)
+    model = _model(dtype=torch.float32)
+    opt = Optimizer(model.named_parameters(), make())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    _train(model, opt, sched, 5, x, y)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    _train(model, opt, sched, 4, x, y)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = _model(seed=5, dtype=torch.float32)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = Optimizer(model2.named_parameters(), make())
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, 3, 0.5)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    _train(model2, opt2, sched2, 4, x, y)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_gradscaler_skips_the_step_with_an_inf_and_leaves_the_state_unchanged():
+    x, y = _data(torch.float32)
+    model = _model(dtype=torch.float32)
+    opt = Optimizer(model.parameters(), ao.adam(0.01))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for t in range(3):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if t == 2:
+            next(model.parameters()).grad[0, 0] = float("inf")
+            before_p = [p.detach().clone() for p in model.parameters()]
+            before_s = opt.state_dict()["arrayopt"]
+        scaler.step(opt)
+        scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before_p, model.parameters()))
+    after_s = opt.state_dict()["arrayopt"]
+    assert after_s[0][0]["tree"] == before_s[0][0]["tree"]
+    assert all(torch.equal(after_s[0][0]["arrays"][k], v) for k, v in before_s[0][0]["arrays"].items())
+    assert scaler.get_scale() == 2.0 ** 9
+
+
+def test_params_without_grad_are_skipped():
+    model = _model()
+    model[0].bias.requires_grad_(False)
+    frozen = model[0].bias.detach().clone()
+    opt = Optimizer(model.parameters(), ao.adam(0.01))
+    x, y = _data()
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert torch.equal(model[0].bias, frozen)
+    assert list(opt._states[0]) == [(0, 2, 3)]
+
+
+def test_closure_and_bad_input_errors():
+    model = _model()
+    opt = Optimizer(model.parameters(), ao.sgd(0.1))
+    x, y = _data()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure).detach()) > 0
+    with pytest.raises(TypeError, match="opt: expected an arrayopt optimizer"):
+        Optimizer(model.parameters(), torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"param_group: unknown keys \['weight_decay'\]"):
+        Optimizer([{"params": list(model.parameters()), "weight_decay": 0.0}], ao.adamw())
+    with pytest.raises(TypeError, match="params: dtype torch.int64 is not a real floating dtype"):
+        Optimizer([torch.zeros(3, dtype=torch.int64)], ao.adam())
+    other = Optimizer(_model().parameters(), ao.sgd(0.1, momentum=0.9))
+    other.zero_grad()
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict({"state": {}})
+
+
+@pytest.mark.parametrize("make", [lambda: ao.sonew(0.02, band=1), lambda: ao.shampoo(0.02, block_size=8)],
+                         ids=["sonew", "shampoo"])
+def test_nn_module_trains_with_second_order_optimizers(make):
+    x, y = _data(torch.float32)
+    model = _model(dtype=torch.float32)
+    opt = Optimizer(model.parameters(), make())
+    start = float(torch.nn.functional.mse_loss(model(x), y))
+    for _ in range(60):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.7 * start
