@@ -52,6 +52,20 @@ def _subtree(treedef: _tree.TreeDef, leaves: list, keep: list):
     return None if got is None else got[0]
 
 
+def _labels_like(labels, params) -> list:
+    """The label of each params leaf, in params order: dict keys are matched by name (in any
+    order); a single label (not a container) labels a whole sub-tree."""
+    if not isinstance(labels, (dict, list, tuple)):
+        return [labels] * len(_tree.flatten(params)[0])
+    if isinstance(params, dict) and isinstance(labels, dict) and set(labels) == set(params):
+        return [lab for k in params for lab in _labels_like(labels[k], params[k])]
+    if (isinstance(params, (list, tuple)) and isinstance(labels, (list, tuple))
+            and len(labels) == len(params)):
+        return [lab for lab_i, p_i in zip(labels, params) for lab in _labels_like(lab_i, p_i)]
+    raise ValueError("labels: tree structure differs from params (the labels tree must have "
+                     "one label per params leaf, in the same containers)")
+
+
 class Partition(Optimizer):
     r"""``labels`` assign each params leaf a key of ``transforms``; leaves of label ``ℓ`` are
     updated by ``transforms[ℓ]`` alone: :math:`u_i = T_{\ell(i)}(g_{S_\ell}, s_\ell)_i` with
@@ -87,14 +101,8 @@ class Partition(Optimizer):
     def _leaf_groups(self, params, treedef, paths) -> tuple:
         """The index in ``transforms`` of each leaf's label."""
         labels = self.labels(params) if callable(self.labels) else self.labels
-        if not isinstance(labels, (dict, list, tuple)):  # one label for the whole tree
-            labels = _tree.unflatten(treedef, [labels] * len(paths))
-        lab_leaves, lab_def, _ = _tree.flatten(labels)
-        if lab_def != treedef:
-            raise ValueError("labels: tree structure differs from params (the labels tree must have "
-                             "one label per params leaf, in the same containers)")
         groups = []
-        for lab, path in zip(lab_leaves, paths):
+        for lab, path in zip(_labels_like(labels, params), paths):
             try:
                 groups.append(self.keys.index(lab))
             except (ValueError, TypeError):

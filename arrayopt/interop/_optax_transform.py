@@ -1,0 +1,184 @@
+"""``transform(opt)``: any arrayopt optimizer as an ``optax.GradientTransformation``.
+
+>>> import jax, jax.numpy as jnp, optax, arrayopt as ao
+>>> from arrayopt.interop.optax import transform
+>>> tx = optax.chain(optax.clip_by_global_norm(1.0), transform(ao.sonew(1e-2, band=1)))
+>>> params = {"w": jnp.ones((4, 3))}
+>>> state = tx.init(params)
+>>> @jax.jit
+... def train_step(params, state):
+...     grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+...     updates, state = tx.update(grads, state, params)
+...     return optax.apply_updates(params, updates), state
+>>> params, state = train_step(params, state)
+
+The state is a pytree of JAX arrays (:class:`TransformState`): every array of the arrayopt
+state, and its Python numbers (the step ``count`` among them) as 0-d arrays; its strings
+and ``None`` entries (the optimizer's name, the params' leaf paths) are static pytree data.
+So a jitted step traces once and keeps one compiled executable.
+
+Inside the jitted step the arrayopt update runs on the host through ``jax.pure_callback``:
+the NumPy path (fused Numba kernels are for ``step``; ``update`` is the array-API
+reference on NumPy), with the gradients, params and state copied to host memory and the
+updates and new state copied back. Results are those of the same optimizer on NumPy.
+A learning rate given as an optax schedule is evaluated at the Python step count.
+Pytrees of dicts, lists and tuples keep their structure (and leaf paths in error
+messages); any other pytree reaches the optimizer as the list of its leaves.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import _tree
+from ..base import Optimizer
+
+__all__ = ["transform", "TransformState"]
+
+
+@jax.tree_util.register_pytree_node_class
+class TransformState:
+    """The arrayopt state as a pytree: ``leaves`` (JAX arrays) and a static ``skeleton``."""
+
+    def __init__(self, leaves, skeleton):
+        self.leaves = tuple(leaves)
+        self.skeleton = skeleton
+
+    def tree_flatten(self):
+        return self.leaves, self.skeleton
+
+    @classmethod
+    def tree_unflatten(cls, skeleton, leaves):
+        return cls(leaves, skeleton)
+
+    @property
+    def count(self):
+        """The number of steps taken (a 0-d integer array)."""
+        return self.leaves[_count_position(self.skeleton)]
+
+
+def _split(node):
+    """``(dynamic leaves, skeleton)``: arrays and Python numbers are leaves; strings and None are static."""
+    leaves: list = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            return ("dict", type(x), tuple(x), tuple(walk(v) for v in x.values()))
+        if isinstance(x, (list, tuple)):
+            return ("list" if isinstance(x, list) else "tuple", tuple(walk(v) for v in x))
+        if isinstance(x, (str, type(None))):
+            return ("static", x)
+        kind = "bool" if isinstance(x, bool) else "int" if isinstance(x, int) else \
+            "float" if isinstance(x, float) else "array"
+        leaves.append(x)
+        return (kind,)
+
+    return leaves, walk(node)
+
+
+def _join(skeleton, leaves):
+    """Inverse of :func:`_split`, with host (NumPy) arrays and Python numbers."""
+    it = iter(leaves)
+
+    def build(sk):
+        kind = sk[0]
+        if kind == "dict":
+            return sk[1](zip(sk[2], (build(c) for c in sk[3])))
+        if kind in ("list", "tuple"):
+            kids = [build(c) for c in sk[1]]
+            return kids if kind == "list" else tuple(kids)
+        if kind == "static":
+            return sk[1]
+        x = next(it)
+        if kind == "array":
+            return np.array(x)  # a writeable copy: the state passed to update() is consumed
+        return {"bool": bool, "int": int, "float": float}[kind](x)
+
+    return build(skeleton)
+
+
+def _count_position(skeleton) -> int:
+    """The index among the dynamic leaves of the top-level ``count`` entry."""
+    _, _, keys, kids = skeleton
+    position = 0
+    for key, kid in zip(keys, kids):
+        if key == "count":
+            return position
+        position += len(_split_positions(kid))
+    raise KeyError("count")
+
+
+def _split_positions(sk) -> list:
+    if sk[0] == "dict":
+        return [p for c in sk[3] for p in _split_positions(c)]
+    if sk[0] in ("list", "tuple"):
+        return [p for c in sk[1] for p in _split_positions(c)]
+    return [] if sk[0] == "static" else [sk[0]]
+
+
+def _host_tree(treedef, leaves):
+    """The pytree rebuilt from host leaves, if it is made of dicts, lists and tuples; else the list."""
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
+    return tree if len(_tree.flatten(tree)[0]) == len(leaves) else list(leaves)
+
+
+def _specs(leaves):
+    return [jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
+            for x in leaves]
+
+
+def transform(opt: Optimizer) -> optax.GradientTransformation:
+    """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation."""
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
+
+    def init_host(leaves, treedef):
+        state = opt.init(_host_tree(treedef, [np.array(x) for x in leaves]))
+        return _split(state)
+
+    def init_fn(params):
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+            flat, skeleton = init_host(leaves, treedef)
+            # strongly typed 0-d arrays for the Python numbers, as the jitted step returns them
+            # (a weakly typed count would retrace the step once)
+            return TransformState([jnp.asarray(np.asarray(x)) for x in flat], skeleton)
+        # traced params (init inside jit): the structure from zeros of the same shapes, the values on the host
+        zeros = [np.zeros(x.shape, x.dtype) for x in leaves]
+        flat, skeleton = init_host(zeros, treedef)
+        specs = _specs([jnp.asarray(np.asarray(x)) for x in flat])
+        out = jax.pure_callback(lambda *ls: [np.asarray(a, s.dtype) for a, s in
+                                             zip(init_host(ls, treedef)[0], specs)], specs, *leaves)
+        return TransformState(out, skeleton)
+
+    def update_fn(updates, state, params=None):
+        if not isinstance(state, TransformState):
+            raise TypeError(f"state: expected the TransformState returned by init(), got {type(state).__name__}")
+        g_leaves, treedef = jax.tree_util.tree_flatten(updates)
+        p_leaves = [] if params is None else jax.tree_util.tree_leaves(params)
+        if params is not None and len(p_leaves) != len(g_leaves):
+            raise ValueError(f"params: {len(p_leaves)} leaves, but the updates have {len(g_leaves)}")
+        skeleton, n = state.skeleton, len(g_leaves)
+        u_specs = _specs(g_leaves)
+        s_specs = _specs(state.leaves)
+
+        def host(*arrays):
+            g = _host_tree(treedef, [np.asarray(x) for x in arrays[:n]])
+            p = None if params is None else _host_tree(treedef, [np.asarray(x) for x in arrays[n:2 * n]])
+            s = _join(skeleton, arrays[2 * n if params is not None else n:])
+            u, new = opt.update(g, s, p)
+            flat, new_skeleton = _split(new)
+            if new_skeleton != skeleton:
+                raise ValueError(f"state: the structure of {opt.name}'s state changed during the step; "
+                                 f"it cannot be carried through a jitted optax step")
+            u_flat = _tree.flatten(u)[0]
+            return ([np.asarray(x, s.dtype) for x, s in zip(u_flat, u_specs)],
+                    [np.asarray(x, s.dtype) for x, s in zip(flat, s_specs)])
+
+        u_out, s_out = jax.pure_callback(host, (u_specs, s_specs), *g_leaves, *p_leaves, *state.leaves)
+        return jax.tree_util.tree_unflatten(treedef, u_out), TransformState(s_out, skeleton)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,107 @@
+"""``arrayopt.interop.optax.transform``: an ``optax.GradientTransformation`` that jits (compiles once)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import arrayopt as ao
+
+jax = pytest.importorskip("jax", reason="the optax adapter needs jax")
+optax = pytest.importorskip("optax", reason="the optax adapter needs optax (pip install arrayopt[jax])")
+jnp = jax.numpy
+from arrayopt.interop.optax import TransformState, transform  # noqa: E402
+
+
+def _params(dtype):
+    rng = np.random.default_rng(0)
+    return {"w": jnp.asarray(rng.normal(size=(5, 4)), dtype), "b": jnp.asarray(rng.normal(size=4), dtype)}
+
+
+def _grads(steps, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"w": jnp.asarray(rng.normal(size=(5, 4)), dtype), "b": jnp.asarray(rng.normal(size=4), dtype)}
+            for _ in range(steps)]
+
+
+def _jitted_run(tx, params, grads):
+    traces = []
+
+    @jax.jit
+    def step(params, state, g):
+        traces.append(1)  # runs once per trace
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for g in grads:
+        params, state = step(params, state, g)
+    return params, state, len(traces)
+
+
+# optax's adagrad puts eps inside the square root (g / sqrt(s + eps)); arrayopt's, like torch's,
+# outside (g / (sqrt(s) + eps)): with eps = 0 the two are the same
+MATCHING = {
+    "sgd": (lambda: ao.sgd(0.1, momentum=0.9, nesterov=True), lambda: optax.sgd(0.1, 0.9, nesterov=True)),
+    "adam": (lambda: ao.adam(0.05, b1=0.8, b2=0.99, eps=1e-6), lambda: optax.adam(0.05, b1=0.8, b2=0.99, eps=1e-6)),
+    "adamw": (lambda: ao.adamw(0.05, weight_decay=0.1), lambda: optax.adamw(0.05, weight_decay=0.1)),
+    "adagrad": (lambda: ao.adagrad(0.1, eps=0.0, initial_accumulator_value=0.1),
+                lambda: optax.adagrad(0.1, initial_accumulator_value=0.1, eps=0.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(MATCHING))
+def test_jitted_trajectory_equals_optax_and_compiles_once(name):
+    ours, theirs = MATCHING[name]
+    grads = _grads(20, jnp.float64)
+    p1, s1, traces = _jitted_run(transform(ours()), _params(jnp.float64), grads)
+    p2, _, _ = _jitted_run(theirs(), _params(jnp.float64), grads)
+    assert traces == 1
+    assert isinstance(s1, TransformState) and int(s1.count) == 20
+    assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(s1))
+    for k in p1:
+        np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def _numpy_run(opt, params, grads):
+    p = {k: np.array(v) for k, v in params.items()}
+    s = opt.init(p)
+    for g in grads:
+        u, s = opt.update({k: np.array(g[k]) for k in p}, s, p)
+        p = ao.apply_updates(p, u)
+    return p
+
+
+@pytest.mark.parametrize("make", [lambda: ao.sonew(0.05, band=1, eps=1e-3), lambda: ao.shampoo(0.05, block_size=2),
+                                  lambda: ao.partition(lambda p: {"w": "m", "b": "v"},
+                                                       {"m": ao.sonew(0.05, eps=1e-3), "v": ao.adam(0.05)})],
+                         ids=["sonew", "shampoo", "partition"])
+def test_second_order_in_a_jitted_optax_chain_equals_the_numpy_path(make):
+    grads = _grads(10, jnp.float32)
+    tx = optax.chain(optax.scale(1.0), transform(make()))
+    p, state, traces = _jitted_run(tx, _params(jnp.float32), grads)
+    want = _numpy_run(make(), _params(jnp.float32), grads)
+    assert traces == 1 and int(state[1].count) == 10
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+def test_optax_schedule_as_the_learning_rate_and_init_inside_jit():
+    sched = optax.cosine_decay_schedule(0.05, 20)
+    grads = _grads(5, jnp.float64)
+    p1, _, traces = _jitted_run(transform(ao.adam(sched)), _params(jnp.float64), grads)
+    p2, _, _ = _jitted_run(optax.adam(sched), _params(jnp.float64), grads)
+    assert traces == 1
+    for k in p1:
+        np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-10, atol=1e-12)
+    tx = transform(ao.adam(0.1))
+    state = jax.jit(tx.init)(_params(jnp.float64))
+    assert int(state.count) == 0 and state.skeleton == tx.init(_params(jnp.float64)).skeleton
+
+
+def test_bad_inputs_raise_named_errors():
+    with pytest.raises(TypeError, match="opt: expected an arrayopt optimizer"):
+        transform(optax.adam(0.1))
+    tx = transform(ao.adam(0.1))
+    with pytest.raises(TypeError, match="state: expected the TransformState"):
+        tx.update(_grads(1, jnp.float64)[0], optax.adam(0.1).init(_params(jnp.float64)))
