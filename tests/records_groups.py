@@ -24,12 +24,6 @@ def sonew_on_matrices(learning_rate, band=1, on_nonfinite="raise"):
                         on_nonfinite=on_nonfinite)
 
 
-def adamw_decay_on_matrices(learning_rate, weight_decay=1e-2, on_nonfinite="raise"):
-    """AdamW with decay on the matrices, Adam without on the rest."""
-    return ao.partition(by_rank, {"matrix": ao.adamw(learning_rate, weight_decay=weight_decay),
-                                  "vector": ao.adam(learning_rate)}, on_nonfinite=on_nonfinite)
-
-
 def scale_matrices_then_adam(learning_rate, factor=0.5, on_nonfinite="raise"):
     """A masked transform inside a chain: scale the matrices' gradients, then Adam on everything."""
     return ao.chain(ao.masked(ao.scale(factor), matrices, on_nonfinite=on_nonfinite), ao.adam(learning_rate))
@@ -38,15 +32,9 @@ def scale_matrices_then_adam(learning_rate, factor=0.5, on_nonfinite="raise"):
 RECORDS = (
     OptimizerRecord(
         "partition", sonew_on_matrices,
-        configs=({"learning_rate": 0.05}, {"learning_rate": 0.05, "band": 0}),
+        configs=({"learning_rate": 0.05},),
         invalid=_BAD_LR + (({"band": -1}, ValueError, "band: must be >= 0"),),
         rtol=_RTOL, atol=_ATOL, namespace_sweep=False,
-    ),
-    OptimizerRecord(
-        "partition_first_order", adamw_decay_on_matrices,
-        configs=({"learning_rate": 0.05},),
-        invalid=_BAD_LR + (({"weight_decay": -1.0}, ValueError, "weight_decay: must be >= 0"),),
-        namespace_sweep=False,
     ),
     OptimizerRecord(
         "masked", scale_matrices_then_adam,
