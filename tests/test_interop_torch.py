@@ -185,3 +185,13 @@ def test_nn_module_trains_with_second_order_optimizers(make):
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.7 * start
+
+
+def test_importing_arrayopt_and_its_interop_package_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, arrayopt, arrayopt.interop; "
+            "print(sorted(m for m in ('torch', 'jax', 'optax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
