@@ -128,10 +128,15 @@ def write_params(ns: Namespace, leaves, new_leaves):
 
 
 class _FrozenAfterInit(type):
-    """Metaclass: an instance is frozen once the outermost ``__init__`` has returned."""
+    """Metaclass: an instance is frozen once the outermost ``__init__`` has returned.
+
+    It also keeps the constructor's arguments (``init_args``: ``(args, kwargs)``), from
+    which ``arrayopt.interop._rebuild.rebuild`` makes a copy with some of them changed.
+    """
 
     def __call__(cls, *args, **kwargs):
         obj = super().__call__(*args, **kwargs)
+        object.__setattr__(obj, "init_args", (args, dict(kwargs)))
         object.__setattr__(obj, "_frozen", True)
         if isinstance(obj.__dict__.get("hyperparams"), dict):
             object.__setattr__(obj, "hyperparams", MappingProxyType(dict(obj.hyperparams)))

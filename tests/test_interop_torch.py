@@ -30,40 +30,56 @@ def _train(model, optimizer, scheduler, steps, x, y):
         scheduler.step()
 
 
-def _groups(model, lr_bias):
+def _groups(model):
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     return weights, biases
 
 
+# (arrayopt optimizer, torch.optim kwargs of the first group, overrides of the second group)
 CASES = {
-    "SGD": (lambda: ao.sgd(0.05, momentum=0.9, nesterov=True), lambda: ao.sgd(0.02, momentum=0.9, nesterov=True),
-            dict(momentum=0.9, nesterov=True), 0.05, 0.02),
-    "Adam": (lambda: ao.adam(0.01, weight_decay=1e-3), lambda: ao.adam(0.03), dict(weight_decay=1e-3), 0.01, 0.03),
-    "AdamW": (lambda: ao.adamw(0.01, weight_decay=0.1), lambda: ao.adamw(0.01, weight_decay=0.0),
-              dict(weight_decay=0.1), 0.01, 0.01),
-    "Adagrad": (lambda: ao.adagrad(0.1, eps=1e-10), lambda: ao.adagrad(0.05, eps=1e-10), dict(eps=1e-10), 0.1, 0.05),
+    "SGD": (lambda: ao.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+            dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), {"lr": 0.02, "weight_decay": 0.0}),
+    "Adam": (lambda: ao.adam(0.01, weight_decay=1e-3), dict(lr=0.01, weight_decay=1e-3),
+             {"lr": 0.03, "weight_decay": 0.0}),
+    "AdamW": (lambda: ao.adamw(0.01, weight_decay=0.1), dict(lr=0.01, weight_decay=0.1), {"weight_decay": 0.0}),
+    "Adagrad": (lambda: ao.adagrad(0.1, eps=1e-10), dict(lr=0.1, eps=1e-10), {"lr": 0.05, "eps": 1e-6}),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_trajectory_equals_torch_optim_with_two_groups_and_steplr(name):
-    make_w, make_b, torch_kw, lr_w, lr_b = CASES[name]
+    make, torch_kw, second = CASES[name]
     x, y = _data()
     ours, theirs = _model(), _model()
-    w1, b1 = _groups(ours, lr_b)
-    w2, b2 = _groups(theirs, lr_b)
-    opt1 = Optimizer([{"params": w1}, {"params": b1, "opt": make_b()}], make_w())
-    b_kw = dict(torch_kw, weight_decay=0.0) if "weight_decay" in torch_kw else torch_kw
-    opt2 = getattr(torch.optim, name)([{"params": w2, "lr": lr_w, **torch_kw}, {"params": b2, "lr": lr_b, **b_kw}])
-    assert [g["lr"] for g in opt1.param_groups] == [lr_w, lr_b]
+    w1, b1 = _groups(ours)
+    w2, b2 = _groups(theirs)
+    opt1 = Optimizer([{"params": w1}, {"params": b1, **second}], make())
+    opt2 = getattr(torch.optim, name)([{"params": w2}, {"params": b2, **second}], **torch_kw)
+    assert [g["lr"] for g in opt1.param_groups] == [g["lr"] for g in opt2.param_groups]
     s1 = torch.optim.lr_scheduler.StepLR(opt1, step_size=10, gamma=0.5)
     s2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=10, gamma=0.5)
     _train(ours, opt1, s1, 50, x, y)
     _train(theirs, opt2, s2, 50, x, y)
-    assert opt1.param_groups[0]["lr"] == opt2.param_groups[0]["lr"] == lr_w * 0.5 ** 5
+    assert opt1.param_groups[0]["lr"] == opt2.param_groups[0]["lr"] == torch_kw["lr"] * 0.5 ** 5
     for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{name} {n}")
+
+
+def test_a_changed_override_takes_effect_at_the_next_step():
+    ours, theirs = _model(), _model()
+    opt1 = Optimizer(ours.parameters(), ao.adamw(0.01, weight_decay=0.1))
+    opt2 = torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.1)
+    x, y = _data()
+    for t in range(4):
+        for m, o in ((ours, opt1), (theirs, opt2)):
+            if t == 2:
+                o.param_groups[0]["weight_decay"] = 0.0
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_arrayopt_schedule_times_torch_scheduler():
@@ -162,8 +178,10 @@ def test_closure_and_bad_input_errors():
     assert float(opt.step(closure).detach()) > 0
     with pytest.raises(TypeError, match="opt: expected an arrayopt optimizer"):
         Optimizer(model.parameters(), torch.optim.SGD)
-    with pytest.raises(ValueError, match=r"param_group: unknown keys \['weight_decay'\]"):
-        Optimizer([{"params": list(model.parameters()), "weight_decay": 0.0}], ao.adamw())
+    with pytest.raises(ValueError, match=r"param_group\['momentum'\]: not a hyperparameter of Adam"):
+        Optimizer([{"params": list(model.parameters()), "momentum": 0.9}], ao.adamw())
+    with pytest.raises(ValueError, match="weight_decay: must be >= 0"):
+        Optimizer([{"params": list(model.parameters()), "weight_decay": -1.0}], ao.adamw())
     with pytest.raises(TypeError, match="params: dtype torch.int64 is not a real floating dtype"):
         Optimizer([torch.zeros(3, dtype=torch.int64)], ao.adam())
     other = Optimizer(_model().parameters(), ao.sgd(0.1, momentum=0.9))

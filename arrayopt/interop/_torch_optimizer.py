@@ -9,8 +9,13 @@
 >>> optimizer.zero_grad()
 
 - ``params``: ``model.parameters()``, ``model.named_parameters()`` or a list of param-group
-  dicts. A group dict may set ``"lr"`` and ``"opt"`` (another arrayopt optimizer for that
-  group, e.g. ``ao.adamw(1e-3, weight_decay=0.0)`` for biases and norms).
+  dicts. A group dict may set ``"lr"``, ``"opt"`` (another arrayopt optimizer for that
+  group) and any hyperparameter of the optimizer by its arrayopt name (``"weight_decay":
+  0.0`` for biases and norms, ``"eps"``, ``"b2"``, ...): the group's optimizer is ``opt``
+  made again with those values (validated like a new one; in a ``chain`` or ``partition``,
+  every part with that hyperparameter gets it). As in torch, each group lists the numeric
+  hyperparameters of a single optimizer (``param_groups[0]["weight_decay"]``); changing
+  one there takes effect at the next step.
 - ``param_groups[i]["lr"]`` is the rate the step uses, so ``torch.optim.lr_scheduler``
   works unchanged. When every part of the group's optimizer has one float rate ``η``, the
   group's ``lr`` starts at ``η`` and replaces it. When the optimizer has an arrayopt
@@ -30,13 +35,27 @@ from __future__ import annotations
 
 import torch
 
+from ..base import Chain
 from ..base import Optimizer as _ArrayoptOptimizer
+from ..groups import Partition
 from ..state_io import _check_not_consumed, _decode, _encode, _settle
-from ._learning_rate import GroupRate, single_rate, with_learning_rate
+from ._rebuild import GroupRate, arguments, hyperparameter_names, rebuild, single_rate
 
 __all__ = ["Optimizer"]
 
+# group keys that are not arrayopt hyperparameters (the others must be)
 _GROUP_KEYS = {"params", "lr", "opt", "param_names", "initial_lr"}
+
+
+def _group_optimizer(opt: _ArrayoptOptimizer, rate: GroupRate, overrides: dict) -> _ArrayoptOptimizer:
+    """``opt`` with the group's hyperparameter overrides and its learning rate read from ``rate``."""
+    def changes(args):
+        out = {k: v for k, v in overrides.items() if k in args}
+        if "learning_rate" in args:
+            out["learning_rate"] = rate.rate_for(args["learning_rate"])
+        return out
+
+    return rebuild(opt, changes)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -53,28 +72,44 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group: expected a dict, got {type(param_group).__name__}")
-        unknown = sorted(set(param_group) - _GROUP_KEYS)
-        if unknown:
-            raise ValueError(
-                f"param_group: unknown keys {unknown}; a group sets 'lr' and 'opt' (an arrayopt "
-                f"optimizer with the group's hyperparameters, e.g. 'opt': ao.adamw(1e-3, weight_decay=0.0))")
         group = dict(param_group)
         opt = group.pop("opt", self._default_opt)
         if not isinstance(opt, _ArrayoptOptimizer):
             raise TypeError(f"param_group['opt']: expected an arrayopt optimizer, got {type(opt).__name__}")
+        names = hyperparameter_names(opt) - {"learning_rate"}
+        for key in group:
+            if key not in _GROUP_KEYS and key not in names:
+                raise ValueError(
+                    f"param_group[{key!r}]: not a hyperparameter of {type(opt).__name__}; a group sets 'lr', "
+                    f"'opt' (an arrayopt optimizer) or hyperparameters of the optimizer by name")
+        if not isinstance(opt, (Chain, Partition)):  # its numeric hyperparameters, as torch lists them
+            for k, v in arguments(opt).items():
+                if k in names and type(v) in (bool, int, float):
+                    group.setdefault(k, v)
+        overrides = {k: v for k, v in group.items() if k in names}
         group.setdefault("lr", _default_lr(opt))
         lr = group["lr"]
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
             raise ValueError(f"param_group['lr']: expected a float >= 0, got {lr!r}")
         rate = GroupRate(float(lr), multiplier=single_rate(opt) is None)
+        group_opt = _group_optimizer(opt, rate, overrides)  # validates the overrides before anything is added
         super().add_param_group(group)
         bad = [p.dtype for p in self.param_groups[-1]["params"] if not p.is_floating_point()]
         if bad:
             self.param_groups.pop()
             raise TypeError(f"params: dtype {bad[0]} is not a real floating dtype; arrayopt optimizes "
                             f"float16, bfloat16, float32 or float64 params")
-        self._groups.append((rate, with_learning_rate(opt, rate.rate_for)))
+        self._groups.append((rate, group_opt, opt, names, overrides))
         self._states.append({})
+
+    def _current(self, gi: int):
+        """The group's ``(GroupRate, optimizer)``, rebuilt if an override in ``param_groups`` changed."""
+        rate, group_opt, opt, names, overrides = self._groups[gi]
+        now = {k: v for k, v in self.param_groups[gi].items() if k in names}
+        if now != overrides:
+            group_opt = _group_optimizer(opt, rate, now)
+            self._groups[gi] = (rate, group_opt, opt, names, now)
+        return rate, group_opt
 
     # ---------------------------------------------------------------- step
 
@@ -84,7 +119,7 @@ class Optimizer(torch.optim.Optimizer):
     def _state_for(self, gi: int, active: tuple, params: list):
         states = self._states[gi]
         if active not in states:
-            states[active] = self._groups[gi][1].init(params)
+            states[active] = self._current(gi)[1].init(params)
         return states[active]
 
     @torch.no_grad()
@@ -103,7 +138,7 @@ class Optimizer(torch.optim.Optimizer):
             grads = [group["params"][i].grad.detach() for i in active]
             work.append((gi, active, params, grads, self._state_for(gi, active, params)))
         for gi, active, params, grads, state in work:
-            rate, opt = self._groups[gi]
+            rate, opt = self._current(gi)
             rate.value = float(self.param_groups[gi]["lr"])
             new_params, self._states[gi][active] = opt.step(params, grads, state)
             for p, q in zip(params, new_params):
@@ -153,7 +188,7 @@ class Optimizer(torch.optim.Optimizer):
                 if any(i >= len(group["params"]) for i in active):
                     raise ValueError(f"state_dict['arrayopt'][{gi}]: param index out of range")
                 params = [group["params"][i].detach() for i in active]
-                like = self._groups[gi][1].init(params)
+                like = self._current(gi)[1].init(params)
                 data = {k: t.numpy() for k, t in entry["arrays"].items()}
                 try:
                     states[active] = _decode(entry["tree"], like, "", data)
