@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Print the framework adapters' per-step ratios (``benchmarks/interop.py``) as markdown.
+
+    python asv_bench/interop_ratios.py            # 1M and 10M float32 params
+    python asv_bench/interop_ratios.py --size 1M
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.interop import RATIOS, SIZES, measure_interop  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=list(SIZES), action="append")
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args(argv)
+    for size in args.size or list(SIZES):
+        res = measure_interop(SIZES[size], rounds=args.rounds)
+        print(f"\n{size} float32 params, medians (ms): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in res["ms"].items()))
+        print("\n| ratio | value |\n|---|---|")
+        for name in RATIOS:
+            if name in res["ratios"]:
+                print(f"| {name} | {res['ratios'][name]:.2f} |")
+        for what, why in res["skipped"].items():
+            print(f"(skipped {what}: {why})")
+
+
+if __name__ == "__main__":
+    main()
