@@ -84,7 +84,8 @@ class Partition(Optimizer):
     def __init__(self, labels: Any, transforms: dict, *, on_nonfinite: str = "raise"):
         super().__init__(on_nonfinite=on_nonfinite)
         if not isinstance(transforms, dict) or not transforms:
-            raise ValueError(f"transforms: expected a non-empty dict {{label: optimizer}}, got {transforms!r}")
+            raise ValueError(f"transforms: expected a non-empty dict {{label: optimizer}}, got {transforms!r} "
+                             f"(the order is partition(labels, transforms); optax's is the reverse)")
         for label, opt in transforms.items():
             if not isinstance(opt, Optimizer):
                 raise TypeError(f"transforms[{label!r}]: expected an arrayopt optimizer, got {type(opt).__name__}")

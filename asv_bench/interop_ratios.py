@@ -2,7 +2,7 @@
 """Print the framework adapters' per-step ratios (``benchmarks/interop.py``) as markdown.
 
     python asv_bench/interop_ratios.py            # 1M and 10M float32 params
-    python asv_bench/interop_ratios.py --size 1M
+    python asv_bench/interop_ratios.py --size 1M --threads 1   # steadier on a loaded machine
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.common import set_threads  # noqa: E402
 from benchmarks.interop import RATIOS, SIZES, measure_interop  # noqa: E402
 
 
@@ -20,7 +21,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), action="append")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="threads for Numba and torch")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     for size in args.size or list(SIZES):
         res = measure_interop(SIZES[size], rounds=args.rounds)
         print(f"\n{size} float32 params, medians (ms): "
