@@ -184,6 +184,14 @@ def test_closure_and_bad_input_errors():
         Optimizer([{"params": list(model.parameters()), "weight_decay": -1.0}], ao.adamw())
     with pytest.raises(TypeError, match="params: dtype torch.int64 is not a real floating dtype"):
         Optimizer([torch.zeros(3, dtype=torch.int64)], ao.adam())
+    named = _model()
+    opt_named = Optimizer(named.named_parameters(), ao.adam(0.1))
+    torch.nn.functional.mse_loss(named(x), y).backward()
+    named[2].bias.grad[0] = float("nan")
+    before = [p.detach().clone() for p in named.parameters()]
+    with pytest.raises(ValueError, match=r"grads leaf \['2.bias'\]: contains NaN or Inf"):
+        opt_named.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, named.parameters()))
     other = Optimizer(_model().parameters(), ao.sgd(0.1, momentum=0.9))
     other.zero_grad()
     with pytest.raises(ValueError, match="state_dict"):

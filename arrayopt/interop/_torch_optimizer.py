@@ -116,7 +116,14 @@ class Optimizer(torch.optim.Optimizer):
     def _active(self, group) -> tuple:
         return tuple(i for i, p in enumerate(group["params"]) if p.grad is not None)
 
-    def _state_for(self, gi: int, active: tuple, params: list):
+    @staticmethod
+    def _tree(group, active: tuple, grads: bool = False) -> dict:
+        """The params (or grads) of ``active`` as a dict keyed by their names (``named_parameters``)
+        or their index in the group, so that errors name the tensor."""
+        names = group.get("param_names") or [str(i) for i in range(len(group["params"]))]
+        return {names[i]: (group["params"][i].grad if grads else group["params"][i]).detach() for i in active}
+
+    def _state_for(self, gi: int, active: tuple, params: dict):
         states = self._states[gi]
         if active not in states:
             states[active] = self._current(gi)[1].init(params)
@@ -134,14 +141,13 @@ class Optimizer(torch.optim.Optimizer):
             active = self._active(group)
             if not active:
                 continue
-            params = [group["params"][i].detach() for i in active]
-            grads = [group["params"][i].grad.detach() for i in active]
+            params, grads = self._tree(group, active), self._tree(group, active, grads=True)
             work.append((gi, active, params, grads, self._state_for(gi, active, params)))
         for gi, active, params, grads, state in work:
             rate, opt = self._current(gi)
             rate.value = float(self.param_groups[gi]["lr"])
             new_params, self._states[gi][active] = opt.step(params, grads, state)
-            for p, q in zip(params, new_params):
+            for p, q in zip(params.values(), new_params.values()):
                 if q is not p:  # the reference path gave new arrays (non-contiguous params)
                     p.copy_(q)
         return loss
@@ -187,8 +193,7 @@ class Optimizer(torch.optim.Optimizer):
                 active = tuple(int(i) for i in entry["active"])
                 if any(i >= len(group["params"]) for i in active):
                     raise ValueError(f"state_dict['arrayopt'][{gi}]: param index out of range")
-                params = [group["params"][i].detach() for i in active]
-                like = self._current(gi)[1].init(params)
+                like = self._current(gi)[1].init(self._tree(group, active))
                 data = {k: t.numpy() for k, t in entry["arrays"].items()}
                 try:
                     states[active] = _decode(entry["tree"], like, "", data)
