@@ -333,9 +333,13 @@ class SONew(Optimizer):
             nu2 = None if nu2 is None else nu2[:n]
         return u, m2, band2, nu2, removed, fallback
 
-    def _reference_all(self, ns, leaves, g_leaves, state):
+    def _reference_all(self, ns, leaves, g_leaves, state, step=None):
+        """The reference on every leaf: ``(updates, new_state)``. ``step``: the step description
+        (default: :meth:`step_description` of ``state["count"]``; a traced one when the step is
+        traced into a caller's ``jax.jit``, the count then being a traced array)."""
         xp = ns.xp
-        step = self.step_description(state["count"])
+        if step is None:
+            step = self.step_description(state["count"])
         jit = ns.library == "jax"
         out = {"updates": [], "mu": [], "band": [], "graft_nu": [], "removed_edges": [], "fallback_rows": []}
         leaf_fn = self.reference_leaf

@@ -17,11 +17,20 @@ state, and its Python numbers (the step ``count`` among them) as 0-d arrays; its
 and ``None`` entries (the optimizer's name, the params' leaf paths) are static pytree data.
 So a jitted step traces once and keeps one compiled executable.
 
-Inside the jitted step the arrayopt update runs on the host through ``jax.pure_callback``:
-the NumPy path (fused Numba kernels are for ``step``; ``update`` is the array-API
-reference on NumPy), with the gradients, params and state copied to host memory and the
-updates and new state copied back. Results are those of the same optimizer on NumPy.
-A learning rate given as an optax schedule is evaluated at the Python step count.
+Two ways the update runs inside a jitted step:
+
+- **traced** (SONew, alone): SONew's array-API reference in JAX, traced into the caller's
+  step, on the caller's device. Only the step scalars (the learning rate of the schedule,
+  the bias corrections) come from the host, through a ``jax.pure_callback`` of the count;
+  they are cast to the params' compute dtype (which all leaves must share, else the host
+  path runs). A non-finite gradient skips the step (state and params unchanged,
+  ``nonfinite_skipped`` counts it), since a traced step cannot raise.
+- **host** (every other optimizer, and SONew with ``host=True``): ``opt.update`` runs on
+  the host through ``jax.pure_callback``, the NumPy path, with the gradients, params and
+  state copied to host memory and the updates and new state copied back. Results are
+  those of the same optimizer on NumPy (errors raise from the callback).
+
+A learning rate given as an optax schedule is evaluated on the host at the step count.
 Pytrees of dicts, lists and tuples keep their structure (and leaf paths in error
 messages); any other pytree reaches the optimizer as the list of its leaves.
 """
@@ -34,7 +43,9 @@ import numpy as np
 import optax
 
 from .. import _tree
-from ..base import Optimizer
+from .._xp import Namespace, is_low_precision, namespace_of, state_dtype
+from ..base import HEADER, Optimizer
+from ..sonew import SONew
 
 __all__ = ["transform", "TransformState"]
 
@@ -79,8 +90,9 @@ def _split(node):
     return leaves, walk(node)
 
 
-def _join(skeleton, leaves):
-    """Inverse of :func:`_split`, with host (NumPy) arrays and Python numbers."""
+def _join(skeleton, leaves, host: bool = True):
+    """Inverse of :func:`_split`: with host (NumPy) arrays and Python numbers, or (``host=False``)
+    with the JAX arrays as they are (numbers stay 0-d arrays, as traced values must)."""
     it = iter(leaves)
 
     def build(sk):
@@ -93,11 +105,40 @@ def _join(skeleton, leaves):
         if kind == "static":
             return sk[1]
         x = next(it)
+        if not host:
+            return x
         if kind == "array":
             return np.array(x)  # a writeable copy: the state passed to update() is consumed
         return {"bool": bool, "int": int, "float": float}[kind](x)
 
     return build(skeleton)
+
+
+def _dynamic_leaves(skeleton, node) -> list:
+    """The dynamic leaves of ``node`` (traced values) in the order of ``skeleton``; raises if the
+    containers or static entries differ from it."""
+    out: list = []
+
+    def walk(sk, x):
+        kind = sk[0]
+        if kind == "dict":
+            if not isinstance(x, dict) or tuple(x) != sk[2]:
+                raise ValueError("state: the keys of the state changed during the step")
+            for v, c in zip(x.values(), sk[3]):
+                walk(c, v)
+        elif kind in ("list", "tuple"):
+            if not isinstance(x, (list, tuple)) or len(x) != len(sk[1]):
+                raise ValueError("state: a list in the state changed length during the step")
+            for v, c in zip(x, sk[1]):
+                walk(c, v)
+        elif kind == "static":
+            if x != sk[1]:
+                raise ValueError(f"state: the entry {sk[1]!r} changed to {x!r} during the step")
+        else:
+            out.append(x)
+
+    walk(skeleton, node)
+    return out
 
 
 def _count_position(skeleton) -> int:
@@ -119,6 +160,11 @@ def _split_positions(sk) -> list:
     return [] if sk[0] == "static" else [sk[0]]
 
 
+def xp_cast(x, like):
+    """``x`` as a JAX array of ``like``'s dtype (the state keeps its dtypes from step to step)."""
+    return jnp.asarray(x, dtype=like.dtype)
+
+
 def _host_tree(treedef, leaves):
     """The pytree rebuilt from host leaves, if it is made of dicts, lists and tuples; else the list."""
     tree = jax.tree_util.tree_unflatten(treedef, leaves)
@@ -130,10 +176,48 @@ def _specs(leaves):
             for x in leaves]
 
 
-def transform(opt: Optimizer) -> optax.GradientTransformation:
-    """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation."""
+def _traced_sonew(opt: SONew, g_leaves, p_leaves, state: dict):
+    """SONew's reference traced in JAX; ``None`` when the leaves' compute dtypes differ."""
+    xp = namespace_of(g_leaves[0])
+    dtypes = {state_dtype(xp, g.dtype) for g in g_leaves}
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    count = state["count"]
+    float_dtype = jnp.zeros((), float).dtype  # float64 with jax_enable_x64, else float32
+
+    def host_scalars(c):
+        step = opt.step_description(int(c))
+        return np.array([step.lr, step.bc1, step.bc2], float_dtype)
+
+    lr, bc1, bc2 = jax.pure_callback(host_scalars, jax.ShapeDtypeStruct((3,), float_dtype), count)
+    # the step description without its per-step scalars (its options), with the traced ones cast
+    # to the compute dtype, as the host paths' Python floats are when they meet the arrays
+    step = opt._template.with_scalars(*(xp.astype(x, dtype) for x in (lr, bc1, bc2)))
+    ns = Namespace(xp, None, "jax")
+    params = p_leaves if p_leaves else g_leaves
+    updates, new = opt._reference_all(ns, params, g_leaves, state, step=step)
+    updates = [xp.astype(u, p.dtype) if is_low_precision(p.dtype) else u for u, p in zip(updates, params)]
+    ok = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in g_leaves]))  # a bad step is skipped
+    updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
+    kept = {k: jax.tree_util.tree_map(lambda a, b: xp.where(ok, a, b), new[k], state[k])
+            for k in new if k not in HEADER}  # the per-leaf arrays: the old ones on a skipped step
+    new = dict(new, **kept)
+    new["count"] = count + xp.astype(ok, count.dtype)
+    new["nonfinite_skipped"] = state["nonfinite_skipped"] + xp.astype(~ok, count.dtype)
+    new["consumed"] = state["consumed"]
+    return updates, new
+
+
+def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransformation:
+    """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation.
+
+    ``host=True`` runs SONew on the host too (see the module docstring for the two paths).
+    """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
+    if not isinstance(host, bool):
+        raise TypeError(f"host: expected a bool, got {type(host).__name__}")
 
     def init_host(leaves, treedef):
         state = opt.init(_host_tree(treedef, [np.array(x) for x in leaves]))
@@ -162,10 +246,18 @@ def transform(opt: Optimizer) -> optax.GradientTransformation:
         if params is not None and len(p_leaves) != len(g_leaves):
             raise ValueError(f"params: {len(p_leaves)} leaves, but the updates have {len(g_leaves)}")
         skeleton, n = state.skeleton, len(g_leaves)
+        if isinstance(opt, SONew) and not host:
+            if params is None and opt.weight_decay != 0.0:
+                raise ValueError(f"params: {opt.name} with weight decay needs the params in update()")
+            traced = _traced_sonew(opt, g_leaves, p_leaves, _join(skeleton, state.leaves, host=False))
+            if traced is not None:
+                updates, new = traced
+                out = [xp_cast(x, old) for x, old in zip(_dynamic_leaves(skeleton, new), state.leaves)]
+                return jax.tree_util.tree_unflatten(treedef, updates), TransformState(out, skeleton)
         u_specs = _specs(g_leaves)
         s_specs = _specs(state.leaves)
 
-        def host(*arrays):
+        def on_host(*arrays):
             g = _host_tree(treedef, [np.asarray(x) for x in arrays[:n]])
             p = None if params is None else _host_tree(treedef, [np.asarray(x) for x in arrays[n:2 * n]])
             s = _join(skeleton, arrays[2 * n if params is not None else n:])
@@ -178,7 +270,7 @@ def transform(opt: Optimizer) -> optax.GradientTransformation:
             return ([np.asarray(x, s.dtype) for x, s in zip(u_flat, u_specs)],
                     [np.asarray(x, s.dtype) for x, s in zip(flat, s_specs)])
 
-        u_out, s_out = jax.pure_callback(host, (u_specs, s_specs), *g_leaves, *p_leaves, *state.leaves)
+        u_out, s_out = jax.pure_callback(on_host, (u_specs, s_specs), *g_leaves, *p_leaves, *state.leaves)
         return jax.tree_util.tree_unflatten(treedef, u_out), TransformState(s_out, skeleton)
 
     return optax.GradientTransformation(init_fn, update_fn)
