@@ -192,6 +192,17 @@ def test_closure_and_bad_input_errors():
     with pytest.raises(ValueError, match=r"grads leaf \['2.bias'\]: contains NaN or Inf"):
         opt_named.step()
     assert all(torch.equal(a, b) for a, b in zip(before, named.parameters()))
+    # two groups, the second with the bad gradient: the first group does not step either
+    grouped = _model()
+    w, b = _groups(grouped)
+    opt_grouped = Optimizer([{"params": w}, {"params": b}], ao.adam(0.1))
+    torch.nn.functional.mse_loss(grouped(x), y).backward()
+    b[1].grad[0] = float("inf")
+    before = [p.detach().clone() for p in grouped.parameters()]
+    with pytest.raises(ValueError, match=r"grads leaf \['1'\]: contains NaN or Inf"):
+        opt_grouped.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, grouped.parameters()))
+    assert all(s == {} or all(v["count"] == 0 for v in s.values()) for s in opt_grouped._states)
     other = Optimizer(_model().parameters(), ao.sgd(0.1, momentum=0.9))
     other.zero_grad()
     with pytest.raises(ValueError, match="state_dict"):

@@ -65,7 +65,9 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(opt, _ArrayoptOptimizer):
             raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
         self._default_opt = opt
-        self._groups: list = []  # per param group: (GroupRate, the group's optimizer)
+        # per param group: (GroupRate, the group's optimizer, the optimizer it was made from,
+        # the names of its hyperparameters, the overrides it was made with)
+        self._groups: list = []
         self._states: list = []  # per param group: {indices of the params with grads: arrayopt state}
         super().__init__(params, {"lr": _default_lr(opt)})
 
@@ -143,6 +145,8 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             params, grads = self._tree(group, active), self._tree(group, active, grads=True)
             work.append((gi, active, params, grads, self._state_for(gi, active, params)))
+        if len(work) > 1:  # a group with a non-finite gradient steps first: if it raises, no group has stepped
+            work.sort(key=lambda w: all(bool(torch.isfinite(g).all()) for g in w[3].values()))
         for gi, active, params, grads, state in work:
             rate, opt = self._current(gi)
             rate.value = float(self.param_groups[gi]["lr"])
