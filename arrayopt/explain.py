@@ -68,6 +68,10 @@ def explain(opt, params, grads=None, state=None) -> Explanation:
     g_leaves = leaves if grads is None else _validate.check_like("grads", grads, treedef, paths, leaves, ns)
     if state is None:
         state = opt.init(params)
+    from .groups import Partition
+
+    if isinstance(opt, Partition):
+        return _explain_groups(opt, treedef, paths, leaves, g_leaves, state)
     op = opt.kernel_op
     count = state.get("count", 0) if isinstance(state, dict) else 0
     step = opt.step_description(count) if op else None
@@ -88,6 +92,24 @@ def explain(opt, params, grads=None, state=None) -> Explanation:
             why = reason
         out.append(LeafPath(_tree_path(path), tuple(int(d) for d in p.shape), _dtype(p), name, why))
     return Explanation(getattr(opt, "name", type(opt).__name__), op or "", name, reason, tuple(out))
+
+
+def _explain_groups(opt, treedef, paths, leaves, g_leaves, state) -> Explanation:
+    """A partition: each group's optimizer explained on its own leaves (each group steps on its own)."""
+    from .groups import _subtree
+
+    by_path = {}
+    for k, label in enumerate(opt.keys):
+        keep = [g == k for g in state["groups"]]
+        if not any(keep):
+            continue
+        part = opt.transforms[label]
+        sub = explain(part, _subtree(treedef, leaves, keep), _subtree(treedef, g_leaves, keep), state["inner"][k])
+        for lp in sub.leaves:
+            by_path[lp.path] = LeafPath(lp.path, lp.shape, lp.dtype, lp.backend,
+                                        f"group {label!r} ({sub.optimizer}): {lp.reason}")
+    rows = tuple(by_path[_tree_path(p)] for p in paths)
+    return Explanation(opt.name, "", "per group", opt.no_kernel_reason, rows)
 
 
 def _name_leaves(reason: str, paths) -> str:

@@ -78,8 +78,7 @@ class Partition(Optimizer):
     """
 
     name = "partition"
-    no_kernel_reason = ("a partition runs each group's own step(): fused kernels serve the groups "
-                        "(ao.explain each group's optimizer)")
+    no_kernel_reason = "each group runs its own optimizer's step (its fused kernel or the reference)"
 
     def __init__(self, labels: Any, transforms: dict, *, on_nonfinite: str = "raise"):
         super().__init__(on_nonfinite=on_nonfinite)

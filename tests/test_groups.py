@@ -123,3 +123,13 @@ def test_threads_share_one_partition_bit_identically():
     seq = {i: _run(opt, i, "auto", 5, shapes) for i in range(3)}
     par = _threaded(lambda i, barrier: _run(opt, i, "auto", 5, shapes, barrier=barrier), 3)
     _assert_same(seq, par)
+
+
+def test_explain_names_each_groups_path():
+    params = {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float16)}
+    opt = ao.partition(by_rank, {"matrix": ao.adam(0.1), "vector": ao.sgd(0.1)})
+    e = ao.explain(opt, params)
+    assert e.backend == "per group"
+    w, b = e.leaves
+    assert w.path == "['w']" and w.reason.startswith("group 'matrix' (adam): ")
+    assert b.path == "['b']" and b.reason.startswith("group 'vector' (sgd): ") and b.backend == "reference"
