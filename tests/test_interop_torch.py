@@ -232,3 +232,26 @@ def test_importing_arrayopt_and_its_interop_package_imports_no_framework():
             "print(sorted(m for m in ('torch', 'jax', 'optax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cpu_tensors_reach_the_numba_kernel_in_place(monkeypatch):
+    numba_cpu = next((b for b in ao.dispatch.backends() if b.name == "numba_cpu"), None)
+    if numba_cpu is None:
+        pytest.skip("the Numba backend is not available")
+    seen = []
+    run = numba_cpu.run
+
+    def recording_run(op, leaves, *args, **kwargs):
+        seen.append((op, [t.data_ptr() for t in leaves]))
+        return run(op, leaves, *args, **kwargs)
+
+    monkeypatch.setattr(numba_cpu, "run", recording_run)
+    model = _model(dtype=torch.float32)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    opt = Optimizer(model.parameters(), ao.adam(0.01))
+    x, y = _data(torch.float32)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert seen == [("adam", pointers)]  # the parameters' own memory, no copies
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
