@@ -53,6 +53,7 @@ if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
 
 from . import dispatch, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
+from .eva import eva  # noqa: E402
 from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
 from .shampoo import shampoo  # noqa: E402
@@ -80,6 +81,7 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "dispatch",
+    "eva",
     "explain",
     "load_state",
     "registry",
