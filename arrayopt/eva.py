@@ -131,9 +131,10 @@ class Eva(Optimizer):
         return {"eva": ("kv_a", "kv_g"), "eva_f": ("kv_a",), "eva_s": ("kv_s",)}[self.variant]
 
     def _kv_shapes(self, shape):
-        """The Kronecker-vector state of one leaf: a list of vector lengths per state entry."""
+        """The Kronecker-vector state of one leaf: its vector shapes (``None``: a leaf of fewer than 2 axes
+        has no ``kv_a``/``kv_g``)."""
         if len(shape) < 2:
-            return {"kv_a": (0,), "kv_g": (0,), "kv_s": []}
+            return {"kv_a": None, "kv_g": None, "kv_s": []}
         return {"kv_a": (_fan_in(shape) + 1,), "kv_g": (int(shape[0]),), "kv_s": [(int(d),) for d in shape]}
 
     def _init(self, ns, leaves):
@@ -148,6 +149,8 @@ class Eva(Optimizer):
                 dt = state_dtype(xp, p.dtype)
                 if name == "kv_s":
                     entries.append([xp.zeros(s, dtype=dt, device=dev) for s in want])
+                elif want is None:
+                    entries.append(None)
                 else:
                     entries.append(xp.zeros(want, dtype=dt, device=dev))
             out[name] = entries
@@ -168,6 +171,11 @@ class Eva(Optimizer):
         for name in self._kv_names():
             for entry, p, path, dt in zip(state[name], leaves, paths, dtypes):
                 want = self._kv_shapes(p.shape)[name]
+                if want is None:
+                    if entry is not None:
+                        raise ValueError(f"state[{name!r}] leaf {path}: expected None (a leaf of shape "
+                                         f"{tuple(p.shape)} has no Kronecker vector)")
+                    continue
                 arrays, shapes = (entry, want) if name == "kv_s" else ([entry], [want])
                 if not isinstance(arrays, (list, tuple)) or len(arrays) != len(shapes):
                     raise ValueError(f"state[{name!r}] leaf {path}: expected {len(shapes)} vectors")
