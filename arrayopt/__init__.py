@@ -51,7 +51,7 @@ if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
                for f in _sys.meta_path):
         _sys.meta_path.insert(0, _CheckoutBackends(_checkout_backends))
 
-from . import dispatch, registry, schedules  # noqa: E402
+from . import dispatch, interop, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
 from .eva import eva  # noqa: E402
 from .explain import explain  # noqa: E402
@@ -83,6 +83,7 @@ __all__ = [
     "dispatch",
     "eva",
     "explain",
+    "interop",
     "load_state",
     "registry",
     "save_state",

@@ -1,0 +1,5 @@
+"""PyTorch adapters."""
+
+from ._torch_capture import KVCapture
+
+__all__ = ["KVCapture"]
