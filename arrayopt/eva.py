@@ -73,10 +73,12 @@ Choices, and why:
 from __future__ import annotations
 
 import math
+import threading
 
 from . import _validate, grafting
 from ._xp import device_of, is_low_precision, state_dtype
 from .base import Optimizer, write_params
+from .eva_step import EvaStep
 from .first_order import SGD
 from .linalg.eva import eva_f_precondition, eva_precondition, eva_s_precondition, kl_scale
 
@@ -96,8 +98,7 @@ class Eva(Optimizer):
 
     name = "eva"
     takes_stats = True
-    no_kernel_reason = ("no fused Eva kernel yet: the step (one mat-vec, one rank-one correction and "
-                        "the momentum update per layer) runs as array-API code")
+    kernel_op = "eva"
 
     def __init__(self, learning_rate, momentum=0.9, damping=0.03, kl_clip=0.001, stat_decay=None,
                  weight_decay=0.0, variant="eva", update_every=1, *, kl_mode=None, nesterov=False,
@@ -119,11 +120,19 @@ class Eva(Optimizer):
             self.kl_mode = _validate.check_choice("kl_mode", "clip" if kl_mode is None else kl_mode, _KL_MODES)
         self.kl_clip = _validate.check_real("kl_clip", kl_clip, 0.0, low_open=self.kl_mode == "clip")
         self._sgd = SGD(learning_rate, momentum, nesterov, weight_decay)
-        self.name = {"eva": "eva", "eva_f": "eva_f", "eva_s": "eva_s"}[variant]
+        self.name = variant
+        self._init_transient()
         self.hyperparams = dict(learning_rate=learning_rate, momentum=momentum, damping=damping,
                                 kl_clip=kl_clip, stat_decay=self.stat_decay, weight_decay=weight_decay,
                                 variant=variant, update_every=update_every, kl_mode=self.kl_mode,
                                 nesterov=nesterov)
+
+    _TRANSIENT = ("_jitted", "_jit_lock")
+
+    def _init_transient(self):
+        # jax.jit'ed steps keyed by the plan: filled under the lock, shared by threads
+        object.__setattr__(self, "_jitted", {})
+        object.__setattr__(self, "_jit_lock", threading.Lock())
 
     # ------------------------------------------------------------------ state
 
@@ -235,67 +244,140 @@ class Eva(Optimizer):
                 raise ValueError(f"stats: leaf {bpath} is the bias of {wpath} and has statistics of its own")
         return resolved
 
+    # ------------------------------------------------------------------ backend contract
+
+    def step_description(self, count: int) -> EvaStep:
+        """The frozen :class:`EvaStep` of step ``count + 1`` (what backends receive)."""
+        sgd = self._sgd
+        return EvaStep(lr=_validate.learning_rate_at(self.learning_rate, count), momentum=sgd.momentum,
+                       weight_decay=sgd.weight_decay, nesterov=sgd.nesterov, damping=self.damping,
+                       variant=self.variant, kl_mode=self.kl_mode, kl_clip=self.kl_clip)
+
+    def _kernel_groups(self, leaves, g_leaves, state):
+        return (leaves, g_leaves, *[state[n] for n in self._sgd.state_names])
+
     # ------------------------------------------------------------------ math
 
     def _compute(self, ns, leaves, g_leaves, state, paths, stats):
-        """``(p_old, p_new, new_state)`` per leaf in the state dtype; pure array-API code."""
+        """``(p_old, p_new, new_state)`` per leaf in the state dtype.
+
+        Python decides the plan (which leaves have statistics, their bias partners, which
+        vectors are refreshed); :meth:`_apply_plan` is the array math, pure array-API code,
+        run under ``jax.jit`` for JAX arrays (one compile per plan and shapes).
+        """
         xp = ns.xp
-        count = state["count"]
-        lr = _validate.learning_rate_at(self.learning_rate, count)
-        refresh_step = count % self.update_every == 0
+        lr = _validate.learning_rate_at(self.learning_rate, state["count"])
+        plan, stat_arrays, updates = self._plan(xp, leaves, state, paths, stats)
         p32 = [xp.astype(p, xp.float32) if is_low_precision(p.dtype) else p for p in leaves]
         dirs = [xp.astype(g, xp.float32) if is_low_precision(g.dtype) else g for g in g_leaves]
-        new = {name: list(state[name]) for name in self._kv_names() + ("kv_updates",)}
-        if self.variant == "eva_s":
-            self._eva_s_directions(xp, dirs, new, refresh_step)
+        bufs = [[state[n][i] for n in self._sgd.state_names] for i in range(len(leaves))]
+        kv = {name: list(state[name]) for name in self._kv_names()}
+        if ns.library == "jax":
+            news, new_bufs, kv = self._jitted_plan(ns, plan)(lr, p32, dirs, bufs, kv, stat_arrays)
         else:
-            self._eva_directions(xp, lr, dirs, new, state, paths, stats or {}, refresh_step)
-        scalars = self._sgd.step_scalars(count + 1, lr)
-        news, bufs = [], []
-        for i, (p, d) in enumerate(zip(p32, dirs)):
-            states = [state[n][i] for n in self._sgd.state_names]
-            p_new, s_new = self._sgd._reference(ns, p, d, states, scalars)
-            news.append(p_new)
-            bufs.append(s_new)
+            news, new_bufs, kv = self._apply_plan(ns, plan, lr, p32, dirs, bufs, kv, stat_arrays)
+        new_bufs = {name: [b[k] for b in new_bufs] for k, name in enumerate(self._sgd.state_names)}
+        return p32, news, self._new_state(state, new_bufs, kv, updates)
+
+    def _new_state(self, state, bufs, kv, updates):
         new_state = dict(state)
-        new_state["count"] = count + 1
-        for k, name in enumerate(self._sgd.state_names):
-            new_state[name] = [b[k] for b in bufs]
-        new_state.update(new)
-        return p32, news, new_state
+        new_state["count"] = state["count"] + 1
+        new_state.update(bufs)
+        new_state.update(kv)
+        new_state["kv_updates"] = updates
+        return new_state
+
+    def _plan(self, xp, leaves, state, paths, stats):
+        """What this step does, decided in Python: ``(plan, stat_arrays, new kv_updates)``.
+
+        Eva/Eva-f: ``plan`` holds ``(leaf, bias leaf or None, refresh, first)`` per weight with
+        statistics, ``stat_arrays`` its ``(a, g)``; Eva-s: the leaves whose vectors are refreshed.
+        """
+        refresh_step = state["count"] % self.update_every == 0
+        updates = list(state["kv_updates"])
+        if self.variant == "eva_s":
+            plan = tuple(i for i, p in enumerate(leaves) if len(p.shape) >= 2) if refresh_step else ()
+            stat_arrays = []
+            for i in plan:
+                updates[i] += 1
+        else:
+            stats = stats or {}
+            for wpath, (a, g, _) in stats.items():
+                if not _validate.all_finite(xp, [a] + ([g] if g is not None else [])):
+                    raise ValueError(f"stats leaf {wpath}: contains NaN or Inf; the step was rejected and the "
+                                     f"state is unchanged")
+            index = {path: i for i, path in enumerate(paths)}
+            plan, stat_arrays = [], []
+            for wpath, (a, g, bpath) in stats.items():
+                i = index[wpath]
+                first = state["kv_updates"][i] == 0
+                refresh = refresh_step or first
+                plan.append((i, index[bpath] if bpath is not None else None, refresh, first))
+                stat_arrays.append((a, g))
+                if refresh:
+                    updates[i] += 1
+            plan = tuple(plan)
+        return plan, stat_arrays, updates
+
+    def _jitted_plan(self, ns, plan):
+        import jax
+
+        key = (ns.library, plan)
+        fn = self._jitted.get(key)
+        if fn is None:
+            def run(lr, p32, dirs, bufs, kv, stat_arrays):
+                return self._apply_plan(ns, plan, lr, p32, dirs, bufs, kv, stat_arrays)
+
+            with self._jit_lock:
+                fn = self._jitted.setdefault(key, jax.jit(run))
+        return fn
+
+    def _apply_plan(self, ns, plan, lr, p32, dirs, bufs, kv, stat_arrays):
+        """Directions, then the SGD-momentum step: ``(new params, new momentum buffers, new vectors)``."""
+        xp = ns.xp
+        dirs, kv = list(dirs), {k: list(v) for k, v in kv.items()}
+        if self.variant == "eva_s":
+            self._eva_s_directions(xp, dirs, kv, plan)
+        else:
+            self._eva_directions(xp, lr, dirs, kv, plan, stat_arrays)
+        scalars = self._sgd.step_scalars(0, lr)  # (lr, μ, λ, nesterov): no step dependence
+        news, new_bufs = [], []
+        for p, d, b in zip(p32, dirs, bufs):
+            p_new, b_new = self._sgd._reference(ns, p, d, b, scalars)
+            news.append(p_new)
+            new_bufs.append(b_new)
+        return news, new_bufs, kv
 
     def _ema(self, old, value, first):
         return value if first else old * self.stat_decay + value * (1.0 - self.stat_decay)
 
-    def _eva_directions(self, xp, lr, dirs, new, state, paths, stats, refresh_step):
-        index = {path: i for i, path in enumerate(paths)}
-        for wpath, (a, g, _) in stats.items():
-            if not _validate.all_finite(xp, [a] + ([g] if g is not None else [])):
-                raise ValueError(f"stats leaf {wpath}: contains NaN or Inf; the step was rejected and the state "
-                                 f"is unchanged")
+    def _refresh(self, xp, kv, plan, stat_arrays):
+        """Refresh the running vectors of the plan (E8); return ``(i, b, ā, ḡ)`` per layer, ``ā``
+        cut to the weight's columns (+ the bias entry), ``ḡ`` ``None`` for Eva-f."""
+        out = []
+        for (i, b, refresh, first), (a, g) in zip(plan, stat_arrays):
+            dt = kv["kv_a"][i].dtype
+            if refresh:
+                a = xp.astype(a, dt)
+                if b is None:
+                    a = xp.concat([a, xp.zeros((1,), dtype=dt, device=device_of(a))])
+                kv["kv_a"][i] = self._ema(kv["kv_a"][i], a, first)
+                if g is not None:
+                    kv["kv_g"][i] = self._ema(kv["kv_g"][i], xp.astype(g, dt), first)
+            a_use = kv["kv_a"][i] if b is not None else kv["kv_a"][i][:-1]
+            out.append((i, b, a_use, kv["kv_g"][i] if self.variant == "eva" else None))
+        return out
+
+    def _eva_directions(self, xp, lr, dirs, kv, plan, stat_arrays):
         layers, inners, p_sq, g_sq = [], [], [], []
-        for wpath, (a, g, bpath) in stats.items():
-            i = index[wpath]
-            b = index[bpath] if bpath is not None else None
+        for i, b, a_use, g_use in self._refresh(xp, kv, plan, stat_arrays):
             G = dirs[i]
-            dt = G.dtype
             d_out, n_in = int(G.shape[0]), _fan_in(G.shape)
             G2 = xp.reshape(G, (d_out, n_in))
             if b is not None:
                 G2 = xp.concat([G2, xp.reshape(dirs[b], (d_out, 1))], axis=1)
-            refresh = refresh_step or state["kv_updates"][i] == 0
-            a = xp.astype(a, dt)
-            if b is None:
-                a = xp.concat([a, xp.zeros((1,), dtype=dt, device=device_of(a))])
-            if refresh:
-                first = state["kv_updates"][i] == 0
-                new["kv_a"][i] = self._ema(state["kv_a"][i], a, first)
-                if g is not None:
-                    new["kv_g"][i] = self._ema(state["kv_g"][i], xp.astype(g, dt), first)
-                new["kv_updates"][i] = state["kv_updates"][i] + 1
-            a_use = new["kv_a"][i] if b is not None else new["kv_a"][i][:n_in]
             if self.variant == "eva":
-                P, inner = eva_precondition(G2, a_use, new["kv_g"][i], self.damping)
+                P, inner = eva_precondition(G2, a_use, g_use, self.damping)
             else:
                 P, inner = eva_f_precondition(G2, a_use, self.damping)
             layers.append((i, b, P, n_in))
@@ -315,18 +397,17 @@ class Eva(Optimizer):
             if b is not None:
                 dirs[b] = P[:, n_in]
 
-    def _eva_s_directions(self, xp, dirs, new, refresh_step):
+    def _eva_s_directions(self, xp, dirs, kv, refreshed):
         w = 1.0 if self.stat_decay == 1.0 else 1.0 - self.stat_decay
         for i, G in enumerate(dirs):
             k = len(G.shape)
             if k < 2:
                 continue
-            s = new["kv_s"][i]
-            if refresh_step:
+            s = kv["kv_s"][i]
+            if i in refreshed:
                 s = [s_j * self.stat_decay + xp.mean(G, axis=tuple(ax for ax in range(k) if ax != j)) * w
                      for j, s_j in enumerate(s)]
-                new["kv_s"][i] = s
-                new["kv_updates"][i] = new["kv_updates"][i] + 1
+                kv["kv_s"][i] = s
             dirs[i] = grafting.graft(xp, eva_s_precondition(G, s, self.damping), G)
 
     def _update(self, ns, leaves, g_leaves, state, paths, stats=None):
@@ -336,6 +417,20 @@ class Eva(Optimizer):
         return updates, new_state
 
     def _step(self, ns, leaves, g_leaves, state, paths, stats=None):
+        step = self.step_description(state["count"])
+        backend = self._choose(ns, step, leaves, g_leaves, state).backend
+        if backend is not None:  # fused: finiteness pre-pass, then the kernels in place
+            views = backend.views(g_leaves)
+            if not backend.all_finite(views):
+                self._handle_nonfinite(ns.xp, g_leaves, paths)
+                return None
+            plan, stat_arrays, updates = self._plan(ns.xp, leaves, state, paths, stats)
+            kv = {name: list(state[name]) for name in self._kv_names()}
+            layers = self._refresh(ns.xp, kv, plan, stat_arrays)
+            bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
+            backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views)
+            kept = {n: state[n] for n in self._sgd.state_names}
+            return list(leaves), self._new_state(state, kept, kv, updates)
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None

@@ -37,9 +37,7 @@ def test_statistics_are_the_input_means_and_output_gradient_means():
     np.testing.assert_allclose(stats["w2"]["a"], z.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats["w2"]["g"], d_out.mean(0), rtol=1e-10)
     assert stats["w1"]["bias"] == "b1" and "bias" not in stats["w2"]
-    opt = ao.eva(0.01)
-    params, state = opt.step(params, grads, opt.init(params), stats=stats)
-    assert state["kv_updates"] == [1, 0, 1]
+    assert list(grads) == list(params)  # the params' key order, for the step
 
     def twice(params, x, y, capture):
         return _loss_fn(params, x, y, capture) + _loss_fn(params, x, y, capture)

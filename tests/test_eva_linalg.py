@@ -204,6 +204,8 @@ def test_v11_building_blocks_match_numpy_in_every_namespace(lib):
         lambda m: (kv_conv2d(m(x), 3, 2, 1, True), kv_linear(m(G), True), kv_grad(m(G))),
         lambda m: (kl_scale([m(np.array(2.0)), m(np.array(3.0))], 0.1, 1e-3),),
     ]
+    if lib == "jax":  # JAX compiles every op anew: the convolution slices only (the rest runs in the
+        cases = cases[3:4]  # generic parity tests of the optimizer)
     for case in cases:
         for want, got in zip(case(lambda v: v), case(lambda v: asarray(lib, v, "float64"))):
             np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12, atol=1e-14)
