@@ -193,3 +193,32 @@ def test_v13_smoke_eva_reaches_the_sgd_loss_within_200_steps(variant, ratio):
     sgd_final = runs["sgd"][-1]
     reached = [i for i, v in enumerate(runs["eva"]) if v <= ratio * sgd_final]
     assert reached and reached[0] <= 200, (runs["eva"][-1], sgd_final)
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("kw", [{}, {"variant": "eva_f", "kl_mode": "rescale", "momentum": 0.0},
+                                {"kl_mode": "normalize", "nesterov": True, "weight_decay": 1e-3},
+                                {"kl_mode": "none", "momentum": 0.5}])
+def test_v11_numba_kernel_matches_the_reference(dtype, rtol, kw):
+    rng = np.random.default_rng(11)
+    shapes = {"conv": (4, 3, 3, 3), "conv_b": (4,), "fc": (5, 36), "fc_b": (5,), "ln": (5,)}
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    opt = ao.eva(0.05, damping=0.01, **kw)
+    assert "numba_cpu: fused kernel" in str(ao.explain(opt, params))
+    runs = {}
+    for backend in ("numba_cpu", "reference"):
+        p = {k: v.copy() for k, v in params.items()}
+        state = opt.init(p)
+        rng2 = np.random.default_rng(12)
+        with ao.dispatch.use_backend(backend):
+            for _ in range(3):
+                grads = {k: rng2.normal(size=s).astype(dtype) for k, s in shapes.items()}
+                stats = {"conv": {"a": rng2.normal(size=28).astype(dtype), "g": rng2.normal(size=4).astype(dtype),
+                                  "bias": "conv_b"},
+                         "fc": (rng2.normal(size=36).astype(dtype), rng2.normal(size=5).astype(dtype))}
+                p, state = opt.step(p, grads, state, stats=stats)
+        runs[backend] = (p, state)
+    for k in shapes:
+        np.testing.assert_allclose(runs["numba_cpu"][0][k], runs["reference"][0][k], rtol=rtol, atol=rtol * 1e-2,
+                                   err_msg=k)
+    assert runs["numba_cpu"][1]["kv_updates"] == runs["reference"][1]["kv_updates"]
