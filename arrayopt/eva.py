@@ -287,7 +287,17 @@ class Eva(Optimizer):
         new_state["kv_updates"] = updates
         return new_state
 
-    def _plan(self, xp, leaves, state, paths, stats):
+    @staticmethod
+    def _check_stats_finite(xp, stats, raise_=True):
+        for wpath, (a, g, _) in stats.items():
+            if not _validate.all_finite(xp, [a] + ([g] if g is not None else [])):
+                if not raise_:
+                    return False
+                raise ValueError(f"stats leaf {wpath}: contains NaN or Inf; the step was rejected and the "
+                                 f"state is unchanged")
+        return True
+
+    def _plan(self, xp, leaves, state, paths, stats, check_stats=True):
         """What this step does, decided in Python: ``(plan, stat_arrays, new kv_updates)``.
 
         Eva/Eva-f: ``plan`` holds ``(leaf, bias leaf or None, refresh, first)`` per weight with
@@ -302,10 +312,8 @@ class Eva(Optimizer):
                 updates[i] += 1
         else:
             stats = stats or {}
-            for wpath, (a, g, _) in stats.items():
-                if not _validate.all_finite(xp, [a] + ([g] if g is not None else [])):
-                    raise ValueError(f"stats leaf {wpath}: contains NaN or Inf; the step was rejected and the "
-                                     f"state is unchanged")
+            if check_stats:
+                self._check_stats_finite(xp, stats)
             index = {path: i for i, path in enumerate(paths)}
             plan, stat_arrays = [], []
             for wpath, (a, g, bpath) in stats.items():
@@ -420,15 +428,26 @@ class Eva(Optimizer):
         step = self.step_description(state["count"])
         backend = self._choose(ns, step, leaves, g_leaves, state).backend
         if backend is not None:  # fused: finiteness pre-pass, then the kernels in place
+            xp = ns.xp
             views = backend.views(g_leaves)
-            if not backend.all_finite(views):
-                self._handle_nonfinite(ns.xp, g_leaves, paths)
+            plan, stat_arrays, updates = self._plan(xp, leaves, state, paths, stats, check_stats=False)
+            covered = {i for i, b, _, _ in plan} | {b for _, b, _, _ in plan if b is not None}
+            # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
+            # before anything is written; the other leaves get the pre-pass. With non-finite
+            # statistics, the full pre-pass first: a non-finite gradient is reported before them.
+            stats_ok = self._check_stats_finite(xp, stats or {}, raise_=False)
+            pre = views if not stats_ok else [v for k, v in enumerate(views) if k not in covered]
+            if not backend.all_finite(pre):
+                self._handle_nonfinite(xp, g_leaves, paths)
                 return None
-            plan, stat_arrays, updates = self._plan(ns.xp, leaves, state, paths, stats)
+            if not stats_ok:
+                self._check_stats_finite(xp, stats)  # raises
             kv = {name: list(state[name]) for name in self._kv_names()}
-            layers = self._refresh(ns.xp, kv, plan, stat_arrays)
+            layers = self._refresh(xp, kv, plan, stat_arrays)
             bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
-            backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views)
+            if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
+                self._handle_nonfinite(xp, g_leaves, paths)  # nothing was written
+                return None
             kept = {n: state[n] for n in self._sgd.state_names}
             return list(leaves), self._new_state(state, kept, kv, updates)
         if not _validate.all_finite(ns.xp, g_leaves):

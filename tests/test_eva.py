@@ -222,3 +222,31 @@ def test_v11_numba_kernel_matches_the_reference(dtype, rtol, kw):
         np.testing.assert_allclose(runs["numba_cpu"][0][k], runs["reference"][0][k], rtol=rtol, atol=rtol * 1e-2,
                                    err_msg=k)
     assert runs["numba_cpu"][1]["kv_updates"] == runs["reference"][1]["kv_updates"]
+
+
+@pytest.mark.parametrize("backend", ["numba_cpu", "reference"])
+def test_nonfinite_gradients_and_statistics_on_the_fused_path(backend):
+    params, grads, stats = _layer()
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    grads = {k: v.astype(np.float32) for k, v in grads.items()}
+    stats = {"w": {k: (v.astype(np.float32) if k != "bias" else v) for k, v in stats["w"].items()}}
+    nan_g = dict(grads, w=grads["w"].copy())
+    nan_g["w"][1, 2] = np.nan
+    nan_s = {"w": dict(stats["w"], g=np.full(3, np.inf, np.float32))}
+    opt = ao.eva(0.1)
+    with ao.dispatch.use_backend(backend):
+        state = opt.init(params)
+        before_s, before_p = snapshot(state), snapshot(params)
+        for g, s, regex in [(nan_g, stats, r"grads leaf \['w'\]: contains NaN"),
+                            (grads, nan_s, r"stats leaf \['w'\]: contains NaN"),
+                            (nan_g, nan_s, r"grads leaf \['w'\]: contains NaN")]:
+            with pytest.raises(ValueError, match=regex):
+                opt.step(params, g, state, stats=s)
+            assert snapshot(state) == before_s and snapshot(params) == before_p
+        skip = ao.eva(0.1, on_nonfinite="skip")
+        p, st = skip.step(params, nan_g, skip.init(params), stats=stats)
+        assert st["nonfinite_skipped"] == 1 and snapshot(p) == before_p
+        # squares past float32's range are not a non-finite gradient
+        huge = dict(grads, w=np.full((3, 4), 1e30, np.float32))
+        p, st = opt.step({k: v.copy() for k, v in params.items()}, huge, state, stats=stats)
+        assert st["count"] == 1

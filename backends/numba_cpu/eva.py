@@ -7,7 +7,8 @@ Pass 2 (:func:`eva_apply`, one read of ``G``, read-write of the param and its mo
 buffer): the rank-one correction fused into the write of ``P``, then the SGD-momentum
 step of ``arrayopt.first_order.SGD``, in the reference's order of operations:
 ``d = (G - c_r ā_c)·(ν/γ) (+ λθ)``, ``b = μb + d``, ``θ -= η(d + μb`` if Nesterov else ``b)``.
-Leaves without statistics take the fused SGD kernel. Scalars arrive typed as the leaf.
+Leaves without statistics take the fused SGD kernel. The first pass is also the finiteness
+check of the preconditioned gradients, so a step reads each of them twice, not three times. Scalars arrive typed as the leaf.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ def _as2d(v, rows):
 def run(backend, step, params, grads, bufs, layers, g_views=None):
     """Eva's step in place. ``layers``: ``(i, b, ā, ḡ)`` per preconditioned weight (``b`` the
     bias leaf or ``None``; ``ā`` with the bias entry when ``b`` is set; ``ḡ`` ``None`` for Eva-f),
-    the running vectors already refreshed; ``bufs``: the momentum buffers or ``None``."""
+    the running vectors already refreshed; ``bufs``: the momentum buffers or ``None``.
+
+    The first pass doubles as the finiteness check of those layers' gradients (``‖G_r‖²`` is
+    finite only if the row is): returns ``False``, having written nothing, when one is not.
+    The caller checks the other leaves."""
     from arrayopt.linalg.eva import kl_scale
 
     p_views = backend.views(params)
@@ -73,6 +78,7 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
     damping = dt(step.damping)
     done = set()
     plans, inners, p_sq, g_sq = [], [], [], []
+    finite = True
     for i, b, a, g in layers:
         a = backend.views([a])[0]
         d_out = int(params[i].shape[0])
@@ -86,6 +92,8 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
             rowdot = rowdot + gb * a[n_in]
             rowsq = rowsq + gb * gb
         gsq = np.sum(rowsq)
+        if not np.isfinite(gsq):  # NaN/Inf in G, or squares past the dtype's range: the exact check
+            finite = finite and backend.all_finite([g_views[i]] + ([g_views[b]] if b is not None else []))
         if g is not None:  # Eva: β = ḡᵀGā/(γ + ‖ā‖²‖ḡ‖²), c_r = β ḡ_r
             g = backend.views([g])[0]
             gGa = np.sum(g * rowdot)
@@ -106,6 +114,8 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
                 ps = ps + np.sum(pb * pb)
             p_sq.append(np.asarray(ps))
             g_sq.append(np.asarray(gsq))
+    if not finite:
+        return False
     use_nu = step.kl_mode != "none" and bool(plans)
     nu = dt(kl_scale(inners, step.lr, step.kl_clip, step.kl_mode, p_sq=p_sq or None, g_sq=g_sq or None)) \
         if use_nu else dt(1.0)
