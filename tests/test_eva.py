@@ -73,7 +73,8 @@ def test_optimizers_without_statistics_reject_them_and_a_chain_passes_them_on():
     alone = ao.eva(0.1)
     p1, s1 = chained.step({k: v.copy() for k, v in params.items()}, grads, chained.init(params), stats=stats)
     p2, s2 = alone.step({k: v.copy() for k, v in params.items()}, grads, alone.init(params), stats=stats)
-    assert snapshot(p1) == snapshot(p2)
+    for k in p1:  # the chain runs update(), the reference; the optimizer alone the fused kernel
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-12)
     bad = {"w": {"a": stats["w"]["a"][:2], "g": stats["w"]["g"], "bias": "b"}}
     s = chained.init(params)
     with pytest.raises(ValueError, match=r"\['a'\]: shape \(2,\)"):
