@@ -8,7 +8,8 @@ buffer): the rank-one correction fused into the write of ``P``, then the SGD-mom
 step of ``arrayopt.first_order.SGD``, in the reference's order of operations:
 ``d = (G - c_r ā_c)·(ν/γ) (+ λθ)``, ``b = μb + d``, ``θ -= η(d + μb`` if Nesterov else ``b)``.
 Leaves without statistics take the fused SGD kernel. The first pass is also the finiteness
-check of the preconditioned gradients, so a step reads each of them twice, not three times. Scalars arrive typed as the leaf.
+check of the preconditioned gradients, so a step reads each of them twice, not three times.
+Scalars arrive typed as the leaf.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _OPTS, _renamed, kernel_for
+from .kernels import _OPTS, _SERIAL, SMALL, _renamed, kernel_for
 
 __all__ = ["run"]
 
@@ -53,8 +54,10 @@ def eva_apply(p, G, buf, a, coef, scale, lr, mu, wd, nesterov, use_buf):
 
 # reassociation only (no nnan/ninf: NaN and Inf still propagate): the row sums vectorise,
 # rounding differs from the reference's sums within the parity tolerance
-_REDUCE = njit(**dict(_OPTS, fastmath={"reassoc"}))(_renamed(eva_reduce, "_parallel"))
-_APPLY = njit(**_OPTS)(_renamed(eva_apply, "_parallel"))
+_REDUCE = {True: njit(**dict(_OPTS, fastmath={"reassoc"}))(_renamed(eva_reduce, "_parallel")),
+           False: njit(**dict(_SERIAL, fastmath={"reassoc"}))(_renamed(eva_reduce, "_serial"))}
+_APPLY = {True: njit(**_OPTS)(_renamed(eva_apply, "_parallel")),
+          False: njit(**_SERIAL)(_renamed(eva_apply, "_serial"))}
 
 
 def _as2d(v, rows):
@@ -86,7 +89,7 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
         n_in = G.shape[1]
         rowdot = np.empty(d_out, G.dtype)
         rowsq = np.empty(d_out, G.dtype)
-        _REDUCE(G, a[:n_in], rowdot, rowsq)
+        _REDUCE[G.size >= SMALL](G, a[:n_in], rowdot, rowsq)  # small layers: one thread
         if b is not None:
             gb = g_views[b]
             rowdot = rowdot + gb * a[n_in]
@@ -128,8 +131,9 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
             if leaf is None:
                 continue
             buf = _as2d(b_views[leaf], rows) if b_views is not None else dummy
-            _APPLY(_as2d(p_views[leaf], rows), _as2d(g_views[leaf], rows), buf, np.ascontiguousarray(a[col]),
-                   coef.astype(G.dtype, copy=False), scale, lr, mu, wd, step.nesterov, b_views is not None)
+            _APPLY[G.size >= SMALL](_as2d(p_views[leaf], rows), _as2d(g_views[leaf], rows), buf,
+                                    np.ascontiguousarray(a[col]), coef.astype(G.dtype, copy=False), scale, lr, mu,
+                                    wd, step.nesterov, b_views is not None)
             done.add(leaf)
     scalars = (lr, mu, wd, step.nesterov)
     for k, (p, g) in enumerate(zip(p_views, g_views)):
