@@ -328,17 +328,24 @@ class Eva(Optimizer):
         return plan, stat_arrays, updates
 
     def _jitted_plan(self, ns, plan):
+        """:meth:`_apply_plan` under ``jax.jit``; a layer's first observation is a traced flag, so
+        the first step and the later ones share one compilation."""
         import jax
+        import jax.numpy as jnp
 
-        key = (ns.library, plan)
+        dynamic = self.variant != "eva_s"
+        static = tuple((i, b, refresh, None) for i, b, refresh, _ in plan) if dynamic else plan
+        key = (ns.library, static)
         fn = self._jitted.get(key)
         if fn is None:
-            def run(lr, p32, dirs, bufs, kv, stat_arrays):
-                return self._apply_plan(ns, plan, lr, p32, dirs, bufs, kv, stat_arrays)
+            def run(firsts, lr, p32, dirs, bufs, kv, stat_arrays):
+                full = tuple((i, b, r, f) for (i, b, r, _), f in zip(static, firsts)) if dynamic else static
+                return self._apply_plan(ns, full, lr, p32, dirs, bufs, kv, stat_arrays)
 
             with self._jit_lock:
                 fn = self._jitted.setdefault(key, jax.jit(run))
-        return fn
+        firsts = [jnp.asarray(e[3]) for e in plan] if dynamic else []
+        return lambda *args: fn(firsts, *args)
 
     def _apply_plan(self, ns, plan, lr, p32, dirs, bufs, kv, stat_arrays):
         """Directions, then the SGD-momentum step: ``(new params, new momentum buffers, new vectors)``."""
@@ -356,8 +363,11 @@ class Eva(Optimizer):
             new_bufs.append(b_new)
         return news, new_bufs, kv
 
-    def _ema(self, old, value, first):
-        return value if first else old * self.stat_decay + value * (1.0 - self.stat_decay)
+    def _ema(self, old, value, first, xp=None):
+        """(E8); ``first`` a bool, or a traced flag under ``jax.jit``."""
+        if isinstance(first, bool):
+            return value if first else old * self.stat_decay + value * (1.0 - self.stat_decay)
+        return xp.where(first, value, old * self.stat_decay + value * (1.0 - self.stat_decay))
 
     def _refresh(self, xp, kv, plan, stat_arrays):
         """Refresh the running vectors of the plan (E8); return ``(i, b, ā, ḡ)`` per layer, ``ā``
@@ -369,9 +379,9 @@ class Eva(Optimizer):
                 a = xp.astype(a, dt)
                 if b is None:
                     a = xp.concat([a, xp.zeros((1,), dtype=dt, device=device_of(a))])
-                kv["kv_a"][i] = self._ema(kv["kv_a"][i], a, first)
+                kv["kv_a"][i] = self._ema(kv["kv_a"][i], a, first, xp)
                 if g is not None:
-                    kv["kv_g"][i] = self._ema(kv["kv_g"][i], xp.astype(g, dt), first)
+                    kv["kv_g"][i] = self._ema(kv["kv_g"][i], xp.astype(g, dt), first, xp)
             a_use = kv["kv_a"][i] if b is not None else kv["kv_a"][i][:-1]
             out.append((i, b, a_use, kv["kv_g"][i] if self.variant == "eva" else None))
         return out
