@@ -251,3 +251,23 @@ def test_nonfinite_gradients_and_statistics_on_the_fused_path(backend):
         huge = dict(grads, w=np.full((3, 4), 1e30, np.float32))
         p, st = opt.step({k: v.copy() for k, v in params.items()}, huge, state, stats=stats)
         assert st["count"] == 1
+
+
+def test_one_optimizer_stepped_from_threads_equals_the_sequential_runs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    opt = ao.eva(0.1, kl_clip=1e-2)
+
+    def run(seed, backend):
+        params, grads, stats = _layer(seed=seed, d_out=40, d_in=30, rows=16)
+        state = opt.init(params)
+        with ao.dispatch.use_backend(backend):
+            for _ in range(5):
+                params, state = opt.step(params, grads, state, stats=stats)
+        return snapshot(params), snapshot(state)
+
+    jobs = [(seed, backend) for seed in range(4) for backend in ("numba_cpu", "reference")]
+    sequential = [run(*j) for j in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda j: run(*j), jobs))
+    assert threaded == sequential
