@@ -266,6 +266,11 @@ class Optimizer(metaclass=_FrozenAfterInit):
         return None
 
     @staticmethod
+    def _check_stats_finite(xp, checked) -> bool:
+        """Raise if checked statistics hold NaN/Inf (optimizers that take statistics override it)."""
+        return True
+
+    @staticmethod
     def _with_stats(fn, checked):
         return fn if checked is None else functools.partial(fn, stats=checked)
 
@@ -527,7 +532,13 @@ class Chain(Optimizer):
                                 f"({', '.join(p.name for p in self.parts)}); call it without stats=")
             for part in self.parts:
                 if part.takes_stats:
-                    part._check_stats(ns, leaves, paths, stats)
+                    checked = part._check_stats(ns, leaves, paths, stats)
+                    # non-finite statistics raise before any stage runs; non-finite gradients are
+                    # reported first (or skipped) by the first stage, as without a chain
+                    g_leaves = leaves if params is None else _validate.check_like(
+                        "grads", grads, treedef, paths, leaves, ns)
+                    if _validate.all_finite(ns.xp, g_leaves):
+                        part._check_stats_finite(ns.xp, checked or {})
         new_inner = []
         updates = grads
         skipped = False

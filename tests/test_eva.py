@@ -271,3 +271,17 @@ def test_one_optimizer_stepped_from_threads_equals_the_sequential_runs():
     with ThreadPoolExecutor(4) as pool:
         threaded = list(pool.map(lambda j: run(*j), jobs))
     assert threaded == sequential
+
+
+def test_a_chain_rejects_nonfinite_statistics_before_any_stage_runs():
+    params, grads, stats = _layer()
+    chained = ao.chain(ao.clip_by_global_norm(1e6), ao.eva(0.1))
+    state = chained.init(params)
+    bad = {"w": dict(stats["w"], a=np.full(5, np.nan))}
+    with pytest.raises(ValueError, match=r"stats leaf \['w'\]: contains NaN"):
+        chained.update(grads, state, params, stats=bad)
+    assert state["consumed"] is False and all(s["consumed"] is False for s in state["inner"])
+    nan_g = dict(grads, w=np.full((3, 4), np.nan))
+    with pytest.raises(ValueError, match=r"grads leaf \['w'\]: contains NaN"):
+        chained.update(nan_g, state, params, stats=bad)
+    assert all(s["consumed"] is False for s in state["inner"])
