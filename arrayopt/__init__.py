@@ -53,6 +53,7 @@ if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
 
 from . import dispatch, interop, registry, schedules  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
+from .eva import eva  # noqa: E402
 from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
 from .groups import masked, partition  # noqa: E402
@@ -81,6 +82,7 @@ __all__ = [
     "chain",
     "clip_by_global_norm",
     "dispatch",
+    "eva",
     "explain",
     "interop",
     "load_state",

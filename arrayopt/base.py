@@ -29,6 +29,7 @@ entries of a state are its lists with one entry per params leaf
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from types import MappingProxyType
 from typing import Any
@@ -156,6 +157,8 @@ class Optimizer(metaclass=_FrozenAfterInit):
     """
 
     name: str = "optimizer"
+    #: whether ``update``/``step`` take per-layer statistics (``stats=``); see :meth:`_check_stats`
+    takes_stats: bool = False
     kernel_op: str = ""  # the backend op of the fused step ("": the reference only)
     #: what ``ao.explain`` says when ``kernel_op`` is empty
     no_kernel_reason: str = "no fused kernel exists for this optimizer (its step is pure array-API code)"
@@ -218,9 +221,13 @@ class Optimizer(metaclass=_FrozenAfterInit):
         state.update(self._init(ns, leaves))
         return state
 
-    def update(self, grads: Any, state: dict, params: Any = None):
-        """Return ``(updates, new_state)``; ``params + updates`` are the new params."""
+    def update(self, grads: Any, state: dict, params: Any = None, *, stats: Any = None):
+        """Return ``(updates, new_state)``; ``params + updates`` are the new params.
+
+        ``stats``: per-layer statistics, for the optimizers that take them (``takes_stats``).
+        """
         ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
+        update_fn = self._with_stats(self._update, self._check_stats(ns, leaves, paths, stats))
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)  # raises unless on_nonfinite="skip"
             zeros = [ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device) for p in leaves]
@@ -229,24 +236,48 @@ class Optimizer(metaclass=_FrozenAfterInit):
         def empty_update(p):
             return ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device)
 
-        updates, new_state = self._on_nonempty(self._update, empty_update, ns, leaves, g_leaves, state, paths)
+        updates, new_state = self._on_nonempty(update_fn, empty_update, ns, leaves, g_leaves, state, paths)
         return _tree.unflatten(treedef, updates), _hand_over(state, new_state)
 
-    def step(self, params: Any, grads: Any, state: dict):
-        """Fused step: returns ``(new_params, new_state)``, in place where the params are writeable."""
+    def step(self, params: Any, grads: Any, state: dict, *, stats: Any = None):
+        """Fused step: returns ``(new_params, new_state)``, in place where the params are writeable.
+
+        ``stats``: per-layer statistics, for the optimizers that take them (``takes_stats``).
+        """
         if params is None:
             raise TypeError("params: step() needs the params")
         ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
+        checked = self._check_stats(ns, leaves, paths, stats)
         if all(_size(p) == 0 for p in leaves):  # nothing to write: the pure path keeps the counters right
-            _, new_state = self._on_nonempty(self._update, None, ns, leaves, g_leaves, state, paths)
+            _, new_state = self._on_nonempty(self._with_stats(self._update, checked), None, ns, leaves, g_leaves,
+                                             state, paths)
             return params, _hand_over(state, new_state)
-        result = self._on_nonempty(self._step, lambda p: p, ns, leaves, g_leaves, state, paths)
+        result = self._on_nonempty(self._with_stats(self._step, checked), lambda p: p, ns, leaves, g_leaves,
+                                   state, paths)
         if result is None:  # non-finite gradient, skipped
             return params, _hand_over(state, self._skipped_state(state))
         new_leaves, new_state = result
         return _tree.unflatten(treedef, new_leaves), _hand_over(state, new_state)
 
     # ---------------------------------------------------------------- machinery
+
+    def _check_stats(self, ns, leaves, paths, stats):
+        """Check ``stats`` before anything is written; return what ``_update``/``_step`` receive as
+        their ``stats`` keyword (``None``: they are called without it). Optimizers that take no
+        statistics reject any."""
+        if stats is not None:
+            raise TypeError(f"stats: {self.name} takes no per-layer statistics (got {type(stats).__name__}); "
+                            f"call it without stats=")
+        return None
+
+    @staticmethod
+    def _check_stats_finite(xp, checked) -> bool:
+        """Raise if checked statistics hold NaN/Inf (optimizers that take statistics override it)."""
+        return True
+
+    @staticmethod
+    def _with_stats(fn, checked):
+        return fn if checked is None else functools.partial(fn, stats=checked)
 
     def _validate_call(self, grads, state, params):
         _check_state_header(state, self.name)
@@ -486,7 +517,7 @@ class Chain(Optimizer):
         state["inner"] = [p.init(params) for p in self.parts]
         return state
 
-    def update(self, grads, state, params=None):
+    def update(self, grads, state, params=None, *, stats=None):
         _check_state_header(state, self.name)
         inner = state.get("inner")
         if not isinstance(inner, list) or len(inner) != len(self.parts):
@@ -499,14 +530,28 @@ class Chain(Optimizer):
             _check_state_header(s, part.name, f"state['inner'][{i}]")
             _check_state_paths(s, paths, arg, f"state['inner'][{i}]")
             part._check_state(ns, leaves, paths, s, params is None)
+        takers = [part.takes_stats for part in self.parts]
+        if stats is not None:
+            if not any(takers):
+                raise TypeError(f"stats: no part of this chain takes per-layer statistics "
+                                f"({', '.join(p.name for p in self.parts)}); call it without stats=")
+            for part in self.parts:
+                if part.takes_stats:
+                    checked = part._check_stats(ns, leaves, paths, stats)
+                    # non-finite statistics raise before any stage runs; non-finite gradients are
+                    # reported first (or skipped) by the first stage, as without a chain
+                    g_leaves = leaves if params is None else _validate.check_like(
+                        "grads", grads, treedef, paths, leaves, ns)
+                    if _validate.all_finite(ns.xp, g_leaves):
+                        part._check_stats_finite(ns.xp, checked or {})
         new_inner = []
         updates = grads
         skipped = False
-        for part, s in zip(self.parts, inner):
+        for part, s, takes in zip(self.parts, inner, takers):
             if skipped:  # an earlier stage skipped a non-finite step: later stages keep their state
                 new_inner.append(s)
                 continue
-            updates, s2 = part.update(updates, s, params)
+            updates, s2 = part.update(updates, s, params, **({"stats": stats} if takes else {}))
             skipped = s2["nonfinite_skipped"] != s["nonfinite_skipped"]
             new_inner.append(s2)
         new = dict(state, inner=new_inner)
@@ -516,8 +561,8 @@ class Chain(Optimizer):
             new["count"] = state["count"] + 1
         return updates, _hand_over(state, new)
 
-    def step(self, params, grads, state):
-        updates, new_state = self.update(grads, state, params)
+    def step(self, params, grads, state, *, stats=None):
+        updates, new_state = self.update(grads, state, params, stats=stats)
         leaves, treedef, paths, ns = _validate.check_params(params)
         u_leaves = _tree.flatten(updates)[0]
         new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, u_leaves)]

@@ -1,6 +1,8 @@
-"""Adapters for code that expects a framework's own optimizer type.
+"""Adapters for code that lives in a framework's training loop.
 
 - ``arrayopt.interop.torch.Optimizer(params, opt)``: a ``torch.optim.Optimizer``.
+- ``arrayopt.interop.torch.KVCapture(model)``: Eva's layer statistics from torch hooks.
+- ``arrayopt.interop.jax.loss_grads_and_stats(...)``: the same for a JAX function.
 - ``arrayopt.interop.optax.transform(opt)``: an ``optax.GradientTransformation``.
 
 The submodules import their framework when first used (``arrayopt.interop.torch`` on

@@ -26,7 +26,7 @@ class NumbaCPU:
     """The ``numba_cpu`` backend (see the module docstring and ``arrayopt.dispatch.Backend``)."""
 
     name = "numba_cpu"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva"})
     # the one place that says which options of each op's step description the kernels fuse
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
@@ -35,6 +35,8 @@ class NumbaCPU:
             "small_param_fallback": frozenset({"sonew"}),
             # any band (b <= 8 unrolled, larger generic), block_size cuts, flatten orders C and F
         },
+        # Eva-s preconditions every tensor with one vector per axis: the reference runs it
+        "eva": {"variant": frozenset({"eva", "eva_f"})},
     }
 
     def __init__(self):
@@ -108,11 +110,16 @@ class NumbaCPU:
 
         First-order ops: ``step`` is the tuple of ``step_scalars``, returns ``None``.
         ``"sonew"``: ``states = [mus, bands]``, ``step`` a ``SONewStep``; returns per-leaf
-        ``(removed_edges, fallback_rows)``.
+        ``(removed_edges, fallback_rows)``. ``"eva"``: ``states = [buffers or None, layers]``,
+        ``step`` an ``EvaStep`` (``backends/numba_cpu/eva.py``).
         """
         if op == "sonew":
             mus, bands = states
             return self.run_sonew(step, params, grads, mus, bands, g_views)
+        if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
+            from .eva import run as run_eva
+
+            return run_eva(self, step, params, grads, states[0], states[1], g_views)
         from .kernels import kernel_for
 
         p_views = self.views(params)

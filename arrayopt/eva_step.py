@@ -1,0 +1,27 @@
+"""The frozen description of one Eva step: what a backend receives instead of the optimizer.
+
+Built by :meth:`arrayopt.eva.Eva.step_description` with the learning rate of the
+schedule at this step; the per-layer Kronecker vectors (already refreshed) travel
+next to it, since they are state, not options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EvaStep"]
+
+
+@dataclass(frozen=True)
+class EvaStep:
+    """One Eva step: ``lr`` resolved for this step, the SGD-momentum options, ``damping`` (γ),
+    ``variant``, ``kl_mode`` and ``kl_clip`` (κ)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    damping: float
+    variant: str
+    kl_mode: str
+    kl_clip: float
