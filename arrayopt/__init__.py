@@ -56,6 +56,7 @@ from .base import Optimizer, apply_updates, chain  # noqa: E402
 from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
 from .shampoo import shampoo  # noqa: E402
+from .sketchy import sketchy  # noqa: E402
 from .sonew import sonew  # noqa: E402
 from .state_io import load_state, save_state, state_nbytes  # noqa: E402
 from .transforms import clip_by_global_norm, scale  # noqa: E402
@@ -88,6 +89,7 @@ __all__ = [
     "schedules",
     "sgd",
     "shampoo",
+    "sketchy",
     "sonew",
     "state_nbytes",
 ]
