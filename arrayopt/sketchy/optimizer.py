@@ -45,6 +45,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import array_api_compat as compat
 import numpy as np
 
 from .. import _validate, grafting
@@ -98,6 +99,18 @@ def _unfold(xp, g, axis: int):
     return xp.reshape(g, (g.shape[0], -1))
 
 
+def sketch_axis(u, sv, tail, x, *, beta2, tail_decay, alpha, eps, relative):
+    """One axis: :func:`fd_update` then its inverse factors; ``(U, σ̄, ι, ρ, ι_ρ, ok)``."""
+    s = fd_update(u, sv, tail, x, beta2=beta2, tail_decay=tail_decay)
+    inv, inv_tail = inverse_factors(s.undeflated, s.tail, alpha=alpha, eps=eps, relative=relative, mask=s.sv > 0)
+    return s.eigvecs, s.sv, inv, s.tail, inv_tail, s.ok
+
+
+def _precondition_xp(g, u, inv, inv_tail):
+    xp = compat.array_namespace(g)
+    return precondition(xp, g, list(zip(u, inv, inv_tail)))
+
+
 def precondition(xp, g, axes):
     """Cyclic mode products: ``axes[i] = (U, ι, ι_ρ)`` applied to axis 0, which then moves last."""
     nd = len(g.shape)
@@ -123,12 +136,28 @@ class Sketchy(Optimizer):
         self._init_transient()
         self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
 
-    _TRANSIENT = ("_plans", "_plans_lock")
+    _TRANSIENT = ("_plans", "_plans_lock", "_jitted")
 
     def _init_transient(self):
-        # shape -> SketchPlan (a pure function of the shape and the config), filled under the lock
+        # shape -> SketchPlan (a pure function of the shape and the config), filled under the lock;
+        # JAX: the jitted per-axis update and preconditioner (one compilation per shape, not one per op)
         object.__setattr__(self, "_plans", {})
         object.__setattr__(self, "_plans_lock", threading.Lock())
+        object.__setattr__(self, "_jitted", {})
+
+    def _fn(self, ns, name):
+        """``sketch_axis`` or the preconditioner, jitted for JAX (eager JAX compiles every op)."""
+        fn = sketch_axis if name == "sketch" else _precondition_xp
+        if ns.library != "jax":
+            return fn
+        jitted = self._jitted.get(name)
+        if jitted is None:
+            import jax
+
+            statics = ("beta2", "tail_decay", "alpha", "eps", "relative") if name == "sketch" else ()
+            with self._plans_lock:
+                jitted = self._jitted.setdefault(name, jax.jit(fn, static_argnames=statics))
+        return jitted
 
     def plan(self, shape) -> SketchPlan:
         key = tuple(int(d) for d in shape)
@@ -187,17 +216,17 @@ class Sketchy(Optimizer):
 
     # ---------------------------------------------------------------- the step
 
-    def _sketch_leaf(self, xp, plan, g, per_axis):
+    def _sketch_leaf(self, ns, plan, g, per_axis):
         """New per-axis sketch arrays of one leaf (lists in :data:`SKETCH_KEYS` order) and ok flags."""
-        cfg = self.config
+        cfg, xp = self.config, ns.xp
+        fn = self._fn(ns, "sketch")
         gm = xp.reshape(g, plan.shape)
         new, oks = [], []
         for i, (u, sv, _, tail, _) in enumerate(per_axis):
-            s = fd_update(u, sv, tail, _unfold(xp, gm, i), beta2=cfg.b2, tail_decay=cfg.tail_decay)
-            inv, inv_tail = inverse_factors(s.undeflated, s.tail, alpha=plan.alpha, eps=cfg.eps,
-                                            relative=cfg.relative_eps, mask=s.sv > 0)
-            new.append([s.eigvecs, s.sv, inv, s.tail, inv_tail])
-            oks.append(s.ok)
+            *arrays, ok = fn(u, sv, tail, _unfold(xp, gm, i), beta2=cfg.b2, tail_decay=cfg.tail_decay,
+                             alpha=plan.alpha, eps=cfg.eps, relative=cfg.relative_eps)
+            new.append(list(arrays))
+            oks.append(ok)
         return new, oks
 
     def _update(self, ns, leaves, g_leaves, state, paths):
@@ -214,7 +243,7 @@ class Sketchy(Optimizer):
             g = xp.astype(g, xp.float32) if low else g
             per_axis = [list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])]
             if sketch_step and not plan.skipped:
-                per_axis, leaf_oks = self._sketch_leaf(xp, plan, g, per_axis)
+                per_axis, leaf_oks = self._sketch_leaf(ns, plan, g, per_axis)
                 oks += leaf_oks
             sketches.append(per_axis)
             acc = state["graft"][i] if cfg.graft.has_state else None
@@ -224,7 +253,8 @@ class Sketchy(Optimizer):
             if plan.skipped or t < cfg.start_preconditioning_step:
                 u = u_g
             else:
-                d = precondition(xp, xp.reshape(g, plan.shape), [(a[0], a[2], a[4]) for a in per_axis])
+                d = self._fn(ns, "apply")(xp.reshape(g, plan.shape), [a[0] for a in per_axis],
+                                          [a[2] for a in per_axis], [a[4] for a in per_axis])
                 d = xp.reshape(d, tuple(p.shape))
                 u = d if cfg.graft.type == "none" else grafting.graft(xp, d, u_g)
             p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
