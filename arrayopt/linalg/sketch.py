@@ -14,6 +14,8 @@ update with new columns ``X ∈ R^{d×m}`` (F1 in ``arrayopt/linalg/README.md``)
 
     ρ' = τρ + σ_{cut}^2,\qquad μ = σ_{1:k}^2 + τρ
 
+(values of ``σ̄'`` below the decomposition's rounding level ``u·max(d, k+m)·σ_1`` count as 0,
+and each kept vector is signed so that ``Σ_i U'_{ij}³ > 0``, so every LAPACK gives the same state),
 with ``τ = β₂`` (``tail_decay="beta2"``, the paper's exponentially weighted FD,
 under which every FD guarantee holds for the β₂-weighted covariance) or
 ``τ = √β₂`` (``tail_decay="sqrt"``, Google's tearfree Sketchy). ``β₂ = 1`` is the
@@ -142,8 +144,15 @@ def fd_update(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "be
     top = s[:k]
     cut = s[k] if s.shape[0] > k else xp.zeros((), dtype=s.dtype, device=compat.device(s))
     sv_new = xp.sqrt(xp.clip((top - cut) * (top + cut), min=0.0))
+    # directions below the rounding level of the decomposition are numerically null: their
+    # vectors are noise, so they are dropped (σ̄ = 0), and each kept vector gets a fixed sign
+    # (Σ u³ > 0) so that every LAPACK gives the same state
+    floor = s[0] * (xp.finfo(s.dtype).eps * max(d, z.shape[1]))
+    sv_new = xp.where(sv_new > floor, sv_new, xp.zeros_like(sv_new))
     mask = sv_new > 0
-    u_new = xp.where(mask, u[:, :k], xp.zeros_like(u[:, :k]))
+    uk = u[:, :k]
+    sign = xp.where(xp.sum(uk * uk * uk, axis=0) < 0, -xp.ones_like(top), xp.ones_like(top))
+    u_new = xp.where(mask, uk * sign, xp.zeros_like(uk))
     tail_new = tail * tau + cut * cut
     undeflated = top * top + tail * tau
     ok = finite_in & xp.all(xp.isfinite(u_new)) & xp.all(xp.isfinite(sv_new)) & xp.all(xp.isfinite(tail_new))
