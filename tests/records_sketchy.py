@@ -8,9 +8,13 @@ from records import _BAD_LR, OptimizerRecord
 RECORDS = (
     OptimizerRecord(
         "sketchy", ao.sketchy,
+        # the first config grafts Adam's step: the default RMSProp graft has no bias correction, so its
+        # first steps are ~30x the gradient and the momentum entries reach ~50, where float32 reductions
+        # in another order (torch vs NumPy) move them by ~5e-6, past the bfloat16 test's atol of 1e-6
         configs=(
+            {"learning_rate": 0.05, "rank": 2, "graft": "adam"},
             {"learning_rate": 0.05, "rank": 2},
-            {"learning_rate": 0.05, "rank": 2, "merge_small_dims": 1, "tail_decay": "sqrt", "graft": "adam"},
+            {"learning_rate": 0.05, "rank": 2, "merge_small_dims": 1, "tail_decay": "sqrt"},
             {"learning_rate": 0.05, "rank": 3, "merge_small_dims": 1, "b2": 1.0, "update_every": 3,
              "start_preconditioning_step": 2, "nesterov": False, "relative_eps": False, "eps": 1e-6},
             {"learning_rate": 0.05, "rank": 1, "merge_small_dims": 1, "graft": "sgd", "b1": 0.5,

@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
-from ..base import Optimizer
+from ..base import Optimizer, apply_leaf, write_params
 from ..linalg.sketch import apply_factors, fd_update, inverse_factors
 from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
@@ -230,6 +230,20 @@ class Sketchy(Optimizer):
         return new, oks
 
     def _update(self, ns, leaves, g_leaves, state, paths):
+        updates, new = self._updates(ns, leaves, g_leaves, state)
+        xp = ns.xp
+        return [xp.astype(u, p.dtype) if is_low_precision(p.dtype) else u for p, u in zip(leaves, updates)], new
+
+    def _step(self, ns, leaves, g_leaves, state, paths):
+        # bfloat16/float16 params: the float32 update is added in float32 and rounded once
+        if not _validate.all_finite(ns.xp, g_leaves):
+            self._handle_nonfinite(ns.xp, g_leaves, paths)
+            return None
+        updates, new = self._updates(ns, leaves, g_leaves, state)
+        return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new
+
+    def _updates(self, ns, leaves, g_leaves, state):
+        """``(updates in the state dtype, new state)``."""
         xp, cfg = ns.xp, self.config
         t = state["count"] + 1
         lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
@@ -263,7 +277,7 @@ class Sketchy(Optimizer):
                                        weight_decay=cfg.weight_decay, lr=lr)
             if cfg.b1 > 0:
                 new_mom.append(m)
-            updates.append(xp.astype(upd, p.dtype) if low else upd)
+            updates.append(upd)
         skipped = 0
         if oks and not bool(xp.all(xp.stack([xp.reshape(o, ()) for o in oks]))):
             skipped = 1  # fd_update kept the old sketch of every axis whose update was not finite
