@@ -110,3 +110,6 @@ registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "blo
                                                        "precondition_every": 10, "start_preconditioning_step": 10,
                                                        **kw}),
                   "Shampoo (block 128, Adam grafting, f64 eigh roots every 10 steps)")
+registry.register("sketchy", lambda **kw: sketchy(**{"learning_rate": 3e-3, "rank": 32, "update_every": 10,
+                                                       "graft": "adam", "ema_momentum": True, **kw}),
+                  "Sketchy (S-Shampoo rank 32, sketches every 10 steps, Adam grafting)")

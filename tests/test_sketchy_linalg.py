@@ -208,3 +208,23 @@ def test_bad_arguments_are_named():
         lowrank_apply(U, sv, tail, np.ones(4), alpha=float("nan"))
     with pytest.raises(ValueError, match="v: expected 4 rows"):
         lowrank_apply(U, sv, tail, np.ones(3), alpha=0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numpy_gram_route_matches_the_qr_svd_route(dtype, monkeypatch):
+    """The NumPy route for wide inputs with d ≥ 256 (float64 Gram, top k+1 eigenpairs) gives the
+    sketch of the QR + SVD route (array-api-strict runs the latter) to float rounding."""
+    xps = pytest.importorskip("array_api_strict", reason="array-api-strict runs the QR + SVD route")
+    sketch = __import__("importlib").import_module("arrayopt.linalg.sketch")
+    rng = np.random.default_rng(5)
+    d, k = 256, 8
+    state = [np.zeros((d, k), dtype), np.zeros(k, dtype), np.zeros(1, dtype)]
+    for _ in range(3):
+        x = (rng.normal(size=(d, d)) * np.arange(1, d + 1) ** -1.0).astype(dtype)
+        a = fd_update(*state, x, beta2=0.99)
+        b = fd_update(*[xps.asarray(v) for v in state], xps.asarray(x), beta2=0.99)
+        rtol = 1e-9 if dtype == "float64" else 2e-4
+        for got, want in zip(a[:4], b[:4]):
+            np.testing.assert_allclose(got, np.asarray(want), rtol=rtol, atol=rtol * np.abs(np.asarray(want)).max())
+        state = [a.eigvecs, a.sv, a.tail]
+    assert sketch._gram_route(d, d + k, k)
