@@ -205,3 +205,44 @@ def test_s_adagrad_regret_stays_under_its_bound(d, k, eta, decay, seed):
     assert regret <= b1 * slack
     assert b1 <= b2 * slack
     assert b2 <= b3 * slack
+
+
+def test_tail_decay_sqrt_reproduces_tearfree_sketchy():
+    """With tail_decay="sqrt" (and tearfree's other defaults) the direction and the sketch state equal
+    tearfree's ``sketchy.apply`` (Google's precondition checkout; skipped without it)."""
+    import os
+    import sys
+
+    path = os.environ.get("PRECONDITION_PATH", "/tmp/precondition")
+    if not os.path.isdir(os.path.join(path, "precondition", "tearfree")):
+        pytest.skip(f"no google-research/precondition checkout at {path} (set PRECONDITION_PATH)")
+    for mod in ("jax", "optax", "chex", "absl"):
+        pytest.importorskip(mod, reason=f"tearfree needs {mod}")
+    sys.path.insert(0, path)
+    try:
+        from precondition.tearfree import sketchy as tf_sketchy
+    finally:
+        sys.path.remove(path)
+    import jax.numpy as jnp
+    import jax
+
+    with jax.enable_x64(False):  # tearfree's non-finite branch is float32
+        _compare_with_tearfree(tf_sketchy, jnp)
+
+
+def _compare_with_tearfree(tf_sketchy, jnp):
+    rng = np.random.default_rng(6)
+    shape, rank = (12, 7), 3
+    tx = tf_sketchy.apply(tf_sketchy.Options(rank=rank, update_freq=2))
+    tf_state = tx.init(jnp.zeros(shape, jnp.float32))
+    opt = ao.sketchy(rank=rank, tail_decay="sqrt", update_every=2, merge_small_dims=1, **PLAIN)
+    params = np.zeros(shape, np.float32)
+    state = opt.init(params)
+    for _ in range(5):
+        g = rng.normal(size=shape).astype(np.float32)
+        want, tf_state = tx.update(jnp.asarray(g), tf_state, None)
+        u, state = opt.update(g, state, params)
+        np.testing.assert_allclose(-u, np.asarray(want), rtol=2e-4, atol=2e-5 * np.abs(np.asarray(want)).max())
+        for i, ax in enumerate(tf_state.sketches.axes):
+            np.testing.assert_allclose(state["inv_eigvals"][0][i], np.asarray(ax.inv_eigvals), rtol=2e-4)
+            np.testing.assert_allclose(state["tail"][0][i][0], float(ax.tail), rtol=2e-4)
