@@ -106,9 +106,20 @@ def sketch_axis(u, sv, tail, x, *, beta2, tail_decay, alpha, eps, relative):
     return s.eigvecs, s.sv, inv, s.tail, inv_tail, s.ok
 
 
-def _precondition_xp(g, u, inv, inv_tail):
+def leaf_update(g, acc, m, p, eigvecs, inv, inv_tail, t, lr, *, cfg, shape, precondition_on):
+    """``(Δ, new graft accumulator, new momentum)`` of one leaf: graft direction, Sketchy direction
+    (``precondition_on``), grafting, momentum, weight decay (one jitted function on JAX)."""
     xp = compat.array_namespace(g)
-    return precondition(xp, g, list(zip(u, inv, inv_tail)))
+    kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
+    u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
+    if precondition_on:
+        d = xp.reshape(precondition(xp, xp.reshape(g, shape), list(zip(eigvecs, inv, inv_tail))), tuple(g.shape))
+        u = d if cfg.graft.type == "none" else grafting.graft(xp, d, u_g)
+    else:
+        u = u_g
+    upd, m = heavy_ball_update(xp, u, m, p, b1=cfg.b1, ema=cfg.ema_momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, lr=lr)
+    return upd, acc, m
 
 
 def precondition(xp, g, axes):
@@ -147,14 +158,15 @@ class Sketchy(Optimizer):
 
     def _fn(self, ns, name):
         """``sketch_axis`` or the preconditioner, jitted for JAX (eager JAX compiles every op)."""
-        fn = sketch_axis if name == "sketch" else _precondition_xp
+        fn = sketch_axis if name == "sketch" else leaf_update
         if ns.library != "jax":
             return fn
         jitted = self._jitted.get(name)
         if jitted is None:
             import jax
 
-            statics = ("beta2", "tail_decay", "alpha", "eps", "relative") if name == "sketch" else ()
+            statics = ("beta2", "tail_decay", "alpha", "eps", "relative") if name == "sketch" else \
+                ("cfg", "shape", "precondition_on")
             with self._plans_lock:
                 jitted = self._jitted.setdefault(name, jax.jit(fn, static_argnames=statics))
         return jitted
@@ -248,7 +260,6 @@ class Sketchy(Optimizer):
         t = state["count"] + 1
         lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
         sketch_step = (t - 1) % cfg.update_every == 0
-        kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
         sketches, oks = [], []
         new_graft, new_mom, updates = [], [], []
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
@@ -261,20 +272,14 @@ class Sketchy(Optimizer):
                 oks += leaf_oks
             sketches.append(per_axis)
             acc = state["graft"][i] if cfg.graft.has_state else None
-            u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
+            m = state["momentum"][i] if cfg.b1 > 0 else None
+            p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
+            on = not plan.skipped and t >= cfg.start_preconditioning_step
+            upd, acc, m = self._fn(ns, "leaf")(
+                g, acc, m, p32, [a[0] for a in per_axis], [a[2] for a in per_axis], [a[4] for a in per_axis],
+                t, lr, cfg=cfg, shape=plan.shape, precondition_on=on)
             if acc is not None:
                 new_graft.append(acc)
-            if plan.skipped or t < cfg.start_preconditioning_step:
-                u = u_g
-            else:
-                d = self._fn(ns, "apply")(xp.reshape(g, plan.shape), [a[0] for a in per_axis],
-                                          [a[2] for a in per_axis], [a[4] for a in per_axis])
-                d = xp.reshape(d, tuple(p.shape))
-                u = d if cfg.graft.type == "none" else grafting.graft(xp, d, u_g)
-            p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
-            upd, m = heavy_ball_update(xp, u, state["momentum"][i] if cfg.b1 > 0 else None, p32, b1=cfg.b1,
-                                       ema=cfg.ema_momentum, nesterov=cfg.nesterov,
-                                       weight_decay=cfg.weight_decay, lr=lr)
             if cfg.b1 > 0:
                 new_mom.append(m)
             updates.append(upd)
