@@ -246,3 +246,44 @@ def _compare_with_tearfree(tf_sketchy, jnp):
         for i, ax in enumerate(tf_state.sketches.axes):
             np.testing.assert_allclose(state["inv_eigvals"][0][i], np.asarray(ax.inv_eigvals), rtol=2e-4)
             np.testing.assert_allclose(state["tail"][0][i][0], float(ax.tail), rtol=2e-4)
+
+
+def _trace_root(M, p):
+    return float(np.sum(np.clip(np.linalg.eigvalsh(M), 0, None) ** (1.0 / p)))
+
+
+@given(m=st.integers(3, 7), n=st.integers(3, 7), k=st.integers(1, 3), eta=st.floats(0.05, 1.0),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=6, deadline=None)
+def test_s_shampoo_regret_stays_under_the_shampoo_form_bound(m, n, k, eta, seed):
+    """R9, S-Shampoo form: online matrix least squares f_t(X) = ½‖X a_t − b_t‖² (rank-1 gradients,
+    r = 1), β₂ = 1, ε = 0: Regret ≤ (D²/(2η)) tr L̃_T^{1/4} tr R̃_T^{1/4} + η r tr L_T^{1/4} tr R_T^{1/4},
+    D = max_t ‖X_t − X*‖_F (H̃_t = L̃_t^{1/4} ⊗ R̃_t^{1/4} grows, H̃_t ⪰ (L_t ⊗ R_t)^{1/4} ⪰ r^{−1/2}(Σ g gᵀ)^{1/2})."""
+    rng = np.random.default_rng(seed)
+    T = 80
+    A = rng.normal(size=(T, n)) * np.arange(1, n + 1) ** -0.7
+    X_true = rng.normal(size=(m, n))
+    B = A @ X_true.T + 0.3 * rng.normal(size=(T, m))
+    opt = ao.sketchy(rank=k, b2=1.0, eps=0.0, relative_eps=False, graft="none", b1=0.0, learning_rate=eta,
+                     merge_small_dims=1)
+    X = np.zeros((m, n))
+    state = opt.init(X)
+    Xs, Gs, losses = [], [], []
+    for a_t, b_t in zip(A, B):
+        r = X @ a_t - b_t
+        G = np.outer(r, a_t)
+        Xs.append(X.copy())
+        Gs.append(G)
+        losses.append(0.5 * r @ r)
+        X, state = opt.step(X, G, state)
+    X_star = np.linalg.lstsq(A, B, rcond=None)[0].T
+    regret = sum(losses) - 0.5 * np.sum((A @ X_star.T - B) ** 2)
+    D = max(np.linalg.norm(x - X_star) for x in Xs)
+    L, R = sum(G @ G.T for G in Gs), sum(G.T @ G for G in Gs)
+    tilde = []
+    for i in range(2):
+        U, sv, tail = state["eigvecs"][0][i], state["sv"][0][i], float(state["tail"][0][i][0])
+        tilde.append((U * sv ** 2) @ U.T + tail * np.eye(U.shape[0]))
+    bound = D * D / (2 * eta) * _trace_root(tilde[0], 4) * _trace_root(tilde[1], 4) \
+        + eta * _trace_root(L, 4) * _trace_root(R, 4)
+    assert regret <= bound * (1 + 1e-9)
