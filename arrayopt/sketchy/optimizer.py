@@ -341,9 +341,11 @@ def sketchy(learning_rate=1e-3, rank: int = 128, b1: float = 0.9, b2: float = 0.
     the regret analysis bounds.
 
     **Tearfree's preconditioner exactly**: ``tail_decay="sqrt", relative_eps=True`` (its
-    defaults ``eps=1e-7, b2=0.999``, ``update_every`` = its ``update_freq``) gives the same
-    ``eigvecs``, ``sv``, ``inv_eigvals``, ``tail`` and ``inv_tail`` and the same direction
-    ``D``; ``graft_eps=1e-23, skip_preconditioning_rank_lt=2`` match its grafting as well.
+    defaults ``eps=1e-7, b2=0.999``, ``update_every`` = its ``update_freq``) gives its
+    ``eigvals`` (our ``sv``), ``inv_eigvals``, ``tail``, ``inv_tail``, eigenvectors up to sign and
+    the direction ``D``, to float32 rounding (``tests/test_sketchy.py``; singular values at the
+    decomposition's rounding level count as 0 here, exactly 0 there);
+    ``graft_eps=1e-23, skip_preconditioning_rank_lt=2`` match its grafting as well.
     """
     g = as_grafting(graft, graft_b2, graft_eps)
     cfg = SketchyConfig(
