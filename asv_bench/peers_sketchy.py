@@ -106,7 +106,8 @@ def cosines(shape, rank, freq, module, steps):
     a, b = Ours(shape, rank, freq), Tearfree(shape, rank, freq, module)
     out = []
     for i in range(steps):
-        x, y = a.direction(grads[i % 4]).ravel().astype(np.float64), b.direction(grads[i % 4]).ravel()
+        x = a.direction(grads[i % 4]).ravel().astype(np.float64)
+        y = b.direction(grads[i % 4]).ravel().astype(np.float64)
         out.append(float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))))
     return out, a.nbytes(), b.nbytes()
 
