@@ -58,6 +58,7 @@ from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402
 from .groups import masked, partition  # noqa: E402
 from .shampoo import shampoo  # noqa: E402
+from .sketchy import sketchy  # noqa: E402
 from .sonew import sonew  # noqa: E402
 from .state_io import load_state, save_state, state_nbytes  # noqa: E402
 from .transforms import clip_by_global_norm, scale  # noqa: E402
@@ -94,6 +95,7 @@ __all__ = [
     "schedules",
     "sgd",
     "shampoo",
+    "sketchy",
     "sonew",
     "state_nbytes",
 ]
@@ -114,3 +116,6 @@ registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "blo
                                                        "precondition_every": 10, "start_preconditioning_step": 10,
                                                        **kw}),
                   "Shampoo (block 128, Adam grafting, f64 eigh roots every 10 steps)")
+registry.register("sketchy", lambda **kw: sketchy(**{"learning_rate": 3e-3, "rank": 32, "update_every": 10,
+                                                       "graft": "adam", "ema_momentum": True, **kw}),
+                  "Sketchy (S-Shampoo rank 32, sketches every 10 steps, Adam grafting)")

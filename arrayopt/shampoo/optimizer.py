@@ -53,6 +53,7 @@ from .blocking import LeafPlan, merge, plan_leaf, split
 from .config import ShampooConfig, as_grafting
 from .distributed import as_comm
 from .. import grafting
+from ..momentum import heavy_ball_update
 from .preconditioner import precondition_block, update_factors
 
 __all__ = ["Shampoo", "ShampooState", "shampoo"]
@@ -292,7 +293,6 @@ class Shampoo(Optimizer):
         # 4. directions, grafting, momentum, decay
         new_graft, new_mom, updates = [], [], []
         b1 = cfg.b1
-        w1 = (1.0 - b1) if cfg.ema_momentum else 1.0
         for i, (p, g) in enumerate(zip(leaves, g32)):
             plan = self.plan(p.shape)
             low = is_low_precision(p.dtype)
@@ -314,16 +314,12 @@ class Shampoo(Optimizer):
                     u = d
                 else:  # per layer: one norm over all the blocks
                     u = grafting.graft(xp, d, u_g)
+            p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
+            upd, m = heavy_ball_update(xp, u, state["momentum"][i] if b1 > 0 else None, p32, b1=b1,
+                                       ema=cfg.ema_momentum, nesterov=cfg.nesterov,
+                                       weight_decay=cfg.weight_decay, lr=lr)
             if b1 > 0:
-                m = state["momentum"][i] * b1 + (u * w1 if w1 != 1.0 else u)
                 new_mom.append(m)
-                v = (u * w1 if w1 != 1.0 else u) + m * b1 if cfg.nesterov else m
-            else:
-                v = u
-            if cfg.weight_decay != 0.0:
-                p32 = xp.astype(p, xp.float32) if low else p
-                v = v + p32 * cfg.weight_decay
-            upd = v * (-lr)
             updates.append(xp.astype(upd, p.dtype) if low else upd)
         if ns.library == "numpy":  # NumPy turns 0-d results into scalars
             updates = [np.asarray(u) for u in updates]
