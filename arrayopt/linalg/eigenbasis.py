@@ -1,0 +1,105 @@
+r"""Eigenbases of symmetric PSD factors: exact ``eigh``, or warm-started QR iterations.
+
+Math in ``arrayopt/linalg/README.md`` (E1–E4). For a factor ``A`` and the
+previous basis ``Q`` (orthogonal, columns ordered by decreasing Rayleigh
+quotient):
+
+.. math::
+    B = Q^\top A Q,\qquad \text{skip if } \lVert B - \operatorname{diag}(B)\rVert_F \le τ \lVert B\rVert_F
+
+otherwise up to ``iterations`` steps of orthogonal (simultaneous) iteration,
+``Q ← qr(A Q)`` with the signs of ``R``'s diagonal made positive (the same as one
+QR-algorithm step on ``B``: ``A Q = Q B = Q Q' R'``), re-checking the criterion
+before each step. The columns are first sorted by decreasing ``diag(B)`` so the
+iteration keeps them in place (``perm`` reports that reordering). The eigenvalue
+estimates are ``λ = diag(QᵀAQ)``.
+
+``method="eigh"`` (or no previous basis) is LAPACK's ``syevd`` with columns put in
+decreasing order. Everything runs on the host in NumPy (LAPACK releases the GIL)
+and never raises for numerical failures: a non-finite factor or result is
+reported and the caller keeps its previous basis.
+
+>>> import numpy as np
+>>> from arrayopt.linalg.eigenbasis import refresh_eigenbasis
+>>> r = refresh_eigenbasis(np.diag([1.0, 3.0]), None, method="eigh")
+>>> r.eigenvalues, r.status
+(array([3., 1.]), 'ok')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["EigenbasisResult", "refresh_eigenbasis", "off_diagonal_ratio"]
+
+
+@dataclass(frozen=True)
+class EigenbasisResult:
+    """One refresh: ``basis`` (``None`` on failure), ``eigenvalues`` (its Rayleigh quotients),
+    ``perm`` (new column ``i`` is old column ``perm[i]``; ``None`` when unchanged) and ``status``:
+    ``"ok"``, ``"skipped"`` (criterion met, basis kept) or ``"failed"``."""
+
+    basis: np.ndarray | None
+    eigenvalues: np.ndarray | None
+    perm: np.ndarray | None
+    status: str
+
+
+def off_diagonal_ratio(b: np.ndarray) -> float:
+    """``‖B − diag(B)‖_F / ‖B‖_F`` (0 for a zero ``B``)."""
+    total = float(np.linalg.norm(b))
+    if total == 0.0:
+        return 0.0
+    off = b - np.diag(np.diagonal(b))
+    return float(np.linalg.norm(off)) / total
+
+
+def _eigh_descending(a: np.ndarray):
+    w, q = np.linalg.eigh(a)
+    return w[::-1].copy(), np.ascontiguousarray(q[:, ::-1])
+
+
+def _qr_positive(m: np.ndarray) -> np.ndarray:
+    q, r = np.linalg.qr(m)
+    s = np.sign(np.diagonal(r))
+    s[s == 0] = 1
+    return q * s
+
+
+def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tolerance: float = 0.01,
+                       compute_dtype: str = "float64") -> EigenbasisResult:
+    """A new eigenbasis of symmetric PSD ``a`` (host array), warm-started from ``prev`` for ``"qr"``."""
+    dt = np.dtype(compute_dtype)
+    a = np.asarray(a, dtype=dt)
+    a = 0.5 * (a + a.T)
+    if not np.isfinite(a).all():
+        return EigenbasisResult(None, None, None, "failed")
+    try:
+        if method == "eigh" or prev is None:
+            w, q = _eigh_descending(a)
+            perm, status = None, "ok"
+        else:
+            q = np.asarray(prev, dtype=dt)
+            aq = a @ q
+            b = q.T @ aq
+            order = np.argsort(-np.diagonal(b), kind="stable")
+            perm = None
+            if np.any(order != np.arange(order.size)):
+                perm, q, aq = order, q[:, order], aq[:, order]
+                b = b[np.ix_(order, order)]
+            status = "skipped"
+            for _ in range(iterations):
+                if off_diagonal_ratio(b) <= tolerance:
+                    break
+                status = "ok"
+                q = _qr_positive(aq)
+                aq = a @ q
+                b = q.T @ aq
+            w = np.diagonal(b).copy()
+    except np.linalg.LinAlgError:
+        return EigenbasisResult(None, None, None, "failed")
+    if not (np.isfinite(q).all() and np.isfinite(w).all()):
+        return EigenbasisResult(None, None, None, "failed")
+    return EigenbasisResult(q, w, perm, status)
