@@ -6,6 +6,9 @@ Contenders per layer shape (one float32 weight, a rotating set of 4 precomputed 
   ao-f64 / ao-f32   arrayopt Shampoo, roots by host eigh in float64 / float32, every F steps
   ao-async          same (float64 roots) with a 1-thread executor, root_delay=F (roots run on the host
                     thread while the next F-1 steps proceed)
+  ao-qr             root-inverse roots from eigenbases refreshed by one warm-started QR iteration (float32)
+  ao-ec-qr          eigenvalue-corrected (SOAP-style) Shampoo, QR-refreshed float32 bases, b1 0.9, b2 0.95
+                    (heavyball SOAP's defaults: Adam-style moment in the eigenbasis)
   po                pytorch_optimizer.Shampoo (SVD roots) every F steps   [skipped if not installed]
   hb-soap           heavyball.SOAP, precondition_frequency=F, eager        [skipped if not installed]
   adam              torch.optim.Adam(fused=True): the denominator of 'x adam'
@@ -42,10 +45,11 @@ def grads_for(shape, k=4, seed=0):
 
 
 class AO:
-    def __init__(self, shape, freq, root_dtype="float64", executor=None, block_size=1024):
-        self.opt = ao.shampoo(learning_rate=LR, block_size=block_size, b1=0.0, b2=1.0, eps=1e-6, graft="none",
+    def __init__(self, shape, freq, root_dtype="float64", executor=None, block_size=1024, **kw):
+        kw = {"b1": 0.0, "b2": 1.0, "eps": 1e-6, **kw}
+        self.opt = ao.shampoo(learning_rate=LR, block_size=block_size, graft="none",
                               precondition_every=freq, root_dtype=root_dtype, executor=executor,
-                              root_delay=(freq if executor is not None else None))
+                              root_delay=(freq if executor is not None else None), **kw)
         self.p = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
         self.gs = grads_for(shape)
         self.s = self.opt.init(self.p)
@@ -77,6 +81,10 @@ def contenders(shape, F, pool):
     for fq in (1, F):
         out.append((f"ao-f64 F={fq}", fq, lambda fq=fq: AO(shape, fq, "float64", block_size=bs)))
         out.append((f"ao-f32 F={fq}", fq, lambda fq=fq: AO(shape, fq, "float32", block_size=bs)))
+        out.append((f"ao-qr F={fq}", fq, lambda fq=fq: AO(shape, fq, "float32", block_size=bs, root_method="qr")))
+        out.append((f"ao-ec-qr F={fq}", fq, lambda fq=fq: AO(
+            shape, fq, "float32", block_size=bs, root_method="qr", preconditioner="eigenvalue_corrected",
+            b1=0.9, b2=0.95, eps=1e-8)))
         try:
             import pytorch_optimizer as po
             out.append((f"po Shampoo(svd) F={fq}", fq, lambda fq=fq: Torch(

@@ -56,6 +56,14 @@ def off_diagonal_ratio(b: np.ndarray) -> float:
     return float(np.linalg.norm(off)) / total
 
 
+def _off_diagonal_ratio_orthogonal(a_fro2: float, diag: np.ndarray) -> float:
+    """:func:`off_diagonal_ratio` of ``B = QᵀAQ`` for orthogonal ``Q`` from ``‖A‖_F²`` and ``diag(B)``:
+    ``‖B‖_F = ‖A‖_F``, so ``‖B − diag(B)‖_F² = ‖A‖_F² − Σ B_ii²`` (no matrix product)."""
+    if a_fro2 == 0.0:
+        return 0.0
+    return float(np.sqrt(max(a_fro2 - float(np.sum(diag * diag)), 0.0) / a_fro2))
+
+
 def _eigh_descending(a: np.ndarray):
     w, q = np.linalg.eigh(a)
     return w[::-1].copy(), np.ascontiguousarray(q[:, ::-1])
@@ -69,8 +77,12 @@ def _qr_positive(m: np.ndarray) -> np.ndarray:
 
 
 def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tolerance: float = 0.01,
-                       compute_dtype: str = "float64") -> EigenbasisResult:
-    """A new eigenbasis of symmetric PSD ``a`` (host array), warm-started from ``prev`` for ``"qr"``."""
+                       compute_dtype: str = "float64", eigenvalues: bool = True) -> EigenbasisResult:
+    """A new eigenbasis of symmetric PSD ``a`` (host array), warm-started from ``prev`` for ``"qr"``.
+
+    ``eigenvalues=False`` skips the final ``diag(QᵀAQ)`` after the last QR step (the
+    eigenvalue-corrected preconditioner needs only the basis; ``eigenvalues`` is then ``None``).
+    """
     dt = np.dtype(compute_dtype)
     a = np.asarray(a, dtype=dt)
     a = 0.5 * (a + a.T)
@@ -82,24 +94,27 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
             perm, status = None, "ok"
         else:
             q = np.asarray(prev, dtype=dt)
+            a_fro2 = float(np.sum(a * a))
             aq = a @ q
-            b = q.T @ aq
-            order = np.argsort(-np.diagonal(b), kind="stable")
+            diag = np.sum(q * aq, axis=0)  # diag(QᵀAQ) without forming B
+            order = np.argsort(-diag, kind="stable")
             perm = None
             if np.any(order != np.arange(order.size)):
-                perm, q, aq = order, q[:, order], aq[:, order]
-                b = b[np.ix_(order, order)]
+                perm, q, aq, diag = order, q[:, order], aq[:, order], diag[order]
             status = "skipped"
-            for _ in range(iterations):
-                if off_diagonal_ratio(b) <= tolerance:
+            for i in range(iterations):
+                if _off_diagonal_ratio_orthogonal(a_fro2, diag) <= tolerance:
                     break
                 status = "ok"
                 q = _qr_positive(aq)
-                aq = a @ q
-                b = q.T @ aq
-            w = np.diagonal(b).copy()
+                if i + 1 < iterations or eigenvalues:
+                    aq = a @ q
+                    diag = np.sum(q * aq, axis=0)
+                else:
+                    diag = None
+            w = diag
     except np.linalg.LinAlgError:
         return EigenbasisResult(None, None, None, "failed")
-    if not (np.isfinite(q).all() and np.isfinite(w).all()):
+    if not (np.isfinite(q).all() and (w is None or np.isfinite(w).all())):
         return EigenbasisResult(None, None, None, "failed")
     return EigenbasisResult(q, w, perm, status)

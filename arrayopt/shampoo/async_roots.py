@@ -91,7 +91,7 @@ def _local_bases(job: RootJob) -> dict:
     prev = job.prev if job.prev is not None else [None] * len(job.mats)
     for i, m, q0, p in zip(job.index, job.mats, prev, job.exponents):
         r = refresh_eigenbasis(m, q0, method=method, iterations=job.qr_iterations, tolerance=job.qr_tolerance,
-                               compute_dtype=job.compute_dtype)
+                               compute_dtype=job.compute_dtype, eigenvalues=job.preconditioner == "root_inverse")
         failures += r.status == "failed"
         skips += r.status == "skipped"
         bases[i] = _out(job, r.basis)

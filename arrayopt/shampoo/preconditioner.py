@@ -69,7 +69,7 @@ def rotate_block(xp, g, bases, mask, *, back: bool = False):
     nd = len(g.shape)
     if nd == 1:
         q = bases[0]
-        return xp.matmul(q, g[:, None])[:, 0] if back else xp.matmul(g[None, :], q)[0]
+        return xp.matmul(q, g[:, None])[:, 0] if back else xp.matmul(g[None, :], q)[0, :]
     if nd == 2 and mask == (True, True):
         ql, qr = bases
         if back:
