@@ -108,3 +108,8 @@ registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "blo
                                                        "precondition_every": 10, "start_preconditioning_step": 10,
                                                        **kw}),
                   "Shampoo (block 128, Adam grafting, f64 eigh roots every 10 steps)")
+registry.register("shampoo_ec", lambda **kw: shampoo(**{"learning_rate": 3e-3, "block_size": 128, "ema_momentum": True,
+                                                          "precondition_every": 10, "start_preconditioning_step": 10,
+                                                          "preconditioner": "eigenvalue_corrected", "root_method": "qr",
+                                                          "eps": 1e-8, **kw}),
+                  "eigenvalue-corrected Shampoo (SOAP-style; block 128, Adam grafting, QR eigenbases every 10 steps)")
