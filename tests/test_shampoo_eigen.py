@@ -133,6 +133,24 @@ def test_qr_refresh_converges_to_eigh_subspaces_when_eigenvalues_repeat(seed, mu
         start += m
 
 
+@given(n=st.integers(1, 8), seed=st.integers(0, 10 ** 6), cond=st.sampled_from([1.0, 1e3, 1e6]))
+@settings(max_examples=15, deadline=None)
+def test_cholesky_qr_equals_householder_qr_with_positive_diagonal(n, seed, cond):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = u @ np.diag(np.geomspace(1.0, 1.0 / cond, n)) @ v.T
+    q, r = np.linalg.qr(w)
+    want = q * np.where(np.diagonal(r) < 0, -1.0, 1.0)
+    got = eigenbasis.orthonormalize(w)
+    np.testing.assert_allclose(got.T @ got, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(got, want, atol=1e-9 * cond)
+    # rank-deficient: Cholesky breaks down, Householder QR takes over
+    w[:, 0] = 0.0
+    got = eigenbasis.orthonormalize(w)
+    np.testing.assert_allclose(got.T @ got, np.eye(n), atol=1e-12)
+
+
 def test_skip_criterion_fires_on_diagonal_b_and_not_otherwise():
     """E4: ‖B − diag(B)‖_F ≤ τ‖B‖_F with B = QᵀAQ keeps the basis; otherwise a QR step runs."""
     a = np.diag([5.0, 3.0, 1.0])
@@ -172,7 +190,7 @@ def test_failed_refresh_keeps_the_basis_counts_and_never_reaches_the_weights(mon
 
     s0 = after_two_steps()
     before = [q.copy() for q in s0["bases"][0][0]]
-    monkeypatch.setattr(eigenbasis, "_qr_positive", lambda m: np.full_like(m, np.nan))
+    monkeypatch.setattr(eigenbasis, "orthonormalize", lambda m: np.full_like(m, np.nan))
     got, s = run(kw, gs[2:], (4, 3), state=s0)
     monkeypatch.undo()
     assert s["root_failures"] == 2 * 2 and s["root_jobs"] == 4

@@ -8,9 +8,11 @@ quotient):
     B = Q^\top A Q,\qquad \text{skip if } \lVert B - \operatorname{diag}(B)\rVert_F \le τ \lVert B\rVert_F
 
 otherwise up to ``iterations`` steps of orthogonal (simultaneous) iteration,
-``Q ← qr(A Q)`` with the signs of ``R``'s diagonal made positive (the same as one
-QR-algorithm step on ``B``: ``A Q = Q B = Q Q' R'``), re-checking the criterion
-before each step. The columns are first sorted by decreasing ``diag(B)`` so the
+``Q ← qr((A + δI) Q)`` with ``R``'s diagonal positive (one QR-algorithm step on
+``B``: ``A Q = Q B = Q Q' R'``; the shift ``δ = 4√u‖A‖_F`` keeps the eigenvectors
+and bounds the condition number so the QR can be Cholesky QR, see
+:func:`orthonormalize`), re-checking the criterion before each step (from the
+``A Q`` the step needs: no extra product). The columns are first sorted by decreasing ``diag(B)`` so the
 iteration keeps them in place (``perm`` reports that reordering). The eigenvalue
 estimates are ``λ = diag(QᵀAQ)``.
 
@@ -76,6 +78,23 @@ def _qr_positive(m: np.ndarray) -> np.ndarray:
     return q * s
 
 
+def orthonormalize(w: np.ndarray) -> np.ndarray:
+    """``Q`` of ``W = QR`` with ``R``'s diagonal positive, by Cholesky QR done twice (CholeskyQR2:
+    ``WᵀW = LLᵀ``, ``Q = W L⁻ᵀ``, repeated once on ``Q``): matrix products, a Cholesky factor and a
+    solve, which parallelise far better than Householder QR's column panels. Householder QR (signs
+    fixed) where the Cholesky factorisation breaks down (``κ(W)² ≳ 1/u``) or gives non-finite values."""
+    try:
+        q = w
+        for _ in range(2):
+            lower = np.linalg.cholesky(q.T @ q)
+            q = np.linalg.solve(lower, q.T).T
+        if np.isfinite(q).all():
+            return q
+    except np.linalg.LinAlgError:
+        pass
+    return _qr_positive(w)
+
+
 def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tolerance: float = 0.01,
                        compute_dtype: str = "float64", eigenvalues: bool = True) -> EigenbasisResult:
     """A new eigenbasis of symmetric PSD ``a`` (host array), warm-started from ``prev`` for ``"qr"``.
@@ -101,12 +120,14 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
             perm = None
             if np.any(order != np.arange(order.size)):
                 perm, q, aq, diag = order, q[:, order], aq[:, order], diag[order]
+            # (A + δI) has A's eigenvectors and condition number <= 1 + 1/(4√u): CholeskyQR2 stays accurate
+            shift = 4.0 * float(np.sqrt(np.finfo(dt).eps)) * float(np.sqrt(a_fro2))
             status = "skipped"
             for i in range(iterations):
                 if _off_diagonal_ratio_orthogonal(a_fro2, diag) <= tolerance:
                     break
                 status = "ok"
-                q = _qr_positive(aq)
+                q = orthonormalize(aq + q * dt.type(shift))
                 if i + 1 < iterations or eigenvalues:
                     aq = a @ q
                     diag = np.sum(q * aq, axis=0)
