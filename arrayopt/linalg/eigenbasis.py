@@ -60,7 +60,8 @@ def off_diagonal_ratio(b: np.ndarray) -> float:
 
 def _off_diagonal_ratio_orthogonal(a_fro2: float, diag: np.ndarray) -> float:
     """:func:`off_diagonal_ratio` of ``B = QᵀAQ`` for orthogonal ``Q`` from ``‖A‖_F²`` and ``diag(B)``:
-    ``‖B‖_F = ‖A‖_F``, so ``‖B − diag(B)‖_F² = ‖A‖_F² − Σ B_ii²`` (no matrix product)."""
+    ``‖B‖_F = ‖A‖_F``, so ``‖B − diag(B)‖_F² = ‖A‖_F² − Σ B_ii²`` (no matrix product; the
+    subtraction resolves ratios down to about ``√u``, below which the caller forms ``B``)."""
     if a_fro2 == 0.0:
         return 0.0
     return float(np.sqrt(max(a_fro2 - float(np.sum(diag * diag)), 0.0) / a_fro2))
@@ -78,16 +79,34 @@ def _qr_positive(m: np.ndarray) -> np.ndarray:
     return q * s
 
 
+def _inverse_cholesky(g: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """``L⁻¹`` for ``g = L Lᵀ`` (``L`` lower triangular), by 2×2 blocks: ``L₁₁ = chol(G₁₁)``,
+    ``L₂₁ = G₂₁ L₁₁⁻ᵀ``, ``L₂₂ = chol(G₂₂ − L₂₁L₂₁ᵀ)`` and
+    ``L⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``: matrix products down to ``leaf``-sized blocks.
+    Raises ``LinAlgError`` when ``g`` is not positive definite."""
+    n = g.shape[0]
+    if n <= leaf:
+        return np.linalg.inv(np.linalg.cholesky(g))
+    h = n // 2
+    inv11 = _inverse_cholesky(g[:h, :h], leaf)
+    l21 = g[h:, :h] @ inv11.T
+    inv22 = _inverse_cholesky(g[h:, h:] - l21 @ l21.T, leaf)
+    out = np.zeros_like(g)
+    out[:h, :h] = inv11
+    out[h:, h:] = inv22
+    out[h:, :h] = -(inv22 @ l21) @ inv11
+    return out
+
+
 def orthonormalize(w: np.ndarray) -> np.ndarray:
     """``Q`` of ``W = QR`` with ``R``'s diagonal positive, by Cholesky QR done twice (CholeskyQR2:
-    ``WᵀW = LLᵀ``, ``Q = W L⁻ᵀ``, repeated once on ``Q``): matrix products, a Cholesky factor and a
-    solve, which parallelise far better than Householder QR's column panels. Householder QR (signs
+    ``WᵀW = LLᵀ``, ``Q = W L⁻ᵀ``, repeated once on ``Q``), with ``L⁻¹`` by blocks: matrix products,
+    which parallelise far better than Householder QR's column panels. Householder QR (signs
     fixed) where the Cholesky factorisation breaks down (``κ(W)² ≳ 1/u``) or gives non-finite values."""
     try:
         q = w
         for _ in range(2):
-            lower = np.linalg.cholesky(q.T @ q)
-            q = np.linalg.solve(lower, q.T).T
+            q = q @ _inverse_cholesky(q.T @ q).T
         if np.isfinite(q).all():
             return q
     except np.linalg.LinAlgError:
@@ -123,8 +142,12 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
             # (A + δI) has A's eigenvectors and condition number <= 1 + 1/(4√u): CholeskyQR2 stays accurate
             shift = 4.0 * float(np.sqrt(np.finfo(dt).eps)) * float(np.sqrt(a_fro2))
             status = "skipped"
+            floor = 16.0 * float(np.sqrt(np.finfo(dt).eps))
             for i in range(iterations):
-                if _off_diagonal_ratio_orthogonal(a_fro2, diag) <= tolerance:
+                ratio = _off_diagonal_ratio_orthogonal(a_fro2, diag)
+                if ratio < floor:  # below the cancellation floor of the cheap form: form B
+                    ratio = off_diagonal_ratio(q.T @ aq)
+                if ratio <= tolerance:
                     break
                 status = "ok"
                 q = orthonormalize(aq + q * dt.type(shift))
