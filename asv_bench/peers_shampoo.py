@@ -9,6 +9,8 @@ Contenders per layer shape (one float32 weight, a rotating set of 4 precomputed 
   ao-qr             root-inverse roots from eigenbases refreshed by one warm-started QR iteration (float32)
   ao-ec-qr          eigenvalue-corrected (SOAP-style) Shampoo, QR-refreshed float32 bases, b1 0.9, b2 0.95
                     (heavyball SOAP's defaults: Adam-style moment in the eigenbasis)
+  ao-ec-qr-1side    the same, one-sided as heavyball's SOAP is on a dim above 2048 (that dim rotated
+                    by the identity), unblocked: exactly SOAP's preconditioning work (4096x1024 only)
   po                pytorch_optimizer.Shampoo (SVD roots) every F steps   [skipped if not installed]
   hb-soap           heavyball.SOAP, precondition_frequency=F, eager        [skipped if not installed]
   adam              torch.optim.Adam(fused=True): the denominator of 'x adam'
@@ -85,6 +87,10 @@ def contenders(shape, F, pool):
         out.append((f"ao-ec-qr F={fq}", fq, lambda fq=fq: AO(
             shape, fq, "float32", block_size=bs, root_method="qr", preconditioner="eigenvalue_corrected",
             b1=0.9, b2=0.95, eps=1e-8)))
+        if max(shape) > 2048:  # heavyball SOAP leaves dims > max_precond_dim (2048) unpreconditioned
+            out.append((f"ao-ec-qr-1side F={fq}", fq, lambda fq=fq: AO(
+                shape, fq, "float32", block_size=max(shape), root_method="qr", preconditioner="eigenvalue_corrected",
+                preconditioner_type="output" if shape[-1] <= 2048 else "input", b1=0.9, b2=0.95, eps=1e-8)))
         try:
             import pytorch_optimizer as po
             out.append((f"po Shampoo(svd) F={fq}", fq, lambda fq=fq: Torch(

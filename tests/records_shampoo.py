@@ -19,7 +19,7 @@ RECORDS = (
             {"learning_rate": ao.schedules.cosine_decay(0.05, 400, alpha=0.1), "block_size": 16,
              "graft": "rmsprop", "preconditioner_type": "input"},
             {"learning_rate": 0.05, "block_size": 3, "preconditioner": "eigenvalue_corrected", "root_method": "qr",
-             "b2": 0.95, "eps": 1e-8, "precondition_every": 2},
+             "b2": 0.95, "eps": 1e-8, "precondition_every": 2, "weight_decay": 1e-3},
             {"learning_rate": 0.05, "block_size": 4, "root_method": "qr", "qr_iterations": 2, "graft": "adagrad"},
         ),
         invalid=_BAD_LR + (
