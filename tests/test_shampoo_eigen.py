@@ -151,6 +151,17 @@ def test_cholesky_qr_equals_householder_qr_with_positive_diagonal(n, seed, cond)
     np.testing.assert_allclose(got.T @ got, np.eye(n), atol=1e-12)
 
 
+def test_blocked_cholesky_qr_is_the_qr_factorisation():
+    """Above 256 columns the Cholesky factor and the triangular solve recurse on 2×2 blocks; the result
+    is orthonormal and ``R = QᵀW`` is upper triangular with a positive diagonal (the unique QR)."""
+    n = 300
+    w = np.random.default_rng(n).standard_normal((n, n)) + 8.0 * np.eye(n)
+    q = eigenbasis.orthonormalize(w)
+    np.testing.assert_allclose(q.T @ q, np.eye(n), atol=1e-12)
+    r = q.T @ w
+    assert np.abs(np.tril(r, -1)).max() < 1e-11 * np.abs(r).max() and (np.diagonal(r) > 0).all()
+
+
 def test_skip_criterion_fires_on_diagonal_b_and_not_otherwise():
     """E4: ‖B − diag(B)‖_F ≤ τ‖B‖_F with B = QᵀAQ keeps the basis; otherwise a QR step runs."""
     a = np.diag([5.0, 3.0, 1.0])

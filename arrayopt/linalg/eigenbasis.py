@@ -79,34 +79,44 @@ def _qr_positive(m: np.ndarray) -> np.ndarray:
     return q * s
 
 
-def _inverse_cholesky(g: np.ndarray, leaf: int = 256) -> np.ndarray:
-    """``L⁻¹`` for ``g = L Lᵀ`` (``L`` lower triangular), by 2×2 blocks: ``L₁₁ = chol(G₁₁)``,
-    ``L₂₁ = G₂₁ L₁₁⁻ᵀ``, ``L₂₂ = chol(G₂₂ − L₂₁L₂₁ᵀ)`` and
-    ``L⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``: matrix products down to ``leaf``-sized blocks.
-    Raises ``LinAlgError`` when ``g`` is not positive definite."""
+def _cholesky(g: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """Lower ``L`` with ``g = L Lᵀ`` by 2×2 blocks: ``L₁₁ = chol(G₁₁)``, ``L₂₁ = G₂₁ L₁₁⁻ᵀ``,
+    ``L₂₂ = chol(G₂₂ − L₂₁L₂₁ᵀ)`` (matrix products down to ``leaf``-sized blocks). Raises
+    ``LinAlgError`` when ``g`` is not positive definite."""
     n = g.shape[0]
     if n <= leaf:
-        return np.linalg.inv(np.linalg.cholesky(g))
+        return np.linalg.cholesky(g)
     h = n // 2
-    inv11 = _inverse_cholesky(g[:h, :h], leaf)
-    l21 = g[h:, :h] @ inv11.T
-    inv22 = _inverse_cholesky(g[h:, h:] - l21 @ l21.T, leaf)
+    l11 = _cholesky(g[:h, :h], leaf)
+    l21 = _solve_right_lower_transposed(g[h:, :h], l11, leaf)
     out = np.zeros_like(g)
-    out[:h, :h] = inv11
-    out[h:, h:] = inv22
-    out[h:, :h] = -(inv22 @ l21) @ inv11
+    out[:h, :h] = l11
+    out[h:, :h] = l21
+    out[h:, h:] = _cholesky(g[h:, h:] - l21 @ l21.T, leaf)
     return out
+
+
+def _solve_right_lower_transposed(b: np.ndarray, lower: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """``X = B L⁻ᵀ`` (``X Lᵀ = B``, ``L`` lower triangular) by blocks: ``X₁ = B₁ L₁₁⁻ᵀ``,
+    ``X₂ = (B₂ − X₁ L₂₁ᵀ) L₂₂⁻ᵀ``."""
+    n = lower.shape[0]
+    if n <= leaf:
+        return np.linalg.solve(lower, b.T).T
+    h = n // 2
+    x1 = _solve_right_lower_transposed(b[:, :h], lower[:h, :h], leaf)
+    x2 = _solve_right_lower_transposed(b[:, h:] - x1 @ lower[h:, :h].T, lower[h:, h:], leaf)
+    return np.concatenate([x1, x2], axis=1)
 
 
 def orthonormalize(w: np.ndarray) -> np.ndarray:
     """``Q`` of ``W = QR`` with ``R``'s diagonal positive, by Cholesky QR done twice (CholeskyQR2:
-    ``WᵀW = LLᵀ``, ``Q = W L⁻ᵀ``, repeated once on ``Q``), with ``L⁻¹`` by blocks: matrix products,
-    which parallelise far better than Householder QR's column panels. Householder QR (signs
+    ``WᵀW = LLᵀ``, ``Q = W L⁻ᵀ``, repeated once on ``Q``), Cholesky and triangular solve by blocks:
+    matrix products, which parallelise far better than Householder QR's column panels. Householder QR (signs
     fixed) where the Cholesky factorisation breaks down (``κ(W)² ≳ 1/u``) or gives non-finite values."""
     try:
         q = w
         for _ in range(2):
-            q = q @ _inverse_cholesky(q.T @ q).T
+            q = _solve_right_lower_transposed(q, _cholesky(q.T @ q))
         if np.isfinite(q).all():
             return q
     except np.linalg.LinAlgError:
