@@ -21,6 +21,8 @@ Same statistics and root settings as pytorch_optimizer.Shampoo: running sum of G
 whole 4096x1024 matrix). F=1: median ms/step; F>1: amortized mean over whole cycles of F steps.
 
 Usage: python asv_bench/peers_shampoo.py [--shapes 1024x1024,4096x1024] [--freq 10] [--rounds 2]
+On a machine shared with other jobs, one thread per library gives steadier ratios:
+OPENBLAS_NUM_THREADS=1 python asv_bench/peers_shampoo.py --threads 1 ...
 """
 
 from __future__ import annotations
@@ -120,9 +122,11 @@ def main():
     ap.add_argument("--budget", type=float, default=60.0)
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: all cores); set OPENBLAS_NUM_THREADS to the same for NumPy")
     args = ap.parse_args()
     import torch
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads or os.cpu_count())
     F = args.freq
     pool = ThreadPoolExecutor(1)
     results = {}
