@@ -15,6 +15,16 @@ Per parameter ``W`` (merged small dims, large dims cut into blocks) and step
     m \leftarrow β_1 m + w_1 u;\quad v = w_1 u + β_1 m \ \text{(Nesterov) or } m;\quad
     W \leftarrow W - η_t (v + λ W)
 
+With ``preconditioner="eigenvalue_corrected"`` (EKFAC/SOAP) only the
+eigenbases ``Q^{(j)}_b`` of the factors are refreshed (exact eigh, or QR
+iterations warm-started from the previous basis with ``root_method="qr"``) and
+each block's direction is
+
+.. math::
+    Ĝ = G_b \times_j Q^{(j)\top}_b,\quad D_b \leftarrow β D_b + (1-β) Ĝ^{∘2},\quad
+    d_b = \big(Ĝ / (\sqrt{D_b/(1-β^t)} + ε)\big) \times_j Q^{(j)}_b
+
+(``β = eigen_b2``, default ``b2``; math in ``arrayopt/linalg/README.md``, E1–E6),
 with ``u_g`` the grafted first-order direction (:class:`GraftingConfig`), used
 alone (``u = u_g``) before the first roots are installed (``t < t_0``, or while
 the first asynchronous roots are in flight) and for skipped parameters
@@ -140,18 +150,16 @@ class Shampoo(Optimizer):
 
     def _init(self, ns, leaves):
         xp, cfg = ns.xp, self.config
-        stats, eyes = [], []
-        for p in leaves:
-            dt = state_dtype(xp, p.dtype)
-            shapes = self.plan(p.shape).factor_shapes()
-            stats.append([[xp.zeros(s, dtype=dt, device=ns.device) for s in blk] for blk in shapes])
-            eyes.append(lambda shapes=shapes, dt=dt: [[xp.eye(s[0], dtype=dt, device=ns.device) for s in blk]
-                                                      for blk in shapes])
-        out: dict = {"stats": stats}
+
+        def per_factor(make):
+            return [[[make(s, state_dtype(xp, p.dtype)) for s in blk] for blk in self.plan(p.shape).factor_shapes()]
+                    for p in leaves]
+
+        out: dict = {"stats": per_factor(lambda s, dt: xp.zeros(s, dtype=dt, device=ns.device))}
         if not cfg.eigenvalue_corrected:
-            out["roots"] = [e() for e in eyes]
+            out["roots"] = per_factor(lambda s, dt: xp.eye(s[0], dtype=dt, device=ns.device))
         if cfg.uses_bases:
-            out["bases"] = [e() for e in eyes]
+            out["bases"] = per_factor(lambda s, dt: xp.eye(s[0], dtype=dt, device=ns.device))
         if cfg.eigenvalue_corrected:
             out["second_moment"] = [[xp.zeros(s, dtype=state_dtype(xp, p.dtype), device=ns.device)
                                      for s in self.plan(p.shape).block_shapes()] for p in leaves]
