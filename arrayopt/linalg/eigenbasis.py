@@ -101,7 +101,7 @@ def _solve_right_lower_transposed(b: np.ndarray, lower: np.ndarray, leaf: int = 
     ``X₂ = (B₂ − X₁ L₂₁ᵀ) L₂₂⁻ᵀ``."""
     n = lower.shape[0]
     if n <= leaf:
-        return np.linalg.solve(lower, b.T).T
+        return b @ np.linalg.inv(lower).T
     h = n // 2
     x1 = _solve_right_lower_transposed(b[:, :h], lower[:h, :h], leaf)
     x2 = _solve_right_lower_transposed(b[:, h:] - x1 @ lower[h:, :h].T, lower[h:, h:], leaf)
@@ -132,8 +132,7 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
     eigenvalue-corrected preconditioner needs only the basis; ``eigenvalues`` is then ``None``).
     """
     dt = np.dtype(compute_dtype)
-    a = np.asarray(a, dtype=dt)
-    a = 0.5 * (a + a.T)
+    a = np.asarray(a, dtype=dt)  # symmetric: eigh reads one triangle, the QR step only multiplies by it
     if not np.isfinite(a).all():
         return EigenbasisResult(None, None, None, "failed")
     try:
@@ -142,9 +141,9 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
             perm, status = None, "ok"
         else:
             q = np.asarray(prev, dtype=dt)
-            a_fro2 = float(np.sum(a * a))
+            a_fro2 = float(np.vdot(a, a))
             aq = a @ q
-            diag = np.sum(q * aq, axis=0)  # diag(QᵀAQ) without forming B
+            diag = np.einsum("ij,ij->j", q, aq)  # diag(QᵀAQ) without forming B
             order = np.argsort(-diag, kind="stable")
             perm = None
             if np.any(order != np.arange(order.size)):
@@ -163,7 +162,7 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
                 q = orthonormalize(aq + q * dt.type(shift))
                 if i + 1 < iterations or eigenvalues:
                     aq = a @ q
-                    diag = np.sum(q * aq, axis=0)
+                    diag = np.einsum("ij,ij->j", q, aq)
                 else:
                     diag = None
             w = diag
