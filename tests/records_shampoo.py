@@ -20,7 +20,6 @@ RECORDS = (
              "graft": "rmsprop", "preconditioner_type": "input"},
             {"learning_rate": 0.05, "block_size": 3, "preconditioner": "eigenvalue_corrected", "root_method": "qr",
              "b2": 0.95, "eps": 1e-8, "precondition_every": 2, "weight_decay": 1e-3},
-            {"learning_rate": 0.05, "block_size": 4, "root_method": "qr", "qr_iterations": 2, "graft": "adagrad"},
         ),
         invalid=_BAD_LR + (
             ({"block_size": 0}, ValueError, "block_size: must be >= 1"),
