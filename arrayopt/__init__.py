@@ -119,3 +119,8 @@ registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "blo
 registry.register("sketchy", lambda **kw: sketchy(**{"learning_rate": 3e-3, "rank": 32, "update_every": 10,
                                                        "graft": "adam", "ema_momentum": True, **kw}),
                   "Sketchy (S-Shampoo rank 32, sketches every 10 steps, Adam grafting)")
+registry.register("shampoo_ec", lambda **kw: shampoo(**{"learning_rate": 3e-3, "block_size": 128, "ema_momentum": True,
+                                                          "precondition_every": 10, "start_preconditioning_step": 10,
+                                                          "preconditioner": "eigenvalue_corrected", "root_method": "qr",
+                                                          "eps": 1e-8, **kw}),
+                  "eigenvalue-corrected Shampoo (SOAP-style; block 128, Adam grafting, QR eigenbases every 10 steps)")

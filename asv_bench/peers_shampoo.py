@@ -6,6 +6,11 @@ Contenders per layer shape (one float32 weight, a rotating set of 4 precomputed 
   ao-f64 / ao-f32   arrayopt Shampoo, roots by host eigh in float64 / float32, every F steps
   ao-async          same (float64 roots) with a 1-thread executor, root_delay=F (roots run on the host
                     thread while the next F-1 steps proceed)
+  ao-qr             root-inverse roots from eigenbases refreshed by one warm-started QR iteration (float32)
+  ao-ec-qr          eigenvalue-corrected (SOAP-style) Shampoo, QR-refreshed float32 bases, b1 0.9, b2 0.95
+                    (heavyball SOAP's defaults: Adam-style moment in the eigenbasis)
+  ao-ec-qr-1side    the same, one-sided as heavyball's SOAP is on a dim above 2048 (that dim rotated
+                    by the identity), unblocked: exactly SOAP's preconditioning work (4096x1024 only)
   po                pytorch_optimizer.Shampoo (SVD roots) every F steps   [skipped if not installed]
   hb-soap           heavyball.SOAP, precondition_frequency=F, eager        [skipped if not installed]
   adam              torch.optim.Adam(fused=True): the denominator of 'x adam'
@@ -16,6 +21,8 @@ Same statistics and root settings as pytorch_optimizer.Shampoo: running sum of G
 whole 4096x1024 matrix). F=1: median ms/step; F>1: amortized mean over whole cycles of F steps.
 
 Usage: python asv_bench/peers_shampoo.py [--shapes 1024x1024,4096x1024] [--freq 10] [--rounds 2]
+On a machine shared with other jobs, one thread per library gives steadier ratios:
+OPENBLAS_NUM_THREADS=1 python asv_bench/peers_shampoo.py --threads 1 ...
 """
 
 from __future__ import annotations
@@ -42,10 +49,11 @@ def grads_for(shape, k=4, seed=0):
 
 
 class AO:
-    def __init__(self, shape, freq, root_dtype="float64", executor=None, block_size=1024):
-        self.opt = ao.shampoo(learning_rate=LR, block_size=block_size, b1=0.0, b2=1.0, eps=1e-6, graft="none",
+    def __init__(self, shape, freq, root_dtype="float64", executor=None, block_size=1024, **kw):
+        kw = {"b1": 0.0, "b2": 1.0, "eps": 1e-6, **kw}
+        self.opt = ao.shampoo(learning_rate=LR, block_size=block_size, graft="none",
                               precondition_every=freq, root_dtype=root_dtype, executor=executor,
-                              root_delay=(freq if executor is not None else None))
+                              root_delay=(freq if executor is not None else None), **kw)
         self.p = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
         self.gs = grads_for(shape)
         self.s = self.opt.init(self.p)
@@ -77,6 +85,14 @@ def contenders(shape, F, pool):
     for fq in (1, F):
         out.append((f"ao-f64 F={fq}", fq, lambda fq=fq: AO(shape, fq, "float64", block_size=bs)))
         out.append((f"ao-f32 F={fq}", fq, lambda fq=fq: AO(shape, fq, "float32", block_size=bs)))
+        out.append((f"ao-qr F={fq}", fq, lambda fq=fq: AO(shape, fq, "float32", block_size=bs, root_method="qr")))
+        out.append((f"ao-ec-qr F={fq}", fq, lambda fq=fq: AO(
+            shape, fq, "float32", block_size=bs, root_method="qr", preconditioner="eigenvalue_corrected",
+            b1=0.9, b2=0.95, eps=1e-8)))
+        if max(shape) > 2048:  # heavyball SOAP leaves dims > max_precond_dim (2048) unpreconditioned
+            out.append((f"ao-ec-qr-1side F={fq}", fq, lambda fq=fq: AO(
+                shape, fq, "float32", block_size=max(shape), root_method="qr", preconditioner="eigenvalue_corrected",
+                preconditioner_type="output" if shape[-1] <= 2048 else "input", b1=0.9, b2=0.95, eps=1e-8)))
         try:
             import pytorch_optimizer as po
             out.append((f"po Shampoo(svd) F={fq}", fq, lambda fq=fq: Torch(
@@ -106,9 +122,11 @@ def main():
     ap.add_argument("--budget", type=float, default=60.0)
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (default: all cores); set OPENBLAS_NUM_THREADS to the same for NumPy")
     args = ap.parse_args()
     import torch
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads or os.cpu_count())
     F = args.freq
     pool = ThreadPoolExecutor(1)
     results = {}

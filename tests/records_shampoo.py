@@ -18,6 +18,8 @@ RECORDS = (
             {"learning_rate": 0.1, "block_size": 4, "graft": "sgd", "b1": 0.0, "root_method": "newton"},
             {"learning_rate": ao.schedules.cosine_decay(0.05, 400, alpha=0.1), "block_size": 16,
              "graft": "rmsprop", "preconditioner_type": "input"},
+            {"learning_rate": 0.05, "block_size": 3, "preconditioner": "eigenvalue_corrected", "root_method": "qr",
+             "b2": 0.95, "eps": 1e-8, "precondition_every": 2, "weight_decay": 1e-3},
         ),
         invalid=_BAD_LR + (
             ({"block_size": 0}, ValueError, "block_size: must be >= 1"),
@@ -42,6 +44,14 @@ RECORDS = (
             ({"executor": object()}, TypeError, "executor: expected a concurrent.futures.Executor"),
             ({"comm": object()}, TypeError, "comm: expected a communicator"),
             ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite: must be one of"),
+            ({"preconditioner": "eigen"}, ValueError, "preconditioner: must be one of"),
+            ({"preconditioner": "eigenvalue_corrected", "root_method": "newton"}, ValueError,
+             "root_method: 'newton' computes inverse roots"),
+            ({"preconditioner": "eigenvalue_corrected", "exponent_override": 2}, ValueError,
+             "exponent_override: preconditioner='eigenvalue_corrected'"),
+            ({"qr_iterations": 0}, ValueError, "qr_iterations: must be >= 1"),
+            ({"qr_tolerance": -0.1}, ValueError, "qr_tolerance: must be >= 0"),
+            ({"eigen_b2": 0.0}, ValueError, "eigen_b2: must be > 0"),
         ),
         # float32: statistics summed by different BLAS (OpenBLAS vs MKL) differ by rounding, and the
         # inverse 4th roots amplify that by up to κ^(1/4) of each factor (momentum entries up to ~8

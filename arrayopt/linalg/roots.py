@@ -94,8 +94,15 @@ def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
         w = np.stack(ws).reshape(batch + (a.shape[-1],))
         q = np.stack(qs).reshape(a.shape)
         ok = oks.reshape(batch)
+    root = root_from_eigenpairs(w, q, p, eps, relative)
+    ok = ok & np.isfinite(root).all(axis=(-1, -2))
+    return root, ok
+
+
+def root_from_eigenpairs(w: np.ndarray, q: np.ndarray, p: float, eps: float, relative: bool) -> np.ndarray:
+    """``Q diag((λ + ridge)^{-1/p}) Qᵀ`` from eigenpairs (host; ``λ`` in any order, negatives clipped to 0)."""
     w = np.maximum(w, 0)
-    lmax = w[..., -1:]
+    lmax = w.max(axis=-1, keepdims=True)
     if relative:
         zero = lmax <= 0
         ridge = eps * lmax
@@ -106,9 +113,7 @@ def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
         half = w_r ** (-0.5 / p)  # Q diag(λ^(-1/p)) Qᵀ = B Bᵀ with B = Q diag(λ^(-1/(2p)))
     bq = q * half[..., None, :]
     # B @ Bᵀ of one 2-D array is a symmetric rank-k update (half the flops of a GEMM, exactly symmetric)
-    root = np.stack([m @ m.T for m in bq.reshape((-1,) + bq.shape[-2:])]).reshape(bq.shape)
-    ok = ok & np.isfinite(root).all(axis=(-1, -2))
-    return root, ok
+    return np.stack([m @ m.T for m in bq.reshape((-1,) + bq.shape[-2:])]).reshape(bq.shape)
 
 
 def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, method="eigh",

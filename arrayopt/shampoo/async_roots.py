@@ -20,7 +20,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from ..linalg.roots import host_inverse_pth_roots
+from ..linalg.eigenbasis import refresh_eigenbasis
+from ..linalg.roots import host_inverse_pth_roots, root_from_eigenpairs
 from .distributed import assign_lpt
 
 __all__ = ["InlineExecutor", "RootJob", "run_root_job"]
@@ -45,7 +46,8 @@ class RootJob:
     """Everything a root computation needs, as plain host data (picklable)."""
 
     def __init__(self, mats, exponents, index, total, owner, rank, *, eps, relative, method,
-                 compute_dtype, threshold, out_dtype, ridge_retries=0):
+                 compute_dtype, threshold, out_dtype, ridge_retries=0, preconditioner="root_inverse",
+                 prev=None, qr_iterations=1, qr_tolerance=0.01):
         self.mats = mats            # host copies of the factors this rank owns
         self.exponents = exponents  # their exponents
         self.index = index          # their global factor indices
@@ -59,29 +61,74 @@ class RootJob:
         self.threshold = threshold
         self.out_dtype = out_dtype
         self.ridge_retries = ridge_retries
+        self.preconditioner = preconditioner  # "root_inverse" or "eigenvalue_corrected"
+        self.prev = prev                    # previous bases of the owned factors (None: first refresh)
+        self.qr_iterations = qr_iterations
+        self.qr_tolerance = qr_tolerance
+
+    @property
+    def uses_bases(self) -> bool:
+        return self.preconditioner == "eigenvalue_corrected" or self.method == "qr"
 
 
-def run_root_job(job: RootJob, comm) -> dict:
-    """Compute this rank's roots, all-gather, return ``{"roots": [...], "failures", "fallbacks"}``.
+def _out(job, r):
+    return None if r is None else np.ascontiguousarray(r.astype(job.out_dtype))
 
-    ``roots`` is a flat list over all factors (global order) of host arrays in
-    ``job.out_dtype``, or ``None`` where the root failed.
-    """
+
+def _local_roots(job: RootJob) -> dict:
     roots, ok, fallbacks = host_inverse_pth_roots(
         job.mats, job.exponents, ridge_epsilon=job.eps, relative=job.relative, method=job.method,
         compute_dtype=job.compute_dtype, failure_threshold=job.threshold, ridge_retries=job.ridge_retries)
-    mine = {i: (None if r is None else np.ascontiguousarray(r.astype(job.out_dtype)))
-            for i, r in zip(job.index, roots)}
-    local = {"roots": mine, "failures": int(sum(1 for g in ok if not g)), "fallbacks": int(fallbacks)}
+    return {"roots": {i: _out(job, r) for i, r in zip(job.index, roots)},
+            "failures": int(sum(1 for g in ok if not g)), "fallbacks": int(fallbacks), "skips": 0}
+
+
+def _local_bases(job: RootJob) -> dict:
+    """Eigenbases (eigh, or QR warm-started from ``job.prev``) and, for root-inverse, roots from them."""
+    method = "eigh" if job.method == "eigh" else "qr"
+    bases, perms, roots = {}, {}, {}
+    failures = skips = 0
+    prev = job.prev if job.prev is not None else [None] * len(job.mats)
+    for i, m, q0, p in zip(job.index, job.mats, prev, job.exponents):
+        r = refresh_eigenbasis(m, q0, method=method, iterations=job.qr_iterations, tolerance=job.qr_tolerance,
+                               compute_dtype=job.compute_dtype, eigenvalues=job.preconditioner == "root_inverse")
+        failures += r.status == "failed"
+        skips += r.status == "skipped"
+        bases[i] = _out(job, r.basis)
+        perms[i] = r.perm
+        if job.preconditioner == "root_inverse":
+            root = None if r.basis is None else root_from_eigenpairs(r.eigenvalues, r.basis, p, job.eps, job.relative)
+            if root is not None and not np.isfinite(root).all():
+                root, bases[i], perms[i] = None, None, None
+                failures += 1
+            roots[i] = _out(job, root)
+    out = {"bases": bases, "perms": perms, "failures": int(failures), "fallbacks": 0, "skips": int(skips)}
+    if job.preconditioner == "root_inverse":
+        out["roots"] = roots
+    return out
+
+
+def run_root_job(job: RootJob, comm) -> dict:
+    """Compute this rank's part, all-gather, return flat lists over all factors (global order).
+
+    ``{"roots": [...], "failures", "fallbacks", "skips"}``, plus ``"bases"`` and
+    ``"perms"`` when the job refreshes eigenbases (eigenvalue correction, or
+    ``method="qr"``; then ``"roots"`` only for root-inverse). Arrays are host
+    arrays in ``job.out_dtype``; ``None`` where the computation failed (the
+    caller keeps the previous root or basis).
+    """
+    local = _local_bases(job) if job.uses_bases else _local_roots(job)
     parts = comm.allgather(local) if comm.size > 1 else [local]
-    flat = [None] * job.total
-    failures = fallbacks = 0
+    keys = [k for k in ("roots", "bases", "perms") if k in local]
+    flat = {k: [None] * job.total for k in keys}
+    counts = {"failures": 0, "fallbacks": 0, "skips": 0}
     for part in parts:
-        for i, r in part["roots"].items():
-            flat[i] = r
-        failures += part["failures"]
-        fallbacks += part["fallbacks"]
-    return {"roots": flat, "failures": failures, "fallbacks": fallbacks}
+        for k in keys:
+            for i, r in part[k].items():
+                flat[k][i] = r
+        for k in counts:
+            counts[k] += part[k]
+    return {**flat, **counts}
 
 
 def factor_costs(shapes) -> list:

@@ -94,6 +94,12 @@ class LeafPlan:
             return []
         return [[(b - a, b - a) for (a, b), m in zip(blk, self.mask) if m] for blk in self.blocks]
 
+    def block_shapes(self) -> list:
+        """The shape of every block (empty for a skipped parameter)."""
+        if self.skipped:
+            return []
+        return [tuple(b - a for a, b in blk) for blk in self.blocks]
+
 
 def plan_leaf(shape, cfg) -> LeafPlan:
     """The :class:`LeafPlan` of a parameter of ``shape`` under config ``cfg``."""

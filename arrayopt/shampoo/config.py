@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 from .. import _validate, grafting
 
-__all__ = ["GraftingConfig", "ShampooConfig", "GRAFT_TYPES", "PRECONDITIONER_TYPES", "ROOT_METHODS"]
+__all__ = ["GraftingConfig", "ShampooConfig", "GRAFT_TYPES", "PRECONDITIONER_TYPES", "ROOT_METHODS", "PRECONDITIONERS"]
 
 GRAFT_TYPES = ("none", "sgd", "adagrad", "rmsprop", "rmsprop_normalized", "adam", "sqrt_n")
 PRECONDITIONER_TYPES = ("all", "input", "output")
-ROOT_METHODS = ("eigh", "newton")
+ROOT_METHODS = ("eigh", "newton", "qr")
+PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 #: grafting types that keep a diagonal second-moment accumulator
 GRAFT_WITH_STATE = ("adagrad", "rmsprop", "rmsprop_normalized", "adam")
 
@@ -91,6 +92,10 @@ class ShampooConfig:
     inverse_failure_threshold: float = 0.1
     ridge_retries: int = 0
     root_delay: int | None = None
+    preconditioner: str = "root_inverse"
+    eigen_b2: float | None = None
+    qr_iterations: int = 1
+    qr_tolerance: float = 0.01
 
     def __post_init__(self):
         s = object.__setattr__
@@ -130,8 +135,34 @@ class ShampooConfig:
         s(self, "ridge_retries", _validate.check_int("ridge_retries", self.ridge_retries, 0))
         if self.root_delay is not None:
             s(self, "root_delay", _validate.check_int("root_delay", self.root_delay, 0))
+        _validate.check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+        if self.eigen_b2 is not None:
+            s(self, "eigen_b2", _validate.check_real("eigen_b2", self.eigen_b2, 0.0, 1.0, low_open=True))
+        s(self, "qr_iterations", _validate.check_int("qr_iterations", self.qr_iterations, 1))
+        s(self, "qr_tolerance", _validate.check_real("qr_tolerance", self.qr_tolerance, 0.0))
+        if self.eigenvalue_corrected:
+            if self.root_method == "newton":
+                raise ValueError("root_method: 'newton' computes inverse roots; preconditioner='eigenvalue_corrected' "
+                                 "needs eigenbases, use 'eigh' or 'qr'")
+            if self.exponent_override:
+                raise ValueError("exponent_override: preconditioner='eigenvalue_corrected' divides by the square "
+                                 "root of its second moment; the override applies to root_inverse only")
         if self.exponent_override and self.root_method == "newton" and not float(self.exponent_override).is_integer():
             raise ValueError("exponent_override: root_method='newton' needs an integer exponent")
+
+    @property
+    def eigenvalue_corrected(self) -> bool:
+        return self.preconditioner == "eigenvalue_corrected"
+
+    @property
+    def uses_bases(self) -> bool:
+        """Whether the state keeps eigenbases (eigenvalue correction, or roots from QR-refreshed bases)."""
+        return self.eigenvalue_corrected or self.root_method == "qr"
+
+    @property
+    def corrected_b2(self) -> float:
+        """β₂ of the second moment in the eigenbasis (``eigen_b2``, default ``b2``)."""
+        return self.b2 if self.eigen_b2 is None else self.eigen_b2
 
     @property
     def merge_threshold(self) -> int:

@@ -15,6 +15,16 @@ Per parameter ``W`` (merged small dims, large dims cut into blocks) and step
     m \leftarrow β_1 m + w_1 u;\quad v = w_1 u + β_1 m \ \text{(Nesterov) or } m;\quad
     W \leftarrow W - η_t (v + λ W)
 
+With ``preconditioner="eigenvalue_corrected"`` (EKFAC/SOAP) only the
+eigenbases ``Q^{(j)}_b`` of the factors are refreshed (exact eigh, or QR
+iterations warm-started from the previous basis with ``root_method="qr"``) and
+each block's direction is
+
+.. math::
+    Ĝ = G_b \times_j Q^{(j)\top}_b,\quad D_b \leftarrow β D_b + (1-β) Ĝ^{∘2},\quad
+    d_b = \big(Ĝ / (\sqrt{D_b/(1-β^t)} + ε)\big) \times_j Q^{(j)}_b
+
+(``β = eigen_b2``, default ``b2``; math in ``arrayopt/linalg/README.md``, Q1–Q6),
 with ``u_g`` the grafted first-order direction (:class:`GraftingConfig`), used
 alone (``u = u_g``) before the first roots are installed (``t < t_0``, or while
 the first asynchronous roots are in flight) and for skipped parameters
@@ -54,11 +64,13 @@ from .config import ShampooConfig, as_grafting
 from .distributed import as_comm
 from .. import grafting
 from ..momentum import heavy_ball_update
-from .preconditioner import precondition_block, update_factors
+from .preconditioner import corrected_block, precondition_block, update_factors
 
 __all__ = ["Shampoo", "ShampooState", "shampoo"]
 
 _COUNTERS = ("roots_step", "root_staleness", "root_jobs", "root_failures", "root_fallbacks")
+#: with eigenbases: refreshes whose skip criterion held (basis kept)
+_BASIS_COUNTERS = ("refresh_skips",)
 
 
 class ShampooState(dict):
@@ -112,6 +124,16 @@ class Shampoo(Optimizer):
 
     _TRANSIENT = ("_plans", "_plans_lock")
 
+    @property
+    def _counters(self) -> tuple:
+        return _COUNTERS + (_BASIS_COUNTERS if self.config.uses_bases else ())
+
+    @property
+    def _factor_trees(self) -> tuple:
+        """State entries holding one matrix per factor."""
+        return ("stats",) + (() if self.config.eigenvalue_corrected else ("roots",)) + \
+            (("bases",) if self.config.uses_bases else ())
+
     def _init_transient(self):
         # shape -> LeafPlan (a pure function of the shape and the config), filled under the lock
         object.__setattr__(self, "_plans", {})
@@ -129,19 +151,25 @@ class Shampoo(Optimizer):
 
     def _init(self, ns, leaves):
         xp, cfg = ns.xp, self.config
-        stats, roots = [], []
-        for p in leaves:
-            dt = state_dtype(xp, p.dtype)
-            shapes = self.plan(p.shape).factor_shapes()
-            stats.append([[xp.zeros(s, dtype=dt, device=ns.device) for s in blk] for blk in shapes])
-            roots.append([[xp.eye(s[0], dtype=dt, device=ns.device) for s in blk] for blk in shapes])
-        out: dict = {"stats": stats, "roots": roots}
+
+        def per_factor(make):
+            return [[[make(s, state_dtype(xp, p.dtype)) for s in blk] for blk in self.plan(p.shape).factor_shapes()]
+                    for p in leaves]
+
+        out: dict = {"stats": per_factor(lambda s, dt: xp.zeros(s, dtype=dt, device=ns.device))}
+        if not cfg.eigenvalue_corrected:
+            out["roots"] = per_factor(lambda s, dt: xp.eye(s[0], dtype=dt, device=ns.device))
+        if cfg.uses_bases:
+            out["bases"] = per_factor(lambda s, dt: xp.eye(s[0], dtype=dt, device=ns.device))
+        if cfg.eigenvalue_corrected:
+            out["second_moment"] = [[xp.zeros(s, dtype=state_dtype(xp, p.dtype), device=ns.device)
+                                     for s in self.plan(p.shape).block_shapes()] for p in leaves]
         if cfg.graft.has_state:
             out["graft"] = [xp.zeros(p.shape, dtype=state_dtype(xp, p.dtype), device=ns.device) for p in leaves]
         if cfg.b1 > 0:
             out["momentum"] = [xp.zeros(p.shape, dtype=state_dtype(xp, p.dtype), device=ns.device)
                                for p in leaves]
-        out.update({k: (-1 if k == "root_staleness" else 0) for k in _COUNTERS})
+        out.update({k: (-1 if k == "root_staleness" else 0) for k in self._counters})
         out["pending"] = None
         return out
 
@@ -154,8 +182,9 @@ class Shampoo(Optimizer):
         cfg = self.config
         if params_missing and cfg.weight_decay != 0.0:
             raise ValueError("params: shampoo with weight decay needs the params in update()")
-        keys = ["stats", "roots"] + (["graft"] if cfg.graft.has_state else []) + \
-            (["momentum"] if cfg.b1 > 0 else []) + list(_COUNTERS) + ["pending"]
+        keys = list(self._factor_trees) + (["second_moment"] if cfg.eigenvalue_corrected else []) + \
+            (["graft"] if cfg.graft.has_state else []) + \
+            (["momentum"] if cfg.b1 > 0 else []) + list(self._counters) + ["pending"]
         for k in keys:
             if k not in state:
                 raise ValueError(f"state: missing entry {k!r}; was it made by this optimizer's init()?")
@@ -163,16 +192,21 @@ class Shampoo(Optimizer):
         for name in ("graft", "momentum"):
             if name in keys:
                 _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
-        for name in ("stats", "roots"):
+        trees = [(n, lambda p: self.plan(p.shape).factor_shapes()) for n in self._factor_trees]
+        if cfg.eigenvalue_corrected:
+            trees.append(("second_moment", lambda p: [[s] for s in self.plan(p.shape).block_shapes()]))
+        for name, layout in trees:
             tree = state[name]
             if not isinstance(tree, list) or len(tree) != len(leaves):
                 raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
             for p, path, dt, per_leaf in zip(leaves, paths, dtypes, tree):
-                want = self.plan(p.shape).factor_shapes()
+                want = layout(p)
+                if name == "second_moment" and isinstance(per_leaf, list):
+                    per_leaf = [[b] for b in per_leaf]
                 got = [[tuple(f.shape) for f in blk] if isinstance(blk, list) else None for blk in per_leaf] \
                     if isinstance(per_leaf, list) else None
                 if got != [[tuple(s) for s in blk] for blk in want]:
-                    raise ValueError(f"state[{name!r}] leaf {path}: factor shapes {got} do not match "
+                    raise ValueError(f"state[{name!r}] leaf {path}: shapes {got} do not match "
                                      f"the blocks of params shape {tuple(p.shape)} ({want})")
                 for blk in per_leaf:
                     for f in blk:
@@ -181,7 +215,7 @@ class Shampoo(Optimizer):
                         elif f.dtype != dt:
                             raise TypeError(f"state[{name!r}] leaf {path}: dtype {dtype_name(f.dtype)}, "
                                             f"expected {dtype_name(dt)}")
-        for k in _COUNTERS:
+        for k in self._counters:
             v = state[k]
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"state[{k!r}]: expected an int, got {v!r}")
@@ -217,24 +251,27 @@ class Shampoo(Optimizer):
             out += [plan.exponent] * sum(len(b) for b in plan.factor_shapes())
         return out
 
-    def _make_job(self, leaves, stats, out_dtype):
+    def _make_job(self, leaves, stats, bases, warm, out_dtype):
         cfg = self.config
         flat = self._flat_factors(stats)
         expo = self._exponents(leaves)
         own = owners([tuple(f.shape) for f in flat], self.comm.size)
         idx = [i for i, r in enumerate(own) if r == self.comm.rank]
         mats = [np.array(to_numpy(flat[i]), copy=True) for i in idx]
+        prev = None
+        if warm and cfg.root_method == "qr":
+            flat_b = self._flat_factors(bases)
+            prev = [np.array(to_numpy(flat_b[i]), copy=True) for i in idx]
         return RootJob(mats, [expo[i] for i in idx], idx, len(flat), own, self.comm.rank,
                        eps=cfg.eps, relative=cfg.relative_epsilon, method=cfg.root_method,
                        compute_dtype=cfg.root_dtype, threshold=cfg.inverse_failure_threshold,
-                       out_dtype=out_dtype, ridge_retries=cfg.ridge_retries)
+                       out_dtype=out_dtype, ridge_retries=cfg.ridge_retries, preconditioner=cfg.preconditioner,
+                       prev=prev, qr_iterations=cfg.qr_iterations, qr_tolerance=cfg.qr_tolerance)
 
-    def _install(self, ns, roots, result, counters, stats_step):
-        """New roots tree with the job's results (failed factors keep their previous root)."""
-        xp = ns.xp
-        flat_new = result["roots"]
+    def _replace(self, ns, tree, flat_new):
+        """``tree`` (per leaf, per block, per factor) with the new host matrices (``None``: keep the old)."""
         out, i = [], 0
-        for per_leaf in roots:
+        for per_leaf in tree:
             leaf_out = []
             for blk in per_leaf:
                 blk_out = []
@@ -244,10 +281,39 @@ class Shampoo(Optimizer):
                     i += 1
                 leaf_out.append(blk_out)
             out.append(leaf_out)
+        return out
+
+    def _permute_moments(self, ns, leaves, second_moment, perms):
+        """Reorder the eigenbasis second moment along the axes whose basis columns were reordered."""
+        xp = ns.xp
+        out, i = [], 0
+        for p, per_leaf in zip(leaves, second_moment):
+            mask = self.plan(p.shape).mask
+            axes = [a for a, m in enumerate(mask) if m]
+            leaf_out = []
+            for dmat in per_leaf:
+                for a in axes:
+                    if perms[i] is not None:
+                        dmat = xp.take(dmat, xp.asarray(perms[i], device=ns.device), axis=a)
+                    i += 1
+                leaf_out.append(dmat)
+            out.append(leaf_out)
+        return out
+
+    def _install(self, ns, leaves, trees, result, counters, stats_step):
+        """New ``trees`` (roots/bases/second moment) with the job's results (failed factors keep theirs)."""
+        trees = dict(trees)
+        for k in ("roots", "bases"):
+            if k in trees and k in result:
+                trees[k] = self._replace(ns, trees[k], result[k])
+        if "second_moment" in trees and any(p is not None for p in result["perms"]):
+            trees["second_moment"] = self._permute_moments(ns, leaves, trees["second_moment"], result["perms"])
         counters["roots_step"] = stats_step
         counters["root_failures"] += int(result["failures"])
         counters["root_fallbacks"] += int(result["fallbacks"])
-        return out
+        if "refresh_skips" in counters:
+            counters["refresh_skips"] += int(result["skips"])
+        return trees
 
     # ---------------------------------------------------------------- the step
 
@@ -255,14 +321,14 @@ class Shampoo(Optimizer):
         xp, cfg = ns.xp, self.config
         t = state["count"] + 1
         lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
-        counters = {k: state[k] for k in _COUNTERS}
-        roots = state["roots"]
+        counters = {k: state[k] for k in self._counters}
+        trees = {k: state[k] for k in ("roots", "bases", "second_moment") if k in state}
         pending = state["pending"]
         future = getattr(state, "_future", None)
         # 1. install roots that are due (waits for an in-flight job)
         if pending is not None and (pending["install_at"] <= t or self._is_root_step(t)):
             result = pending["result"] if pending["result"] is not None else _job_result(future, pending["stats_step"])
-            roots = self._install(ns, roots, result, counters, pending["stats_step"])
+            trees = self._install(ns, leaves, trees, result, counters, pending["stats_step"])
             pending, future = None, None
         # 2. statistics (raw gradient, state dtype)
         g32 = [xp.astype(g, xp.float32) if is_low_precision(g.dtype) else g for g in g_leaves]
@@ -277,12 +343,12 @@ class Shampoo(Optimizer):
         # 3. roots of this step's statistics: now, or installed root_delay steps later
         if self._is_root_step(t) and len(self._flat_factors(stats)) > 0:
             out_dtype = dtype_name(state_dtype(xp, leaves[0].dtype))
-            job = self._make_job(leaves, stats, out_dtype)
+            job = self._make_job(leaves, stats, trees.get("bases"), counters["roots_step"] > 0, out_dtype)
             counters["root_jobs"] += 1
             if self.delay == 0:
                 res = run_root_job(job, self.comm) if self.executor is None else \
                     _job_result(self.executor.submit(run_root_job, job, self.comm), t)
-                roots = self._install(ns, roots, res, counters, t)
+                trees = self._install(ns, leaves, trees, res, counters, t)
             elif self.executor is None:
                 pending = {"install_at": t + self.delay, "stats_step": t, "result": run_root_job(job, self.comm)}
             else:
@@ -291,7 +357,7 @@ class Shampoo(Optimizer):
         active = counters["roots_step"] > 0
         counters["root_staleness"] = t - counters["roots_step"] if active else -1
         # 4. directions, grafting, momentum, decay
-        new_graft, new_mom, updates = [], [], []
+        new_graft, new_mom, new_moments, updates = [], [], [], []
         b1 = cfg.b1
         for i, (p, g) in enumerate(zip(leaves, g32)):
             plan = self.plan(p.shape)
@@ -301,11 +367,22 @@ class Shampoo(Optimizer):
             u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
             if acc is not None:
                 new_graft.append(acc)
+            if cfg.eigenvalue_corrected:
+                d_blocks = None
+                if not plan.skipped:
+                    blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
+                    pairs = [corrected_block(xp, b, qs, dm, plan.mask, cfg.corrected_b2, t, cfg.eps)
+                             for b, qs, dm in zip(blocks, trees["bases"][i], trees["second_moment"][i])]
+                    d_blocks = [d for d, _ in pairs]
+                    new_moments.append([dm for _, dm in pairs])
+                else:
+                    new_moments.append([])
             if plan.skipped or not active:
                 u = u_g
             else:
-                blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
-                d_blocks = [precondition_block(xp, b, rs, plan.mask) for b, rs in zip(blocks, roots[i])]
+                if not cfg.eigenvalue_corrected:
+                    blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
+                    d_blocks = [precondition_block(xp, b, rs, plan.mask) for b, rs in zip(blocks, trees["roots"][i])]
                 if cfg.graft.type != "none" and cfg.graft.per == "block":
                     a_blocks = split(xp, xp.reshape(u_g, plan.shape), plan.blocks)
                     d_blocks = grafting.graft_blocks(xp, d_blocks, a_blocks, per="block")
@@ -328,7 +405,10 @@ class Shampoo(Optimizer):
         new = dict(state)
         new["count"] = t
         new["stats"] = stats
-        new["roots"] = roots
+        new.update(trees)
+        if cfg.eigenvalue_corrected:
+            new["second_moment"] = [[np.asarray(a) for a in m] for m in new_moments] \
+                if ns.library == "numpy" else new_moments
         if cfg.graft.has_state:
             new["graft"] = new_graft
         if b1 > 0:
@@ -361,7 +441,8 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
             skip_preconditioning_dim_size_gt: int | None = 4096, skip_preconditioning_rank_lt: int = 1,
             preconditioner_type: str = "all", relative_epsilon: bool = True,
             inverse_failure_threshold: float = 0.1, ridge_retries: int = 0, root_delay: int | None = None, comm=None,
-            on_nonfinite: str = "raise") -> Shampoo:
+            on_nonfinite: str = "raise", preconditioner: str = "root_inverse", eigen_b2: float | None = None,
+            qr_iterations: int = 1, qr_tolerance: float = 0.01) -> Shampoo:
     """Shampoo (see the module docstring for the math).
 
     Args:
@@ -376,8 +457,16 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
         ``t % statistics_every == 0`` (JAX's ``statistics_compute_steps``); untouched otherwise.
       start_preconditioning_step: first step (1-based) that computes roots; before
         the first roots are installed the grafting direction is used alone.
-      root_method: ``"eigh"`` (host, ``root_dtype``) or ``"newton"`` (coupled Newton,
-        falling back to eigh, then to the previous root).
+      root_method: ``"eigh"`` (host, ``root_dtype``), ``"newton"`` (coupled Newton,
+        falling back to eigh, then to the previous root) or ``"qr"`` (eigenbases by
+        ``qr_iterations`` QR iterations warm-started from the previous basis, skipped when
+        ``‖B − diag(B)‖_F ≤ qr_tolerance·‖B‖_F`` for ``B = QᵀFQ``; the first refresh is exact eigh;
+        root-inverse roots are ``Q diag((λ + ridge)^{-1/p}) Qᵀ`` with ``λ = diag(B)``).
+      preconditioner: ``"root_inverse"`` (the roots above) or ``"eigenvalue_corrected"``
+        (SOAP-style: only the eigenbases ``Q_j`` of the factors are refreshed; every step
+        ``Ĝ = G ×_j Q_jᵀ``, ``D ← β D + (1-β) Ĝ²`` with ``β = eigen_b2`` (default ``b2``; a running
+        sum when 1), and the direction is ``(Ĝ / (√(D/(1-β^t)) + eps)) ×_j Q_j``; ``eps`` is then
+        this additive ε).
       ridge_retries: with ``root_method="newton"``, a failed root is retried at ridge
         ``eps·10^i`` for ``i = 1..ridge_retries`` before the eigh fallback (JAX's escalation).
       graft: ``"none"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"rmsprop_normalized"``,
@@ -406,6 +495,7 @@ def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: flo
         skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
         skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
         preconditioner_type=preconditioner_type, relative_epsilon=relative_epsilon,
-        inverse_failure_threshold=inverse_failure_threshold, ridge_retries=ridge_retries, root_delay=root_delay)
+        inverse_failure_threshold=inverse_failure_threshold, ridge_retries=ridge_retries, root_delay=root_delay,
+        preconditioner=preconditioner, eigen_b2=eigen_b2, qr_iterations=qr_iterations, qr_tolerance=qr_tolerance)
     return Shampoo(cfg, executor=executor, comm=comm, on_nonfinite=on_nonfinite)
 

@@ -17,7 +17,7 @@ an unpreconditioned axis is just rotated). For a matrix this is ``R_L G R_R``.
 
 from __future__ import annotations
 
-__all__ = ["contraction", "update_factors", "precondition_block"]
+__all__ = ["contraction", "update_factors", "precondition_block", "rotate_block", "corrected_block"]
 
 
 def contraction(xp, g, axis: int):
@@ -62,3 +62,44 @@ def precondition_block(xp, g, roots, mask):
         else:
             g = xp.permute_dims(g, tuple(range(1, nd)) + (0,))
     return g
+
+
+def rotate_block(xp, g, bases, mask, *, back: bool = False):
+    """``Ĝ = G ×_1 Q₁ᵀ ⋯ ×_k Q_kᵀ`` into the eigenbases (``back=True``: ``G ×_j Q_j``, the inverse)."""
+    nd = len(g.shape)
+    if nd == 1:
+        q = bases[0]
+        return xp.matmul(q, g[:, None])[:, 0] if back else xp.matmul(g[None, :], q)[0, :]
+    if nd == 2 and mask == (True, True):
+        ql, qr = bases
+        if back:
+            return xp.matmul(xp.matmul(ql, g), xp.matrix_transpose(qr))
+        return xp.matmul(xp.matmul(xp.matrix_transpose(ql), g), qr)
+    j = 0
+    for m in mask:
+        if m:
+            g = xp.tensordot(g, bases[j], axes=([0], [1 if back else 0]))  # new axis goes last
+            j += 1
+        else:
+            g = xp.permute_dims(g, tuple(range(1, nd)) + (0,))
+    return g
+
+
+def corrected_block(xp, g, bases, second_moment, mask, b2: float, t: int, eps: float):
+    r"""Eigenvalue-corrected direction of one block and its new second moment.
+
+    .. math::
+        Ĝ = G ×_j Q_j^\top,\quad D ← β_2 D + (1-β_2) Ĝ^{∘2}\ (D + Ĝ^{∘2} \text{ if } β_2 = 1),\quad
+        d = \Big(\frac{Ĝ}{\sqrt{D / (1-β_2^t)} + ε}\Big) ×_j Q_j
+
+    (no bias correction when ``β₂ = 1``).
+    """
+    gh = rotate_block(xp, g, bases, mask)
+    sq = gh * gh
+    if b2 == 1.0:
+        d_new = second_moment + sq
+        denom = xp.sqrt(d_new) + eps
+    else:
+        d_new = second_moment * b2 + sq * (1.0 - b2)
+        denom = xp.sqrt(d_new * (1.0 / (1.0 - b2 ** t))) + eps
+    return rotate_block(xp, gh / denom, bases, mask, back=True), d_new
