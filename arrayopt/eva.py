@@ -328,24 +328,25 @@ class Eva(Optimizer):
         return plan, stat_arrays, updates
 
     def _jitted_plan(self, ns, plan):
-        """:meth:`_apply_plan` under ``jax.jit``; a layer's first observation is a traced flag, so
-        the first step and the later ones share one compilation."""
+        """:meth:`_apply_plan` under ``jax.jit``; whether a layer's vectors are refreshed this step and
+        whether it is their first observation are traced flags, so the first step, the refresh steps
+        and the steps between them share one compilation."""
         import jax
         import jax.numpy as jnp
 
         dynamic = self.variant != "eva_s"
-        static = tuple((i, b, refresh, None) for i, b, refresh, _ in plan) if dynamic else plan
+        static = tuple((i, b, None, None) for i, b, _, _ in plan) if dynamic else plan
         key = (ns.library, static)
         fn = self._jitted.get(key)
         if fn is None:
-            def run(firsts, lr, p32, dirs, bufs, kv, stat_arrays):
-                full = tuple((i, b, r, f) for (i, b, r, _), f in zip(static, firsts)) if dynamic else static
+            def run(flags, lr, p32, dirs, bufs, kv, stat_arrays):
+                full = tuple((i, b, r, f) for (i, b, _, _), (r, f) in zip(static, flags)) if dynamic else static
                 return self._apply_plan(ns, full, lr, p32, dirs, bufs, kv, stat_arrays)
 
             with self._jit_lock:
                 fn = self._jitted.setdefault(key, jax.jit(run))
-        firsts = [jnp.asarray(e[3]) for e in plan] if dynamic else []
-        return lambda *args: fn(firsts, *args)
+        flags = [(jnp.asarray(e[2]), jnp.asarray(e[3])) for e in plan] if dynamic else []
+        return lambda *args: fn(flags, *args)
 
     def _apply_plan(self, ns, plan, lr, p32, dirs, bufs, kv, stat_arrays):
         """Directions, then the SGD-momentum step: ``(new params, new momentum buffers, new vectors)``."""
@@ -375,13 +376,14 @@ class Eva(Optimizer):
         out = []
         for (i, b, refresh, first), (a, g) in zip(plan, stat_arrays):
             dt = kv["kv_a"][i].dtype
-            if refresh:
+            if refresh is not False:  # True, or a traced flag under jax.jit
                 a = xp.astype(a, dt)
                 if b is None:
                     a = xp.concat([a, xp.zeros((1,), dtype=dt, device=device_of(a))])
-                kv["kv_a"][i] = self._ema(kv["kv_a"][i], a, first, xp)
-                if g is not None:
-                    kv["kv_g"][i] = self._ema(kv["kv_g"][i], xp.astype(g, dt), first, xp)
+                names = ("kv_a", "kv_g") if g is not None else ("kv_a",)
+                for name, v in zip(names, (a, xp.astype(g, dt) if g is not None else None)):
+                    new = self._ema(kv[name][i], v, first, xp)
+                    kv[name][i] = new if refresh is True else xp.where(refresh, new, kv[name][i])
             a_use = kv["kv_a"][i] if b is not None else kv["kv_a"][i][:-1]
             out.append((i, b, a_use, kv["kv_g"][i] if self.variant == "eva" else None))
         return out

@@ -80,5 +80,7 @@ RECORDS = (
         ),
         invalid=_INVALID + (({"variant": "eva_s", "kl_mode": "clip"}, ValueError, "kl_mode: eva_s rescales"),),
         rtol=_RTOL, atol=_ATOL,
+        # JAX compiles Eva's step per drawn shape: fixed trees in test_eva_parity.py instead
+        namespace_sweep=False,
     ),
 )
