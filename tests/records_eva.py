@@ -62,6 +62,7 @@ _INVALID = _BAD_LR + (
     ({"update_every": 0}, ValueError, "update_every: must be >= 1"),
     ({"kl_mode": "trust"}, ValueError, "kl_mode: must be one of"),
     ({"kl_clip": 0.0}, ValueError, "kl_clip: must be > 0"),
+    ({"weight_layout": "io"}, ValueError, "weight_layout: must be one of"),
     ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite: must be one of"),
 )
 
