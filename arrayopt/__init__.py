@@ -114,3 +114,9 @@ registry.register("shampoo", lambda **kw: shampoo(**{"learning_rate": 3e-3, "blo
                                                        "precondition_every": 10, "start_preconditioning_step": 10,
                                                        **kw}),
                   "Shampoo (block 128, Adam grafting, f64 eigh roots every 10 steps)")
+# the main job's MLP computes y = x @ W (weights (d_in, d_out)) and passes its layer statistics
+for _variant, _lr, _what in (("eva", 0.1, "Eva (Kronecker vectors from the backward pass, KL clip 1e-3)"),
+                             ("eva_f", 0.1, "Eva-f (layer-input vectors only, KL clip 1e-3)"),
+                             ("eva_s", 0.01, "Eva-s (vectorized Shampoo from the gradients, SGD-norm graft)")):
+    registry.register(_variant, lambda _v=_variant, _l=_lr, **kw: eva(
+        **{"learning_rate": _l, "variant": _v, "weight_layout": "in_out", **kw}), _what)
