@@ -159,7 +159,13 @@ def fake_cupy(harness: HostHarness, launches: list | None = None) -> types.Modul
     def empty(shape, dtype=np.float64):
         return as_fake(np.empty(shape, dtype))
 
-    cp.zeros, cp.empty = zeros, empty
+    def asarray(a, dtype=None):
+        return as_fake(np.asarray(a, dtype))
+
+    def stack(arrays):
+        return as_fake(np.stack([np.asarray(a) for a in arrays]))
+
+    cp.zeros, cp.empty, cp.asarray, cp.stack = zeros, empty, asarray, stack
 
     class RawKernel:
         def __init__(self, expression):
