@@ -160,8 +160,7 @@ def test_nvrtc_compiles_like_cupy():
 def harness(tmp_path_factory):
     if hh.nvcc() is None:
         pytest.skip("nvcc is not on PATH")
-    lib = hh.build_harness(_kernels.SOURCE, tmp_path_factory.mktemp("cuda_harness"))
-    return hh.HostHarness(lib)
+    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)

@@ -99,7 +99,7 @@ class _EmulatedCuda(cupy_cuda.CupyCUDA):
 
 @pytest.fixture(scope="module")
 def fo_harness(tmp_path_factory):
-    return hh.HostHarness(hh.build_harness(_kernels.SOURCE, tmp_path_factory.mktemp("fo_harness")))
+    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
 
 
 @pytest.fixture

@@ -230,21 +230,21 @@ def test_backprop_statistics_are_the_layer_input_and_output_gradient_means():
         np.testing.assert_allclose(s["g"] * x.shape[0], grads[f"b{i}"], rtol=1e-12)
 
 
-def test_main_runs_the_eva_rows_with_the_mlps_statistics(tmp_path, capsys):
-    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the 'demo' extra)")
-    pytest.importorskip("matplotlib", reason="the demo needs matplotlib (the 'demo' extra)")
-    from arrayopt.demo.__main__ import main
+def test_the_main_job_trains_the_eva_rows_with_the_mlps_statistics():
+    import arrayopt as ao
+    from arrayopt.demo import cli, report, train
 
-    out = tmp_path / "out"
-    rc = main(["--epochs", "1", "--optimizers", "eva,eva_f,eva_s", "--no-progress", "--out", str(out)])
-    assert rc == 0
-    doc = json.loads((out / "results.json").read_text())
-    results = {r["optimizer"]: r for r in doc["results"]}
-    assert list(results) == ["eva", "eva_f", "eva_s"]
-    for name, r in results.items():
-        assert not r["diverged"] and r["final_train_loss"] < r["initial_train_loss"], name
-    # Eva keeps two vectors per layer (d_in + 1, d_out) beside the momentum, Eva-f one, Eva-s one per axis
-    assert results["eva"]["state_bytes"] > results["eva_f"]["state_bytes"]
+    assert {"eva", "eva_f", "eva_s"} <= set(cli.parse_args([]).optimizers)  # rows of the default table
+    rng = np.random.default_rng(0)
+    params0 = model.init_params(rng, (8, 6, 3, 6, 8))
+    digits = _Digits()
+    results = [train.train(name, ao.registry.make(name), params0, digits.train, digits.test, epochs=3,
+                           batch_size=8, seed=0) for name in ("eva", "eva_f", "eva_s")]
+    for r in results:
+        assert not r.diverged and r.steps == 18 and r.final_train_loss < r.initial_train_loss, r.name
+    assert [row[0] for row in report.rows(results)] == ["eva", "eva_f", "eva_s"]
+    # Eva keeps ā and ḡ per layer beside the momentum, Eva-f ā only
+    assert results[0].state_bytes > results[1].state_bytes
 
 
 def test_the_eva_rows_precondition_the_mlps_weights():

@@ -3,7 +3,8 @@
 The Eva record leaves the hypothesis sweep of ``test_parity.py`` (JAX compiles Eva's step
 anew for every drawn shape); these trees hold what the sweep would draw and Eva treats
 apart: a weight with a bias partner, a weight without one, a 3-D and a 4-D (convolution)
-weight, a bias-like vector without statistics and a 0-D leaf, in both layouts.
+weight, a bias-like vector without statistics and a 0-D leaf; Eva-f reads the weights in the
+``"in_out"`` layout.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ CONTENDERS = [(lib, b) for lib in LIBS for b in ("auto", "reference")
               if not (lib in ("jax", "array_api_strict") and b == "auto")]
 # one XLA compilation costs seconds: JAX runs each variant in one dtype, both dtypes over the three
 JAX_DTYPE = ("float64", "float32", "float64")
-SHAPES = {"fc": (5, 4), "fc_b": (5,), "head": (3, 5), "seq": (3, 2, 4), "conv": (2, 3, 2, 2), "gain": (4,),
+SHAPES = {"fc": (5, 5), "fc_b": (5,), "head": (3, 5), "seq": (3, 2, 4), "conv": (2, 3, 2, 2), "gain": (4,),
           "t": ()}
 
 
@@ -38,8 +39,8 @@ def _run(opt, lib, backend, dtype, steps=3):
             grads = _tree(rng, lib, dtype)
             stats = None
             if opt.variant != "eva_s":
-                stats = fed_stats({k: v for k, v in grads.items() if k != "fc"})
-                a, g = fed_stats({"fc": grads["fc"]})["['fc']"]
+                stats = fed_stats({k: v for k, v in grads.items() if k != "fc"}, opt.weight_layout)
+                a, g = fed_stats({"fc": grads["fc"]}, opt.weight_layout)["['fc']"]
                 one = a[:1] * 0 + 1
                 stats["['fc']"] = {"a": _concat(a, one), "g": g, "bias": "fc_b"}
             params, state = opt.step(params, grads, state, stats=stats)
