@@ -2,8 +2,8 @@
 
 The Eva record leaves the hypothesis sweep of ``test_parity.py`` (JAX compiles Eva's step
 anew for every drawn shape); these trees hold what the sweep would draw and Eva treats
-apart: a weight with a bias partner, a weight without one, a 3-D and a 4-D (convolution)
-weight, a bias-like vector without statistics and a 0-D leaf; Eva-f reads the weights in the
+apart: a weight with a bias partner, weights without one (3-D, and 4-D as a convolution
+kernel), a bias-like vector without statistics and a 0-D leaf; Eva-f reads the weights in the
 ``"in_out"`` layout.
 """
 
@@ -22,7 +22,7 @@ CONTENDERS = [(lib, b) for lib in LIBS for b in ("auto", "reference")
               if not (lib in ("jax", "array_api_strict") and b == "auto")]
 # one XLA compilation costs seconds: JAX runs each variant in one dtype, both dtypes over the three
 JAX_DTYPE = ("float64", "float32", "float64")
-SHAPES = {"fc": (5, 5), "fc_b": (5,), "head": (3, 5), "seq": (3, 2, 4), "conv": (2, 3, 2, 2), "gain": (4,),
+SHAPES = {"fc": (5, 5), "fc_b": (5,), "seq": (3, 2, 4), "conv": (2, 3, 2, 2), "gain": (4,),
           "t": ()}
 
 
