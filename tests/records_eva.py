@@ -2,8 +2,9 @@
 
 The generic tests call ``opt.step(params, grads, state)``; the optimizers of these records
 (:class:`FedEva`) supply ``stats=`` themselves when called without (Eva-s takes none): per weight leaf (2 or
-more axes), ``a`` = the mean of ``G.reshape(d_out, -1)`` over its rows and ``g`` = the mean
-over its columns, in the gradient's namespace. Any deterministic vectors of the right length
+more axes), ``a`` = the mean of ``G`` read as ``(d_out, d_in)`` (in the optimizer's
+``weight_layout``) over its rows and ``g`` = the mean over its columns, in the gradient's
+namespace. Any deterministic vectors of the right length
 exercise the preconditioning path (its oracles are in ``test_eva_linalg.py``).
 """
 
