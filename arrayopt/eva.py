@@ -52,6 +52,10 @@ Choices, and why:
   rescaling instead and takes ``kl_mode=None``.
 - ``update_every``: the Kronecker vectors are refreshed every that many steps (and the
   first time a leaf has statistics); every step is preconditioned with the latest ones.
+- ``weight_layout``: ``"out_in"`` (default) reads a weight as ``(d_out, d_in, …)``, the torch
+  layout; ``"in_out"`` as ``(…, d_in, d_out)``, the layout of ``y = x @ W`` (Flax, Keras, NumPy
+  MLPs), ``ā`` and ``ḡ`` unchanged. The fused kernels take ``"out_in"`` weights; ``"in_out"``
+  steps run the reference math (Eva-s is symmetric in its axes and ignores the option).
 - ``momentum=0.9``, Nesterov off, weight decay added before the momentum: the
   ``torch.optim.SGD`` step that the reference scripts run after the preconditioner
   (:class:`arrayopt.first_order.SGD`, one implementation of the step).
@@ -89,8 +93,15 @@ _KL_MODES = ("clip", "rescale", "normalize", "none")
 _STAT_KEYS = ("a", "g", "bias")
 
 
-def _fan_in(shape) -> int:
-    return math.prod(int(d) for d in shape[1:])
+LAYOUTS = ("out_in", "in_out")
+
+
+def _dims(shape, layout) -> tuple:
+    """``(d_out, d_in)`` of a weight: ``(d_out, d_in, …)`` (``"out_in"``, torch) or ``(…, d_in, d_out)``
+    (``"in_out"``, ``x @ W``: Flax, Keras, the demo's MLP), the other axes folded into ``d_in``."""
+    if layout == "out_in":
+        return int(shape[0]), math.prod(int(d) for d in shape[1:])
+    return int(shape[-1]), math.prod(int(d) for d in shape[:-1])
 
 
 class Eva(Optimizer):
@@ -102,9 +113,10 @@ class Eva(Optimizer):
 
     def __init__(self, learning_rate, momentum=0.9, damping=0.03, kl_clip=0.001, stat_decay=None,
                  weight_decay=0.0, variant="eva", update_every=1, *, kl_mode=None, nesterov=False,
-                 on_nonfinite="raise"):
+                 weight_layout="out_in", on_nonfinite="raise"):
         super().__init__(on_nonfinite=on_nonfinite)
         self.variant = _validate.check_choice("variant", variant, VARIANTS)
+        self.weight_layout = _validate.check_choice("weight_layout", weight_layout, LAYOUTS)
         self.learning_rate = _validate.check_learning_rate(learning_rate)
         self.damping = _validate.check_real("damping", damping, 0.0, low_open=True)
         if stat_decay is None:
@@ -125,7 +137,7 @@ class Eva(Optimizer):
         self.hyperparams = dict(learning_rate=learning_rate, momentum=momentum, damping=damping,
                                 kl_clip=kl_clip, stat_decay=self.stat_decay, weight_decay=weight_decay,
                                 variant=variant, update_every=update_every, kl_mode=self.kl_mode,
-                                nesterov=nesterov)
+                                nesterov=nesterov, weight_layout=weight_layout)
 
     _TRANSIENT = ("_jitted", "_jit_lock")
 
@@ -144,7 +156,8 @@ class Eva(Optimizer):
         has no ``kv_a``/``kv_g``)."""
         if len(shape) < 2:
             return {"kv_a": None, "kv_g": None, "kv_s": []}
-        return {"kv_a": (_fan_in(shape) + 1,), "kv_g": (int(shape[0]),), "kv_s": [(int(d),) for d in shape]}
+        d_out, d_in = _dims(shape, self.weight_layout)
+        return {"kv_a": (d_in + 1,), "kv_g": (d_out,), "kv_s": [(int(d),) for d in shape]}
 
     def _init(self, ns, leaves):
         xp, dev = ns.xp, ns.device
@@ -223,21 +236,23 @@ class Eva(Optimizer):
                 raise ValueError(f"{where}: the leaf has statistics under two keys")
             a, g, bias = _unpack(value, where)
             bpath = None
+            d_out, d_in = _dims(w.shape, self.weight_layout)
             if bias is not None:
                 bpath = _resolve(bias, index, f"{where}['bias']")
                 b = leaves[index[bpath]]
-                if tuple(b.shape) != (int(w.shape[0]),):
+                if tuple(b.shape) != (d_out,):
                     raise ValueError(f"{where}['bias']: bias leaf {bpath} has shape {tuple(b.shape)}, expected "
-                                     f"({int(w.shape[0])},) (one entry per output of the weight)")
+                                     f"({d_out},) (one entry per output of the weight, "
+                                     f"weight_layout={self.weight_layout!r})")
                 if bpath in biases:
                     raise ValueError(f"{where}['bias']: bias leaf {bpath} is also the bias of {biases[bpath]}")
                 biases[bpath] = wpath
-            n_in = _fan_in(w.shape) + (bpath is not None)
+            n_in = d_in + (bpath is not None)
             a = _check_vector(ns, f"{where}['a']", a, n_in,
                               "d_in + 1: the input mean with the appended 1 of the bias" if bpath else
                               "d_in (with a bias partner, name it under 'bias' and append 1 to a)")
             if self.variant == "eva":
-                g = _check_vector(ns, f"{where}['g']", g, int(w.shape[0]), "d_out")
+                g = _check_vector(ns, f"{where}['g']", g, d_out, f"d_out (weight_layout={self.weight_layout!r})")
             resolved[wpath] = (a, g if self.variant == "eva" else None, bpath)
         for bpath, wpath in biases.items():
             if bpath in resolved:
@@ -251,7 +266,8 @@ class Eva(Optimizer):
         sgd = self._sgd
         return EvaStep(lr=_validate.learning_rate_at(self.learning_rate, count), momentum=sgd.momentum,
                        weight_decay=sgd.weight_decay, nesterov=sgd.nesterov, damping=self.damping,
-                       variant=self.variant, kl_mode=self.kl_mode, kl_clip=self.kl_clip)
+                       variant=self.variant, kl_mode=self.kl_mode, kl_clip=self.kl_clip,
+                       weight_layout=self.weight_layout)
 
     def _kernel_groups(self, leaves, g_leaves, state):
         return (leaves, g_leaves, *[state[n] for n in self._sgd.state_names])
@@ -328,24 +344,25 @@ class Eva(Optimizer):
         return plan, stat_arrays, updates
 
     def _jitted_plan(self, ns, plan):
-        """:meth:`_apply_plan` under ``jax.jit``; a layer's first observation is a traced flag, so
-        the first step and the later ones share one compilation."""
+        """:meth:`_apply_plan` under ``jax.jit``; whether a layer's vectors are refreshed this step and
+        whether it is their first observation are traced flags, so the first step, the refresh steps
+        and the steps between them share one compilation."""
         import jax
         import jax.numpy as jnp
 
         dynamic = self.variant != "eva_s"
-        static = tuple((i, b, refresh, None) for i, b, refresh, _ in plan) if dynamic else plan
+        static = tuple((i, b, None, None) for i, b, _, _ in plan) if dynamic else plan
         key = (ns.library, static)
         fn = self._jitted.get(key)
         if fn is None:
-            def run(firsts, lr, p32, dirs, bufs, kv, stat_arrays):
-                full = tuple((i, b, r, f) for (i, b, r, _), f in zip(static, firsts)) if dynamic else static
+            def run(flags, lr, p32, dirs, bufs, kv, stat_arrays):
+                full = tuple((i, b, r, f) for (i, b, _, _), (r, f) in zip(static, flags)) if dynamic else static
                 return self._apply_plan(ns, full, lr, p32, dirs, bufs, kv, stat_arrays)
 
             with self._jit_lock:
                 fn = self._jitted.setdefault(key, jax.jit(run))
-        firsts = [jnp.asarray(e[3]) for e in plan] if dynamic else []
-        return lambda *args: fn(firsts, *args)
+        flags = [(jnp.asarray(e[2]), jnp.asarray(e[3])) for e in plan] if dynamic else []
+        return lambda *args: fn(flags, *args)
 
     def _apply_plan(self, ns, plan, lr, p32, dirs, bufs, kv, stat_arrays):
         """Directions, then the SGD-momentum step: ``(new params, new momentum buffers, new vectors)``."""
@@ -375,13 +392,14 @@ class Eva(Optimizer):
         out = []
         for (i, b, refresh, first), (a, g) in zip(plan, stat_arrays):
             dt = kv["kv_a"][i].dtype
-            if refresh:
+            if refresh is not False:  # True, or a traced flag under jax.jit
                 a = xp.astype(a, dt)
                 if b is None:
                     a = xp.concat([a, xp.zeros((1,), dtype=dt, device=device_of(a))])
-                kv["kv_a"][i] = self._ema(kv["kv_a"][i], a, first, xp)
-                if g is not None:
-                    kv["kv_g"][i] = self._ema(kv["kv_g"][i], xp.astype(g, dt), first, xp)
+                names = ("kv_a", "kv_g") if g is not None else ("kv_a",)
+                for name, v in zip(names, (a, xp.astype(g, dt) if g is not None else None)):
+                    new = self._ema(kv[name][i], v, first, xp)
+                    kv[name][i] = new if refresh is True else xp.where(refresh, new, kv[name][i])
             a_use = kv["kv_a"][i] if b is not None else kv["kv_a"][i][:-1]
             out.append((i, b, a_use, kv["kv_g"][i] if self.variant == "eva" else None))
         return out
@@ -390,8 +408,11 @@ class Eva(Optimizer):
         layers, inners, p_sq, g_sq = [], [], [], []
         for i, b, a_use, g_use in self._refresh(xp, kv, plan, stat_arrays):
             G = dirs[i]
-            d_out, n_in = int(G.shape[0]), _fan_in(G.shape)
-            G2 = xp.reshape(G, (d_out, n_in))
+            d_out, n_in = _dims(G.shape, self.weight_layout)
+            if self.weight_layout == "out_in":
+                G2 = xp.reshape(G, (d_out, n_in))
+            else:
+                G2 = xp.permute_dims(xp.reshape(G, (n_in, d_out)), (1, 0))
             if b is not None:
                 G2 = xp.concat([G2, xp.reshape(dirs[b], (d_out, 1))], axis=1)
             if self.variant == "eva":
@@ -411,7 +432,8 @@ class Eva(Optimizer):
         for i, b, P, n_in in layers:
             if nu is not None:
                 P = P * nu
-            dirs[i] = xp.reshape(P[:, :n_in], dirs[i].shape)
+            W = P[:, :n_in] if self.weight_layout == "out_in" else xp.permute_dims(P[:, :n_in], (1, 0))
+            dirs[i] = xp.reshape(W, dirs[i].shape)
             if b is not None:
                 dirs[b] = P[:, n_in]
 
@@ -516,7 +538,8 @@ def _check_vector(ns, where, v, n, what):
 
 
 def eva(learning_rate, momentum=0.9, damping=0.03, kl_clip=0.001, stat_decay=None, weight_decay=0.0,
-        variant="eva", update_every=1, *, kl_mode=None, nesterov=False, on_nonfinite="raise"):
+        variant="eva", update_every=1, *, kl_mode=None, nesterov=False, weight_layout="out_in",
+        on_nonfinite="raise"):
     """Eva (``variant="eva"``), Eva-f (``"eva_f"``) or Eva-s (``"eva_s"``); see :class:`Eva`."""
     return Eva(learning_rate, momentum, damping, kl_clip, stat_decay, weight_decay, variant, update_every,
-               kl_mode=kl_mode, nesterov=nesterov, on_nonfinite=on_nonfinite)
+               kl_mode=kl_mode, nesterov=nesterov, weight_layout=weight_layout, on_nonfinite=on_nonfinite)

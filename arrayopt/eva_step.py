@@ -15,7 +15,8 @@ __all__ = ["EvaStep"]
 @dataclass(frozen=True)
 class EvaStep:
     """One Eva step: ``lr`` resolved for this step, the SGD-momentum options, ``damping`` (γ),
-    ``variant``, ``kl_mode`` and ``kl_clip`` (κ)."""
+    ``variant``, ``kl_mode``, ``kl_clip`` (κ) and ``weight_layout`` (``"out_in"``: a weight is read as
+    ``(d_out, d_in, …)``; ``"in_out"``: as ``(…, d_in, d_out)``)."""
 
     lr: float
     momentum: float
@@ -25,3 +26,4 @@ class EvaStep:
     variant: str
     kl_mode: str
     kl_clip: float
+    weight_layout: str = "out_in"

@@ -93,6 +93,18 @@ def pack(arg):
     raise TypeError(f"cannot pass {type(arg).__name__} to a kernel")
 
 
+_BUILT: dict = {}
+
+
+def shared_harness(src: Path, tmp_path_factory) -> "HostHarness":
+    """The host build of ``src``, made once per test session (several modules launch the
+    first-order kernels: the finiteness pre-pass, the SGD leaves)."""
+    key = Path(src).resolve()
+    if key not in _BUILT:
+        _BUILT[key] = HostHarness(build_harness(src, tmp_path_factory.mktemp(key.stem + "_harness")))
+    return _BUILT[key]
+
+
 class HostHarness:
     """The host build of a ``.cu`` file, called with kernel-style arguments."""
 
@@ -159,7 +171,13 @@ def fake_cupy(harness: HostHarness, launches: list | None = None) -> types.Modul
     def empty(shape, dtype=np.float64):
         return as_fake(np.empty(shape, dtype))
 
-    cp.zeros, cp.empty = zeros, empty
+    def asarray(a, dtype=None):
+        return as_fake(np.asarray(a, dtype))
+
+    def stack(arrays):
+        return as_fake(np.stack([np.asarray(a) for a in arrays]))
+
+    cp.zeros, cp.empty, cp.asarray, cp.stack = zeros, empty, asarray, stack
 
     class RawKernel:
         def __init__(self, expression):

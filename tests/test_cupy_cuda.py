@@ -160,8 +160,7 @@ def test_nvrtc_compiles_like_cupy():
 def harness(tmp_path_factory):
     if hh.nvcc() is None:
         pytest.skip("nvcc is not on PATH")
-    lib = hh.build_harness(_kernels.SOURCE, tmp_path_factory.mktemp("cuda_harness"))
-    return hh.HostHarness(lib)
+    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
@@ -266,7 +265,7 @@ def test_launch_shape():
 
 def test_backend_is_registered_and_has_the_interface():
     b = cupy_cuda.BACKEND
-    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad", "sonew"})
+    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad", "sonew", "eva"})
     assert any(x is b for x in dispatch.backends())
     for method in ("available", "reason", "accepts", "views", "all_finite", "run"):
         assert callable(getattr(b, method))

@@ -107,7 +107,7 @@ def sonew_harness(tmp_path_factory):
 def fo_harness(tmp_path_factory):
     if hh.nvcc() is None:
         pytest.skip("nvcc is not on PATH")
-    return hh.HostHarness(hh.build_harness(_kernels.SOURCE, tmp_path_factory.mktemp("fo_harness")))
+    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
 
 
 def _band_of(H, b):

@@ -211,3 +211,57 @@ def test_registered_adamw_differs_from_adam_in_the_demo():
                             epochs=1, batch_size=32, seed=0)
             final[name] = r.final_train_loss
     assert abs(final["adamw"] - final["adam"]) >= 1e-3, final
+
+
+def test_backprop_statistics_are_the_layer_input_and_output_gradient_means():
+    rng = np.random.default_rng(3)
+    params = model.init_params(rng, (7, 6, 3, 6, 7), dtype=np.float64)
+    x = rng.uniform(0.0, 1.0, size=(5, 7))
+    value, grads, stats = model.loss_grads_and_stats(params, x)
+    want_value, want_grads = model.loss_and_grads(params, x)
+    assert value == want_value and all(np.array_equal(grads[k], want_grads[k]) for k in params)
+    _, acts = model.forward(params, x)
+    assert sorted(stats) == ["W1", "W2", "W3", "W4"]
+    for i in range(1, 5):
+        s = stats[f"W{i}"]
+        assert s["bias"] == f"b{i}"
+        np.testing.assert_allclose(s["a"], np.append(acts[i - 1].mean(0), 1.0), rtol=1e-14)
+        # the bias gradient is the sum over the batch of the output gradients: B·ḡ
+        np.testing.assert_allclose(s["g"] * x.shape[0], grads[f"b{i}"], rtol=1e-12)
+
+
+def test_the_main_job_trains_the_eva_rows_with_the_mlps_statistics():
+    import arrayopt as ao
+    from arrayopt.demo import cli, report, train
+
+    assert {"eva", "eva_f", "eva_s"} <= set(cli.parse_args([]).optimizers)  # rows of the default table
+    rng = np.random.default_rng(0)
+    params0 = model.init_params(rng, (8, 6, 3, 6, 8))
+    digits = _Digits()
+    results = [train.train(name, ao.registry.make(name), params0, digits.train, digits.test, epochs=3,
+                           batch_size=8, seed=0) for name in ("eva", "eva_f", "eva_s")]
+    for r in results:
+        assert not r.diverged and r.steps == 18 and r.final_train_loss < r.initial_train_loss, r.name
+    assert [row[0] for row in report.rows(results)] == ["eva", "eva_f", "eva_s"]
+    # Eva keeps ā and ḡ per layer beside the momentum, Eva-f ā only
+    assert results[0].state_bytes > results[1].state_bytes
+
+
+def test_the_eva_rows_precondition_the_mlps_weights():
+    """The registered Eva reads the MLP's (fan_in, fan_out) weights with their statistics: its step
+    is not the SGD-momentum step it takes without them."""
+    import arrayopt as ao
+    from arrayopt.demo import train
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, size=(64, 8)).astype(np.float32)
+    params = model.init_params(rng, (8, 6, 3, 6, 8))
+    opt = ao.registry.make("eva")
+    _, grads, kw = train._loss_and_grads(opt, params, x)
+    assert set(kw["stats"]) == {"W1", "W2", "W3", "W4"}
+    with_stats, state = opt.step({k: v.copy() for k, v in params.items()}, grads, opt.init(params), **kw)
+    assert state["kv_updates"] == [1 if k.startswith("W") else 0 for k in params]
+    without, _ = opt.step({k: v.copy() for k, v in params.items()}, grads, opt.init(params))
+    d_with, d_without = with_stats["W1"] - params["W1"], without["W1"] - params["W1"]
+    assert np.abs(d_with).max() > 0 and not np.allclose(d_with, d_without, rtol=1e-2, atol=0)
+    assert train._loss_and_grads(ao.registry.make("eva_s"), params, x)[2] == {}

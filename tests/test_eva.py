@@ -285,3 +285,58 @@ def test_a_chain_rejects_nonfinite_statistics_before_any_stage_runs():
     with pytest.raises(ValueError, match=r"grads leaf \['w'\]: contains NaN"):
         chained.update(nan_g, state, params, stats=bad)
     assert all(s["consumed"] is False for s in state["inner"])
+
+
+@pytest.mark.parametrize("variant", ["eva", "eva_f"])
+def test_in_out_layout_steps_the_moved_axes_as_the_out_in_layout_steps_the_weight(variant):
+    """``weight_layout="in_out"`` on ``W`` of shape ``(…, d_in, d_out)`` equals the default on
+    ``moveaxis(W, -1, 0)``, for a matrix with a bias and a 3-D weight without, over 3 steps."""
+    rng = np.random.default_rng(5)
+    shapes = {"w": (4, 6), "b": (4,), "k": (3, 2, 5)}
+    out_in = [{k: rng.normal(size=s) for k, s in shapes.items()} for _ in range(4)]
+    moved = [{k: (np.moveaxis(v, 0, -1) if v.ndim > 1 else v) for k, v in t.items()} for t in out_in]
+    stats = [{"w": {"a": rng.normal(size=7), "g": rng.normal(size=4), "bias": "b"},
+              "k": (rng.normal(size=10), rng.normal(size=3))} for _ in range(3)]
+    runs = []
+    for layout, trees in (("out_in", out_in), ("in_out", moved)):
+        opt = ao.eva(0.1, variant=variant, weight_layout=layout, weight_decay=1e-3, kl_clip=1e-2)
+        params, state = trees[0], opt.init(trees[0])
+        for grads, st in zip(trees[1:], stats):
+            params, state = opt.step(params, grads, state, stats=st)
+        runs.append(params)
+    for k in shapes:
+        want = runs[0][k] if runs[0][k].ndim == 1 else np.moveaxis(runs[0][k], 0, -1)
+        np.testing.assert_allclose(runs[1][k], want, rtol=1e-12, err_msg=k)
+    assert runs[0]["w"].shape == (4, 6) and runs[1]["w"].shape == (6, 4)
+
+
+def test_in_out_layout_checks_statistics_against_its_axes_and_takes_the_reference_path():
+    params = {"w": np.ones((6, 4)), "b": np.zeros(4)}
+    grads = {"w": np.full((6, 4), 0.5), "b": np.full(4, 0.5)}
+    opt = ao.eva(0.1, weight_layout="in_out")
+    state = opt.init(params)
+    assert state["kv_a"][0].shape == (7,) and state["kv_g"][0].shape == (4,)
+    before = snapshot(state)
+    with pytest.raises(ValueError, match=r"\['g'\].*expected \(4,\) = d_out \(weight_layout='in_out'\)"):
+        opt.step(params, grads, state, stats={"w": {"a": np.ones(7), "g": np.ones(6), "bias": "b"}})
+    with pytest.raises(ValueError, match=r"\['a'\].*expected \(6,\)"):
+        opt.step(params, grads, state, stats={"w": (np.ones(4), np.ones(4))})
+    assert snapshot(state) == before
+    with pytest.raises(ValueError, match="weight_layout: must be one of"):
+        ao.eva(0.1, weight_layout="oi")
+    from arrayopt._xp import resolve
+
+    step = opt.step_description(0)
+    chosen = ao.dispatch.choose("eva", resolve(params["w"]), step, [params["w"]], [grads["w"]])
+    assert chosen.backend is None and "weight_layout='in_out' is not fused" in chosen.reason
+
+
+def test_readme_in_out_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    at = text.index('ao.eva(learning_rate=0.1, weight_layout="in_out")')
+    code = text[text.rindex("```python\n", 0, at) + 10:text.index("```", at)]
+    namespace: dict = {}
+    exec(compile(code, "README.md (Eva, in_out)", "exec"), namespace)
+    assert namespace["state"]["kv_updates"][0] == 5 and np.isfinite(namespace["loss"])

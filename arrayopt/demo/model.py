@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SIZES", "init_params", "forward", "loss", "loss_and_grads", "num_params", "target_entropy"]
+__all__ = ["SIZES", "init_params", "forward", "loss", "loss_and_grads", "loss_grads_and_stats", "num_params",
+           "target_entropy"]
 
 SIZES = (64, 256, 128, 64, 16, 64, 128, 256, 64)
 
@@ -111,6 +112,21 @@ def loss(params: dict, x: np.ndarray, batch_size: int = 512) -> float:
 
 def loss_and_grads(params: dict, x: np.ndarray):
     """Return ``(loss, grads)`` on the batch ``x``; ``grads`` has the keys and dtypes of ``params``."""
+    value, grads, _ = _backprop(params, x, with_stats=False)
+    return value, grads
+
+
+def loss_grads_and_stats(params: dict, x: np.ndarray):
+    """Return ``(loss, grads, stats)``: ``stats`` maps each ``W{i}`` to its Kronecker vectors for
+    :func:`arrayopt.eva` (``weight_layout="in_out"``): ``ā`` the mean layer input with a 1 appended
+    (the bias ``b{i}``), ``ḡ`` the mean gradient of the loss w.r.t. the layer output, both taken
+    from the backward pass."""
+    return _backprop(params, x, with_stats=True)
+
+
+def _backprop(params: dict, x: np.ndarray, with_stats: bool):
+    from arrayopt.linalg import kv_grad, kv_linear
+
     n = _n_layers(params)
     code = _code_layer(_sizes(params))
     z, acts = forward(params, x)
@@ -121,14 +137,16 @@ def loss_and_grads(params: dict, x: np.ndarray):
     dz += 0.5
     dz -= x
     dz /= x.shape[0]
-    grads = {}
+    grads, stats = {}, {}
     for i in range(n, 0, -1):
         h = acts[i - 1]
         grads[f"W{i}"] = h.T @ dz
         grads[f"b{i}"] = dz.sum(axis=0)
+        if with_stats:
+            stats[f"W{i}"] = {"a": kv_linear(h, has_bias=True), "g": kv_grad(dz), "bias": f"b{i}"}
         if i > 1:
             dh = dz @ params[f"W{i}"].T
             if i - 1 != code:  # tanh'(a) = 1 - h^2
                 dh *= 1 - h * h
             dz = dh
-    return value, {k: grads[k] for k in params}
+    return value, {k: grads[k] for k in params}, (stats if with_stats else None)

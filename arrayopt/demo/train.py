@@ -119,6 +119,16 @@ def _copy(params: dict) -> dict:
     return {k: v.copy() for k, v in params.items()}
 
 
+def _loss_and_grads(opt, params: dict, x: np.ndarray):
+    """``(loss, grads, step keywords)``: the layer statistics for the optimizers that read them
+    (Eva and Eva-f; Eva-s uses the gradients only)."""
+    if getattr(opt, "takes_stats", False) and getattr(opt, "variant", None) != "eva_s":
+        value, grads, stats = model.loss_grads_and_stats(params, x)
+        return value, grads, {"stats": stats}
+    value, grads = model.loss_and_grads(params, x)
+    return value, grads, {}
+
+
 def warm_up(opt, params0: dict, x_batch: np.ndarray) -> float:
     """One throw-away step of ``opt`` on copies of ``params0``; returns its seconds.
 
@@ -128,8 +138,8 @@ def warm_up(opt, params0: dict, x_batch: np.ndarray) -> float:
     """
     t0 = time.perf_counter()
     warm = _copy(params0)
-    _, g = model.loss_and_grads(warm, x_batch)
-    opt.step(warm, g, opt.init(warm))
+    _, g, stats = _loss_and_grads(opt, warm, x_batch)
+    opt.step(warm, g, opt.init(warm), **stats)
     return time.perf_counter() - t0
 
 
@@ -168,13 +178,13 @@ def train(name: str, opt, params0: dict, train_x: np.ndarray, test_x: np.ndarray
             for idx in batches(train_x.shape[0], batch_size, rng):
                 t0 = time.perf_counter()
                 xb = train_x[idx]
-                value, grads = model.loss_and_grads(params, xb)
+                value, grads, stats = _loss_and_grads(opt, params, xb)
                 if not math.isfinite(value):
                     result.diverged, result.error = True, f"non-finite loss at step {result.steps + 1}"
                     break
                 t1 = time.perf_counter()
                 try:
-                    params, state = opt.step(params, grads, state)
+                    params, state = opt.step(params, grads, state, **stats)
                 except ValueError as e:  # non-finite gradients
                     if "finite" not in str(e):
                         raise

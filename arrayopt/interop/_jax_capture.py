@@ -16,9 +16,10 @@ the gradient w.r.t. ``δ`` is the loss gradient w.r.t. the layer output, which
 :func:`jax.value_and_grad` returns with the parameter gradients. ``name`` is the weight
 leaf's key in ``stats`` (:func:`arrayopt.eva`), ``bias`` the key of its bias leaf (a 1 is
 appended to ``ā``), ``conv`` the ``(kernel_size, stride, padding)`` of an NCHW convolution
-(``ā`` from :func:`arrayopt.linalg.kv_conv2d`, ``ḡ`` the mean over axes 0, 2, 3); weights
-are in the ``(d_out, d_in, …)`` layout, ``y = x Wᵀ``. A name captured twice (a shared
-layer) raises.
+(``ā`` from :func:`arrayopt.linalg.kv_conv2d`, ``ḡ`` the mean over axes 0, 2, 3); the
+vectors do not depend on how a weight is stored: ``y = x Wᵀ`` (``(d_out, d_in, …)``, the
+default) or ``y = x @ W`` (Flax, ``ao.eva(..., weight_layout="in_out")``). A name captured
+twice (a shared layer) raises.
 """
 
 from __future__ import annotations

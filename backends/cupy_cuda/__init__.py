@@ -26,6 +26,12 @@ and ``u = X m̂``, for other bands (``<= 32``) one batched kernel factoring ever
 Global norms are block reductions plus atomics and stay on the device; the removal counts
 of all leaves come back in one device-to-host read per step.
 
+Eva and Eva-f (``ao.eva``, op ``"eva"``, ``eva.py``; ``eva.cu``): the two passes of
+``backends/numba_cpu/eva.py`` per preconditioned weight (``(Gā)_r``, ``‖G_r‖²`` one thread per
+row; then the rank-one correction fused into the write of ``P`` and the SGD-momentum step),
+the per-layer scalars in one device-to-host read per step for the KL factor; ``"in_out"``
+weights and Eva-s take the reference.
+
 The finiteness pre-pass is one read-only counting kernel per gradient leaf into one
 shared counter and a single device-to-host read. Results equal the reference up to
 float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
@@ -119,7 +125,7 @@ class CupyCUDA:
     """The ``cupy_cuda`` backend (see the module docstring)."""
 
     name = "cupy_cuda"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva"})
     # the one place that says which options of each op's step description the kernels fuse
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
@@ -130,6 +136,8 @@ class CupyCUDA:
             "block_size": frozenset({None}),   # no block cuts in sonew.cu
             "order": frozenset({"C"}),         # no first-axis-fastest flattening in sonew.cu
         },
+        # eva.cu reads a weight as (d_out, d_in) rows; Eva-s has no kernel
+        "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
     }
 
     def __init__(self):
@@ -264,11 +272,19 @@ class CupyCUDA:
 
         ``step``: the op's frozen step description (first-order ops: the ``step_scalars``
         tuple; ``"sonew"``: a ``SONewStep`` with ``states = [mus, bands]``, returning per-leaf
-        ``(removed_edges, fallback_rows)``).
+        ``(removed_edges, fallback_rows)``; ``"eva"``: an ``EvaStep`` with ``states = [momentum
+        buffers or None, layers]``, returning ``False`` (nothing written) on a non-finite gradient).
         """
         if op == "sonew":
             mus, bands = states
             return self.run_sonew(step, params, grads, mus, bands, g_views)
+        if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
+            from .eva import run as run_eva
+
+            if not params:
+                return None
+            with _on_device_stream(params[0]):
+                return run_eva(self, step, params, grads, states[0], states[1], g_views)
         if not params:
             return None
         scalars = step

@@ -1,6 +1,6 @@
 """Kernel table, argument typing and the lazily compiled ``cupy.RawModule`` objects.
 
-The kernels live in ``first_order.cu`` and ``sonew.cu`` next to this file (see their
+The kernels live in ``first_order.cu``, ``sonew.cu`` and ``eva.cu`` next to this file (see their
 headers for the math; the IEEE rounding helpers they share are in ``rn_ops.cuh``, which
 :func:`source_text` inlines into the source handed to NVRTC). Everything here except :func:`module`, :func:`function`
 and :func:`max_blocks` is pure Python/NumPy, so the tests check kernel names and
@@ -33,6 +33,10 @@ __all__ = [
     "SONEW_KERNEL_BASES",
     "SONEW_NAME_EXPRESSIONS",
     "SONEW_MAX_BAND",
+    "EVA_SOURCE",
+    "EVA_KERNEL_BASES",
+    "EVA_NAME_EXPRESSIONS",
+    "eva_module",
     "source_text",
     "sonew_factor_kernel",
     "sonew_launches",
@@ -54,6 +58,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("first_order.cu")
 SONEW_SOURCE = Path(__file__).with_name("sonew.cu")
+EVA_SOURCE = Path(__file__).with_name("eva.cu")
 
 _INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
 
@@ -108,6 +113,11 @@ def kernel_name(base: str, dtype) -> str:
 
 
 NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in KERNEL_BASES for t in _CTYPE)
+
+# eva.cu: eva_row_reduce (G, a, rows, n, rowdot, rowsq) and
+# eva_apply (p, G, buf, a, coef, rows, n, scale, lr, mu, wd, int nesterov, int use_buf)
+EVA_KERNEL_BASES = ("eva_row_reduce", "eva_apply")
+EVA_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in EVA_KERNEL_BASES for t in _CTYPE)
 
 
 def kernel_args(p, g, states, scalars) -> tuple:
@@ -202,6 +212,7 @@ def launch_shape(n: int, max_blocks: int) -> tuple:
 _lock = threading.Lock()
 _module = None
 _sonew_module = None
+_eva_module = None
 # memos of compiled kernel handles and per-device grid sizes: immutable values, never
 # scratch; a race compiles a handle twice and keeps one (safe under threads)
 _functions: dict = {}
@@ -237,12 +248,26 @@ def sonew_module():
     return _sonew_module
 
 
+def eva_module():
+    """The ``cupy.RawModule`` of ``eva.cu`` (created once, compiled on first use)."""
+    global _eva_module
+    if _eva_module is None:
+        with _lock:
+            if _eva_module is None:
+                import cupy
+
+                _eva_module = cupy.RawModule(code=source_text(EVA_SOURCE), options=COMPILE_OPTIONS,
+                                             name_expressions=EVA_NAME_EXPRESSIONS)
+    return _eva_module
+
+
 def function(base: str, dtype, device_id: int):
     """The compiled kernel ``base<dtype>`` on device ``device_id`` (cached)."""
     key = (base, np.dtype(dtype), device_id)
     f = _functions.get(key)
     if f is None:
-        mod = sonew_module() if base in SONEW_KERNEL_BASES else module()
+        mod = (sonew_module() if base in SONEW_KERNEL_BASES else
+               eva_module() if base in EVA_KERNEL_BASES else module())
         f = mod.get_function(kernel_name(base, dtype))
         _functions[key] = f
     return f

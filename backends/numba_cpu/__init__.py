@@ -36,7 +36,7 @@ class NumbaCPU:
             # any band (b <= 8 unrolled, larger generic), block_size cuts, flatten orders C and F
         },
         # Eva-s preconditions every tensor with one vector per axis: the reference runs it
-        "eva": {"variant": frozenset({"eva", "eva_f"})},
+        "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
     }
 
     def __init__(self):
