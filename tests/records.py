@@ -26,7 +26,9 @@ class OptimizerRecord:
     torch_class: str | None = None      # torch.optim class with the same math
     torch_kwargs: Callable | None = None  # config -> torch.optim kwargs
     # the hypothesis sweep over namespaces and backends (tests/test_parity.py); a composite whose
-    # parts have records of their own sets False and tests its plumbing on one tree instead
+    # parts have records of their own sets False and tests its plumbing on one tree instead, and so
+    # does an optimizer whose JAX path compiles per drawn shape, with a fixed-tree parity test of its
+    # own over the same contenders (Sketchy: tests/test_sketchy_parity.py)
     namespace_sweep: bool = True
 
     def ids(self):

@@ -12,14 +12,11 @@ RECORDS = (
         # first steps are ~30x the gradient and the momentum entries reach ~50, where float32 reductions
         # in another order (torch vs NumPy) move them by ~5e-6, past the bfloat16 test's atol of 1e-6
         configs=(
-            {"learning_rate": 0.05, "rank": 2, "graft": "adam"},
-            {"learning_rate": 0.05, "rank": 2},
-            {"learning_rate": 0.05, "rank": 2, "merge_small_dims": 1, "tail_decay": "sqrt"},
-            {"learning_rate": 0.05, "rank": 3, "merge_small_dims": 1, "b2": 1.0, "update_every": 3,
+            {"learning_rate": 0.05, "rank": 2, "graft": "adam", "tail_decay": "sqrt"},
+            {"learning_rate": 0.05, "rank": 4, "merge_small_dims": 1, "b2": 1.0, "update_every": 3,
              "start_preconditioning_step": 2, "nesterov": False, "relative_eps": False, "eps": 1e-6},
-            {"learning_rate": 0.05, "rank": 1, "merge_small_dims": 1, "graft": "sgd", "b1": 0.5,
-             "ema_momentum": True, "weight_decay": 1e-3},
-            {"learning_rate": ao.schedules.cosine_decay(0.05, 400, alpha=0.1), "rank": 4, "merge_small_dims": 1,
+            {"learning_rate": ao.schedules.cosine_decay(0.05, 400, alpha=0.1), "rank": 1, "merge_small_dims": 1,
+             "graft": "sgd", "b1": 0.5, "ema_momentum": True, "weight_decay": 1e-3,
              "skip_preconditioning_rank_lt": 2},
         ),
         invalid=_BAD_LR + (
@@ -45,6 +42,9 @@ RECORDS = (
         # by the inverse roots of small eigenvalues, as for Shampoo
         rtol={"float64": 1e-8, "float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3},
         atol={"float64": 1e-10, "float32": 2e-3, "bfloat16": 1e-2, "float16": 1e-3},
-        converge_steps=300,
+        converge_steps=150,
+        # every drawn shape compiles anew on JAX: tests/test_sketchy_parity.py runs each namespace
+        # and backend on one fixed tree instead
+        namespace_sweep=False,
     ),
 )
