@@ -32,7 +32,9 @@ grafting, :mod:`arrayopt.grafting`); vectors keep their gradient.
 
 Statistics come in with the step: ``opt.step(params, grads, state, stats=stats)``, where
 ``stats`` maps a weight leaf (its path, e.g. ``"['fc1']['w']"``, or, in a flat dict of
-params, its key) to ``{"a": ā, "g": ḡ, "bias": <bias leaf key>}`` or a tuple ``(ā, ḡ)``:
+params, its key) to ``{"a": ā, "g": ḡ, "bias": <bias leaf key>}`` or a tuple ``(ā, ḡ)`` (for a linear layer also
+``{"input": x, "output_grad": dy, "bias": ...}``, the raw layer input and output gradient,
+reduced here by :func:`~arrayopt.linalg.kv_linear` and :func:`~arrayopt.linalg.kv_grad`):
 the vectors of :func:`arrayopt.linalg.kv_linear`, :func:`~arrayopt.linalg.kv_conv2d` and
 :func:`~arrayopt.linalg.kv_grad`, or of :class:`arrayopt.interop.torch.KVCapture`. Eva-f
 reads only ``a``. Unknown keys, statistics of a missing, 1-D or zero-size leaf, wrong
@@ -90,7 +92,7 @@ __all__ = ["eva", "Eva", "VARIANTS"]
 
 VARIANTS = ("eva", "eva_f", "eva_s")
 _KL_MODES = ("clip", "rescale", "normalize", "none")
-_STAT_KEYS = ("a", "g", "bias")
+_STAT_KEYS = ("a", "g", "bias", "input", "output_grad")
 
 
 LAYOUTS = ("out_in", "in_out")
@@ -234,7 +236,7 @@ class Eva(Optimizer):
                 raise ValueError(f"{where}: the leaf has zero size {tuple(w.shape)}; give it no statistics")
             if wpath in resolved:
                 raise ValueError(f"{where}: the leaf has statistics under two keys")
-            a, g, bias = _unpack(value, where)
+            a, g, bias, raw_in, raw_out = _unpack(value, where)
             bpath = None
             d_out, d_in = _dims(w.shape, self.weight_layout)
             if bias is not None:
@@ -248,6 +250,7 @@ class Eva(Optimizer):
                     raise ValueError(f"{where}['bias']: bias leaf {bpath} is also the bias of {biases[bpath]}")
                 biases[bpath] = wpath
             n_in = d_in + (bpath is not None)
+            a, g = _reduce_raw(ns, where, a, g, raw_in, raw_out, bpath is not None, d_in, d_out)
             a = _check_vector(ns, f"{where}['a']", a, n_in,
                               "d_in + 1: the input mean with the appended 1 of the bias" if bpath else
                               "d_in (with a bias partner, name it under 'bias' and append 1 to a)")
@@ -507,15 +510,45 @@ def _resolve(key, index, where):
 
 
 def _unpack(value, where):
+    """``(a, g, bias, input, output_grad)`` of one stats entry."""
     if isinstance(value, dict):
         extra = set(value) - set(_STAT_KEYS)
         if extra:
             raise ValueError(f"{where}: unknown entries {sorted(extra)}; expected {list(_STAT_KEYS)}")
-        return value.get("a"), value.get("g"), value.get("bias")
+        for vec, raw in (("a", "input"), ("g", "output_grad")):
+            if vec in value and raw in value:
+                raise ValueError(f"{where}: give either {vec!r} (the reduced vector) or {raw!r} (the raw "
+                                 f"tensor), not both")
+        return (value.get("a"), value.get("g"), value.get("bias"), value.get("input"),
+                value.get("output_grad"))
     if isinstance(value, (tuple, list)) and len(value) in (1, 2):
-        return value[0], (value[1] if len(value) == 2 else None), None
+        return value[0], (value[1] if len(value) == 2 else None), None, None, None
     raise TypeError(f"{where}: expected {{'a': ..., 'g': ..., 'bias': ...}} or a tuple (a, g), "
                     f"got {type(value).__name__}")
+
+
+def _reduce_raw(ns, where, a, g, raw_in, raw_out, has_bias, d_in, d_out):
+    """Raw tensors of a linear layer reduced to its Kronecker vectors (E1): ``input`` (``(..., d_in)``)
+    by :func:`~arrayopt.linalg.kv_linear`, ``output_grad`` (``(..., d_out)``) by
+    :func:`~arrayopt.linalg.kv_grad` over every axis but the last. Convolutions pass the vectors of
+    :func:`~arrayopt.linalg.kv_conv2d` instead (the reduction needs the kernel's geometry)."""
+    from ._validate import _leaf_namespace
+    from .linalg import kv_grad, kv_linear
+
+    for name, raw, n, what in (("input", raw_in, d_in, "d_in"), ("output_grad", raw_out, d_out, "d_out")):
+        if raw is None:
+            continue
+        if _leaf_namespace(f"{where}[{name!r}]", "", raw) is not ns.xp:
+            raise TypeError(f"{where}[{name!r}]: array namespace differs from the params namespace {ns.library}")
+        if len(raw.shape) < 1 or int(raw.shape[-1]) != n:
+            raise ValueError(f"{where}[{name!r}]: shape {tuple(raw.shape)}, expected (..., {n}) with the "
+                             f"feature axis last ({what} of a linear layer; convolutions pass the vectors "
+                             f"of arrayopt.linalg.kv_conv2d / kv_grad)")
+    if raw_in is not None:
+        a = kv_linear(raw_in, has_bias=has_bias)
+    if raw_out is not None:
+        g = kv_grad(raw_out)
+    return a, g
 
 
 def _check_vector(ns, where, v, n, what):

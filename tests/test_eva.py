@@ -340,3 +340,34 @@ def test_readme_in_out_example_runs():
     namespace: dict = {}
     exec(compile(code, "README.md (Eva, in_out)", "exec"), namespace)
     assert namespace["state"]["kv_updates"][0] == 5 and np.isfinite(namespace["loss"])
+
+
+def test_raw_layer_tensors_equal_their_reduced_vectors():
+    """A linear layer's raw input (``(..., d_in)``) and output gradient (``(..., d_out)``) in
+    ``stats`` are reduced by ``kv_linear``/``kv_grad``: the step equals the one with the vectors."""
+    rng = np.random.default_rng(3)
+    params, grads, stats = _layer()
+    x, dy = rng.normal(size=(2, 6, 4)), rng.normal(size=(2, 6, 3))   # a sequence axis too
+    vec = {"w": {"a": kv_linear(x, has_bias=True), "g": kv_grad(dy), "bias": "b"}}
+    raw = {"w": {"input": x, "output_grad": dy, "bias": "b"}}
+    mixed = {"w": {"a": kv_linear(x, has_bias=True), "output_grad": dy, "bias": "b"}}
+    outs = []
+    for s in (vec, raw, mixed):
+        opt = ao.eva(0.1)
+        p = {k: v.copy() for k, v in params.items()}
+        state = opt.init(p)
+        for _ in range(2):
+            p, state = opt.step(p, grads, state, stats=s)
+        outs.append(p)
+    for other in outs[1:]:
+        for k in params:
+            np.testing.assert_array_equal(other[k], outs[0][k])
+    opt = ao.eva(0.1)
+    state = opt.init(params)
+    before = snapshot(state)
+    for bad, regex in (({"input": x[..., :3], "output_grad": dy, "bias": "b"}, r"\['input'\]: shape \(2, 6, 3\)"),
+                       ({"input": x, "output_grad": dy[..., :2], "bias": "b"}, r"\['output_grad'\]: shape"),
+                       ({"a": vec["w"]["a"], "input": x, "g": vec["w"]["g"], "bias": "b"}, "either 'a'")):
+        with pytest.raises(ValueError, match=regex):
+            opt.step(params, grads, state, stats={"w": bad})
+        assert snapshot(state) == before
