@@ -89,7 +89,7 @@ import threading
 from . import _validate, grafting
 from ._xp import is_low_precision, state_dtype
 from .base import Optimizer, write_params
-from .linalg.sonew import band_outer, band_rowsum_max, sonew_apply, sonew_factor_guarded
+from .linalg.sonew import band_outer, band_rowsum_max, band_rowsums, sonew_apply, sonew_factor_guarded
 from .sonew_step import SONewStep
 
 __all__ = ["sonew", "SONew"]
@@ -113,14 +113,28 @@ def _unvec(xp, v, shape, order):
     return xp.reshape(v, shape)
 
 
-def _block_mask(xp, n, b, block_size, dtype, device):
-    """``mask[i, k] = 1`` where ``i`` and ``i+k`` lie in the same block (``None``: no cuts)."""
+def _block_mask(xp, n, b, block_size, device):
+    """``mask[i, k]``: ``i`` and ``i+k`` lie in the same block (``None``: no cuts)."""
     if block_size is None or block_size >= n or b == 0:
         return None
     i = xp.reshape(xp.arange(n, device=device), (n, 1))
     k = xp.reshape(xp.arange(b + 1, device=device), (1, b + 1))
-    same = (i // block_size) == ((i + k) // block_size)
-    return xp.astype(same, dtype)
+    return (i // block_size) == ((i + k) // block_size)
+
+
+def _per_entry(xp, per_block, n, block_size, device):
+    """Each entry's value of its block: ``out[j] = per_block[j // block_size]``."""
+    return xp.take(per_block, xp.arange(n, device=device) // block_size)
+
+
+def _block_max(xp, x, block_size):
+    """``max`` over each block of ``block_size`` consecutive entries of ``x >= 0`` (zero-padded)."""
+    n = x.shape[0]
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    if pad:
+        x = xp.concat([x, xp.zeros((pad,), dtype=x.dtype, device=_dev(x))])
+    return xp.max(xp.reshape(x, (nb, block_size)), axis=1)
 
 
 class SONew(Optimizer):
@@ -227,7 +241,8 @@ class SONew(Optimizer):
         return self._template.with_scalars(lr, 1.0 - self.b1 ** t, 1.0 - self.b2 ** t)
 
     def _kernel_groups(self, leaves, g_leaves, state):
-        return (leaves, g_leaves, state["mu"], state["band"])
+        nu = (state["graft_nu"],) if "graft_nu" in state else ()
+        return (leaves, g_leaves, state["mu"], state["band"]) + nu
 
     def reference_leaf(self, xp, p, g, m, band, nu, step, jit=False):
         """One tensor's step in the compute dtype: returns ``(update, m, band, nu, removed, fallback)``.
@@ -256,42 +271,57 @@ class SONew(Optimizer):
         lr, bc1, bc2 = step.lr, step.bc1, step.bc2
         b = step.band
         n = g.shape[0]
+        dev = _dev(p)
+        bsz = step.block_size
+        blocked = bsz is not None and bsz < n  # block-local: ε and graft norms per block
         m = m + (1.0 - step.b1) * (g - m)
-        outer = band_outer(g, b)
-        mask = _block_mask(xp, n, b, step.block_size, band.dtype, _dev(p))
-        if mask is not None:
-            outer = outer * mask
-        band = band * step.b2 + (1.0 - step.b2) * outer
+        band = band * step.b2 + (1.0 - step.b2) * band_outer(g, b)
+        mask = _block_mask(xp, n, b, bsz, dev)
+        if mask is not None:  # pairs across a block edge are not in the graph: held at zero
+            band = xp.where(mask, band, xp.zeros_like(band))
         hhat = band / bc2
         mhat = m / bc1
-        eps_eff = step.eps_effective(xp, band_rowsum_max(hhat)) if step.relative_eps else step.eps
+        if not step.relative_eps:
+            eps_eff = step.eps
+        elif blocked:
+            eps_eff = step.eps_effective(
+                xp, _per_entry(xp, _block_max(xp, band_rowsums(hhat), bsz), n, bsz, dev))
+        else:
+            eps_eff = step.eps_effective(xp, band_rowsum_max(hhat))
         vhat = hhat[:, 0]
         h = xp.concat([xp.reshape(vhat + eps_eff, (n, 1)), hhat[:, 1:]], axis=1)
         psi, s, kept = sonew_factor_guarded(h, step.tau(band.dtype))
         u = sonew_apply(psi, s, mhat)
         if b > 0:
-            j = xp.arange(n, device=_dev(p))
-            real = xp.clip(n_real - 1 - j, min=0, max=b)
+            j = xp.arange(n, device=dev)
+            end = n_real if not blocked else xp.minimum((j // bsz + 1) * bsz, n_real)
+            real = xp.clip(end - 1 - j, min=0, max=b)  # neighbours in the row's block
             kept_real = xp.minimum(kept, real)
             removed = xp.sum(real - kept_real)
             fallback = xp.sum(xp.astype(kept_real < real, xp.int64))
         else:
-            removed = fallback = xp.zeros((), dtype=xp.int64, device=_dev(p))
+            removed = fallback = xp.zeros((), dtype=xp.int64, device=dev)
         new_nu = nu
+        if blocked:  # each entry's block norm (arrayopt.grafting.block_norms)
+            def norm(x):
+                return _per_entry(xp, grafting.block_norms(xp, x, bsz), n, bsz, dev)
+        else:
+            def norm(x):
+                return grafting.norm(xp, x)
         if step.graft == "none":
             direction = u
         else:  # graft: the norm of a first-order direction (arrayopt.grafting)
             if step.graft == "adam":
-                target = grafting.norm(xp, grafting.adam_direction(xp, mhat, vhat, step.graft_eps))
+                target = norm(grafting.adam_direction(xp, mhat, vhat, step.graft_eps))
             elif step.graft == "sgd":
-                target = grafting.norm(xp, g)
+                target = norm(g)
             elif step.graft == "momentum":
-                target = grafting.norm(xp, mhat)
-            else:  # rmsprop_normalized
+                target = norm(mhat)
+            else:  # rmsprop_normalized (ĝ = g/‖g‖ per block when block-local)
                 a, new_nu = grafting.direction(xp, "rmsprop_normalized", g, nu, 0, b2=step.b2,
-                                               eps=step.graft_eps)
-                target = grafting.norm(xp, a)
-            direction = u * grafting.graft_scale(xp, target, grafting.norm(xp, u))
+                                               eps=step.graft_eps, g_norm=norm(g) if blocked else None)
+                target = norm(a)
+            direction = u * grafting.graft_scale(xp, target, norm(u))
         if step.small_param_fallback == "adam" and small:
             direction = grafting.adam_direction(xp, mhat, vhat, step.graft_eps)
         if step.weight_decay != 0.0:
@@ -391,7 +421,8 @@ class SONew(Optimizer):
         if not backend.all_finite(views):
             self._handle_nonfinite(xp, g_leaves, paths)
             return None
-        counts = backend.run("sonew", leaves, g_leaves, [state["mu"], state["band"]], step, g_views=views)
+        groups = [state["mu"], state["band"]] + ([state["graft_nu"]] if "graft_nu" in state else [])
+        counts = backend.run("sonew", leaves, g_leaves, groups, step, g_views=views)
         new = dict(state)
         new["count"] = state["count"] + 1
         new["removed_edges"] = [xp.asarray(int(r) + c[0], dtype=xp.int64, device=ns.device) for r, c in

@@ -31,9 +31,8 @@ class NumbaCPU:
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
         "sonew": {
-            "graft": frozenset({"none", "adam", "sgd", "momentum"}),
-            "small_param_fallback": frozenset({"sonew"}),
-            # any band (b <= 8 unrolled, larger generic), block_size cuts, flatten orders C and F
+            # every graft and fallback, any band (b <= 8 unrolled, larger generic), whole-tensor and
+            # block-local (block_size: one pass per block, sonew_blocks.py), flatten orders C and F
         },
     }
 
@@ -107,12 +106,12 @@ class NumbaCPU:
         """The fused step of ``op`` in place; ``step`` is the op's frozen step description.
 
         First-order ops: ``step`` is the tuple of ``step_scalars``, returns ``None``.
-        ``"sonew"``: ``states = [mus, bands]``, ``step`` a ``SONewStep``; returns per-leaf
+        ``"sonew"``: ``states = [mus, bands]`` (``[mus, bands, graft_nus]`` with
+        ``graft="rmsprop_normalized"``), ``step`` a ``SONewStep``; returns per-leaf
         ``(removed_edges, fallback_rows)``.
         """
         if op == "sonew":
-            mus, bands = states
-            return self.run_sonew(step, params, grads, mus, bands, g_views)
+            return self.run_sonew(step, params, grads, *states, g_views=g_views)
         from .kernels import kernel_for
 
         p_views = self.views(params)
@@ -127,11 +126,11 @@ class NumbaCPU:
             kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
         return None
 
-    def run_sonew(self, step, params, grads, mus, bands, g_views=None) -> list:
+    def run_sonew(self, step, params, grads, mus, bands, nus=None, g_views=None) -> list:
         """SONew's fused step (``backends/numba_cpu/sonew.py``); returns per-leaf removal counts."""
         from .sonew import run
 
-        return run(self, step, params, grads, mus, bands, g_views)
+        return run(self, step, params, grads, mus, bands, g_views, nus)
 
 
 BACKEND = NumbaCPU()

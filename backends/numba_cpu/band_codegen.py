@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .sonew import _OPTS, _band_row, _max4, _sumsq4
+from .sonew import _OPTS, _SERIAL, _band_row, _max4, _sumsq4
 
 BLK = {blk}  # rows per L1-resident sub-block
 '''
@@ -276,6 +276,68 @@ def _factor_apply(b: int) -> list[str]:
     return L
 
 
+def split_chunks(text: str) -> str:
+    """Move the ``prange`` body of every chunked kernel in ``text`` into a serial ``<name>_chunk``.
+
+    A kernel ``def k(args): …; for c in prange(nchunks): BODY`` becomes
+    ``k_chunk(args, c)`` (its preamble and ``BODY`` for one chunk, serial) and
+    ``k(args)``, which runs ``k_chunk`` over the chunks in parallel. Block-local SONew
+    (``sonew_blocks.py``) calls the ``_chunk`` functions on one block, as one chunk.
+    """
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not (line == "@njit(**_OPTS)" and i + 1 < len(lines) and lines[i + 1].startswith("def ")):
+            out.append(line)
+            i += 1
+            continue
+        j = i + 2  # the signature may span lines
+        while not lines[j - 1].rstrip().endswith(":"):
+            j += 1
+        sig = "\n".join(lines[i + 1:j])
+        end = j
+        while end < len(lines) and (lines[end] == "" or lines[end].startswith(" ")):
+            end += 1
+        while lines[end - 1] == "":
+            end -= 1
+        body = lines[j:end]
+        loop = [q for q, ln in enumerate(body) if ln.strip() in ("for c in prange(nchunks):",
+                                                                 "for cc in prange(nchunks):")]
+        if not loop:
+            out.extend(lines[i:end])
+            i = end
+            continue
+        q = loop[0]
+        pre, inner = body[:q], body[q + 1:]
+        doc = []
+        if pre and pre[0].strip().startswith('"""'):
+            k = 0
+            while not (pre[k].rstrip().endswith('"""') and (k > 0 or pre[k].count('"""') == 2)):
+                k += 1
+            doc, pre = pre[:k + 1], pre[k + 1:]
+        head = []
+        if body[q].strip().startswith("for cc"):
+            head, inner = [inner[0]], inner[1:]  # c = nchunks - 1 - cc
+        name = sig[4:sig.index("(")]
+        args = sig[sig.index("(") + 1:sig.rindex(")")]
+        names = ", ".join(a.strip() for a in args.replace("\n", " ").split(",") if a.strip())
+        out.append("@njit(**_SERIAL)")
+        out.append(sig.replace(f"def {name}(", f"def {name}_chunk(", 1).replace("):", ", c):", 1))
+        out.append(f'    """Chunk ``c`` of :func:`{name}`, serial (the body of its ``prange`` loop)."""')
+        out.extend(pre)
+        out.extend(ln[4:] if ln else ln for ln in inner)
+        out.extend(["", "", "@njit(**_OPTS)", sig])
+        out.extend(doc)
+        out.extend(ln for ln in pre if ln.strip().startswith("nchunks = "))
+        out.append(body[q])
+        out.extend(head)
+        out.append(f"        {name}_chunk({names}, c)")
+        i = end
+    return "\n".join(out)
+
+
 def generate() -> str:
     lines = [HEADER.format(lo=BANDS[0], hi=BANDS[-1], blk=BLK).rstrip("\n")]
     for b in BANDS:
@@ -284,7 +346,9 @@ def generate() -> str:
     lines += ["", ""]
     lines.append("STATS = {" + ", ".join(f"{b}: stats_{b}" for b in BANDS) + "}")
     lines.append("FACTOR_APPLY = {" + ", ".join(f"{b}: factor_apply_{b}" for b in BANDS) + "}")
-    return "\n".join(lines) + "\n"
+    lines.append("STATS_CHUNK = {" + ", ".join(f"{b}: stats_{b}_chunk" for b in BANDS) + "}")
+    lines.append("FACTOR_APPLY_CHUNK = {" + ", ".join(f"{b}: factor_apply_{b}_chunk" for b in BANDS) + "}")
+    return split_chunks("\n".join(lines)) + "\n"
 
 
 TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sonew_band_kernels.py")
