@@ -2,7 +2,7 @@ r"""SONew: sparsified online Newton with diagonal, tridiagonal and banded LogDet
 
 Devvrit, Duvvuri, Anil, Gupta, Hsieh, Dhillon, "A Computationally Efficient
 Sparsified Online Newton Method", NeurIPS 2023 (arXiv:2311.10085). The
-derivations (equations (S1)–(S9)) and the test oracles O1–O18 are in
+derivations (equations (S1)–(S10)) and the test oracles O1–O18 are in
 ``arrayopt/linalg/README.md``.
 
 One step, per parameter tensor (flattened to a vector of ``n`` entries, (S9)),
@@ -63,14 +63,27 @@ their JAX scripts, init2winit), and why:
 - ``small_param_fallback="sonew"`` (PyTorch ``TDS``, all banded code); ``"adam"``
   replaces the update of tensors with ``ndim <= 1`` by the Adam direction ``a``
   (the JAX ``tds``).
-- ``block_size``: cut each flattened tensor into independent chunks of that
-  many entries (removes the band edges at the cuts).
-- Kernels: the Numba backend runs the step fused for every option except
-  ``graft="rmsprop_normalized"`` and ``small_param_fallback="adam"``, which take
-  the reference path (as do ``block_size`` and ``flatten_order="F"`` on CUDA);
-  each backend's ``capabilities`` table says so, and ``ao.explain(opt, params)``
-  shows it. Backends receive :class:`arrayopt.sonew_step.SONewStep`
-  (:meth:`SONew.step_description`), never the optimizer.
+- ``block_size=B``: **block-local SONew**. Each flattened tensor is cut into
+  blocks of ``B`` consecutive entries and every quantity that is otherwise
+  global over the tensor is taken per block: the band is cut at block edges
+  (``B[i, k]`` of a pair across an edge stays 0), ``ε_eff`` uses the block's
+  max row sum, and both graft norms (``‖a‖`` and ``‖u‖``, and the ``‖g‖`` of
+  ``rmsprop_normalized``) are per block, as Meta's distributed Shampoo grafts
+  per block. So a block is a tensor of its own (oracle: block-local on one
+  vector equals the whole-tensor step on its blocks given as separate tensors),
+  and a kernel finishes a block (statistics, ε, factor, ``X m̂``, norms, the
+  parameter write) while it is in cache: one pass over memory instead of
+  three sweeps. ``B ≥ n`` is the whole-tensor step, bit for bit;
+  ``block_size=None`` (the default) keeps whole-tensor semantics.
+- Kernels: the Numba backend fuses every option (block-local, and whole
+  tensors through the chunked kernels; ``graft="rmsprop_normalized"`` and
+  ``small_param_fallback="adam"`` on whole tensors through the block driver
+  with one block of ``n``); CUDA fuses block-local steps with every option
+  (one thread block per SONew block) and whole tensors except those two and
+  ``flatten_order="F"``. Each backend's ``capabilities`` table says so, and
+  ``ao.explain(opt, params)`` shows it. Backends receive
+  :class:`arrayopt.sonew_step.SONewStep` (:meth:`SONew.step_description`),
+  never the optimizer.
 
 >>> import numpy as np, arrayopt as ao
 >>> params = {"w": np.ones((3, 4), np.float32)}
