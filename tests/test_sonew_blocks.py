@@ -102,8 +102,9 @@ def numba_calls(monkeypatch):
 
 
 @numba_only
-@pytest.mark.parametrize("b, dtype", [(0, "float64"), (1, "float64"), (3, "float64"), (9, "float64"),
-                                      (1, "float32"), (4, "float32")])
+# bands and dtypes whose block-driver compilations other tests share (each costs seconds of LLVM)
+@pytest.mark.parametrize("b, dtype", [(0, "float64"), (1, "float64"), (2, "float64"), (9, "float64"),
+                                      (4, "float32")])
 def test_numba_block_driver_matches_reference(b, dtype, numba_calls):
     rng = np.random.default_rng(b)
     shapes = {"w": (37, 29), "k": (3, 5, 40), "bias": (70,)}
@@ -132,7 +133,7 @@ def test_numba_block_driver_matches_reference(b, dtype, numba_calls):
 
 
 @numba_only
-@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("b", [4])
 def test_numba_one_block_of_n_equals_whole_tensor_kernels_bit_for_bit(b):
     """Same arithmetic in the same order: the block driver with ``B = n`` and the chunked kernels."""
     rng = np.random.default_rng(7)

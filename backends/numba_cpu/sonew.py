@@ -797,7 +797,7 @@ def run(backend, step, params, grads, mus, bands, g_views=None, nus=None):
     m_views = backend.views(mus)
     nu_views = backend.views(nus) if nus is not None else [None] * len(p_views)
     b_views = [(bd.detach().numpy() if library_of(bd) == "torch" else bd) for bd in bands]
-    graft = GRAFT_CODES[step.graft]
+    graft = GRAFT_CODES.get(step.graft, -1)  # -1: only the block driver fuses it
     write_back = []
     if step.order == "F":  # flatten_order="F": the band runs over the first axis fastest
         for i, leaf in enumerate(params):

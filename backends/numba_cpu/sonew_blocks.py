@@ -14,8 +14,8 @@ norms are per block, so a block needs nothing from any other block. Per block
    is still in cache.
 
 ``g``, ``m``, the band and ``p`` of a block stay in L2 between the three steps
-(``B = 16384`` float32 entries: tridiagonal ``(2 + 2 + 1 + 1)·4·B = 384 KiB`` with
-the buffer), so each byte of state crosses the memory bus once per step.
+(``B = 16384`` float32 entries, tridiagonal: ``g, p, m``, two band columns and the
+``u`` buffer, ``6·4 B·B = 384 KiB``), so each byte of state crosses the memory bus once per step.
 ``graft="rmsprop_normalized"`` (``ĝ = g/‖g‖_blk``, ``ν ← β₂ν + (1-β₂)ĝ²``,
 ``a = ĝ/(√ν + ε_g)``) and ``small_param_fallback="adam"`` (``a = m̂/(√v̂ + ε_g)``
 replaces the update) are one more loop over the cached block. The same driver
@@ -35,10 +35,7 @@ from numba import njit, prange
 from .sonew import (_OPTS, _SERIAL, _sumsq4, band_factor_lt_chunk, band_l_apply_chunk, band_rowmax_chunk,
                     band_stats_chunk, diag_apply_chunk, diag_stats_chunk, tri_precond_chunk, tri_stats_chunk)
 
-__all__ = ["run_blocks", "DEFAULT_BLOCK"]
-
-#: the default ``block_size`` of ``ao.sonew`` (see ``arrayopt/sonew.py`` for the measurement)
-DEFAULT_BLOCK = 16384
+__all__ = ["run_blocks"]
 
 GRAFT_RMSPROP_NORMALIZED = 4
 
@@ -88,8 +85,13 @@ def _band_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, nor
 
 @njit(**_OPTS)
 def blocks_step(stats, factor, p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
-                eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out):
-    """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module)."""
+                eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
+                norms_all, unorm_all, typed_all):
+    """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
+
+    ``removed_out``, ``fallback_out`` (int64), ``rows_all``, ``typed_all`` (param dtype),
+    ``norms_all``, ``unorm_all`` (float64): one slot per block, zeroed by the caller.
+    """
     n = p.size
     bp1 = band.shape[1]
     bf = band.reshape(-1)
@@ -103,12 +105,12 @@ def blocks_step(stats, factor, p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc
         gb = g[lo:hi]
         mb = m[lo:hi]
         pb = p[lo:hi]
-        rows = np.zeros(1, dtype=p.dtype)
-        norms = np.zeros(1, dtype=np.float64)
-        unorm = np.zeros(1, dtype=np.float64)
-        rem = np.zeros(1, dtype=np.int64)
-        fb = np.zeros(1, dtype=np.int64)
-        typed = np.empty(1, dtype=p.dtype)  # float64 → param dtype, one rounding
+        rows = rows_all[c:c + 1]
+        norms = norms_all[c:c + 1]
+        unorm = unorm_all[c:c + 1]
+        rem = removed_out[c:c + 1]
+        fb = fallback_out[c:c + 1]
+        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
         stats(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
               graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
         target = np.sqrt(norms[0])
@@ -132,8 +134,6 @@ def blocks_step(stats, factor, p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc
         write_p = graft == 0 and not adam_fallback
         ub = pb if write_p else np.empty(k, dtype=p.dtype)
         factor(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        removed_out[c] = rem[0]
-        fallback_out[c] = fb[0]
         if adam_fallback:  # small tensors: the Adam direction replaces the update
             hb = bf[bp1 * lo:bp1 * hi]
             for i in range(k):
@@ -184,5 +184,6 @@ def run_blocks(step, p, g, m, band, nu, bsz, small):
     blocks_step(stats, factor, p, g, m, band, nu_view, saved, bsz, cast(step.omb1), cast(step.b2),
                 cast(step.omb2), cast(step.bc1), cast(step.bc2), cast(step.graft_eps), graft, cast(step.eps),
                 cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)), cast(-step.lr),
-                cast(step.weight_decay), bool(small and step.small_param_fallback == "adam"), removed, fallback)
+                cast(step.weight_decay), bool(small and step.small_param_fallback == "adam"), removed, fallback,
+                np.zeros(nblocks, p.dtype), np.zeros(nblocks), np.zeros(nblocks), np.zeros(nblocks, p.dtype))
     return int(removed.sum()), int(fallback.sum())
