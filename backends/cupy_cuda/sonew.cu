@@ -611,20 +611,26 @@ __device__ inline void block_step_kernel(T* p, const T* g, T* m, T* band, T* nu,
 }
 #undef ARRAYOPT_BLOCK_ROWS
 
-#define ARRAYOPT_BLOCK_KERNEL(MAXB)                                                             \
-    template <typename T>                                                                       \
-    __global__ void sonew_block_step_##MAXB(                                                    \
-        T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u, long long n, int b,          \
-        long long bsz, T omb1, T b2, T omb2, T bc1, T bc2, T graft_eps, int graft, T eps,       \
-        T eps_min, int relative, T tau, T neg_lr, T wd, int adam_fallback,                      \
-        unsigned long long* counts) {                                                           \
-        block_step_kernel<T, MAXB>(p, g, m, band, nu, psi, t, u, n, b, bsz, omb1, b2, omb2, bc1, \
-                                   bc2, graft_eps, graft, eps, eps_min, relative, tau, neg_lr,  \
-                                   wd, adam_fallback, counts);                                  \
-    }
-ARRAYOPT_BLOCK_KERNEL(8)
-ARRAYOPT_BLOCK_KERNEL(32)
-#undef ARRAYOPT_BLOCK_KERNEL
+template <typename T>
+__global__ void sonew_block_step_8(T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u,
+                                   long long n, int b, long long bsz, T omb1, T b2, T omb2, T bc1,
+                                   T bc2, T graft_eps, int graft, T eps, T eps_min, int relative,
+                                   T tau, T neg_lr, T wd, int adam_fallback,
+                                   unsigned long long* counts) {
+    block_step_kernel<T, 8>(p, g, m, band, nu, psi, t, u, n, b, bsz, omb1, b2, omb2, bc1, bc2,
+                            graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd,
+                            adam_fallback, counts);
+}
+template <typename T>
+__global__ void sonew_block_step_32(T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u,
+                                    long long n, int b, long long bsz, T omb1, T b2, T omb2,
+                                    T bc1, T bc2, T graft_eps, int graft, T eps, T eps_min,
+                                    int relative, T tau, T neg_lr, T wd, int adam_fallback,
+                                    unsigned long long* counts) {
+    block_step_kernel<T, 32>(p, g, m, band, nu, psi, t, u, n, b, bsz, omb1, b2, omb2, bc1, bc2,
+                             graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd,
+                             adam_fallback, counts);
+}
 
 // Explicit instantiations, so that a plain `nvcc --cubin` compiles every kernel; CuPy also
 // names them in `name_expressions`.
