@@ -133,6 +133,15 @@ def test_numba_block_driver_matches_reference(b, dtype, numba_calls):
 
 
 @numba_only
+def test_generated_drivers_are_up_to_date():
+    from arrayopt.backends.numba_cpu import band_codegen
+
+    with open(band_codegen.DRIVERS_TARGET, encoding="utf-8") as f:
+        assert f.read() == band_codegen.generate_block_drivers(), \
+            "run python -m arrayopt.backends.numba_cpu.band_codegen"
+
+
+@numba_only
 @pytest.mark.parametrize("b", [4])
 def test_numba_one_block_of_n_equals_whole_tensor_kernels_bit_for_bit(b):
     """Same arithmetic in the same order: the block driver with ``B = n`` and the chunked kernels."""

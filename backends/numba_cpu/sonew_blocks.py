@@ -22,7 +22,9 @@ replaces the update) are one more loop over the cached block. The same driver
 with ``B = n`` runs those two options for whole tensors (block-local with
 ``B ≥ n`` is the whole-tensor step).
 
-Arithmetic is the whole-tensor kernels' (the same ``_chunk`` functions), so the
+The drivers, one per band kind (``blocks_step_<kind>`` in ``sonew_block_drivers.py``,
+written by ``band_codegen.py`` from one template so that Numba caches each), call the
+adapters below. Arithmetic is the whole-tensor kernels' (the same ``_chunk`` functions), so the
 block-local step equals the reference's to float rounding of the norms (float64
 sums here, overflow-safe scaled float32 sums in the reference).
 """
@@ -30,10 +32,10 @@ sums here, overflow-safe scaled float32 sums in the reference).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .sonew import (_OPTS, _SERIAL, _sumsq4, band_factor_lt_chunk, band_l_apply_chunk, band_rowmax_chunk,
-                    band_stats_chunk, diag_apply_chunk, diag_stats_chunk, tri_precond_chunk, tri_stats_chunk)
+from .sonew import (_SERIAL, band_factor_lt_chunk, band_l_apply_chunk, band_rowmax_chunk, band_stats_chunk,
+                    diag_apply_chunk, diag_stats_chunk, tri_precond_chunk)
 
 __all__ = ["run_blocks"]
 
@@ -83,77 +85,6 @@ def _band_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, nor
 # ------------------------------------------------ the one-pass driver
 
 
-@njit(**_OPTS)
-def blocks_step(stats, factor, p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
-                eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
-                norms_all, unorm_all, typed_all):
-    """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
-
-    ``removed_out``, ``fallback_out`` (int64), ``rows_all``, ``typed_all`` (param dtype),
-    ``norms_all``, ``unorm_all`` (float64): one slot per block, zeroed by the caller.
-    """
-    n = p.size
-    bp1 = band.shape[1]
-    bf = band.reshape(-1)
-    nblocks = removed_out.size
-    zero = bc2 - bc2
-    one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq4(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-
-
 def run_blocks(step, p, g, m, band, nu, bsz, small):
     """Block-local SONew on one flat leaf in place; returns ``(removed_edges, fallback_rows)``.
 
@@ -161,6 +92,7 @@ def run_blocks(step, p, g, m, band, nu, bsz, small):
     options the parallel-chunk kernels do not fuse); ``small``: the leaf has ``ndim <= 1``.
     """
     from . import sonew_band_kernels as unrolled
+    from . import sonew_block_drivers as drivers
     from .sonew import GRAFT_CODES
 
     cast = p.dtype.type
@@ -168,20 +100,15 @@ def run_blocks(step, p, g, m, band, nu, bsz, small):
     n = p.size
     bsz = max(1, min(bsz, n))
     nblocks = (n + bsz - 1) // bsz
-    if b == 0:
-        stats, factor, saved = _diag_stats, _diag_factor, np.zeros(1, p.dtype)
-    elif b == 1:
-        stats, factor, saved = tri_stats_chunk, _tri_factor, np.zeros(1, p.dtype)
-    elif b in unrolled.STATS_CHUNK:
-        stats, factor = unrolled.STATS_CHUNK[b], unrolled.FACTOR_APPLY_CHUNK[b]
-        saved = np.zeros((1, b, b + 1), p.dtype)
+    if b in unrolled.STATS_CHUNK:
+        kind, saved = str(b), np.zeros((1, b, b + 1), p.dtype)
     else:
-        stats, factor, saved = _band_stats, _band_factor, np.zeros(1, p.dtype)
+        kind, saved = ("diag" if b == 0 else "tri" if b == 1 else "band"), np.zeros(1, p.dtype)
     graft = GRAFT_RMSPROP_NORMALIZED if step.graft == "rmsprop_normalized" else GRAFT_CODES[step.graft]
     nu_view = nu if nu is not None else np.zeros(1, p.dtype)
     removed = np.zeros(nblocks, np.int64)
     fallback = np.zeros(nblocks, np.int64)
-    blocks_step(stats, factor, p, g, m, band, nu_view, saved, bsz, cast(step.omb1), cast(step.b2),
+    drivers.DRIVERS[kind](p, g, m, band, nu_view, saved, bsz, cast(step.omb1), cast(step.b2),
                 cast(step.omb2), cast(step.bc1), cast(step.bc2), cast(step.graft_eps), graft, cast(step.eps),
                 cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)), cast(-step.lr),
                 cast(step.weight_decay), bool(small and step.small_param_fallback == "adam"), removed, fallback,
