@@ -37,7 +37,7 @@ float32 entries, which is equivalent: no float32 square ever rounds to 0 or inf)
 
 from __future__ import annotations
 
-__all__ = ["DIRECTIONS", "GRANULARITIES", "norm", "norm_of_blocks", "graft_scale", "graft", "graft_blocks",
+__all__ = ["DIRECTIONS", "GRANULARITIES", "norm", "norm_of_blocks", "block_norms", "graft_scale", "graft", "graft_blocks",
            "direction", "adam_direction", "has_accumulator", "check_direction", "check_granularity"]
 
 DIRECTIONS = ("sgd", "sqrt_n", "adagrad", "rmsprop", "rmsprop_normalized", "adam")
@@ -85,6 +85,31 @@ def norm_of_blocks(xp, blocks):
     return amax * xp.sqrt(total)
 
 
+def block_norms(xp, x, size: int):
+    r"""``‖x_i‖₂`` of the consecutive blocks ``x_i = x[i·size : (i+1)·size]`` of a 1-D ``x``.
+
+    Shape ``(⌈n/size⌉,)`` (the last block may be shorter); each norm is overflow-safe
+    as :func:`norm` (``s_i·‖x_i/s_i‖₂``, ``s_i = max|x_i|``). Block-local grafting
+    (SONew's ``block_size``) takes one scale per block from these.
+    """
+    n = x.shape[0]
+    nb = -(-n // size)
+    pad = nb * size - n
+    if pad:
+        x = xp.concat([x, xp.zeros((pad,), dtype=x.dtype, device=_device(x))])
+    xb = xp.reshape(x, (nb, size))
+    amax = xp.max(xp.abs(xb), axis=1)
+    scale = xp.where(amax > 0, amax, xp.ones_like(amax))
+    y = xb / xp.reshape(scale, (nb, 1))
+    return amax * xp.sqrt(xp.sum(y * y, axis=1))
+
+
+def _device(x):
+    from ._xp import device_of
+
+    return device_of(x)
+
+
 def graft_scale(xp, target_norm, direction_norm):
     r"""``‖a‖ / ‖d‖``, and ``0`` when ``‖d‖ = 0`` (the zero guard: ``u = 0``, never NaN)."""
     ok = direction_norm > 0
@@ -118,10 +143,12 @@ def has_accumulator(kind: str) -> bool:
     return kind in _WITH_ACCUMULATOR
 
 
-def direction(xp, kind: str, g, acc, t: int, *, b2: float = 0.999, eps: float = 1e-8):
+def direction(xp, kind: str, g, acc, t: int, *, b2: float = 0.999, eps: float = 1e-8, g_norm=None):
     """``(a, new_acc)`` for step ``t`` (1-based); see the table in the module docstring.
 
     ``acc`` is the accumulator (``None`` for ``"sgd"`` and ``"sqrt_n"``, returned as is).
+    ``g_norm``: for ``"rmsprop_normalized"``, the ``‖g‖`` that normalises ``g`` (default:
+    :func:`norm` of the whole array; block-local grafting passes each entry's block norm).
     """
     check_direction(kind)
     if kind == "sgd":
@@ -131,7 +158,7 @@ def direction(xp, kind: str, g, acc, t: int, *, b2: float = 0.999, eps: float = 
     if acc is None:
         raise ValueError(f"acc: graft {kind!r} needs its accumulator (zeros at the first step)")
     if kind == "rmsprop_normalized":
-        n = norm(xp, g)
+        n = norm(xp, g) if g_norm is None else g_norm
         g = g / xp.where(n > 0, n, xp.ones_like(n))
     if kind == "adagrad":
         acc = acc + g * g

@@ -52,7 +52,7 @@ class SONewStep:
     graft_eps: float = 1e-8
     weight_decay: float = 0.0
     order: str = "C"                       # "C": last axis fastest; "F": first axis fastest
-    block_size: int | None = None          # independent blocks of the flattened vector
+    block_size: int | None = None          # block-local: band, ε and graft norms per block (S10)
     small_param_fallback: str = "sonew"    # "adam": tensors with ndim <= 1 take the Adam direction
 
     @property

@@ -264,6 +264,7 @@ def _emulated_steps(backend, opt, shapes, dtype, grads_fn, steps):
     dev_p = [hh.as_fake(params[k]) for k in keys]
     dev_m = [hh.as_fake(a) for a in st_["mu"]]
     dev_b = [hh.as_fake(a) for a in st_["band"]]
+    dev_nu = [hh.as_fake(a) for a in st_["graft_nu"]] if "graft_nu" in st_ else None
     removed = [0] * len(keys)
     fallback = [0] * len(keys)
     ns = Namespace(np, "cuda:0", "cupy")
@@ -273,7 +274,8 @@ def _emulated_steps(backend, opt, shapes, dtype, grads_fn, steps):
         assert backend.accepts(ns, dev_p, dev_g, dev_m, dev_b)
         views = backend.views(dev_g)
         assert backend.all_finite(views)
-        counts = backend.run("sonew", dev_p, dev_g, [dev_m, dev_b], opt.step_description(t), g_views=views)
+        groups = [dev_m, dev_b] + ([dev_nu] if dev_nu is not None else [])
+        counts = backend.run("sonew", dev_p, dev_g, groups, opt.step_description(t), g_views=views)
         for i, (e, f) in enumerate(counts):
             removed[i] += e
             fallback[i] += f
@@ -323,6 +325,24 @@ def test_emulated_run_sonew_matches_reference_step(emulated, dtype, band, graft,
     want |= set() if graft == "none" else {"sonew_scaled_apply"}
     assert names == want
     assert all(e.endswith("<float>" if dtype == np.float32 else "<double>") for e, _, _ in launches)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("band", [0, 1, 4, 9])
+def test_emulated_block_local_step_matches_reference(emulated, dtype, band):
+    """``sonew_block_step``: one thread block per SONew block (block-local ε, graft norms, band cuts),
+    every graft and the Adam fallback, against the reference's block-local step."""
+    backend, launches = emulated
+    rng = np.random.default_rng(2)
+    for graft, fb, bs in (("adam", "sonew", 16), ("none", "adam", 7), ("rmsprop_normalized", "sonew", 5),
+                          ("sgd", "adam", 1000), ("momentum", "sonew", 3)):
+        opt = ao.sonew(0.05, band=band, graft=graft, eps=1e-4, b2=0.99, weight_decay=0.01, block_size=bs,
+                       small_param_fallback=fb)
+        got, ref, keys = _emulated_steps(backend, opt, [(3, 4), (1,), (37,), (5, 7)], dtype,
+                                         lambda t, s: rng.normal(size=s), 3)
+        _assert_step_parity(got, ref, keys, dtype, "adam")
+    names = {e.split("::")[1].split("<")[0] for e, _, _ in launches}
+    assert names == {"count_nonfinite", "sonew_block_step_8" if band <= 8 else "sonew_block_step_32"}
 
 
 @pytest.mark.parametrize("band, graft", [(8, "adam"), (12, "none"), (12, "momentum")])

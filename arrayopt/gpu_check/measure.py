@@ -99,6 +99,7 @@ def first_order(layer, plan: Plan) -> list:
 
 
 SONEW_CONTENDERS = (("SONew diagonal", 0), ("SONew tridiagonal", 1), ("SONew band-4", 4))
+SONEW_BLOCK = 16384  # block-local SONew (block_size): one thread block per SONew block
 
 
 def sonew(layer, plan: Plan) -> list:
@@ -106,7 +107,8 @@ def sonew(layer, plan: Plan) -> list:
     rows = []
     for n in plan.sonew_sizes:
         # p, g, Adam's m, v, and per SONew: m, band (b+1), scratch (b + 2)
-        if not _fits(layer, n, 4 * (4 + 2 + 5 + 6 + 2 * 4 + 2 + 3)):
+        # plus, block-local, per band: m, band (b+1) again (scratch as above)
+        if not _fits(layer, n, 4 * (4 + 2 + 5 + 6 + 2 * 4 + 2 + 3 + 11)):
             rows.append({"section": "sonew", "n": n, "what": "skipped",
                          "note": "not enough free device memory"})
             continue
@@ -114,6 +116,8 @@ def sonew(layer, plan: Plan) -> list:
         contenders = {"our Adam": _stepper(ao.adam(1e-6), p, g)}
         for name, band in SONEW_CONTENDERS:
             contenders[name] = _stepper(ao.sonew(1e-6, band=band), p, g)
+            contenders[f"{name}, block-local {SONEW_BLOCK}"] = _stepper(
+                ao.sonew(1e-6, band=band, block_size=SONEW_BLOCK), p, g)
         ms = interleaved_ms(contenders, layer.sync, rounds=max(3, plan.rounds - 2),
                             steps=max(2, plan.steps // 2))
         adam = ms["our Adam"]

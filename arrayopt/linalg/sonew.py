@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import array_api_compat as compat
 
-__all__ = ["sonew_factor", "sonew_apply", "sonew_factor_guarded", "band_outer", "band_rowsum_max"]
+__all__ = ["sonew_factor", "sonew_apply", "sonew_factor_guarded", "band_outer", "band_rowsums",
+           "band_rowsum_max"]
 
 
 def _xp(*arrays):
@@ -227,13 +228,13 @@ def band_outer(g, b: int):
     return xp.stack([g * shift_up(xp, g, k) for k in range(b + 1)], axis=1)
 
 
-def band_rowsum_max(h):
-    """``max_i Σ_j |H_ij|`` over the band (the ∞-norm of the banded symmetric matrix).
+def band_rowsums(h):
+    """``r_i = Σ_j |H_ij|`` over the band, shape ``(n,)``.
 
     Each row is summed in one fixed order, ``|H_ii|``, then ``|H_{i,i+k}|`` and
     ``|H_{i,i-k}|`` for ``k = 1..b``, one addition at a time, as every kernel does:
     ``xp.sum(a, axis=1)`` would leave the order to the library (NumPy sums rows of
-    eight or more entries pairwise), and the relative ε built from this value
+    eight or more entries pairwise), and the relative ε built from these sums
     would then differ in its last bit between namespaces and backends.
     """
     xp = _xp(h)
@@ -243,4 +244,11 @@ def band_rowsum_max(h):
         r = r + a[:, k]
     for k in range(1, h.shape[1]):
         r = r + shift_down(xp, a[:, k], k)
-    return xp.max(r)
+    return r
+
+
+def band_rowsum_max(h):
+    """``max_i Σ_j |H_ij|`` over the band (the ∞-norm of the banded symmetric matrix);
+    the rows summed as in :func:`band_rowsums`."""
+    xp = _xp(h)
+    return xp.max(band_rowsums(h))

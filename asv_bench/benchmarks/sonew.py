@@ -82,6 +82,50 @@ def measure_ratios(n: int = SIZES["10M"], rounds: int = 9, steps: int = 2) -> di
     return out
 
 
+# bytes per float32 param of a one-pass block-local step (read g; read+write p, m and the b+1 band columns);
+# the finiteness pre-pass (4 B) is left out, as in Adam's 28 B
+BLOCK_BYTES = {"diag": 28, "tridiag": 36, "band4": 60}
+
+
+def measure_block_ratios(n: int = SIZES["10M"], block_sizes=(16384,), rounds: int = 7, steps: int = 2,
+                         bands=("diag", "tridiag", "band4")) -> dict:
+    """Block-local and whole-tensor SONew (Adam graft) / our Adam step, all Numba, interleaved in one run.
+
+    ``<band>@<B>``: ``block_size=B``; ``<band>``: whole tensor. ``<name>/floor``: the step over its own
+    bytes floor (``BLOCK_BYTES`` at the axpy bandwidth measured in the same rounds).
+    """
+    warm_up()
+    built = {"adam": OptimizerStep("adam", "numba_cpu", n), "axpy": Axpy(n)}
+    for name in bands:
+        built[name] = SONewStepper(BANDS[name], "numba_cpu", n)
+        for bs in block_sizes:
+            built[f"{name}@{bs}"] = SONewStepper(BANDS[name], "numba_cpu", n, block_size=bs)
+    med = medians_ms(interleaved(built, rounds, steps))
+    out = {"n": n, "ms": med}
+    for k in built:
+        if k not in ("adam", "axpy"):
+            out[f"{k}/adam"] = med[k] / med["adam"]
+            out[f"{k}/floor"] = med[k] / (med["axpy"] * BLOCK_BYTES[k.split("@")[0]] / AXPY_BYTES)
+    out["adam/floor"] = med["adam"] / (med["axpy"] * 28 / AXPY_BYTES)
+    return out
+
+
+class SONewBlockRatios:
+    """Block-local SONew (the default ``block_size``) / our Adam step, measured in one run."""
+
+    timeout = 900
+    params = ([f"{b}@16384/adam" for b in BANDS] + [f"{b}/adam" for b in BANDS],)
+    param_names = ["ratio"]
+
+    def setup_cache(self):
+        return measure_block_ratios()
+
+    def track_ratio(self, cache, ratio):
+        return cache[ratio]
+
+    track_ratio.unit = "x our Adam"
+
+
 class SONewRatios:
     timeout = 900
     params = (["diag/adam", "tridiag/adam", "tridiag_nograft/adam", "band4/adam", "tridiag/floor"],)

@@ -130,10 +130,9 @@ class CupyCUDA:
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
         "sonew": {
-            "graft": frozenset({"none", "adam", "sgd", "momentum"}),
-            "small_param_fallback": frozenset({"sonew"}),
+            # every graft and fallback block-local (sonew_block_step); whole tensors: not
+            # rmsprop_normalized nor the Adam fallback (refuse_options)
             "band": _band_fits,
-            "block_size": frozenset({None}),   # no block cuts in sonew.cu
             "order": frozenset({"C"}),         # no first-axis-fastest flattening in sonew.cu
         },
         # eva.cu reads a weight as (d_out, d_in) rows; Eva-s has no kernel
@@ -166,7 +165,14 @@ class CupyCUDA:
     def refuse_options(self, op, step):
         from ...dispatch import check_capabilities
 
-        return check_capabilities(self.capabilities, op, step)
+        why = check_capabilities(self.capabilities, op, step)
+        if why is None and op == "sonew" and step.block_size is None:
+            if step.graft == "rmsprop_normalized":
+                return "graft='rmsprop_normalized' is not fused for whole tensors (block_size=None)"
+            if step.small_param_fallback != "sonew":
+                return (f"small_param_fallback={step.small_param_fallback!r} is not fused for whole "
+                        "tensors (block_size=None)")
+        return why
 
     def refuse_arrays(self, ns, *groups):
         """``None`` if the kernels take these arrays, else why not."""
@@ -276,8 +282,7 @@ class CupyCUDA:
         buffers or None, layers]``, returning ``False`` (nothing written) on a non-finite gradient).
         """
         if op == "sonew":
-            mus, bands = states
-            return self.run_sonew(step, params, grads, mus, bands, g_views)
+            return self.run_sonew(step, params, grads, *states, g_views=g_views)
         if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
             from .eva import run as run_eva
 
@@ -302,7 +307,7 @@ class CupyCUDA:
                 grid, block = _kernels.launch_shape(p.size, blocks)
                 kernel(grid, block, _kernels.kernel_args(p, g, [s[i] for s in s_views], scalars))
 
-    def run_sonew(self, step, params, grads, mus, bands, g_views=None) -> list:
+    def run_sonew(self, step, params, grads, mus, bands, nus=None, g_views=None) -> list:
         """SONew's fused step (``sonew.cu``), in place on every leaf; returns per-leaf
         ``(removed_edges, fallback_rows)`` as ints (one device-to-host read for all leaves)."""
         if not params:
@@ -320,11 +325,19 @@ class CupyCUDA:
             norms = cupy.zeros((k, 2), dtype=np.float64)
             counts = cupy.zeros((k, 2), dtype=np.uint64)
             rowmax: dict = {}
+            nu_views = self.views(nus) if nus is not None else [None] * k
             for i, (p, g, m, band) in enumerate(zip(p_views, g_views, m_views, b_views)):
                 n = p.size
                 if n == 0:
                     continue
                 b = int(bands[i].shape[1]) - 1
+                if step.block_size is not None:  # block-local: one launch, one thread block per block
+                    nu = nu_views[i] if nu_views[i] is not None else cupy.zeros(1, dtype=p.dtype)
+                    base, grid, block, args = _kernels.sonew_block_launch(
+                        step, p, g, m, band, nu, b, counts[i], cupy.empty(max(1, n * b), dtype=p.dtype),
+                        cupy.empty(n, dtype=p.dtype), cupy.empty(n, dtype=p.dtype), len(params[i].shape) <= 1)
+                    _kernels.function(base, p.dtype, device)(grid, block, args)
+                    continue
                 rm = rowmax.get(p.dtype)
                 if rm is None:
                     rm = rowmax[p.dtype] = cupy.zeros(k, dtype=p.dtype)

@@ -40,6 +40,7 @@ __all__ = [
     "source_text",
     "sonew_factor_kernel",
     "sonew_launches",
+    "sonew_block_launch",
     "sonew_module",
     "COMPILE_OPTIONS",
     "CUPY_ADDED_OPTIONS",
@@ -138,11 +139,14 @@ def count_args(x, counter) -> tuple:
 SONEW_EXACT_BANDS = range(2, 9)  # sonew_band_factor_b<B>: b fixed at compile time
 SONEW_KERNEL_BASES = ("sonew_stats", "sonew_rowmax", "sonew_tri_precond", "sonew_band_factor_8",
                       "sonew_band_factor_32", "sonew_band_apply", "sonew_scaled_apply",
-                      *(f"sonew_band_factor_b{b}" for b in SONEW_EXACT_BANDS))
+                      *(f"sonew_band_factor_b{b}" for b in SONEW_EXACT_BANDS),
+                      "sonew_block_step_8", "sonew_block_step_32")
 SONEW_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in SONEW_KERNEL_BASES for t in _CTYPE)
 # the widest band the kernels take (per-thread window arrays); wider bands take the reference
 SONEW_MAX_BAND = 32
-SONEW_GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3}
+SONEW_GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3, "rmsprop_normalized": 4}
+# threads per block of the block-local kernel (one thread block per SONew block)
+SONEW_BLOCK_THREADS = 256
 
 
 def sonew_factor_kernel(b: int) -> str:
@@ -199,6 +203,28 @@ def sonew_launches(step, p, g, m, band, b, norms, counts, rowmax, u=None, psi=No
     if not write_p:
         launches.append(("sonew_scaled_apply", (p, u, n, norms, neg_lr, wd)))
     return launches
+
+
+def sonew_block_launch(step, p, g, m, band, nu, b, counts, psi, t, u, small) -> tuple:
+    """``(base, grid, block, args)`` of block-local SONew (``step.block_size``) on one leaf.
+
+    One thread block of ``SONEW_BLOCK_THREADS`` per SONew block (``sonew_block_step_8`` for
+    ``b <= 8``, ``_32`` up to 32); ``nu`` is the rmsprop_normalized accumulator (a 1-entry
+    dummy otherwise), ``psi`` (n·b, at least 1), ``t`` and ``u`` (n) scratch; ``small``: the
+    leaf has ``ndim <= 1`` (``small_param_fallback``).
+    """
+    cast = np.float64 if np.dtype(p.dtype) == np.float64 else np.float32
+    n = int(p.size)
+    bsz = max(1, min(int(step.block_size), n))
+    base = "sonew_block_step_8" if b <= 8 else "sonew_block_step_32"
+    if b > SONEW_MAX_BAND:
+        raise ValueError(f"cupy_cuda: SONew kernels take band <= {SONEW_MAX_BAND}, got {b}")
+    args = (p, g, m, band, nu, psi, t, u, np.int64(n), np.int32(b), np.int64(bsz), cast(step.omb1),
+            cast(step.b2), cast(step.omb2), cast(step.bc1), cast(step.bc2), cast(step.graft_eps),
+            np.int32(SONEW_GRAFT_CODES[step.graft]), cast(step.eps), cast(step.eps_min),
+            np.int32(bool(step.relative_eps)), cast(step.tau(np.dtype(p.dtype))), cast(-step.lr),
+            cast(step.weight_decay), np.int32(bool(small and step.small_param_fallback == "adam")), counts)
+    return base, ((n + bsz - 1) // bsz,), (SONEW_BLOCK_THREADS,), args
 
 
 def launch_shape(n: int, max_blocks: int) -> tuple:

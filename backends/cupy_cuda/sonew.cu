@@ -38,7 +38,8 @@ namespace sonew {
 using namespace ieee;
 
 // graft codes (backends/numba_cpu/sonew.py GRAFT_CODES)
-enum { GRAFT_NONE = 0, GRAFT_ADAM = 1, GRAFT_SGD = 2, GRAFT_MOMENTUM = 3 };
+enum { GRAFT_NONE = 0, GRAFT_ADAM = 1, GRAFT_SGD = 2, GRAFT_MOMENTUM = 3,
+       GRAFT_RMSPROP_NORMALIZED = 4 };
 
 // ------------------------------------------------------------------ per-row math
 
@@ -278,6 +279,35 @@ __host__ __device__ inline void scaled_row(long long j, T* p, const T* u, T scal
     p[j] = add(pj, mul(neg_lr, d));
 }
 
+// RMSProp-normalized graft, row j of a block: ĝ = g_j/gn, ν_j <- β₂ν_j + (1-β₂)ĝ², returns a_j²
+// for a_j = ĝ/(√ν_j + ε_g) (backends/numba_cpu/sonew_blocks.py).
+template <typename T>
+__host__ __device__ inline double rmsprop_row(long long j, const T* g, T* nu, T gn, T b2, T omb2,
+                                              T graft_eps) {
+    const T gh = div(g[j], gn);
+    const T v = add(mul(nu[j], b2), mul(mul(gh, gh), omb2));
+    nu[j] = v;
+    const double a = to_double(div(gh, add(ieee::sqrt(v), graft_eps)));
+    return mul(a, a);
+}
+
+// The block's ‖g‖ as T (float64 sum of squares, one rounding), 1 when it is 0.
+template <typename T>
+__host__ __device__ inline T block_gnorm(double sumsq) {
+    const T gn = from_double<T>(ieee::sqrt(sumsq));
+    return gt(gn, T(0)) ? gn : T(1);
+}
+
+// small_param_fallback="adam": p_j <- p_j + (-lr)(m̂_j/(√v̂_j + ε_g) + λ p_j).
+template <typename T>
+__host__ __device__ inline void adam_row(long long j, T* p, const T* m, const T* band, int b,
+                                         T bc1, T bc2, T graft_eps, T neg_lr, T wd) {
+    const T pj = p[j];
+    T d = div(div(m[j], bc1), add(ieee::sqrt(div(band[j * (long long)(b + 1)], bc2)), graft_eps));
+    if (nonzero(wd)) d = add(d, mul(wd, pj));
+    p[j] = add(pj, mul(neg_lr, d));
+}
+
 }  // namespace sonew
 
 // ------------------------------------------------------------------ kernels
@@ -474,6 +504,134 @@ __global__ void sonew_scaled_apply(T* p, const T* u, long long n, const double* 
 
 #undef ARRAYOPT_ROWS
 
+// Block-local SONew (block_size): thread block c owns entries [c·bsz, c·bsz + nl) and nothing
+// else. Its arrays are the global ones offset to the block, with n = nl, so the band is cut at
+// the block's edges by construction; the row-sum max and both graft norms are block reductions
+// (broadcast through shared memory): no atomics between blocks, no grid-wide synchronisation.
+// psi (n·b), t (n) and u (n) are scratch; nu is the rmsprop_normalized accumulator (1 dummy
+// entry otherwise). Same per-row functions, in the same order, as the Numba block driver.
+namespace sonew {
+template <typename V>
+__device__ inline V block_sum_all(V v) {
+    __shared__ V out;
+    v = block_sum(v);
+    if (threadIdx.x == 0) out = v;
+    __syncthreads();
+    return out;
+}
+template <typename T>
+__device__ inline T block_max_all(T v) {
+    __shared__ T out;
+    v = block_max(v);
+    if (threadIdx.x == 0) out = v;
+    __syncthreads();
+    return out;
+}
+}  // namespace sonew
+
+#define ARRAYOPT_BLOCK_ROWS(j, nl) for (long long j = threadIdx.x; j < (nl); j += blockDim.x)
+
+template <typename T, int MAXB>
+__device__ inline void block_step_kernel(T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t,
+                                         T* u, long long n, int b, long long bsz, T omb1, T b2,
+                                         T omb2, T bc1, T bc2, T graft_eps, int graft, T eps,
+                                         T eps_min, int relative, T tau, T neg_lr, T wd,
+                                         int adam_fallback, unsigned long long* counts) {
+    using namespace sonew;
+    const long long lo = (long long)blockIdx.x * bsz;
+    if (lo >= n) return;
+    const long long nl = (n - lo < bsz) ? n - lo : bsz;
+    const long long w = b + 1;
+    const T* gl = g + lo;
+    T *ml = m + lo, *bl = band + lo * w, *pl = p + lo, *ul = u + lo, *tl = t + lo;
+    T* psil = psi + lo * b;
+    const int sgraft = graft == GRAFT_RMSPROP_NORMALIZED ? (int)GRAFT_NONE : graft;
+    double acc = 0.0;
+    ARRAYOPT_BLOCK_ROWS(j, nl)
+    acc = ieee::add(acc, stats_row(j, gl, ml, bl, nl, b, omb1, b2, omb2, bc1, bc2, graft_eps,
+                                   sgraft));
+    double target2 = block_sum_all(acc);  // also the barrier after the band writes
+    if (graft == GRAFT_RMSPROP_NORMALIZED) {
+        double gs = 0.0;
+        ARRAYOPT_BLOCK_ROWS(j, nl) {
+            const double gd = to_double(gl[j]);
+            gs = ieee::add(gs, ieee::mul(gd, gd));
+        }
+        const T gn = block_gnorm<T>(block_sum_all(gs));
+        double a2 = 0.0;
+        ARRAYOPT_BLOCK_ROWS(j, nl)
+        a2 = ieee::add(a2, rmsprop_row(j, gl, nu + lo, gn, b2, omb2, graft_eps));
+        target2 = block_sum_all(a2);
+    }
+    T eps_eff = eps;
+    if (relative) {
+        T r = T(0);
+        ARRAYOPT_BLOCK_ROWS(j, nl) {
+            const T rj = rowsum(j, bl, nl, b, bc2);
+            if (gt(rj, r)) r = rj;
+        }
+        r = block_max_all(r);
+        eps_eff = eps_effective(&r, eps, eps_min, 1);
+    }
+    const int write_p = graft == GRAFT_NONE && !adam_fallback;
+    double u2 = 0.0;
+    long long removed = 0;
+    int fallback = 0;
+    if (b == 1) {
+        int rem = 0;
+        ARRAYOPT_BLOCK_ROWS(j, nl) {
+            const T y = tri_y(j, ml, bl, nl, bc1, bc2, eps_eff, tau, &rem);
+            u2 = ieee::add(u2, write_row(j, y, pl, ul, neg_lr, wd, write_p));
+        }
+        removed = rem;
+        fallback = rem;
+    } else {
+        ARRAYOPT_BLOCK_ROWS(j, nl)
+        tl[j] = band_row<T, MAXB>(j, ml, bl, psil, nl, b, bc1, bc2, eps_eff, tau, &removed,
+                                  &fallback);
+        __syncthreads();
+        ARRAYOPT_BLOCK_ROWS(j, nl) {
+            const T y = band_y(j, psil, tl, b);
+            u2 = ieee::add(u2, write_row(j, y, pl, ul, neg_lr, wd, write_p));
+        }
+    }
+    const unsigned long long rem_all = block_sum((unsigned long long)removed);
+    const unsigned long long fb_all = block_sum((unsigned long long)fallback);
+    if (threadIdx.x == 0 && fb_all) {
+        atomicAdd(&counts[0], rem_all);
+        atomicAdd(&counts[1], fb_all);
+    }
+    if (adam_fallback) {
+        ARRAYOPT_BLOCK_ROWS(j, nl) adam_row(j, pl, ml, bl, b, bc1, bc2, graft_eps, neg_lr, wd);
+    } else if (!write_p) {
+        const double norms[2] = {target2, block_sum_all(u2)};
+        const T scale = graft_scale<T>(norms);
+        ARRAYOPT_BLOCK_ROWS(j, nl) scaled_row(j, pl, ul, scale, neg_lr, wd);
+    }
+}
+#undef ARRAYOPT_BLOCK_ROWS
+
+template <typename T>
+__global__ void sonew_block_step_8(T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u,
+                                   long long n, int b, long long bsz, T omb1, T b2, T omb2, T bc1,
+                                   T bc2, T graft_eps, int graft, T eps, T eps_min, int relative,
+                                   T tau, T neg_lr, T wd, int adam_fallback,
+                                   unsigned long long* counts) {
+    block_step_kernel<T, 8>(p, g, m, band, nu, psi, t, u, n, b, bsz, omb1, b2, omb2, bc1, bc2,
+                            graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd,
+                            adam_fallback, counts);
+}
+template <typename T>
+__global__ void sonew_block_step_32(T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u,
+                                    long long n, int b, long long bsz, T omb1, T b2, T omb2,
+                                    T bc1, T bc2, T graft_eps, int graft, T eps, T eps_min,
+                                    int relative, T tau, T neg_lr, T wd, int adam_fallback,
+                                    unsigned long long* counts) {
+    block_step_kernel<T, 32>(p, g, m, band, nu, psi, t, u, n, b, bsz, omb1, b2, omb2, bc1, bc2,
+                             graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd,
+                             adam_fallback, counts);
+}
+
 // Explicit instantiations, so that a plain `nvcc --cubin` compiles every kernel; CuPy also
 // names them in `name_expressions`.
 #define ARRAYOPT_INSTANTIATE_EXACT(T, B)                                                    \
@@ -499,7 +657,14 @@ __global__ void sonew_scaled_apply(T* p, const T* u, long long n, const double* 
     ARRAYOPT_INSTANTIATE_EXACT(T, 8)                                                       \
     template __global__ void sonew_band_apply<T>(T*, const T*, const T*, T*, long long, int, T, \
                                                  T, int, double*);                          \
-    template __global__ void sonew_scaled_apply<T>(T*, const T*, long long, const double*, T, T);
+    template __global__ void sonew_scaled_apply<T>(T*, const T*, long long, const double*, T, T); \
+    template __global__ void sonew_block_step_8<T>(T*, const T*, T*, T*, T*, T*, T*, T*, long long, \
+                                                   int, long long, T, T, T, T, T, T, int, T, T, \
+                                                   int, T, T, T, int, unsigned long long*);  \
+    template __global__ void sonew_block_step_32<T>(T*, const T*, T*, T*, T*, T*, T*, T*,      \
+                                                    long long, int, long long, T, T, T, T, T, T, \
+                                                    int, T, T, int, T, T, T, int,            \
+                                                    unsigned long long*);
 ARRAYOPT_INSTANTIATE(float)
 ARRAYOPT_INSTANTIATE(double)
 #undef ARRAYOPT_INSTANTIATE
@@ -618,8 +783,91 @@ inline T host_band_row(int kind, long long j, const T* m, const T* band, T* psi,
         const T scale = arrayopt::sonew::graft_scale<T>(norms);                               \
         for (long long j = 0; j < n; ++j) arrayopt::sonew::scaled_row(j, p, u, scale, neg_lr, wd); \
     }
+// block-local step: the device kernel's phases, block after block, rows in order
+namespace arrayopt {
+namespace sonew {
+template <typename T>
+inline void host_block_step(int maxb, T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u,
+                            long long n, int b, long long bsz, T omb1, T b2, T omb2, T bc1, T bc2,
+                            T graft_eps, int graft, T eps, T eps_min, int relative, T tau,
+                            T neg_lr, T wd, int adam_fallback, unsigned long long* counts) {
+    const long long w = b + 1;
+    for (long long lo = 0; lo < n; lo += bsz) {
+        const long long nl = (n - lo < bsz) ? n - lo : bsz;
+        const T* gl = g + lo;
+        T *ml = m + lo, *bl = band + lo * w, *pl = p + lo, *ul = u + lo, *tl = t + lo;
+        T* psil = psi + lo * b;
+        const int sgraft = graft == GRAFT_RMSPROP_NORMALIZED ? (int)GRAFT_NONE : graft;
+        double target2 = 0.0;
+        for (long long j = 0; j < nl; ++j)
+            target2 += stats_row(j, gl, ml, bl, nl, b, omb1, b2, omb2, bc1, bc2, graft_eps, sgraft);
+        if (graft == GRAFT_RMSPROP_NORMALIZED) {
+            double gs = 0.0;
+            for (long long j = 0; j < nl; ++j) gs += to_double(gl[j]) * to_double(gl[j]);
+            const T gn = block_gnorm<T>(gs);
+            target2 = 0.0;
+            for (long long j = 0; j < nl; ++j)
+                target2 += rmsprop_row(j, gl, nu + lo, gn, b2, omb2, graft_eps);
+        }
+        T eps_eff = eps;
+        if (relative) {
+            T r = T(0);
+            for (long long j = 0; j < nl; ++j) {
+                const T rj = rowsum(j, bl, nl, b, bc2);
+                if (gt(rj, r)) r = rj;
+            }
+            eps_eff = eps_effective(&r, eps, eps_min, 1);
+        }
+        const int write_p = graft == GRAFT_NONE && !adam_fallback;
+        double u2 = 0.0;
+        long long removed = 0;
+        int fallback = 0;
+        if (b == 1) {
+            int rem = 0;
+            for (long long j = 0; j < nl; ++j)
+                u2 += write_row(j, tri_y(j, ml, bl, nl, bc1, bc2, eps_eff, tau, &rem), pl, ul,
+                                neg_lr, wd, write_p);
+            removed = rem;
+            fallback = rem;
+        } else {
+            for (long long j = 0; j < nl; ++j)
+                tl[j] = host_band_row(maxb, j, ml, bl, psil, nl, b, bc1, bc2, eps_eff, tau,
+                                      &removed, &fallback);
+            for (long long j = 0; j < nl; ++j)
+                u2 += write_row(j, band_y(j, psil, tl, b), pl, ul, neg_lr, wd, write_p);
+        }
+        counts[0] += removed;
+        counts[1] += fallback;
+        if (adam_fallback) {
+            for (long long j = 0; j < nl; ++j)
+                adam_row(j, pl, ml, bl, b, bc1, bc2, graft_eps, neg_lr, wd);
+        } else if (!write_p) {
+            const double norms[2] = {target2, u2};
+            const T scale = graft_scale<T>(norms);
+            for (long long j = 0; j < nl; ++j) scaled_row(j, pl, ul, scale, neg_lr, wd);
+        }
+    }
+}
+}  // namespace sonew
+}  // namespace arrayopt
+#define ARRAYOPT_HOST_BLOCK(T, SUF, MAXB)                                                     \
+    extern "C" void host_sonew_block_step_##MAXB##_##SUF(                                     \
+        T* p, const T* g, T* m, T* band, T* nu, T* psi, T* t, T* u, long long n, int b,       \
+        long long bsz, T omb1, T b2, T omb2, T bc1, T bc2, T graft_eps, int graft, T eps,     \
+        T eps_min, int relative, T tau, T neg_lr, T wd, int adam_fallback,                    \
+        unsigned long long* counts) {                                                         \
+        arrayopt::sonew::host_block_step<T>(MAXB, p, g, m, band, nu, psi, t, u, n, b, bsz,    \
+                                            omb1, b2, omb2, bc1, bc2, graft_eps, graft, eps,  \
+                                            eps_min, relative, tau, neg_lr, wd,               \
+                                            adam_fallback, counts);                           \
+    }
 ARRAYOPT_HOST(float, f32)
 ARRAYOPT_HOST(double, f64)
+ARRAYOPT_HOST_BLOCK(float, f32, 8)
+ARRAYOPT_HOST_BLOCK(double, f64, 8)
+ARRAYOPT_HOST_BLOCK(float, f32, 32)
+ARRAYOPT_HOST_BLOCK(double, f64, 32)
+#undef ARRAYOPT_HOST_BLOCK
 #undef ARRAYOPT_HOST
 #undef ARRAYOPT_HOST_EXACT
 #endif  // ARRAYOPT_HOST_HARNESS

@@ -31,9 +31,8 @@ class NumbaCPU:
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
         "sonew": {
-            "graft": frozenset({"none", "adam", "sgd", "momentum"}),
-            "small_param_fallback": frozenset({"sonew"}),
-            # any band (b <= 8 unrolled, larger generic), block_size cuts, flatten orders C and F
+            # every graft and fallback, any band (b <= 8 unrolled, larger generic), whole-tensor and
+            # block-local (block_size: one pass per block, sonew_blocks.py), flatten orders C and F
         },
         # Eva-s preconditions every tensor with one vector per axis: the reference runs it
         "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
@@ -109,13 +108,13 @@ class NumbaCPU:
         """The fused step of ``op`` in place; ``step`` is the op's frozen step description.
 
         First-order ops: ``step`` is the tuple of ``step_scalars``, returns ``None``.
-        ``"sonew"``: ``states = [mus, bands]``, ``step`` a ``SONewStep``; returns per-leaf
+        ``"sonew"``: ``states = [mus, bands]`` (``[mus, bands, graft_nus]`` with
+        ``graft="rmsprop_normalized"``), ``step`` a ``SONewStep``; returns per-leaf
         ``(removed_edges, fallback_rows)``. ``"eva"``: ``states = [buffers or None, layers]``,
         ``step`` an ``EvaStep`` (``backends/numba_cpu/eva.py``).
         """
         if op == "sonew":
-            mus, bands = states
-            return self.run_sonew(step, params, grads, mus, bands, g_views)
+            return self.run_sonew(step, params, grads, *states, g_views=g_views)
         if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
             from .eva import run as run_eva
 
@@ -134,11 +133,11 @@ class NumbaCPU:
             kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
         return None
 
-    def run_sonew(self, step, params, grads, mus, bands, g_views=None) -> list:
+    def run_sonew(self, step, params, grads, mus, bands, nus=None, g_views=None) -> list:
         """SONew's fused step (``backends/numba_cpu/sonew.py``); returns per-leaf removal counts."""
         from .sonew import run
 
-        return run(self, step, params, grads, mus, bands, g_views)
+        return run(self, step, params, grads, mus, bands, g_views, nus)
 
 
 BACKEND = NumbaCPU()

@@ -99,6 +99,89 @@ def _max4(buf, k, start):
     return m0
 
 
+@njit(**_SERIAL)
+def tri_stats_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`tri_stats`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = rows_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    abuf = np.empty(BLK, dtype=bf.dtype)
+    W = BLK + 1
+    hb = np.empty(2 * W, dtype=bf.dtype)  # |Ĥ_j-1,j| for rows blo-1.., then Ĥ_jj for rows blo..
+    # new off-diagonal of row lo-1 (its old value saved before this pass)
+    if lo > 0 and lo % bs != 0:
+        e_first = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
+    elif lo > 0:
+        e_first = (saved[c] * b2) / bc2
+    else:
+        e_first = omb2 - omb2  # typed zero
+    rmax = e_first - e_first
+    acc = 0.0
+    for blo in range(lo, hi, BLK):
+        bhi = min(blo + BLK, hi)
+        k = bhi - blo
+        kt = min(bhi, n - 1) - blo      # rows with a right neighbour
+        gb = g[blo:min(bhi + 1, n)]
+        mb = m[blo:bhi]
+        bb = bf[2 * blo:2 * bhi]
+        s0 = 0
+        while s0 < kt:  # segments of rows whose right neighbour is in their block
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo
+            s1 = min(kt, bend - 1)
+            gs = gb[s0:]  # views from s0: indices provably >= 0, the loop vectorises
+            ms = mb[s0:]
+            bs_ = bb[2 * s0:]
+            for x in range(s1 - s0):
+                gj = gs[x]
+                mj = ms[x] + omb1 * (gj - ms[x])
+                ms[x] = mj
+                bs_[2 * x] = bs_[2 * x] * b2 + omb2 * (gj * gj)
+                bs_[2 * x + 1] = bs_[2 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+            if s1 < kt:  # the last row of a block: no coupling to the next block
+                i = s1
+                gj = gb[i]
+                mj = mb[i] + omb1 * (gj - mb[i])
+                mb[i] = mj
+                bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+                bb[2 * i + 1] = bb[2 * i + 1] * b2
+                s1 += 1
+            s0 = s1
+        if kt < k:  # the last row: no right neighbour
+            i = kt
+            gj = gb[i]
+            mj = mb[i] + omb1 * (gj - mb[i])
+            mb[i] = mj
+            bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+            bb[2 * i + 1] = bb[2 * i + 1] * b2
+        # row sums: left neighbour of row blo from e_first (chunk start) or the previous block
+        if blo == lo:
+            ep0 = e_first
+        else:
+            ep0 = bf[2 * blo - 1] / bc2
+        hb[0] = abs(ep0)
+        for i in range(k):  # Ĥ_jj and |Ĥ_j,j+1|, each divided once
+            hb[W + i] = bb[2 * i] / bc2
+            hb[1 + i] = abs(bb[2 * i + 1] / bc2)
+        for i in range(k):
+            rbuf[i] = hb[W + i] + hb[1 + i] + hb[i]
+        if graft == 1:
+            for i in range(k):
+                abuf[i] = (mb[i] / bc1) / (np.sqrt(hb[W + i]) + graft_eps)
+        elif graft == 2:
+            for i in range(k):
+                abuf[i] = gb[i]
+        elif graft == 3:
+            for i in range(k):
+                abuf[i] = mb[i] / bc1
+        rmax = _max4(rbuf, k, rmax)
+        if graft != 0:  # Σ float64(a_i)²
+            acc += _sumsq4(abuf, 0, k)
+    rows_out[c] = rmax
+    norms_out[c] = acc
+
+
 @njit(**_OPTS)
 def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """Pass 1 (b = 1): moments in place; per-chunk max row sum of |Ĥ| and graft norm².
@@ -111,86 +194,89 @@ def tri_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_
     ``bs``: the block size (``n`` for none): the edge from a block's last row to the
     next block takes no gradient product (``block_size`` of ``arrayopt.sonew``).
     """
-    n = g.size
     nchunks = rows_out.size
     for cc in prange(nchunks):
         c = nchunks - 1 - cc
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        abuf = np.empty(BLK, dtype=bf.dtype)
-        W = BLK + 1
-        hb = np.empty(2 * W, dtype=bf.dtype)  # |Ĥ_j-1,j| for rows blo-1.., then Ĥ_jj for rows blo..
-        # new off-diagonal of row lo-1 (its old value saved before this pass)
-        if lo > 0 and lo % bs != 0:
-            e_first = (saved[c] * b2 + omb2 * (g[lo - 1] * g[lo])) / bc2
-        elif lo > 0:
-            e_first = (saved[c] * b2) / bc2
-        else:
-            e_first = omb2 - omb2  # typed zero
-        rmax = e_first - e_first
-        acc = 0.0
-        for blo in range(lo, hi, BLK):
-            bhi = min(blo + BLK, hi)
-            k = bhi - blo
-            kt = min(bhi, n - 1) - blo      # rows with a right neighbour
-            gb = g[blo:min(bhi + 1, n)]
-            mb = m[blo:bhi]
-            bb = bf[2 * blo:2 * bhi]
-            s0 = 0
-            while s0 < kt:  # segments of rows whose right neighbour is in their block
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo
-                s1 = min(kt, bend - 1)
-                gs = gb[s0:]  # views from s0: indices provably >= 0, the loop vectorises
-                ms = mb[s0:]
-                bs_ = bb[2 * s0:]
-                for x in range(s1 - s0):
-                    gj = gs[x]
-                    mj = ms[x] + omb1 * (gj - ms[x])
-                    ms[x] = mj
-                    bs_[2 * x] = bs_[2 * x] * b2 + omb2 * (gj * gj)
-                    bs_[2 * x + 1] = bs_[2 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                if s1 < kt:  # the last row of a block: no coupling to the next block
-                    i = s1
-                    gj = gb[i]
-                    mj = mb[i] + omb1 * (gj - mb[i])
-                    mb[i] = mj
-                    bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
-                    bb[2 * i + 1] = bb[2 * i + 1] * b2
-                    s1 += 1
-                s0 = s1
-            if kt < k:  # the last row: no right neighbour
-                i = kt
-                gj = gb[i]
-                mj = mb[i] + omb1 * (gj - mb[i])
-                mb[i] = mj
-                bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
-                bb[2 * i + 1] = bb[2 * i + 1] * b2
-            # row sums: left neighbour of row blo from e_first (chunk start) or the previous block
-            if blo == lo:
-                ep0 = e_first
+        tri_stats_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
+
+
+@njit(**_SERIAL)
+def tri_precond_chunk(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, chunk, c):
+    """Chunk ``c`` of :func:`tri_precond`, serial (the body of its ``prange`` loop)."""
+    n = m.size
+    nchunks = norms_out.size
+    zero = eps_eff - eps_eff
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    W = BLK + 1
+    # one flat L1 buffer (fixed offsets, so LLVM sees one object): D = Ĥ_jj + ε, E = Ĥ_j,j+1,
+    # m̂ for rows blo..blo+k, then ψ and t for rows blo-1..blo+k-1
+    buf = np.empty(5 * W, dtype=bf.dtype)
+    acc = 0.0
+    removed = 0
+    # t_{lo-1} and ψ_{lo-1}, recomputed (read-only pass: no race)
+    t_prev = zero
+    psi_prev = zero
+    if lo > 0:
+        i = lo - 1
+        d0 = bf[2 * i] / bc2 + eps_eff
+        z = bf[2 * i + 1] / bc2
+        dn = bf[2 * i + 2] / bc2 + eps_eff
+        w = z / dn
+        s = d0 - z * w
+        if not (s > tau * d0):
+            w = zero
+            s = d0
+        psi_prev = w
+        t_prev = (m[i] / bc1 - w * (m[i + 1] / bc1)) / s
+    for blo in range(lo, hi, BLK):
+        bhi = min(blo + BLK, hi)
+        k = bhi - blo
+        kt = min(bhi, n - 1) - blo      # rows with a right neighbour
+        nq = min(k + 1, n - blo)
+        mb = m[blo:blo + nq]
+        bb = bf[2 * blo:2 * (blo + nq)]
+        for q in range(nq):  # every division by bc1, bc2 once per element
+            buf[q] = bb[2 * q] / bc2 + eps_eff
+            buf[W + q] = bb[2 * q + 1] / bc2
+            buf[2 * W + q] = mb[q] / bc1
+        buf[3 * W] = psi_prev
+        buf[4 * W] = t_prev
+        for i in range(kt):
+            z = buf[W + i]
+            w = z / buf[i + 1]
+            d0 = buf[i]
+            s = d0 - z * w
+            keep = s > tau * d0
+            removed += 0 if keep else 1
+            w = w if keep else zero
+            s = s if keep else d0
+            buf[3 * W + 1 + i] = w
+            buf[4 * W + 1 + i] = (buf[2 * W + i] - w * buf[2 * W + i + 1]) / s
+        if kt < k:  # the last row: no right neighbour
+            i = kt
+            buf[3 * W + 1 + i] = zero
+            buf[4 * W + 1 + i] = buf[2 * W + i] / buf[i]
+        if write_p:
+            pb = p[blo:bhi]
+            if wd != 0:
+                for i in range(k):
+                    y = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
+                    pj = pb[i]
+                    pb[i] = pj + neg_lr * (y + wd * pj)
             else:
-                ep0 = bf[2 * blo - 1] / bc2
-            hb[0] = abs(ep0)
-            for i in range(k):  # Ĥ_jj and |Ĥ_j,j+1|, each divided once
-                hb[W + i] = bb[2 * i] / bc2
-                hb[1 + i] = abs(bb[2 * i + 1] / bc2)
+                for i in range(k):
+                    y = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
+                    pb[i] = pb[i] + neg_lr * y
+        else:
+            ub = u[blo:bhi]
             for i in range(k):
-                rbuf[i] = hb[W + i] + hb[1 + i] + hb[i]
-            if graft == 1:
-                for i in range(k):
-                    abuf[i] = (mb[i] / bc1) / (np.sqrt(hb[W + i]) + graft_eps)
-            elif graft == 2:
-                for i in range(k):
-                    abuf[i] = gb[i]
-            elif graft == 3:
-                for i in range(k):
-                    abuf[i] = mb[i] / bc1
-            rmax = _max4(rbuf, k, rmax)
-            if graft != 0:  # Σ float64(a_i)²
-                acc += _sumsq4(abuf, 0, k)
-        rows_out[c] = rmax
-        norms_out[c] = acc
+                ub[i] = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
+            acc += _sumsq4(ub, 0, k)
+        psi_prev = buf[3 * W + k]
+        t_prev = buf[4 * W + k]
+    norms_out[c] = acc
+    removed_out[c] = removed
 
 
 @njit(**_OPTS)
@@ -201,81 +287,9 @@ def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_
     and ``t_j = (m̂_j - ψ_j m̂_{j+1})/s_j`` (slot 0 holds row ``blo-1``), then
     ``y_j = t_j - ψ_{j-1} t_{j-1}`` and the store, then ``‖y‖²``: all of them vectorise.
     """
-    n = m.size
     nchunks = norms_out.size
-    zero = eps_eff - eps_eff
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        W = BLK + 1
-        # one flat L1 buffer (fixed offsets, so LLVM sees one object): D = Ĥ_jj + ε, E = Ĥ_j,j+1,
-        # m̂ for rows blo..blo+k, then ψ and t for rows blo-1..blo+k-1
-        buf = np.empty(5 * W, dtype=bf.dtype)
-        acc = 0.0
-        removed = 0
-        # t_{lo-1} and ψ_{lo-1}, recomputed (read-only pass: no race)
-        t_prev = zero
-        psi_prev = zero
-        if lo > 0:
-            i = lo - 1
-            d0 = bf[2 * i] / bc2 + eps_eff
-            z = bf[2 * i + 1] / bc2
-            dn = bf[2 * i + 2] / bc2 + eps_eff
-            w = z / dn
-            s = d0 - z * w
-            if not (s > tau * d0):
-                w = zero
-                s = d0
-            psi_prev = w
-            t_prev = (m[i] / bc1 - w * (m[i + 1] / bc1)) / s
-        for blo in range(lo, hi, BLK):
-            bhi = min(blo + BLK, hi)
-            k = bhi - blo
-            kt = min(bhi, n - 1) - blo      # rows with a right neighbour
-            nq = min(k + 1, n - blo)
-            mb = m[blo:blo + nq]
-            bb = bf[2 * blo:2 * (blo + nq)]
-            for q in range(nq):  # every division by bc1, bc2 once per element
-                buf[q] = bb[2 * q] / bc2 + eps_eff
-                buf[W + q] = bb[2 * q + 1] / bc2
-                buf[2 * W + q] = mb[q] / bc1
-            buf[3 * W] = psi_prev
-            buf[4 * W] = t_prev
-            for i in range(kt):
-                z = buf[W + i]
-                w = z / buf[i + 1]
-                d0 = buf[i]
-                s = d0 - z * w
-                keep = s > tau * d0
-                removed += 0 if keep else 1
-                w = w if keep else zero
-                s = s if keep else d0
-                buf[3 * W + 1 + i] = w
-                buf[4 * W + 1 + i] = (buf[2 * W + i] - w * buf[2 * W + i + 1]) / s
-            if kt < k:  # the last row: no right neighbour
-                i = kt
-                buf[3 * W + 1 + i] = zero
-                buf[4 * W + 1 + i] = buf[2 * W + i] / buf[i]
-            if write_p:
-                pb = p[blo:bhi]
-                if wd != 0:
-                    for i in range(k):
-                        y = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
-                        pj = pb[i]
-                        pb[i] = pj + neg_lr * (y + wd * pj)
-                else:
-                    for i in range(k):
-                        y = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
-                        pb[i] = pb[i] + neg_lr * y
-            else:
-                ub = u[blo:bhi]
-                for i in range(k):
-                    ub[i] = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
-                acc += _sumsq4(ub, 0, k)
-            psi_prev = buf[3 * W + k]
-            t_prev = buf[4 * W + k]
-        norms_out[c] = acc
-        removed_out[c] = removed
+        tri_precond_chunk(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, chunk, c)
 
 
 @njit(**_SERIAL)
@@ -316,127 +330,155 @@ def scaled_apply(p, u, scale, neg_lr, wd):
 # ---------------------------------------------------------------- diagonal (b = 0)
 
 
+@njit(**_SERIAL)
+def diag_stats_chunk(g, m, h, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, c):
+    """Chunk ``c`` of :func:`diag_stats`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    buf = np.zeros(BLK, np.float64)
+    rbuf = np.empty(BLK, h.dtype)
+    acc = 0.0
+    rmax = bc2 - bc2
+    for s0 in range(lo, hi, BLK):
+        k = min(s0 + BLK, hi) - s0
+        gs = g[s0:s0 + k]
+        ms = m[s0:s0 + k]
+        hs = h[s0:s0 + k]
+        for i in range(k):
+            gj = gs[i]
+            mj = ms[i] + omb1 * (gj - ms[i])
+            ms[i] = mj
+            hj = hs[i] * b2 + omb2 * (gj * gj)
+            hs[i] = hj
+            rbuf[i] = hj / bc2
+            if graft == 1:
+                a = (mj / bc1) / (np.sqrt(hj / bc2) + graft_eps)
+                buf[i] = float(a) * float(a)
+            elif graft == 2:
+                buf[i] = float(gj) * float(gj)
+            elif graft == 3:
+                mh = mj / bc1
+                buf[i] = float(mh) * float(mh)
+        if graft != 0:
+            acc += _sum4(buf, k)
+        rmax = _max4(rbuf, k, rmax)
+    norms_out[c] = acc
+    rows_out[c] = rmax
+
+
 @njit(**_OPTS)
 def diag_stats(g, m, h, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk):
     """``m``, ``H_jj`` updates; per chunk the max of ``H_jj/bc2`` and the graft norm² (L1 sub-blocks)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        buf = np.zeros(BLK, np.float64)
-        rbuf = np.empty(BLK, h.dtype)
-        acc = 0.0
-        rmax = bc2 - bc2
-        for s0 in range(lo, hi, BLK):
-            k = min(s0 + BLK, hi) - s0
-            gs = g[s0:s0 + k]
-            ms = m[s0:s0 + k]
-            hs = h[s0:s0 + k]
-            for i in range(k):
-                gj = gs[i]
-                mj = ms[i] + omb1 * (gj - ms[i])
-                ms[i] = mj
-                hj = hs[i] * b2 + omb2 * (gj * gj)
-                hs[i] = hj
-                rbuf[i] = hj / bc2
-                if graft == 1:
-                    a = (mj / bc1) / (np.sqrt(hj / bc2) + graft_eps)
-                    buf[i] = float(a) * float(a)
-                elif graft == 2:
-                    buf[i] = float(gj) * float(gj)
-                elif graft == 3:
-                    mh = mj / bc1
-                    buf[i] = float(mh) * float(mh)
-            if graft != 0:
-                acc += _sum4(buf, k)
-            rmax = _max4(rbuf, k, rmax)
-        norms_out[c] = acc
-        rows_out[c] = rmax
+        diag_stats_chunk(g, m, h, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def diag_apply_chunk(p, m, h, u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_out, chunk, c):
+    """Chunk ``c`` of :func:`diag_apply`, serial (the body of its ``prange`` loop)."""
+    n = p.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    acc = 0.0
+    for s0 in range(lo, hi, BLK):
+        k = min(s0 + BLK, hi) - s0
+        ms = m[s0:s0 + k]
+        hs = h[s0:s0 + k]
+        ps = p[s0:s0 + k]
+        us = u[s0:s0 + k]
+        for i in range(k):
+            y = (ms[i] / bc1) / (hs[i] / bc2 + eps_eff)
+            if write_p:
+                pj = ps[i]
+                if wd != 0:
+                    ps[i] = pj + neg_lr * (y + wd * pj)
+                else:
+                    ps[i] = pj + neg_lr * y
+            else:
+                us[i] = y
+        if not write_p:
+            acc += _sumsq4(us, 0, k)
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def diag_apply(p, m, h, u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_out, chunk):
     """``y_j = (m_j/bc1) / (H_jj/bc2 + ε)``; writes p (no graft) or u and ‖y‖² per chunk."""
-    n = p.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        acc = 0.0
-        for s0 in range(lo, hi, BLK):
-            k = min(s0 + BLK, hi) - s0
-            ms = m[s0:s0 + k]
-            hs = h[s0:s0 + k]
-            ps = p[s0:s0 + k]
-            us = u[s0:s0 + k]
-            for i in range(k):
-                y = (ms[i] / bc1) / (hs[i] / bc2 + eps_eff)
-                if write_p:
-                    pj = ps[i]
-                    if wd != 0:
-                        ps[i] = pj + neg_lr * (y + wd * pj)
-                    else:
-                        ps[i] = pj + neg_lr * y
-                else:
-                    us[i] = y
-            if not write_p:
-                acc += _sumsq4(us, 0, k)
-        norms_out[c] = acc
+        diag_apply_chunk(p, m, h, u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_out, chunk, c)
 
 
 # ---------------------------------------------------------------- any band b
 
 
-@njit(**_OPTS)
-def band_stats(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk, bs):
+@njit(**_SERIAL)
+def band_stats_chunk(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`band_stats`, serial (the body of its ``prange`` loop)."""
     n = g.size
     b = band.shape[1] - 1
     nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    acc = 0.0
+    for j in range(lo, hi):
+        gj = g[j]
+        mj = m[j] + omb1 * (gj - m[j])
+        m[j] = mj
+        for k in range(b + 1):
+            if j + k < n and j // bs == (j + k) // bs:
+                band[j, k] = band[j, k] * b2 + omb2 * (gj * g[j + k])
+            else:
+                band[j, k] = band[j, k] * b2
+        if graft == 1:
+            a = (mj / bc1) / (np.sqrt(band[j, 0] / bc2) + graft_eps)
+            acc += float(a) * float(a)
+        elif graft == 2:
+            acc += float(gj) * float(gj)
+        elif graft == 3:
+            mh = mj / bc1
+            acc += float(mh) * float(mh)
+    norms_out[c] = acc
+
+
+@njit(**_OPTS)
+def band_stats(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk, bs):
+    nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        acc = 0.0
-        for j in range(lo, hi):
-            gj = g[j]
-            mj = m[j] + omb1 * (gj - m[j])
-            m[j] = mj
-            for k in range(b + 1):
-                if j + k < n and j // bs == (j + k) // bs:
-                    band[j, k] = band[j, k] * b2 + omb2 * (gj * g[j + k])
-                else:
-                    band[j, k] = band[j, k] * b2
-            if graft == 1:
-                a = (mj / bc1) / (np.sqrt(band[j, 0] / bc2) + graft_eps)
-                acc += float(a) * float(a)
-            elif graft == 2:
-                acc += float(gj) * float(gj)
-            elif graft == 3:
-                mh = mj / bc1
-                acc += float(mh) * float(mh)
-        norms_out[c] = acc
+        band_stats_chunk(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk, bs, c)
+
+
+@njit(**_SERIAL)
+def band_rowmax_chunk(band, bc2, rows_out, chunk, c):
+    """Chunk ``c`` of :func:`band_rowmax`, serial (the body of its ``prange`` loop)."""
+    n = band.shape[0]
+    b = band.shape[1] - 1
+    nchunks = rows_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    rmax = bc2 - bc2
+    for j in range(lo, hi):
+        r = band[j, 0] / bc2
+        for k in range(1, b + 1):
+            if j + k < n:
+                r = r + abs(band[j, k] / bc2)
+        for k in range(1, b + 1):
+            if j - k >= 0:
+                r = r + abs(band[j - k, k] / bc2)
+        if r > rmax:
+            rmax = r
+    rows_out[c] = rmax
 
 
 @njit(**_OPTS)
 def band_rowmax(band, bc2, rows_out, chunk):
-    n = band.shape[0]
-    b = band.shape[1] - 1
     nchunks = rows_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        rmax = bc2 - bc2
-        for j in range(lo, hi):
-            r = band[j, 0] / bc2
-            for k in range(1, b + 1):
-                if j + k < n:
-                    r = r + abs(band[j, k] / bc2)
-            for k in range(1, b + 1):
-                if j - k >= 0:
-                    r = r + abs(band[j - k, k] / bc2)
-            if r > rmax:
-                rmax = r
-        rows_out[c] = rmax
+        band_rowmax_chunk(band, bc2, rows_out, chunk, c)
 
 
 @njit(**_SERIAL)
@@ -547,6 +589,145 @@ def _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, lo, hi, A, L, d, 
 RB = 128  # rows per batch in the band factorisation (all per-row scalars live in (…, RB) buffers)
 
 
+@njit(**_SERIAL)
+def band_factor_lt_chunk(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`band_factor_lt`, serial (the body of its ``prange`` loop)."""
+    n = band.shape[0]
+    b = band.shape[1] - 1
+    nchunks = removed_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    A = np.empty((b, b, RB), dtype=band.dtype)
+    L = np.zeros((b, b, RB), dtype=band.dtype)
+    d = np.empty((b, RB), dtype=band.dtype)
+    okv = np.empty((b, RB), dtype=np.bool_)
+    z = np.empty((b, RB), dtype=band.dtype)
+    wv = np.empty((b, RB), dtype=band.dtype)
+    ps = np.empty((b, RB), dtype=band.dtype)
+    sv = np.empty(RB, dtype=band.dtype)
+    d0v = np.empty(RB, dtype=band.dtype)
+    alive = np.empty(RB, dtype=np.bool_)
+    kept = np.empty(RB, dtype=np.int64)
+    accv = np.empty(RB, dtype=band.dtype)
+    A2 = np.empty((b, b), dtype=band.dtype)
+    L2 = np.zeros((b, b), dtype=band.dtype)
+    d2 = np.empty(b, dtype=band.dtype)
+    ok2 = np.empty(b, dtype=np.bool_)
+    z2 = np.empty(b, dtype=band.dtype)
+    w2 = np.empty(b, dtype=band.dtype)
+    p2 = np.empty(b, dtype=band.dtype)
+    zero = bc2 - bc2
+    removed = 0
+    fallback = 0
+    fast_hi = min(hi, n - b)  # rows j with j + b <= n - 1: full window, all neighbours real
+    blo = lo
+    while blo < fast_hi:
+        k = min(RB, fast_hi - blo)
+        for a in range(b):
+            for cc in range(a, b):
+                Aac = A[a, cc]
+                col = band[blo + 1 + a:blo + 1 + a + k, cc - a]
+                if a == cc:
+                    for r in range(k):
+                        Aac[r] = col[r] / bc2 + eps_eff
+                else:
+                    Aca = A[cc, a]
+                    for r in range(k):
+                        v = col[r] / bc2
+                        Aac[r] = v
+                        Aca[r] = v
+        for i in range(b):
+            di = d[i]
+            Aii = A[i, i]
+            for r in range(k):
+                di[r] = Aii[r]
+            for l_ in range(i):
+                Lil = L[i, l_]
+                dl = d[l_]
+                for r in range(k):
+                    di[r] = di[r] - Lil[r] * (Lil[r] * dl[r])
+            oki = okv[i]
+            for r in range(k):
+                ok = di[r] > tau * Aii[r]
+                oki[r] = ok
+                di[r] = di[r] if ok else Aii[r]
+            for rr in range(i + 1, b):
+                Lri = L[rr, i]
+                Ari = A[rr, i]
+                for r in range(k):
+                    Lri[r] = Ari[r]
+                for l_ in range(i):
+                    Lrl = L[rr, l_]
+                    Lil = L[i, l_]
+                    dl = d[l_]
+                    for r in range(k):
+                        Lri[r] = Lri[r] - Lrl[r] * (Lil[r] * dl[r])
+                for r in range(k):
+                    Lri[r] = Lri[r] / di[r]
+        c0 = band[blo:blo + k, 0]
+        for r in range(k):
+            d0 = c0[r] / bc2 + eps_eff
+            d0v[r] = d0
+            sv[r] = d0
+            alive[r] = True
+            kept[r] = 0
+        for i in range(b):
+            zi = z[i]
+            ci = band[blo:blo + k, i + 1]
+            for r in range(k):
+                zi[r] = ci[r] / bc2
+            for l_ in range(i):
+                Lil = L[i, l_]
+                zl = z[l_]
+                for r in range(k):
+                    zi[r] = zi[r] - Lil[r] * zl[r]
+            di = d[i]
+            oki = okv[i]
+            wi = wv[i]
+            for r in range(k):
+                w = zi[r] / di[r]
+                s_next = sv[r] - zi[r] * w
+                al = alive[r] and oki[r] and (s_next > tau * d0v[r])
+                alive[r] = al
+                sv[r] = s_next if al else sv[r]
+                kept[r] += 1 if al else 0
+                wi[r] = w if al else zero
+        for r in range(k):
+            if kept[r] < b:
+                removed += b - kept[r]
+                fallback += 1
+        for i in range(b - 1, -1, -1):
+            pi = ps[i]
+            wi = wv[i]
+            for r in range(k):
+                pi[r] = wi[r]
+            for rr in range(i + 1, b):
+                Lri = L[rr, i]
+                pr = ps[rr]
+                for r in range(k):
+                    pi[r] = pi[r] - Lri[r] * pr[r]
+        mb = m[blo:blo + k + b]
+        tb = t[blo:blo + k]
+        for r in range(k):
+            accv[r] = mb[r] / bc1
+        for kk in range(1, b + 1):
+            pk = ps[kk - 1]
+            ob = psi[blo:blo + k, kk - 1]
+            for r in range(k):
+                ob[r] = pk[r]
+                accv[r] = accv[r] - pk[r] * (mb[r + kk] / bc1)
+        for r in range(k):
+            tb[r] = accv[r] / sv[r]
+        blo += k
+    if max(lo, fast_hi) < hi:
+        rm, fb = _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, max(lo, fast_hi), hi,
+                                   A2, L2, d2, ok2, z2, w2, p2)
+        removed += rm
+        fallback += fb
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
 @njit(**_OPTS)
 def band_factor_lt(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallback_out, chunk):
     """Per row: ``LDLᵀ`` of the window, prefix Schur complements, fallback, ψ; ``t = D⁻¹ Lᵀ m̂``.
@@ -557,174 +738,49 @@ def band_factor_lt(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallbac
     arithmetic of each row is the scalar algorithm's, in the same order (bit for
     bit). Rows whose window reaches past ``n`` (the last ``b``) take the scalar path.
     """
-    n = band.shape[0]
-    b = band.shape[1] - 1
     nchunks = removed_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        A = np.empty((b, b, RB), dtype=band.dtype)
-        L = np.zeros((b, b, RB), dtype=band.dtype)
-        d = np.empty((b, RB), dtype=band.dtype)
-        okv = np.empty((b, RB), dtype=np.bool_)
-        z = np.empty((b, RB), dtype=band.dtype)
-        wv = np.empty((b, RB), dtype=band.dtype)
-        ps = np.empty((b, RB), dtype=band.dtype)
-        sv = np.empty(RB, dtype=band.dtype)
-        d0v = np.empty(RB, dtype=band.dtype)
-        alive = np.empty(RB, dtype=np.bool_)
-        kept = np.empty(RB, dtype=np.int64)
-        accv = np.empty(RB, dtype=band.dtype)
-        A2 = np.empty((b, b), dtype=band.dtype)
-        L2 = np.zeros((b, b), dtype=band.dtype)
-        d2 = np.empty(b, dtype=band.dtype)
-        ok2 = np.empty(b, dtype=np.bool_)
-        z2 = np.empty(b, dtype=band.dtype)
-        w2 = np.empty(b, dtype=band.dtype)
-        p2 = np.empty(b, dtype=band.dtype)
-        zero = bc2 - bc2
-        removed = 0
-        fallback = 0
-        fast_hi = min(hi, n - b)  # rows j with j + b <= n - 1: full window, all neighbours real
-        blo = lo
-        while blo < fast_hi:
-            k = min(RB, fast_hi - blo)
-            for a in range(b):
-                for cc in range(a, b):
-                    Aac = A[a, cc]
-                    col = band[blo + 1 + a:blo + 1 + a + k, cc - a]
-                    if a == cc:
-                        for r in range(k):
-                            Aac[r] = col[r] / bc2 + eps_eff
-                    else:
-                        Aca = A[cc, a]
-                        for r in range(k):
-                            v = col[r] / bc2
-                            Aac[r] = v
-                            Aca[r] = v
-            for i in range(b):
-                di = d[i]
-                Aii = A[i, i]
-                for r in range(k):
-                    di[r] = Aii[r]
-                for l_ in range(i):
-                    Lil = L[i, l_]
-                    dl = d[l_]
-                    for r in range(k):
-                        di[r] = di[r] - Lil[r] * (Lil[r] * dl[r])
-                oki = okv[i]
-                for r in range(k):
-                    ok = di[r] > tau * Aii[r]
-                    oki[r] = ok
-                    di[r] = di[r] if ok else Aii[r]
-                for rr in range(i + 1, b):
-                    Lri = L[rr, i]
-                    Ari = A[rr, i]
-                    for r in range(k):
-                        Lri[r] = Ari[r]
-                    for l_ in range(i):
-                        Lrl = L[rr, l_]
-                        Lil = L[i, l_]
-                        dl = d[l_]
-                        for r in range(k):
-                            Lri[r] = Lri[r] - Lrl[r] * (Lil[r] * dl[r])
-                    for r in range(k):
-                        Lri[r] = Lri[r] / di[r]
-            c0 = band[blo:blo + k, 0]
-            for r in range(k):
-                d0 = c0[r] / bc2 + eps_eff
-                d0v[r] = d0
-                sv[r] = d0
-                alive[r] = True
-                kept[r] = 0
-            for i in range(b):
-                zi = z[i]
-                ci = band[blo:blo + k, i + 1]
-                for r in range(k):
-                    zi[r] = ci[r] / bc2
-                for l_ in range(i):
-                    Lil = L[i, l_]
-                    zl = z[l_]
-                    for r in range(k):
-                        zi[r] = zi[r] - Lil[r] * zl[r]
-                di = d[i]
-                oki = okv[i]
-                wi = wv[i]
-                for r in range(k):
-                    w = zi[r] / di[r]
-                    s_next = sv[r] - zi[r] * w
-                    al = alive[r] and oki[r] and (s_next > tau * d0v[r])
-                    alive[r] = al
-                    sv[r] = s_next if al else sv[r]
-                    kept[r] += 1 if al else 0
-                    wi[r] = w if al else zero
-            for r in range(k):
-                if kept[r] < b:
-                    removed += b - kept[r]
-                    fallback += 1
-            for i in range(b - 1, -1, -1):
-                pi = ps[i]
-                wi = wv[i]
-                for r in range(k):
-                    pi[r] = wi[r]
-                for rr in range(i + 1, b):
-                    Lri = L[rr, i]
-                    pr = ps[rr]
-                    for r in range(k):
-                        pi[r] = pi[r] - Lri[r] * pr[r]
-            mb = m[blo:blo + k + b]
-            tb = t[blo:blo + k]
-            for r in range(k):
-                accv[r] = mb[r] / bc1
-            for kk in range(1, b + 1):
-                pk = ps[kk - 1]
-                ob = psi[blo:blo + k, kk - 1]
-                for r in range(k):
-                    ob[r] = pk[r]
-                    accv[r] = accv[r] - pk[r] * (mb[r + kk] / bc1)
-            for r in range(k):
-                tb[r] = accv[r] / sv[r]
-            blo += k
-        if max(lo, fast_hi) < hi:
-            rm, fb = _band_rows_scalar(m, band, psi, t, bc1, bc2, eps_eff, tau, max(lo, fast_hi), hi,
-                                       A2, L2, d2, ok2, z2, w2, p2)
-            removed += rm
-            fallback += fb
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+        band_factor_lt_chunk(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def band_l_apply_chunk(p, psi, t, u, neg_lr, wd, write_p, norms_out, chunk, c):
+    """Chunk ``c`` of :func:`band_l_apply`, serial (the body of its ``prange`` loop)."""
+    n = t.size
+    b = psi.shape[1]
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    acc = 0.0
+    for j in range(lo, hi):
+        y = t[j]
+        for k in range(1, b + 1):
+            if j - k >= 0:
+                y = y - psi[j - k, k - 1] * t[j - k]
+        if write_p:
+            pj = p[j]
+            if wd != 0:
+                p[j] = pj + neg_lr * (y + wd * pj)
+            else:
+                p[j] = pj + neg_lr * y
+        else:
+            u[j] = y
+            acc += float(y) * float(y)
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def band_l_apply(p, psi, t, u, neg_lr, wd, write_p, norms_out, chunk):
     """``y = L t`` (``y_j = t_j - Σ_k ψ_{j-k}[k] t_{j-k}``); writes p (no graft) or u and ‖y‖²."""
-    n = t.size
-    b = psi.shape[1]
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        acc = 0.0
-        for j in range(lo, hi):
-            y = t[j]
-            for k in range(1, b + 1):
-                if j - k >= 0:
-                    y = y - psi[j - k, k - 1] * t[j - k]
-            if write_p:
-                pj = p[j]
-                if wd != 0:
-                    p[j] = pj + neg_lr * (y + wd * pj)
-                else:
-                    p[j] = pj + neg_lr * y
-            else:
-                u[j] = y
-                acc += float(y) * float(y)
-        norms_out[c] = acc
+        band_l_apply_chunk(p, psi, t, u, neg_lr, wd, write_p, norms_out, chunk, c)
 
 
 # ---------------------------------------------------------------- driver
 
 
-def run(backend, step, params, grads, mus, bands, g_views=None):
+def run(backend, step, params, grads, mus, bands, g_views=None, nus=None):
     """One SONew step on every leaf, in place; returns ``[(removed_edges, fallback_rows)]`` per leaf.
 
     ``step``: the frozen ``arrayopt.sonew_step.SONewStep`` of this step (hyperparameters,
@@ -734,11 +790,14 @@ def run(backend, step, params, grads, mus, bands, g_views=None):
     """
     from . import sonew_band_kernels as unrolled
 
+    from .sonew_blocks import run_blocks
+
     p_views = backend.views(params)
     g_views = list(g_views) if g_views is not None else backend.views(grads)
     m_views = backend.views(mus)
+    nu_views = backend.views(nus) if nus is not None else [None] * len(p_views)
     b_views = [(bd.detach().numpy() if library_of(bd) == "torch" else bd) for bd in bands]
-    graft = GRAFT_CODES[step.graft]
+    graft = GRAFT_CODES.get(step.graft, -1)  # -1: only the block driver fuses it
     write_back = []
     if step.order == "F":  # flatten_order="F": the band runs over the first axis fastest
         for i, leaf in enumerate(params):
@@ -747,9 +806,23 @@ def run(backend, step, params, grads, mus, bands, g_views=None):
                 p_nd, m_nd = p_views[i].reshape(shape), m_views[i].reshape(shape)
                 p_views[i], m_views[i] = np.ravel(p_nd, order="F"), np.ravel(m_nd, order="F")
                 g_views[i] = np.ravel(g_views[i].reshape(shape), order="F")
-                write_back.append((p_nd, p_views[i], m_nd, m_views[i]))
+                write_back.append((p_nd, p_views[i]))
+                write_back.append((m_nd, m_views[i]))
+                if nu_views[i] is not None:
+                    nu_nd = nu_views[i].reshape(shape)
+                    nu_views[i] = np.ravel(nu_nd, order="F")
+                    write_back.append((nu_nd, nu_views[i]))
     out = []
-    for p, g, m, band in zip(p_views, g_views, m_views, b_views):
+    for leaf, p, g, m, band, nu in zip(params, p_views, g_views, m_views, b_views, nu_views):
+        small = len(tuple(leaf.shape)) <= 1
+        if (step.block_size is not None or step.graft not in GRAFT_CODES
+                or (small and step.small_param_fallback != "sonew")):
+            # block-local (or an option only the block driver fuses: one block of n)
+            if not band.flags.c_contiguous:
+                raise ValueError("SONew band state: expected a C-contiguous (n, b+1) array")
+            bsz = p.size if step.block_size is None else step.block_size
+            out.append(run_blocks(step, p, g, m, band, nu, bsz, small))
+            continue
         cast = p.dtype.type
         n = p.size
         b = band.shape[1] - 1
@@ -811,7 +884,6 @@ def run(backend, step, params, grads, mus, bands, g_views=None):
             scale = cast(graft_scale(np, np.float64(target), np.float64(np.sqrt(norms.sum()))))
             scaled_apply(p, u, scale, neg_lr, wd)
         out.append((edges, fallback))
-    for p_nd, p_f, m_nd, m_f in write_back:
-        p_nd[...] = p_f.reshape(p_nd.shape, order="F")
-        m_nd[...] = m_f.reshape(m_nd.shape, order="F")
+    for x_nd, x_f in write_back:
+        x_nd[...] = x_f.reshape(x_nd.shape, order="F")
     return out

@@ -16,1851 +16,1951 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .sonew import _OPTS, _band_row, _max4, _sumsq4
+from .sonew import _OPTS, _SERIAL, _band_row, _max4, _sumsq4
 
 BLK = 512  # rows per L1-resident sub-block
+
+
+@njit(**_SERIAL)
+def stats_2_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_2`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(1542, dtype=bf.dtype)  # Hb[514k + 2 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(2):  # rows lo-2..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 2 + q
+        if i >= 0:
+            for kk in range(3):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[514 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[514 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 2, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[3 * blo:3 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 2))  # rows whose 2 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[3 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[3 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[3 * x + 0] = v
+                hs[2 + x] = abs(v / bc2)
+                v = bs_[3 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[3 * x + 1] = v
+                hs[516 + x] = abs(v / bc2)
+                v = bs_[3 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[3 * x + 2] = v
+                hs[1030 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(3):
+                    if r + kk < bend:
+                        v = bb[3 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[3 * r + kk] * b2
+                    bb[3 * r + kk] = v
+                    Hb[514 * kk + 2 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((Hb[2 + r] + Hb[516 + r]) + Hb[1030 + r]) + Hb[515 + r]) + Hb[1028 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[2 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(2):  # the last 2 rows become the next block's lower neighbours
+            for kk in range(3):
+                Hb[514 * kk + q] = Hb[514 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_2(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[3j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(1542, dtype=bf.dtype)  # Hb[514k + 2 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(2):  # rows lo-2..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 2 + q
-            if i >= 0:
-                for kk in range(3):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[514 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[514 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 2, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[3 * blo:3 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 2))  # rows whose 2 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[3 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[3 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[3 * x + 0] = v
-                    hs[2 + x] = abs(v / bc2)
-                    v = bs_[3 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[3 * x + 1] = v
-                    hs[516 + x] = abs(v / bc2)
-                    v = bs_[3 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[3 * x + 2] = v
-                    hs[1030 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(3):
-                        if r + kk < bend:
-                            v = bb[3 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[3 * r + kk] * b2
-                        bb[3 * r + kk] = v
-                        Hb[514 * kk + 2 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((Hb[2 + r] + Hb[516 + r]) + Hb[1030 + r]) + Hb[515 + r]) + Hb[1028 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[2 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(2):  # the last 2 rows become the next block's lower neighbours
-                for kk in range(3):
-                    Hb[514 * kk + q] = Hb[514 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_2_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_2(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_2_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_2`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(2056, dtype=band.dtype)  # IN[514k + q] = Ĥ[blo + q, k] (k <= 2), m̂ (k = 3)
-        OUT = np.zeros(2056, dtype=band.dtype)  # OUT[514k + 2 + r]: ψ_(blo+r)[k], t (k = 2), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(2, dtype=band.dtype)
-        Aw = np.empty((2, 2), dtype=band.dtype)
-        Lw = np.zeros((2, 2), dtype=band.dtype)
-        dw = np.empty(2, dtype=band.dtype)
-        okw = np.empty(2, dtype=np.bool_)
-        zw = np.empty(2, dtype=band.dtype)
-        ww = np.empty(2, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-2 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..1
-        for q in range(2):
-            j = lo - 2 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[1028 + q] = tq
-                for kk in range(2):
-                    OUT[514 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 2 - blo))  # rows with a full window
-            nq = min(k + 2, n - blo)
-            bq = bf[3 * blo:3 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[3 * q + 0] / bc2
-                IN[514 + q] = bq[3 * q + 1] / bc2
-                IN[1028 + q] = bq[3 * q + 2] / bc2
-                IN[1542 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[515 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[514 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1028 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                p1 = w1
-                p0 = (w0 - L1_0 * p1)
-                OUT[1030 + r] = ((IN[1542 + r] - p0 * IN[1543 + r]) - p1 * IN[1544 + r]) / s
-                OUT[2 + r] = p0
-                OUT[516 + r] = p1
-                OUT[1544 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[1544 + r])
-                removed += 2 - kept
-                fallback += 1 if kept < 2 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[1030 + r] = tj
-                for kk in range(2):
-                    OUT[514 * kk + 2 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = ((OUT[1030 + r] - OUT[1 + r] * OUT[1029 + r]) - OUT[514 + r] * OUT[1028 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(2056, dtype=band.dtype)  # IN[514k + q] = Ĥ[blo + q, k] (k <= 2), m̂ (k = 3)
+    OUT = np.zeros(2056, dtype=band.dtype)  # OUT[514k + 2 + r]: ψ_(blo+r)[k], t (k = 2), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(2, dtype=band.dtype)
+    Aw = np.empty((2, 2), dtype=band.dtype)
+    Lw = np.zeros((2, 2), dtype=band.dtype)
+    dw = np.empty(2, dtype=band.dtype)
+    okw = np.empty(2, dtype=np.bool_)
+    zw = np.empty(2, dtype=band.dtype)
+    ww = np.empty(2, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-2 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..1
+    for q in range(2):
+        j = lo - 2 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[1028 + q] = tq
+            for kk in range(2):
+                OUT[514 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 2 - blo))  # rows with a full window
+        nq = min(k + 2, n - blo)
+        bq = bf[3 * blo:3 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[3 * q + 0] / bc2
+            IN[514 + q] = bq[3 * q + 1] / bc2
+            IN[1028 + q] = bq[3 * q + 2] / bc2
+            IN[1542 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[515 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[514 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1028 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            p1 = w1
+            p0 = (w0 - L1_0 * p1)
+            OUT[1030 + r] = ((IN[1542 + r] - p0 * IN[1543 + r]) - p1 * IN[1544 + r]) / s
+            OUT[2 + r] = p0
+            OUT[516 + r] = p1
+            OUT[1544 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[1544 + r])
+            removed += 2 - kept
+            fallback += 1 if kept < 2 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[1030 + r] = tj
+            for kk in range(2):
+                OUT[514 * kk + 2 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = ((OUT[1030 + r] - OUT[1 + r] * OUT[1029 + r]) - OUT[514 + r] * OUT[1028 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(2):  # the last 2 rows become the next block's lower neighbours
-                for kk in range(3):
-                    OUT[514 * kk + q] = OUT[514 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(2):  # the last 2 rows become the next block's lower neighbours
+            for kk in range(3):
+                OUT[514 * kk + q] = OUT[514 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_2(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_2_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def stats_3_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_3`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(2060, dtype=bf.dtype)  # Hb[515k + 3 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(3):  # rows lo-3..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 3 + q
+        if i >= 0:
+            for kk in range(4):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[515 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[515 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 3, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[4 * blo:4 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 3))  # rows whose 3 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[4 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[4 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[4 * x + 0] = v
+                hs[3 + x] = abs(v / bc2)
+                v = bs_[4 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[4 * x + 1] = v
+                hs[518 + x] = abs(v / bc2)
+                v = bs_[4 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[4 * x + 2] = v
+                hs[1033 + x] = abs(v / bc2)
+                v = bs_[4 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
+                bs_[4 * x + 3] = v
+                hs[1548 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(4):
+                    if r + kk < bend:
+                        v = bb[4 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[4 * r + kk] * b2
+                    bb[4 * r + kk] = v
+                    Hb[515 * kk + 3 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((((Hb[3 + r] + Hb[518 + r]) + Hb[1033 + r]) + Hb[1548 + r]) + Hb[517 + r]) + Hb[1031 + r]) + Hb[1545 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[3 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(3):  # the last 3 rows become the next block's lower neighbours
+            for kk in range(4):
+                Hb[515 * kk + q] = Hb[515 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_3(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[4j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(2060, dtype=bf.dtype)  # Hb[515k + 3 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(3):  # rows lo-3..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 3 + q
-            if i >= 0:
-                for kk in range(4):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[515 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[515 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 3, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[4 * blo:4 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 3))  # rows whose 3 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[4 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[4 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[4 * x + 0] = v
-                    hs[3 + x] = abs(v / bc2)
-                    v = bs_[4 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[4 * x + 1] = v
-                    hs[518 + x] = abs(v / bc2)
-                    v = bs_[4 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[4 * x + 2] = v
-                    hs[1033 + x] = abs(v / bc2)
-                    v = bs_[4 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
-                    bs_[4 * x + 3] = v
-                    hs[1548 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(4):
-                        if r + kk < bend:
-                            v = bb[4 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[4 * r + kk] * b2
-                        bb[4 * r + kk] = v
-                        Hb[515 * kk + 3 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((((Hb[3 + r] + Hb[518 + r]) + Hb[1033 + r]) + Hb[1548 + r]) + Hb[517 + r]) + Hb[1031 + r]) + Hb[1545 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[3 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(3):  # the last 3 rows become the next block's lower neighbours
-                for kk in range(4):
-                    Hb[515 * kk + q] = Hb[515 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_3_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_3(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_3_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_3`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(2575, dtype=band.dtype)  # IN[515k + q] = Ĥ[blo + q, k] (k <= 3), m̂ (k = 4)
-        OUT = np.zeros(2575, dtype=band.dtype)  # OUT[515k + 3 + r]: ψ_(blo+r)[k], t (k = 3), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(3, dtype=band.dtype)
-        Aw = np.empty((3, 3), dtype=band.dtype)
-        Lw = np.zeros((3, 3), dtype=band.dtype)
-        dw = np.empty(3, dtype=band.dtype)
-        okw = np.empty(3, dtype=np.bool_)
-        zw = np.empty(3, dtype=band.dtype)
-        ww = np.empty(3, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-3 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..2
-        for q in range(3):
-            j = lo - 3 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[1545 + q] = tq
-                for kk in range(3):
-                    OUT[515 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 3 - blo))  # rows with a full window
-            nq = min(k + 3, n - blo)
-            bq = bf[4 * blo:4 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[4 * q + 0] / bc2
-                IN[515 + q] = bq[4 * q + 1] / bc2
-                IN[1030 + q] = bq[4 * q + 2] / bc2
-                IN[1545 + q] = bq[4 * q + 3] / bc2
-                IN[2060 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[516 + r]
-                A0_2 = IN[1031 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                A1_2 = IN[517 + r]
-                A2_2 = IN[3 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                L2_0 = A0_2 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
-                d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
-                ok2 = d2 > tau * A2_2
-                d2 = d2 if ok2 else A2_2
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[515 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1030 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                z2 = ((IN[1545 + r] - L2_0 * z0) - L2_1 * z1)
-                w2 = z2 / d2
-                sn = s - z2 * w2
-                alive = alive & ok2 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w2 = w2 if alive else zero
-                p2 = w2
-                p1 = (w1 - L2_1 * p2)
-                p0 = ((w0 - L1_0 * p1) - L2_0 * p2)
-                OUT[1548 + r] = (((IN[2060 + r] - p0 * IN[2061 + r]) - p1 * IN[2062 + r]) - p2 * IN[2063 + r]) / s
-                OUT[3 + r] = p0
-                OUT[518 + r] = p1
-                OUT[1033 + r] = p2
-                OUT[2063 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[2063 + r])
-                removed += 3 - kept
-                fallback += 1 if kept < 3 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[1548 + r] = tj
-                for kk in range(3):
-                    OUT[515 * kk + 3 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = (((OUT[1548 + r] - OUT[2 + r] * OUT[1547 + r]) - OUT[516 + r] * OUT[1546 + r]) - OUT[1030 + r] * OUT[1545 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(2575, dtype=band.dtype)  # IN[515k + q] = Ĥ[blo + q, k] (k <= 3), m̂ (k = 4)
+    OUT = np.zeros(2575, dtype=band.dtype)  # OUT[515k + 3 + r]: ψ_(blo+r)[k], t (k = 3), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(3, dtype=band.dtype)
+    Aw = np.empty((3, 3), dtype=band.dtype)
+    Lw = np.zeros((3, 3), dtype=band.dtype)
+    dw = np.empty(3, dtype=band.dtype)
+    okw = np.empty(3, dtype=np.bool_)
+    zw = np.empty(3, dtype=band.dtype)
+    ww = np.empty(3, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-3 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..2
+    for q in range(3):
+        j = lo - 3 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[1545 + q] = tq
+            for kk in range(3):
+                OUT[515 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 3 - blo))  # rows with a full window
+        nq = min(k + 3, n - blo)
+        bq = bf[4 * blo:4 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[4 * q + 0] / bc2
+            IN[515 + q] = bq[4 * q + 1] / bc2
+            IN[1030 + q] = bq[4 * q + 2] / bc2
+            IN[1545 + q] = bq[4 * q + 3] / bc2
+            IN[2060 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[516 + r]
+            A0_2 = IN[1031 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            A1_2 = IN[517 + r]
+            A2_2 = IN[3 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            L2_0 = A0_2 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
+            d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
+            ok2 = d2 > tau * A2_2
+            d2 = d2 if ok2 else A2_2
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[515 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1030 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            z2 = ((IN[1545 + r] - L2_0 * z0) - L2_1 * z1)
+            w2 = z2 / d2
+            sn = s - z2 * w2
+            alive = alive & ok2 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w2 = w2 if alive else zero
+            p2 = w2
+            p1 = (w1 - L2_1 * p2)
+            p0 = ((w0 - L1_0 * p1) - L2_0 * p2)
+            OUT[1548 + r] = (((IN[2060 + r] - p0 * IN[2061 + r]) - p1 * IN[2062 + r]) - p2 * IN[2063 + r]) / s
+            OUT[3 + r] = p0
+            OUT[518 + r] = p1
+            OUT[1033 + r] = p2
+            OUT[2063 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[2063 + r])
+            removed += 3 - kept
+            fallback += 1 if kept < 3 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[1548 + r] = tj
+            for kk in range(3):
+                OUT[515 * kk + 3 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = (((OUT[1548 + r] - OUT[2 + r] * OUT[1547 + r]) - OUT[516 + r] * OUT[1546 + r]) - OUT[1030 + r] * OUT[1545 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(3):  # the last 3 rows become the next block's lower neighbours
-                for kk in range(4):
-                    OUT[515 * kk + q] = OUT[515 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(3):  # the last 3 rows become the next block's lower neighbours
+            for kk in range(4):
+                OUT[515 * kk + q] = OUT[515 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_3(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_3_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def stats_4_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_4`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(2580, dtype=bf.dtype)  # Hb[516k + 4 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(4):  # rows lo-4..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 4 + q
+        if i >= 0:
+            for kk in range(5):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[516 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[516 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 4, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[5 * blo:5 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 4))  # rows whose 4 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[5 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[5 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[5 * x + 0] = v
+                hs[4 + x] = abs(v / bc2)
+                v = bs_[5 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[5 * x + 1] = v
+                hs[520 + x] = abs(v / bc2)
+                v = bs_[5 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[5 * x + 2] = v
+                hs[1036 + x] = abs(v / bc2)
+                v = bs_[5 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
+                bs_[5 * x + 3] = v
+                hs[1552 + x] = abs(v / bc2)
+                v = bs_[5 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
+                bs_[5 * x + 4] = v
+                hs[2068 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(5):
+                    if r + kk < bend:
+                        v = bb[5 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[5 * r + kk] * b2
+                    bb[5 * r + kk] = v
+                    Hb[516 * kk + 4 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((((((Hb[4 + r] + Hb[520 + r]) + Hb[1036 + r]) + Hb[1552 + r]) + Hb[2068 + r]) + Hb[519 + r]) + Hb[1034 + r]) + Hb[1549 + r]) + Hb[2064 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[4 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(4):  # the last 4 rows become the next block's lower neighbours
+            for kk in range(5):
+                Hb[516 * kk + q] = Hb[516 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_4(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[5j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(2580, dtype=bf.dtype)  # Hb[516k + 4 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(4):  # rows lo-4..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 4 + q
-            if i >= 0:
-                for kk in range(5):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[516 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[516 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 4, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[5 * blo:5 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 4))  # rows whose 4 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[5 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[5 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[5 * x + 0] = v
-                    hs[4 + x] = abs(v / bc2)
-                    v = bs_[5 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[5 * x + 1] = v
-                    hs[520 + x] = abs(v / bc2)
-                    v = bs_[5 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[5 * x + 2] = v
-                    hs[1036 + x] = abs(v / bc2)
-                    v = bs_[5 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
-                    bs_[5 * x + 3] = v
-                    hs[1552 + x] = abs(v / bc2)
-                    v = bs_[5 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
-                    bs_[5 * x + 4] = v
-                    hs[2068 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(5):
-                        if r + kk < bend:
-                            v = bb[5 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[5 * r + kk] * b2
-                        bb[5 * r + kk] = v
-                        Hb[516 * kk + 4 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((((((Hb[4 + r] + Hb[520 + r]) + Hb[1036 + r]) + Hb[1552 + r]) + Hb[2068 + r]) + Hb[519 + r]) + Hb[1034 + r]) + Hb[1549 + r]) + Hb[2064 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[4 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(4):  # the last 4 rows become the next block's lower neighbours
-                for kk in range(5):
-                    Hb[516 * kk + q] = Hb[516 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_4_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_4(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_4_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_4`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(3096, dtype=band.dtype)  # IN[516k + q] = Ĥ[blo + q, k] (k <= 4), m̂ (k = 5)
-        OUT = np.zeros(3096, dtype=band.dtype)  # OUT[516k + 4 + r]: ψ_(blo+r)[k], t (k = 4), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(4, dtype=band.dtype)
-        Aw = np.empty((4, 4), dtype=band.dtype)
-        Lw = np.zeros((4, 4), dtype=band.dtype)
-        dw = np.empty(4, dtype=band.dtype)
-        okw = np.empty(4, dtype=np.bool_)
-        zw = np.empty(4, dtype=band.dtype)
-        ww = np.empty(4, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-4 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..3
-        for q in range(4):
-            j = lo - 4 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[2064 + q] = tq
-                for kk in range(4):
-                    OUT[516 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 4 - blo))  # rows with a full window
-            nq = min(k + 4, n - blo)
-            bq = bf[5 * blo:5 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[5 * q + 0] / bc2
-                IN[516 + q] = bq[5 * q + 1] / bc2
-                IN[1032 + q] = bq[5 * q + 2] / bc2
-                IN[1548 + q] = bq[5 * q + 3] / bc2
-                IN[2064 + q] = bq[5 * q + 4] / bc2
-                IN[2580 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[517 + r]
-                A0_2 = IN[1033 + r]
-                A0_3 = IN[1549 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                A1_2 = IN[518 + r]
-                A1_3 = IN[1034 + r]
-                A2_2 = IN[3 + r] + eps_eff
-                A2_3 = IN[519 + r]
-                A3_3 = IN[4 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                L2_0 = A0_2 / d0
-                L3_0 = A0_3 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
-                L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
-                d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
-                ok2 = d2 > tau * A2_2
-                d2 = d2 if ok2 else A2_2
-                L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
-                d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
-                ok3 = d3 > tau * A3_3
-                d3 = d3 if ok3 else A3_3
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[516 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1032 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                z2 = ((IN[1548 + r] - L2_0 * z0) - L2_1 * z1)
-                w2 = z2 / d2
-                sn = s - z2 * w2
-                alive = alive & ok2 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w2 = w2 if alive else zero
-                z3 = (((IN[2064 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
-                w3 = z3 / d3
-                sn = s - z3 * w3
-                alive = alive & ok3 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w3 = w3 if alive else zero
-                p3 = w3
-                p2 = (w2 - L3_2 * p3)
-                p1 = ((w1 - L2_1 * p2) - L3_1 * p3)
-                p0 = (((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3)
-                OUT[2068 + r] = ((((IN[2580 + r] - p0 * IN[2581 + r]) - p1 * IN[2582 + r]) - p2 * IN[2583 + r]) - p3 * IN[2584 + r]) / s
-                OUT[4 + r] = p0
-                OUT[520 + r] = p1
-                OUT[1036 + r] = p2
-                OUT[1552 + r] = p3
-                OUT[2584 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[2584 + r])
-                removed += 4 - kept
-                fallback += 1 if kept < 4 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[2068 + r] = tj
-                for kk in range(4):
-                    OUT[516 * kk + 4 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = ((((OUT[2068 + r] - OUT[3 + r] * OUT[2067 + r]) - OUT[518 + r] * OUT[2066 + r]) - OUT[1033 + r] * OUT[2065 + r]) - OUT[1548 + r] * OUT[2064 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(3096, dtype=band.dtype)  # IN[516k + q] = Ĥ[blo + q, k] (k <= 4), m̂ (k = 5)
+    OUT = np.zeros(3096, dtype=band.dtype)  # OUT[516k + 4 + r]: ψ_(blo+r)[k], t (k = 4), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(4, dtype=band.dtype)
+    Aw = np.empty((4, 4), dtype=band.dtype)
+    Lw = np.zeros((4, 4), dtype=band.dtype)
+    dw = np.empty(4, dtype=band.dtype)
+    okw = np.empty(4, dtype=np.bool_)
+    zw = np.empty(4, dtype=band.dtype)
+    ww = np.empty(4, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-4 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..3
+    for q in range(4):
+        j = lo - 4 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[2064 + q] = tq
+            for kk in range(4):
+                OUT[516 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 4 - blo))  # rows with a full window
+        nq = min(k + 4, n - blo)
+        bq = bf[5 * blo:5 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[5 * q + 0] / bc2
+            IN[516 + q] = bq[5 * q + 1] / bc2
+            IN[1032 + q] = bq[5 * q + 2] / bc2
+            IN[1548 + q] = bq[5 * q + 3] / bc2
+            IN[2064 + q] = bq[5 * q + 4] / bc2
+            IN[2580 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[517 + r]
+            A0_2 = IN[1033 + r]
+            A0_3 = IN[1549 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            A1_2 = IN[518 + r]
+            A1_3 = IN[1034 + r]
+            A2_2 = IN[3 + r] + eps_eff
+            A2_3 = IN[519 + r]
+            A3_3 = IN[4 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            L2_0 = A0_2 / d0
+            L3_0 = A0_3 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
+            L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
+            d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
+            ok2 = d2 > tau * A2_2
+            d2 = d2 if ok2 else A2_2
+            L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
+            d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
+            ok3 = d3 > tau * A3_3
+            d3 = d3 if ok3 else A3_3
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[516 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1032 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            z2 = ((IN[1548 + r] - L2_0 * z0) - L2_1 * z1)
+            w2 = z2 / d2
+            sn = s - z2 * w2
+            alive = alive & ok2 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w2 = w2 if alive else zero
+            z3 = (((IN[2064 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
+            w3 = z3 / d3
+            sn = s - z3 * w3
+            alive = alive & ok3 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w3 = w3 if alive else zero
+            p3 = w3
+            p2 = (w2 - L3_2 * p3)
+            p1 = ((w1 - L2_1 * p2) - L3_1 * p3)
+            p0 = (((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3)
+            OUT[2068 + r] = ((((IN[2580 + r] - p0 * IN[2581 + r]) - p1 * IN[2582 + r]) - p2 * IN[2583 + r]) - p3 * IN[2584 + r]) / s
+            OUT[4 + r] = p0
+            OUT[520 + r] = p1
+            OUT[1036 + r] = p2
+            OUT[1552 + r] = p3
+            OUT[2584 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[2584 + r])
+            removed += 4 - kept
+            fallback += 1 if kept < 4 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[2068 + r] = tj
+            for kk in range(4):
+                OUT[516 * kk + 4 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = ((((OUT[2068 + r] - OUT[3 + r] * OUT[2067 + r]) - OUT[518 + r] * OUT[2066 + r]) - OUT[1033 + r] * OUT[2065 + r]) - OUT[1548 + r] * OUT[2064 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(4):  # the last 4 rows become the next block's lower neighbours
-                for kk in range(5):
-                    OUT[516 * kk + q] = OUT[516 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(4):  # the last 4 rows become the next block's lower neighbours
+            for kk in range(5):
+                OUT[516 * kk + q] = OUT[516 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_4(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_4_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def stats_5_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_5`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(3102, dtype=bf.dtype)  # Hb[517k + 5 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(5):  # rows lo-5..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 5 + q
+        if i >= 0:
+            for kk in range(6):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[517 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[517 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 5, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[6 * blo:6 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 5))  # rows whose 5 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[6 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[6 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[6 * x + 0] = v
+                hs[5 + x] = abs(v / bc2)
+                v = bs_[6 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[6 * x + 1] = v
+                hs[522 + x] = abs(v / bc2)
+                v = bs_[6 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[6 * x + 2] = v
+                hs[1039 + x] = abs(v / bc2)
+                v = bs_[6 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
+                bs_[6 * x + 3] = v
+                hs[1556 + x] = abs(v / bc2)
+                v = bs_[6 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
+                bs_[6 * x + 4] = v
+                hs[2073 + x] = abs(v / bc2)
+                v = bs_[6 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
+                bs_[6 * x + 5] = v
+                hs[2590 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(6):
+                    if r + kk < bend:
+                        v = bb[6 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[6 * r + kk] * b2
+                    bb[6 * r + kk] = v
+                    Hb[517 * kk + 5 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((((((((Hb[5 + r] + Hb[522 + r]) + Hb[1039 + r]) + Hb[1556 + r]) + Hb[2073 + r]) + Hb[2590 + r]) + Hb[521 + r]) + Hb[1037 + r]) + Hb[1553 + r]) + Hb[2069 + r]) + Hb[2585 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[5 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(5):  # the last 5 rows become the next block's lower neighbours
+            for kk in range(6):
+                Hb[517 * kk + q] = Hb[517 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_5(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[6j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(3102, dtype=bf.dtype)  # Hb[517k + 5 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(5):  # rows lo-5..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 5 + q
-            if i >= 0:
-                for kk in range(6):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[517 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[517 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 5, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[6 * blo:6 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 5))  # rows whose 5 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[6 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[6 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[6 * x + 0] = v
-                    hs[5 + x] = abs(v / bc2)
-                    v = bs_[6 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[6 * x + 1] = v
-                    hs[522 + x] = abs(v / bc2)
-                    v = bs_[6 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[6 * x + 2] = v
-                    hs[1039 + x] = abs(v / bc2)
-                    v = bs_[6 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
-                    bs_[6 * x + 3] = v
-                    hs[1556 + x] = abs(v / bc2)
-                    v = bs_[6 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
-                    bs_[6 * x + 4] = v
-                    hs[2073 + x] = abs(v / bc2)
-                    v = bs_[6 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
-                    bs_[6 * x + 5] = v
-                    hs[2590 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(6):
-                        if r + kk < bend:
-                            v = bb[6 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[6 * r + kk] * b2
-                        bb[6 * r + kk] = v
-                        Hb[517 * kk + 5 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((((((((Hb[5 + r] + Hb[522 + r]) + Hb[1039 + r]) + Hb[1556 + r]) + Hb[2073 + r]) + Hb[2590 + r]) + Hb[521 + r]) + Hb[1037 + r]) + Hb[1553 + r]) + Hb[2069 + r]) + Hb[2585 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[5 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(5):  # the last 5 rows become the next block's lower neighbours
-                for kk in range(6):
-                    Hb[517 * kk + q] = Hb[517 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_5_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_5(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_5_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_5`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(3619, dtype=band.dtype)  # IN[517k + q] = Ĥ[blo + q, k] (k <= 5), m̂ (k = 6)
-        OUT = np.zeros(3619, dtype=band.dtype)  # OUT[517k + 5 + r]: ψ_(blo+r)[k], t (k = 5), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(5, dtype=band.dtype)
-        Aw = np.empty((5, 5), dtype=band.dtype)
-        Lw = np.zeros((5, 5), dtype=band.dtype)
-        dw = np.empty(5, dtype=band.dtype)
-        okw = np.empty(5, dtype=np.bool_)
-        zw = np.empty(5, dtype=band.dtype)
-        ww = np.empty(5, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-5 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..4
-        for q in range(5):
-            j = lo - 5 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[2585 + q] = tq
-                for kk in range(5):
-                    OUT[517 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 5 - blo))  # rows with a full window
-            nq = min(k + 5, n - blo)
-            bq = bf[6 * blo:6 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[6 * q + 0] / bc2
-                IN[517 + q] = bq[6 * q + 1] / bc2
-                IN[1034 + q] = bq[6 * q + 2] / bc2
-                IN[1551 + q] = bq[6 * q + 3] / bc2
-                IN[2068 + q] = bq[6 * q + 4] / bc2
-                IN[2585 + q] = bq[6 * q + 5] / bc2
-                IN[3102 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[518 + r]
-                A0_2 = IN[1035 + r]
-                A0_3 = IN[1552 + r]
-                A0_4 = IN[2069 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                A1_2 = IN[519 + r]
-                A1_3 = IN[1036 + r]
-                A1_4 = IN[1553 + r]
-                A2_2 = IN[3 + r] + eps_eff
-                A2_3 = IN[520 + r]
-                A2_4 = IN[1037 + r]
-                A3_3 = IN[4 + r] + eps_eff
-                A3_4 = IN[521 + r]
-                A4_4 = IN[5 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                L2_0 = A0_2 / d0
-                L3_0 = A0_3 / d0
-                L4_0 = A0_4 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
-                L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
-                L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
-                d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
-                ok2 = d2 > tau * A2_2
-                d2 = d2 if ok2 else A2_2
-                L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
-                L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
-                d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
-                ok3 = d3 > tau * A3_3
-                d3 = d3 if ok3 else A3_3
-                L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
-                d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
-                ok4 = d4 > tau * A4_4
-                d4 = d4 if ok4 else A4_4
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[517 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1034 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                z2 = ((IN[1551 + r] - L2_0 * z0) - L2_1 * z1)
-                w2 = z2 / d2
-                sn = s - z2 * w2
-                alive = alive & ok2 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w2 = w2 if alive else zero
-                z3 = (((IN[2068 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
-                w3 = z3 / d3
-                sn = s - z3 * w3
-                alive = alive & ok3 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w3 = w3 if alive else zero
-                z4 = ((((IN[2585 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
-                w4 = z4 / d4
-                sn = s - z4 * w4
-                alive = alive & ok4 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w4 = w4 if alive else zero
-                p4 = w4
-                p3 = (w3 - L4_3 * p4)
-                p2 = ((w2 - L3_2 * p3) - L4_2 * p4)
-                p1 = (((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4)
-                p0 = ((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4)
-                OUT[2590 + r] = (((((IN[3102 + r] - p0 * IN[3103 + r]) - p1 * IN[3104 + r]) - p2 * IN[3105 + r]) - p3 * IN[3106 + r]) - p4 * IN[3107 + r]) / s
-                OUT[5 + r] = p0
-                OUT[522 + r] = p1
-                OUT[1039 + r] = p2
-                OUT[1556 + r] = p3
-                OUT[2073 + r] = p4
-                OUT[3107 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[3107 + r])
-                removed += 5 - kept
-                fallback += 1 if kept < 5 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[2590 + r] = tj
-                for kk in range(5):
-                    OUT[517 * kk + 5 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = (((((OUT[2590 + r] - OUT[4 + r] * OUT[2589 + r]) - OUT[520 + r] * OUT[2588 + r]) - OUT[1036 + r] * OUT[2587 + r]) - OUT[1552 + r] * OUT[2586 + r]) - OUT[2068 + r] * OUT[2585 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(3619, dtype=band.dtype)  # IN[517k + q] = Ĥ[blo + q, k] (k <= 5), m̂ (k = 6)
+    OUT = np.zeros(3619, dtype=band.dtype)  # OUT[517k + 5 + r]: ψ_(blo+r)[k], t (k = 5), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(5, dtype=band.dtype)
+    Aw = np.empty((5, 5), dtype=band.dtype)
+    Lw = np.zeros((5, 5), dtype=band.dtype)
+    dw = np.empty(5, dtype=band.dtype)
+    okw = np.empty(5, dtype=np.bool_)
+    zw = np.empty(5, dtype=band.dtype)
+    ww = np.empty(5, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-5 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..4
+    for q in range(5):
+        j = lo - 5 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[2585 + q] = tq
+            for kk in range(5):
+                OUT[517 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 5 - blo))  # rows with a full window
+        nq = min(k + 5, n - blo)
+        bq = bf[6 * blo:6 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[6 * q + 0] / bc2
+            IN[517 + q] = bq[6 * q + 1] / bc2
+            IN[1034 + q] = bq[6 * q + 2] / bc2
+            IN[1551 + q] = bq[6 * q + 3] / bc2
+            IN[2068 + q] = bq[6 * q + 4] / bc2
+            IN[2585 + q] = bq[6 * q + 5] / bc2
+            IN[3102 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[518 + r]
+            A0_2 = IN[1035 + r]
+            A0_3 = IN[1552 + r]
+            A0_4 = IN[2069 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            A1_2 = IN[519 + r]
+            A1_3 = IN[1036 + r]
+            A1_4 = IN[1553 + r]
+            A2_2 = IN[3 + r] + eps_eff
+            A2_3 = IN[520 + r]
+            A2_4 = IN[1037 + r]
+            A3_3 = IN[4 + r] + eps_eff
+            A3_4 = IN[521 + r]
+            A4_4 = IN[5 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            L2_0 = A0_2 / d0
+            L3_0 = A0_3 / d0
+            L4_0 = A0_4 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
+            L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
+            L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
+            d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
+            ok2 = d2 > tau * A2_2
+            d2 = d2 if ok2 else A2_2
+            L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
+            L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
+            d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
+            ok3 = d3 > tau * A3_3
+            d3 = d3 if ok3 else A3_3
+            L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
+            d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
+            ok4 = d4 > tau * A4_4
+            d4 = d4 if ok4 else A4_4
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[517 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1034 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            z2 = ((IN[1551 + r] - L2_0 * z0) - L2_1 * z1)
+            w2 = z2 / d2
+            sn = s - z2 * w2
+            alive = alive & ok2 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w2 = w2 if alive else zero
+            z3 = (((IN[2068 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
+            w3 = z3 / d3
+            sn = s - z3 * w3
+            alive = alive & ok3 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w3 = w3 if alive else zero
+            z4 = ((((IN[2585 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
+            w4 = z4 / d4
+            sn = s - z4 * w4
+            alive = alive & ok4 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w4 = w4 if alive else zero
+            p4 = w4
+            p3 = (w3 - L4_3 * p4)
+            p2 = ((w2 - L3_2 * p3) - L4_2 * p4)
+            p1 = (((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4)
+            p0 = ((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4)
+            OUT[2590 + r] = (((((IN[3102 + r] - p0 * IN[3103 + r]) - p1 * IN[3104 + r]) - p2 * IN[3105 + r]) - p3 * IN[3106 + r]) - p4 * IN[3107 + r]) / s
+            OUT[5 + r] = p0
+            OUT[522 + r] = p1
+            OUT[1039 + r] = p2
+            OUT[1556 + r] = p3
+            OUT[2073 + r] = p4
+            OUT[3107 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[3107 + r])
+            removed += 5 - kept
+            fallback += 1 if kept < 5 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[2590 + r] = tj
+            for kk in range(5):
+                OUT[517 * kk + 5 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = (((((OUT[2590 + r] - OUT[4 + r] * OUT[2589 + r]) - OUT[520 + r] * OUT[2588 + r]) - OUT[1036 + r] * OUT[2587 + r]) - OUT[1552 + r] * OUT[2586 + r]) - OUT[2068 + r] * OUT[2585 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(5):  # the last 5 rows become the next block's lower neighbours
-                for kk in range(6):
-                    OUT[517 * kk + q] = OUT[517 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(5):  # the last 5 rows become the next block's lower neighbours
+            for kk in range(6):
+                OUT[517 * kk + q] = OUT[517 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_5(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_5_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def stats_6_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_6`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(3626, dtype=bf.dtype)  # Hb[518k + 6 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(6):  # rows lo-6..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 6 + q
+        if i >= 0:
+            for kk in range(7):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[518 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[518 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 6, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[7 * blo:7 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 6))  # rows whose 6 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[7 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[7 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[7 * x + 0] = v
+                hs[6 + x] = abs(v / bc2)
+                v = bs_[7 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[7 * x + 1] = v
+                hs[524 + x] = abs(v / bc2)
+                v = bs_[7 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[7 * x + 2] = v
+                hs[1042 + x] = abs(v / bc2)
+                v = bs_[7 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
+                bs_[7 * x + 3] = v
+                hs[1560 + x] = abs(v / bc2)
+                v = bs_[7 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
+                bs_[7 * x + 4] = v
+                hs[2078 + x] = abs(v / bc2)
+                v = bs_[7 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
+                bs_[7 * x + 5] = v
+                hs[2596 + x] = abs(v / bc2)
+                v = bs_[7 * x + 6] * b2 + omb2 * (gj * gs[x + 6])
+                bs_[7 * x + 6] = v
+                hs[3114 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(7):
+                    if r + kk < bend:
+                        v = bb[7 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[7 * r + kk] * b2
+                    bb[7 * r + kk] = v
+                    Hb[518 * kk + 6 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((((((((((Hb[6 + r] + Hb[524 + r]) + Hb[1042 + r]) + Hb[1560 + r]) + Hb[2078 + r]) + Hb[2596 + r]) + Hb[3114 + r]) + Hb[523 + r]) + Hb[1040 + r]) + Hb[1557 + r]) + Hb[2074 + r]) + Hb[2591 + r]) + Hb[3108 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[6 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(6):  # the last 6 rows become the next block's lower neighbours
+            for kk in range(7):
+                Hb[518 * kk + q] = Hb[518 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_6(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[7j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(3626, dtype=bf.dtype)  # Hb[518k + 6 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(6):  # rows lo-6..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 6 + q
-            if i >= 0:
-                for kk in range(7):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[518 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[518 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 6, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[7 * blo:7 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 6))  # rows whose 6 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[7 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[7 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[7 * x + 0] = v
-                    hs[6 + x] = abs(v / bc2)
-                    v = bs_[7 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[7 * x + 1] = v
-                    hs[524 + x] = abs(v / bc2)
-                    v = bs_[7 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[7 * x + 2] = v
-                    hs[1042 + x] = abs(v / bc2)
-                    v = bs_[7 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
-                    bs_[7 * x + 3] = v
-                    hs[1560 + x] = abs(v / bc2)
-                    v = bs_[7 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
-                    bs_[7 * x + 4] = v
-                    hs[2078 + x] = abs(v / bc2)
-                    v = bs_[7 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
-                    bs_[7 * x + 5] = v
-                    hs[2596 + x] = abs(v / bc2)
-                    v = bs_[7 * x + 6] * b2 + omb2 * (gj * gs[x + 6])
-                    bs_[7 * x + 6] = v
-                    hs[3114 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(7):
-                        if r + kk < bend:
-                            v = bb[7 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[7 * r + kk] * b2
-                        bb[7 * r + kk] = v
-                        Hb[518 * kk + 6 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((((((((((Hb[6 + r] + Hb[524 + r]) + Hb[1042 + r]) + Hb[1560 + r]) + Hb[2078 + r]) + Hb[2596 + r]) + Hb[3114 + r]) + Hb[523 + r]) + Hb[1040 + r]) + Hb[1557 + r]) + Hb[2074 + r]) + Hb[2591 + r]) + Hb[3108 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[6 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(6):  # the last 6 rows become the next block's lower neighbours
-                for kk in range(7):
-                    Hb[518 * kk + q] = Hb[518 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_6_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_6(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_6_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_6`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(4144, dtype=band.dtype)  # IN[518k + q] = Ĥ[blo + q, k] (k <= 6), m̂ (k = 7)
-        OUT = np.zeros(4144, dtype=band.dtype)  # OUT[518k + 6 + r]: ψ_(blo+r)[k], t (k = 6), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(6, dtype=band.dtype)
-        Aw = np.empty((6, 6), dtype=band.dtype)
-        Lw = np.zeros((6, 6), dtype=band.dtype)
-        dw = np.empty(6, dtype=band.dtype)
-        okw = np.empty(6, dtype=np.bool_)
-        zw = np.empty(6, dtype=band.dtype)
-        ww = np.empty(6, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-6 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..5
-        for q in range(6):
-            j = lo - 6 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[3108 + q] = tq
-                for kk in range(6):
-                    OUT[518 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 6 - blo))  # rows with a full window
-            nq = min(k + 6, n - blo)
-            bq = bf[7 * blo:7 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[7 * q + 0] / bc2
-                IN[518 + q] = bq[7 * q + 1] / bc2
-                IN[1036 + q] = bq[7 * q + 2] / bc2
-                IN[1554 + q] = bq[7 * q + 3] / bc2
-                IN[2072 + q] = bq[7 * q + 4] / bc2
-                IN[2590 + q] = bq[7 * q + 5] / bc2
-                IN[3108 + q] = bq[7 * q + 6] / bc2
-                IN[3626 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[519 + r]
-                A0_2 = IN[1037 + r]
-                A0_3 = IN[1555 + r]
-                A0_4 = IN[2073 + r]
-                A0_5 = IN[2591 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                A1_2 = IN[520 + r]
-                A1_3 = IN[1038 + r]
-                A1_4 = IN[1556 + r]
-                A1_5 = IN[2074 + r]
-                A2_2 = IN[3 + r] + eps_eff
-                A2_3 = IN[521 + r]
-                A2_4 = IN[1039 + r]
-                A2_5 = IN[1557 + r]
-                A3_3 = IN[4 + r] + eps_eff
-                A3_4 = IN[522 + r]
-                A3_5 = IN[1040 + r]
-                A4_4 = IN[5 + r] + eps_eff
-                A4_5 = IN[523 + r]
-                A5_5 = IN[6 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                L2_0 = A0_2 / d0
-                L3_0 = A0_3 / d0
-                L4_0 = A0_4 / d0
-                L5_0 = A0_5 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
-                L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
-                L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
-                L5_1 = (A1_5 - L5_0 * (L1_0 * d0)) / d1
-                d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
-                ok2 = d2 > tau * A2_2
-                d2 = d2 if ok2 else A2_2
-                L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
-                L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
-                L5_2 = ((A2_5 - L5_0 * (L2_0 * d0)) - L5_1 * (L2_1 * d1)) / d2
-                d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
-                ok3 = d3 > tau * A3_3
-                d3 = d3 if ok3 else A3_3
-                L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
-                L5_3 = (((A3_5 - L5_0 * (L3_0 * d0)) - L5_1 * (L3_1 * d1)) - L5_2 * (L3_2 * d2)) / d3
-                d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
-                ok4 = d4 > tau * A4_4
-                d4 = d4 if ok4 else A4_4
-                L5_4 = ((((A4_5 - L5_0 * (L4_0 * d0)) - L5_1 * (L4_1 * d1)) - L5_2 * (L4_2 * d2)) - L5_3 * (L4_3 * d3)) / d4
-                d5 = (((((A5_5 - L5_0 * (L5_0 * d0)) - L5_1 * (L5_1 * d1)) - L5_2 * (L5_2 * d2)) - L5_3 * (L5_3 * d3)) - L5_4 * (L5_4 * d4))
-                ok5 = d5 > tau * A5_5
-                d5 = d5 if ok5 else A5_5
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[518 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1036 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                z2 = ((IN[1554 + r] - L2_0 * z0) - L2_1 * z1)
-                w2 = z2 / d2
-                sn = s - z2 * w2
-                alive = alive & ok2 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w2 = w2 if alive else zero
-                z3 = (((IN[2072 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
-                w3 = z3 / d3
-                sn = s - z3 * w3
-                alive = alive & ok3 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w3 = w3 if alive else zero
-                z4 = ((((IN[2590 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
-                w4 = z4 / d4
-                sn = s - z4 * w4
-                alive = alive & ok4 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w4 = w4 if alive else zero
-                z5 = (((((IN[3108 + r] - L5_0 * z0) - L5_1 * z1) - L5_2 * z2) - L5_3 * z3) - L5_4 * z4)
-                w5 = z5 / d5
-                sn = s - z5 * w5
-                alive = alive & ok5 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w5 = w5 if alive else zero
-                p5 = w5
-                p4 = (w4 - L5_4 * p5)
-                p3 = ((w3 - L4_3 * p4) - L5_3 * p5)
-                p2 = (((w2 - L3_2 * p3) - L4_2 * p4) - L5_2 * p5)
-                p1 = ((((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4) - L5_1 * p5)
-                p0 = (((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4) - L5_0 * p5)
-                OUT[3114 + r] = ((((((IN[3626 + r] - p0 * IN[3627 + r]) - p1 * IN[3628 + r]) - p2 * IN[3629 + r]) - p3 * IN[3630 + r]) - p4 * IN[3631 + r]) - p5 * IN[3632 + r]) / s
-                OUT[6 + r] = p0
-                OUT[524 + r] = p1
-                OUT[1042 + r] = p2
-                OUT[1560 + r] = p3
-                OUT[2078 + r] = p4
-                OUT[2596 + r] = p5
-                OUT[3632 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[3632 + r])
-                removed += 6 - kept
-                fallback += 1 if kept < 6 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[3114 + r] = tj
-                for kk in range(6):
-                    OUT[518 * kk + 6 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = ((((((OUT[3114 + r] - OUT[5 + r] * OUT[3113 + r]) - OUT[522 + r] * OUT[3112 + r]) - OUT[1039 + r] * OUT[3111 + r]) - OUT[1556 + r] * OUT[3110 + r]) - OUT[2073 + r] * OUT[3109 + r]) - OUT[2590 + r] * OUT[3108 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(4144, dtype=band.dtype)  # IN[518k + q] = Ĥ[blo + q, k] (k <= 6), m̂ (k = 7)
+    OUT = np.zeros(4144, dtype=band.dtype)  # OUT[518k + 6 + r]: ψ_(blo+r)[k], t (k = 6), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(6, dtype=band.dtype)
+    Aw = np.empty((6, 6), dtype=band.dtype)
+    Lw = np.zeros((6, 6), dtype=band.dtype)
+    dw = np.empty(6, dtype=band.dtype)
+    okw = np.empty(6, dtype=np.bool_)
+    zw = np.empty(6, dtype=band.dtype)
+    ww = np.empty(6, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-6 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..5
+    for q in range(6):
+        j = lo - 6 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[3108 + q] = tq
+            for kk in range(6):
+                OUT[518 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 6 - blo))  # rows with a full window
+        nq = min(k + 6, n - blo)
+        bq = bf[7 * blo:7 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[7 * q + 0] / bc2
+            IN[518 + q] = bq[7 * q + 1] / bc2
+            IN[1036 + q] = bq[7 * q + 2] / bc2
+            IN[1554 + q] = bq[7 * q + 3] / bc2
+            IN[2072 + q] = bq[7 * q + 4] / bc2
+            IN[2590 + q] = bq[7 * q + 5] / bc2
+            IN[3108 + q] = bq[7 * q + 6] / bc2
+            IN[3626 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[519 + r]
+            A0_2 = IN[1037 + r]
+            A0_3 = IN[1555 + r]
+            A0_4 = IN[2073 + r]
+            A0_5 = IN[2591 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            A1_2 = IN[520 + r]
+            A1_3 = IN[1038 + r]
+            A1_4 = IN[1556 + r]
+            A1_5 = IN[2074 + r]
+            A2_2 = IN[3 + r] + eps_eff
+            A2_3 = IN[521 + r]
+            A2_4 = IN[1039 + r]
+            A2_5 = IN[1557 + r]
+            A3_3 = IN[4 + r] + eps_eff
+            A3_4 = IN[522 + r]
+            A3_5 = IN[1040 + r]
+            A4_4 = IN[5 + r] + eps_eff
+            A4_5 = IN[523 + r]
+            A5_5 = IN[6 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            L2_0 = A0_2 / d0
+            L3_0 = A0_3 / d0
+            L4_0 = A0_4 / d0
+            L5_0 = A0_5 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
+            L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
+            L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
+            L5_1 = (A1_5 - L5_0 * (L1_0 * d0)) / d1
+            d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
+            ok2 = d2 > tau * A2_2
+            d2 = d2 if ok2 else A2_2
+            L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
+            L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
+            L5_2 = ((A2_5 - L5_0 * (L2_0 * d0)) - L5_1 * (L2_1 * d1)) / d2
+            d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
+            ok3 = d3 > tau * A3_3
+            d3 = d3 if ok3 else A3_3
+            L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
+            L5_3 = (((A3_5 - L5_0 * (L3_0 * d0)) - L5_1 * (L3_1 * d1)) - L5_2 * (L3_2 * d2)) / d3
+            d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
+            ok4 = d4 > tau * A4_4
+            d4 = d4 if ok4 else A4_4
+            L5_4 = ((((A4_5 - L5_0 * (L4_0 * d0)) - L5_1 * (L4_1 * d1)) - L5_2 * (L4_2 * d2)) - L5_3 * (L4_3 * d3)) / d4
+            d5 = (((((A5_5 - L5_0 * (L5_0 * d0)) - L5_1 * (L5_1 * d1)) - L5_2 * (L5_2 * d2)) - L5_3 * (L5_3 * d3)) - L5_4 * (L5_4 * d4))
+            ok5 = d5 > tau * A5_5
+            d5 = d5 if ok5 else A5_5
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[518 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1036 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            z2 = ((IN[1554 + r] - L2_0 * z0) - L2_1 * z1)
+            w2 = z2 / d2
+            sn = s - z2 * w2
+            alive = alive & ok2 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w2 = w2 if alive else zero
+            z3 = (((IN[2072 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
+            w3 = z3 / d3
+            sn = s - z3 * w3
+            alive = alive & ok3 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w3 = w3 if alive else zero
+            z4 = ((((IN[2590 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
+            w4 = z4 / d4
+            sn = s - z4 * w4
+            alive = alive & ok4 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w4 = w4 if alive else zero
+            z5 = (((((IN[3108 + r] - L5_0 * z0) - L5_1 * z1) - L5_2 * z2) - L5_3 * z3) - L5_4 * z4)
+            w5 = z5 / d5
+            sn = s - z5 * w5
+            alive = alive & ok5 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w5 = w5 if alive else zero
+            p5 = w5
+            p4 = (w4 - L5_4 * p5)
+            p3 = ((w3 - L4_3 * p4) - L5_3 * p5)
+            p2 = (((w2 - L3_2 * p3) - L4_2 * p4) - L5_2 * p5)
+            p1 = ((((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4) - L5_1 * p5)
+            p0 = (((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4) - L5_0 * p5)
+            OUT[3114 + r] = ((((((IN[3626 + r] - p0 * IN[3627 + r]) - p1 * IN[3628 + r]) - p2 * IN[3629 + r]) - p3 * IN[3630 + r]) - p4 * IN[3631 + r]) - p5 * IN[3632 + r]) / s
+            OUT[6 + r] = p0
+            OUT[524 + r] = p1
+            OUT[1042 + r] = p2
+            OUT[1560 + r] = p3
+            OUT[2078 + r] = p4
+            OUT[2596 + r] = p5
+            OUT[3632 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[3632 + r])
+            removed += 6 - kept
+            fallback += 1 if kept < 6 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[3114 + r] = tj
+            for kk in range(6):
+                OUT[518 * kk + 6 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = ((((((OUT[3114 + r] - OUT[5 + r] * OUT[3113 + r]) - OUT[522 + r] * OUT[3112 + r]) - OUT[1039 + r] * OUT[3111 + r]) - OUT[1556 + r] * OUT[3110 + r]) - OUT[2073 + r] * OUT[3109 + r]) - OUT[2590 + r] * OUT[3108 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(6):  # the last 6 rows become the next block's lower neighbours
-                for kk in range(7):
-                    OUT[518 * kk + q] = OUT[518 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(6):  # the last 6 rows become the next block's lower neighbours
+            for kk in range(7):
+                OUT[518 * kk + q] = OUT[518 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_6(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_6_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def stats_7_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_7`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(4152, dtype=bf.dtype)  # Hb[519k + 7 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(7):  # rows lo-7..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 7 + q
+        if i >= 0:
+            for kk in range(8):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[519 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[519 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 7, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[8 * blo:8 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 7))  # rows whose 7 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[8 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[8 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[8 * x + 0] = v
+                hs[7 + x] = abs(v / bc2)
+                v = bs_[8 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[8 * x + 1] = v
+                hs[526 + x] = abs(v / bc2)
+                v = bs_[8 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[8 * x + 2] = v
+                hs[1045 + x] = abs(v / bc2)
+                v = bs_[8 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
+                bs_[8 * x + 3] = v
+                hs[1564 + x] = abs(v / bc2)
+                v = bs_[8 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
+                bs_[8 * x + 4] = v
+                hs[2083 + x] = abs(v / bc2)
+                v = bs_[8 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
+                bs_[8 * x + 5] = v
+                hs[2602 + x] = abs(v / bc2)
+                v = bs_[8 * x + 6] * b2 + omb2 * (gj * gs[x + 6])
+                bs_[8 * x + 6] = v
+                hs[3121 + x] = abs(v / bc2)
+                v = bs_[8 * x + 7] * b2 + omb2 * (gj * gs[x + 7])
+                bs_[8 * x + 7] = v
+                hs[3640 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(8):
+                    if r + kk < bend:
+                        v = bb[8 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[8 * r + kk] * b2
+                    bb[8 * r + kk] = v
+                    Hb[519 * kk + 7 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((((((((((((Hb[7 + r] + Hb[526 + r]) + Hb[1045 + r]) + Hb[1564 + r]) + Hb[2083 + r]) + Hb[2602 + r]) + Hb[3121 + r]) + Hb[3640 + r]) + Hb[525 + r]) + Hb[1043 + r]) + Hb[1561 + r]) + Hb[2079 + r]) + Hb[2597 + r]) + Hb[3115 + r]) + Hb[3633 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[7 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(7):  # the last 7 rows become the next block's lower neighbours
+            for kk in range(8):
+                Hb[519 * kk + q] = Hb[519 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_7(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[8j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(4152, dtype=bf.dtype)  # Hb[519k + 7 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(7):  # rows lo-7..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 7 + q
-            if i >= 0:
-                for kk in range(8):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[519 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[519 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 7, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[8 * blo:8 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 7))  # rows whose 7 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[8 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[8 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[8 * x + 0] = v
-                    hs[7 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[8 * x + 1] = v
-                    hs[526 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[8 * x + 2] = v
-                    hs[1045 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
-                    bs_[8 * x + 3] = v
-                    hs[1564 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
-                    bs_[8 * x + 4] = v
-                    hs[2083 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
-                    bs_[8 * x + 5] = v
-                    hs[2602 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 6] * b2 + omb2 * (gj * gs[x + 6])
-                    bs_[8 * x + 6] = v
-                    hs[3121 + x] = abs(v / bc2)
-                    v = bs_[8 * x + 7] * b2 + omb2 * (gj * gs[x + 7])
-                    bs_[8 * x + 7] = v
-                    hs[3640 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(8):
-                        if r + kk < bend:
-                            v = bb[8 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[8 * r + kk] * b2
-                        bb[8 * r + kk] = v
-                        Hb[519 * kk + 7 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((((((((((((Hb[7 + r] + Hb[526 + r]) + Hb[1045 + r]) + Hb[1564 + r]) + Hb[2083 + r]) + Hb[2602 + r]) + Hb[3121 + r]) + Hb[3640 + r]) + Hb[525 + r]) + Hb[1043 + r]) + Hb[1561 + r]) + Hb[2079 + r]) + Hb[2597 + r]) + Hb[3115 + r]) + Hb[3633 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[7 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(7):  # the last 7 rows become the next block's lower neighbours
-                for kk in range(8):
-                    Hb[519 * kk + q] = Hb[519 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_7_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_7(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_7_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_7`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(4671, dtype=band.dtype)  # IN[519k + q] = Ĥ[blo + q, k] (k <= 7), m̂ (k = 8)
-        OUT = np.zeros(4671, dtype=band.dtype)  # OUT[519k + 7 + r]: ψ_(blo+r)[k], t (k = 7), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(7, dtype=band.dtype)
-        Aw = np.empty((7, 7), dtype=band.dtype)
-        Lw = np.zeros((7, 7), dtype=band.dtype)
-        dw = np.empty(7, dtype=band.dtype)
-        okw = np.empty(7, dtype=np.bool_)
-        zw = np.empty(7, dtype=band.dtype)
-        ww = np.empty(7, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-7 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..6
-        for q in range(7):
-            j = lo - 7 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[3633 + q] = tq
-                for kk in range(7):
-                    OUT[519 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 7 - blo))  # rows with a full window
-            nq = min(k + 7, n - blo)
-            bq = bf[8 * blo:8 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[8 * q + 0] / bc2
-                IN[519 + q] = bq[8 * q + 1] / bc2
-                IN[1038 + q] = bq[8 * q + 2] / bc2
-                IN[1557 + q] = bq[8 * q + 3] / bc2
-                IN[2076 + q] = bq[8 * q + 4] / bc2
-                IN[2595 + q] = bq[8 * q + 5] / bc2
-                IN[3114 + q] = bq[8 * q + 6] / bc2
-                IN[3633 + q] = bq[8 * q + 7] / bc2
-                IN[4152 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[520 + r]
-                A0_2 = IN[1039 + r]
-                A0_3 = IN[1558 + r]
-                A0_4 = IN[2077 + r]
-                A0_5 = IN[2596 + r]
-                A0_6 = IN[3115 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                A1_2 = IN[521 + r]
-                A1_3 = IN[1040 + r]
-                A1_4 = IN[1559 + r]
-                A1_5 = IN[2078 + r]
-                A1_6 = IN[2597 + r]
-                A2_2 = IN[3 + r] + eps_eff
-                A2_3 = IN[522 + r]
-                A2_4 = IN[1041 + r]
-                A2_5 = IN[1560 + r]
-                A2_6 = IN[2079 + r]
-                A3_3 = IN[4 + r] + eps_eff
-                A3_4 = IN[523 + r]
-                A3_5 = IN[1042 + r]
-                A3_6 = IN[1561 + r]
-                A4_4 = IN[5 + r] + eps_eff
-                A4_5 = IN[524 + r]
-                A4_6 = IN[1043 + r]
-                A5_5 = IN[6 + r] + eps_eff
-                A5_6 = IN[525 + r]
-                A6_6 = IN[7 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                L2_0 = A0_2 / d0
-                L3_0 = A0_3 / d0
-                L4_0 = A0_4 / d0
-                L5_0 = A0_5 / d0
-                L6_0 = A0_6 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
-                L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
-                L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
-                L5_1 = (A1_5 - L5_0 * (L1_0 * d0)) / d1
-                L6_1 = (A1_6 - L6_0 * (L1_0 * d0)) / d1
-                d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
-                ok2 = d2 > tau * A2_2
-                d2 = d2 if ok2 else A2_2
-                L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
-                L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
-                L5_2 = ((A2_5 - L5_0 * (L2_0 * d0)) - L5_1 * (L2_1 * d1)) / d2
-                L6_2 = ((A2_6 - L6_0 * (L2_0 * d0)) - L6_1 * (L2_1 * d1)) / d2
-                d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
-                ok3 = d3 > tau * A3_3
-                d3 = d3 if ok3 else A3_3
-                L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
-                L5_3 = (((A3_5 - L5_0 * (L3_0 * d0)) - L5_1 * (L3_1 * d1)) - L5_2 * (L3_2 * d2)) / d3
-                L6_3 = (((A3_6 - L6_0 * (L3_0 * d0)) - L6_1 * (L3_1 * d1)) - L6_2 * (L3_2 * d2)) / d3
-                d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
-                ok4 = d4 > tau * A4_4
-                d4 = d4 if ok4 else A4_4
-                L5_4 = ((((A4_5 - L5_0 * (L4_0 * d0)) - L5_1 * (L4_1 * d1)) - L5_2 * (L4_2 * d2)) - L5_3 * (L4_3 * d3)) / d4
-                L6_4 = ((((A4_6 - L6_0 * (L4_0 * d0)) - L6_1 * (L4_1 * d1)) - L6_2 * (L4_2 * d2)) - L6_3 * (L4_3 * d3)) / d4
-                d5 = (((((A5_5 - L5_0 * (L5_0 * d0)) - L5_1 * (L5_1 * d1)) - L5_2 * (L5_2 * d2)) - L5_3 * (L5_3 * d3)) - L5_4 * (L5_4 * d4))
-                ok5 = d5 > tau * A5_5
-                d5 = d5 if ok5 else A5_5
-                L6_5 = (((((A5_6 - L6_0 * (L5_0 * d0)) - L6_1 * (L5_1 * d1)) - L6_2 * (L5_2 * d2)) - L6_3 * (L5_3 * d3)) - L6_4 * (L5_4 * d4)) / d5
-                d6 = ((((((A6_6 - L6_0 * (L6_0 * d0)) - L6_1 * (L6_1 * d1)) - L6_2 * (L6_2 * d2)) - L6_3 * (L6_3 * d3)) - L6_4 * (L6_4 * d4)) - L6_5 * (L6_5 * d5))
-                ok6 = d6 > tau * A6_6
-                d6 = d6 if ok6 else A6_6
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[519 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1038 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                z2 = ((IN[1557 + r] - L2_0 * z0) - L2_1 * z1)
-                w2 = z2 / d2
-                sn = s - z2 * w2
-                alive = alive & ok2 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w2 = w2 if alive else zero
-                z3 = (((IN[2076 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
-                w3 = z3 / d3
-                sn = s - z3 * w3
-                alive = alive & ok3 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w3 = w3 if alive else zero
-                z4 = ((((IN[2595 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
-                w4 = z4 / d4
-                sn = s - z4 * w4
-                alive = alive & ok4 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w4 = w4 if alive else zero
-                z5 = (((((IN[3114 + r] - L5_0 * z0) - L5_1 * z1) - L5_2 * z2) - L5_3 * z3) - L5_4 * z4)
-                w5 = z5 / d5
-                sn = s - z5 * w5
-                alive = alive & ok5 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w5 = w5 if alive else zero
-                z6 = ((((((IN[3633 + r] - L6_0 * z0) - L6_1 * z1) - L6_2 * z2) - L6_3 * z3) - L6_4 * z4) - L6_5 * z5)
-                w6 = z6 / d6
-                sn = s - z6 * w6
-                alive = alive & ok6 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w6 = w6 if alive else zero
-                p6 = w6
-                p5 = (w5 - L6_5 * p6)
-                p4 = ((w4 - L5_4 * p5) - L6_4 * p6)
-                p3 = (((w3 - L4_3 * p4) - L5_3 * p5) - L6_3 * p6)
-                p2 = ((((w2 - L3_2 * p3) - L4_2 * p4) - L5_2 * p5) - L6_2 * p6)
-                p1 = (((((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4) - L5_1 * p5) - L6_1 * p6)
-                p0 = ((((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4) - L5_0 * p5) - L6_0 * p6)
-                OUT[3640 + r] = (((((((IN[4152 + r] - p0 * IN[4153 + r]) - p1 * IN[4154 + r]) - p2 * IN[4155 + r]) - p3 * IN[4156 + r]) - p4 * IN[4157 + r]) - p5 * IN[4158 + r]) - p6 * IN[4159 + r]) / s
-                OUT[7 + r] = p0
-                OUT[526 + r] = p1
-                OUT[1045 + r] = p2
-                OUT[1564 + r] = p3
-                OUT[2083 + r] = p4
-                OUT[2602 + r] = p5
-                OUT[3121 + r] = p6
-                OUT[4159 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[4159 + r])
-                removed += 7 - kept
-                fallback += 1 if kept < 7 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[3640 + r] = tj
-                for kk in range(7):
-                    OUT[519 * kk + 7 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = (((((((OUT[3640 + r] - OUT[6 + r] * OUT[3639 + r]) - OUT[524 + r] * OUT[3638 + r]) - OUT[1042 + r] * OUT[3637 + r]) - OUT[1560 + r] * OUT[3636 + r]) - OUT[2078 + r] * OUT[3635 + r]) - OUT[2596 + r] * OUT[3634 + r]) - OUT[3114 + r] * OUT[3633 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(4671, dtype=band.dtype)  # IN[519k + q] = Ĥ[blo + q, k] (k <= 7), m̂ (k = 8)
+    OUT = np.zeros(4671, dtype=band.dtype)  # OUT[519k + 7 + r]: ψ_(blo+r)[k], t (k = 7), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(7, dtype=band.dtype)
+    Aw = np.empty((7, 7), dtype=band.dtype)
+    Lw = np.zeros((7, 7), dtype=band.dtype)
+    dw = np.empty(7, dtype=band.dtype)
+    okw = np.empty(7, dtype=np.bool_)
+    zw = np.empty(7, dtype=band.dtype)
+    ww = np.empty(7, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-7 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..6
+    for q in range(7):
+        j = lo - 7 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[3633 + q] = tq
+            for kk in range(7):
+                OUT[519 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 7 - blo))  # rows with a full window
+        nq = min(k + 7, n - blo)
+        bq = bf[8 * blo:8 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[8 * q + 0] / bc2
+            IN[519 + q] = bq[8 * q + 1] / bc2
+            IN[1038 + q] = bq[8 * q + 2] / bc2
+            IN[1557 + q] = bq[8 * q + 3] / bc2
+            IN[2076 + q] = bq[8 * q + 4] / bc2
+            IN[2595 + q] = bq[8 * q + 5] / bc2
+            IN[3114 + q] = bq[8 * q + 6] / bc2
+            IN[3633 + q] = bq[8 * q + 7] / bc2
+            IN[4152 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[520 + r]
+            A0_2 = IN[1039 + r]
+            A0_3 = IN[1558 + r]
+            A0_4 = IN[2077 + r]
+            A0_5 = IN[2596 + r]
+            A0_6 = IN[3115 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            A1_2 = IN[521 + r]
+            A1_3 = IN[1040 + r]
+            A1_4 = IN[1559 + r]
+            A1_5 = IN[2078 + r]
+            A1_6 = IN[2597 + r]
+            A2_2 = IN[3 + r] + eps_eff
+            A2_3 = IN[522 + r]
+            A2_4 = IN[1041 + r]
+            A2_5 = IN[1560 + r]
+            A2_6 = IN[2079 + r]
+            A3_3 = IN[4 + r] + eps_eff
+            A3_4 = IN[523 + r]
+            A3_5 = IN[1042 + r]
+            A3_6 = IN[1561 + r]
+            A4_4 = IN[5 + r] + eps_eff
+            A4_5 = IN[524 + r]
+            A4_6 = IN[1043 + r]
+            A5_5 = IN[6 + r] + eps_eff
+            A5_6 = IN[525 + r]
+            A6_6 = IN[7 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            L2_0 = A0_2 / d0
+            L3_0 = A0_3 / d0
+            L4_0 = A0_4 / d0
+            L5_0 = A0_5 / d0
+            L6_0 = A0_6 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
+            L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
+            L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
+            L5_1 = (A1_5 - L5_0 * (L1_0 * d0)) / d1
+            L6_1 = (A1_6 - L6_0 * (L1_0 * d0)) / d1
+            d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
+            ok2 = d2 > tau * A2_2
+            d2 = d2 if ok2 else A2_2
+            L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
+            L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
+            L5_2 = ((A2_5 - L5_0 * (L2_0 * d0)) - L5_1 * (L2_1 * d1)) / d2
+            L6_2 = ((A2_6 - L6_0 * (L2_0 * d0)) - L6_1 * (L2_1 * d1)) / d2
+            d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
+            ok3 = d3 > tau * A3_3
+            d3 = d3 if ok3 else A3_3
+            L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
+            L5_3 = (((A3_5 - L5_0 * (L3_0 * d0)) - L5_1 * (L3_1 * d1)) - L5_2 * (L3_2 * d2)) / d3
+            L6_3 = (((A3_6 - L6_0 * (L3_0 * d0)) - L6_1 * (L3_1 * d1)) - L6_2 * (L3_2 * d2)) / d3
+            d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
+            ok4 = d4 > tau * A4_4
+            d4 = d4 if ok4 else A4_4
+            L5_4 = ((((A4_5 - L5_0 * (L4_0 * d0)) - L5_1 * (L4_1 * d1)) - L5_2 * (L4_2 * d2)) - L5_3 * (L4_3 * d3)) / d4
+            L6_4 = ((((A4_6 - L6_0 * (L4_0 * d0)) - L6_1 * (L4_1 * d1)) - L6_2 * (L4_2 * d2)) - L6_3 * (L4_3 * d3)) / d4
+            d5 = (((((A5_5 - L5_0 * (L5_0 * d0)) - L5_1 * (L5_1 * d1)) - L5_2 * (L5_2 * d2)) - L5_3 * (L5_3 * d3)) - L5_4 * (L5_4 * d4))
+            ok5 = d5 > tau * A5_5
+            d5 = d5 if ok5 else A5_5
+            L6_5 = (((((A5_6 - L6_0 * (L5_0 * d0)) - L6_1 * (L5_1 * d1)) - L6_2 * (L5_2 * d2)) - L6_3 * (L5_3 * d3)) - L6_4 * (L5_4 * d4)) / d5
+            d6 = ((((((A6_6 - L6_0 * (L6_0 * d0)) - L6_1 * (L6_1 * d1)) - L6_2 * (L6_2 * d2)) - L6_3 * (L6_3 * d3)) - L6_4 * (L6_4 * d4)) - L6_5 * (L6_5 * d5))
+            ok6 = d6 > tau * A6_6
+            d6 = d6 if ok6 else A6_6
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[519 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1038 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            z2 = ((IN[1557 + r] - L2_0 * z0) - L2_1 * z1)
+            w2 = z2 / d2
+            sn = s - z2 * w2
+            alive = alive & ok2 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w2 = w2 if alive else zero
+            z3 = (((IN[2076 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
+            w3 = z3 / d3
+            sn = s - z3 * w3
+            alive = alive & ok3 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w3 = w3 if alive else zero
+            z4 = ((((IN[2595 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
+            w4 = z4 / d4
+            sn = s - z4 * w4
+            alive = alive & ok4 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w4 = w4 if alive else zero
+            z5 = (((((IN[3114 + r] - L5_0 * z0) - L5_1 * z1) - L5_2 * z2) - L5_3 * z3) - L5_4 * z4)
+            w5 = z5 / d5
+            sn = s - z5 * w5
+            alive = alive & ok5 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w5 = w5 if alive else zero
+            z6 = ((((((IN[3633 + r] - L6_0 * z0) - L6_1 * z1) - L6_2 * z2) - L6_3 * z3) - L6_4 * z4) - L6_5 * z5)
+            w6 = z6 / d6
+            sn = s - z6 * w6
+            alive = alive & ok6 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w6 = w6 if alive else zero
+            p6 = w6
+            p5 = (w5 - L6_5 * p6)
+            p4 = ((w4 - L5_4 * p5) - L6_4 * p6)
+            p3 = (((w3 - L4_3 * p4) - L5_3 * p5) - L6_3 * p6)
+            p2 = ((((w2 - L3_2 * p3) - L4_2 * p4) - L5_2 * p5) - L6_2 * p6)
+            p1 = (((((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4) - L5_1 * p5) - L6_1 * p6)
+            p0 = ((((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4) - L5_0 * p5) - L6_0 * p6)
+            OUT[3640 + r] = (((((((IN[4152 + r] - p0 * IN[4153 + r]) - p1 * IN[4154 + r]) - p2 * IN[4155 + r]) - p3 * IN[4156 + r]) - p4 * IN[4157 + r]) - p5 * IN[4158 + r]) - p6 * IN[4159 + r]) / s
+            OUT[7 + r] = p0
+            OUT[526 + r] = p1
+            OUT[1045 + r] = p2
+            OUT[1564 + r] = p3
+            OUT[2083 + r] = p4
+            OUT[2602 + r] = p5
+            OUT[3121 + r] = p6
+            OUT[4159 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[4159 + r])
+            removed += 7 - kept
+            fallback += 1 if kept < 7 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[3640 + r] = tj
+            for kk in range(7):
+                OUT[519 * kk + 7 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = (((((((OUT[3640 + r] - OUT[6 + r] * OUT[3639 + r]) - OUT[524 + r] * OUT[3638 + r]) - OUT[1042 + r] * OUT[3637 + r]) - OUT[1560 + r] * OUT[3636 + r]) - OUT[2078 + r] * OUT[3635 + r]) - OUT[2596 + r] * OUT[3634 + r]) - OUT[3114 + r] * OUT[3633 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(7):  # the last 7 rows become the next block's lower neighbours
-                for kk in range(8):
-                    OUT[519 * kk + q] = OUT[519 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(7):  # the last 7 rows become the next block's lower neighbours
+            for kk in range(8):
+                OUT[519 * kk + q] = OUT[519 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_7(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_7_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
+
+
+@njit(**_SERIAL)
+def stats_8_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+    """Chunk ``c`` of :func:`stats_8`, serial (the body of its ``prange`` loop)."""
+    n = g.size
+    nchunks = norms_out.size
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    Hb = np.zeros(4680, dtype=bf.dtype)  # Hb[520k + 8 + r] = |Ĥ[blo + r, k]| (new)
+    rbuf = np.empty(BLK, dtype=bf.dtype)
+    vbuf = np.empty(BLK, dtype=bf.dtype)
+    rmax = bc2 - bc2
+    acc = 0.0
+    for q in range(8):  # rows lo-8..lo-1: new values from the saved old ones (zero before row 0)
+        i = lo - 8 + q
+        if i >= 0:
+            for kk in range(9):
+                if i + kk < n and i // bs == (i + kk) // bs:
+                    Hb[520 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
+                elif i + kk < n:  # the pair crosses a block boundary: no gradient product
+                    Hb[520 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        gb = g[blo:blo + min(k + 8, n - blo)]
+        mb = m[blo:blo + k]
+        bb = bf[9 * blo:9 * (blo + k)]
+        s0 = 0
+        while s0 < k:  # segments of rows in one block (one segment without blocks)
+            bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
+            s1 = min(k, bend)
+            kf = max(s0, min(s1, bend - 8))  # rows whose 8 upper neighbours are in the block
+            # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
+            gs = gb[s0:]
+            ms = mb[s0:]
+            bs_ = bb[9 * s0:]
+            hs = Hb[s0:]
+            for x in range(kf - s0):
+                gj = gs[x]
+                ms[x] = ms[x] + omb1 * (gj - ms[x])
+                v = bs_[9 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
+                bs_[9 * x + 0] = v
+                hs[8 + x] = abs(v / bc2)
+                v = bs_[9 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+                bs_[9 * x + 1] = v
+                hs[528 + x] = abs(v / bc2)
+                v = bs_[9 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
+                bs_[9 * x + 2] = v
+                hs[1048 + x] = abs(v / bc2)
+                v = bs_[9 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
+                bs_[9 * x + 3] = v
+                hs[1568 + x] = abs(v / bc2)
+                v = bs_[9 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
+                bs_[9 * x + 4] = v
+                hs[2088 + x] = abs(v / bc2)
+                v = bs_[9 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
+                bs_[9 * x + 5] = v
+                hs[2608 + x] = abs(v / bc2)
+                v = bs_[9 * x + 6] * b2 + omb2 * (gj * gs[x + 6])
+                bs_[9 * x + 6] = v
+                hs[3128 + x] = abs(v / bc2)
+                v = bs_[9 * x + 7] * b2 + omb2 * (gj * gs[x + 7])
+                bs_[9 * x + 7] = v
+                hs[3648 + x] = abs(v / bc2)
+                v = bs_[9 * x + 8] * b2 + omb2 * (gj * gs[x + 8])
+                bs_[9 * x + 8] = v
+                hs[4168 + x] = abs(v / bc2)
+            for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
+                gj = gb[r]
+                mb[r] = mb[r] + omb1 * (gj - mb[r])
+                for kk in range(9):
+                    if r + kk < bend:
+                        v = bb[9 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
+                    else:
+                        v = bb[9 * r + kk] * b2
+                    bb[9 * r + kk] = v
+                    Hb[520 * kk + 8 + r] = abs(v / bc2)
+            s0 = s1
+        for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
+            rbuf[r] = ((((((((((((((((Hb[8 + r] + Hb[528 + r]) + Hb[1048 + r]) + Hb[1568 + r]) + Hb[2088 + r]) + Hb[2608 + r]) + Hb[3128 + r]) + Hb[3648 + r]) + Hb[4168 + r]) + Hb[527 + r]) + Hb[1046 + r]) + Hb[1565 + r]) + Hb[2084 + r]) + Hb[2603 + r]) + Hb[3122 + r]) + Hb[3641 + r]) + Hb[4160 + r])
+        rmax = _max4(rbuf, k, rmax)
+        if graft == 1:
+            for r in range(k):
+                vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[8 + r]) + graft_eps)
+            acc += _sumsq4(vbuf, 0, k)
+        elif graft == 2:
+            acc += _sumsq4(gb, 0, k)
+        elif graft == 3:
+            for r in range(k):
+                vbuf[r] = mb[r] / bc1
+            acc += _sumsq4(vbuf, 0, k)
+        for q in range(8):  # the last 8 rows become the next block's lower neighbours
+            for kk in range(9):
+                Hb[520 * kk + q] = Hb[520 * kk + k + q]
+    rows_out[c] = rmax
+    norms_out[c] = acc
 
 
 @njit(**_OPTS)
 def stats_8(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs):
     """``bf``: the band flattened (``bf[9j + k] = B[j, k]``); ``bs``: block size (``n``: none)."""
-    n = g.size
     nchunks = norms_out.size
     for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        Hb = np.zeros(4680, dtype=bf.dtype)  # Hb[520k + 8 + r] = |Ĥ[blo + r, k]| (new)
-        rbuf = np.empty(BLK, dtype=bf.dtype)
-        vbuf = np.empty(BLK, dtype=bf.dtype)
-        rmax = bc2 - bc2
-        acc = 0.0
-        for q in range(8):  # rows lo-8..lo-1: new values from the saved old ones (zero before row 0)
-            i = lo - 8 + q
-            if i >= 0:
-                for kk in range(9):
-                    if i + kk < n and i // bs == (i + kk) // bs:
-                        Hb[520 * kk + q] = abs((saved[c, q, kk] * b2 + omb2 * (g[i] * g[i + kk])) / bc2)
-                    elif i + kk < n:  # the pair crosses a block boundary: no gradient product
-                        Hb[520 * kk + q] = abs((saved[c, q, kk] * b2) / bc2)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            gb = g[blo:blo + min(k + 8, n - blo)]
-            mb = m[blo:blo + k]
-            bb = bf[9 * blo:9 * (blo + k)]
-            s0 = 0
-            while s0 < k:  # segments of rows in one block (one segment without blocks)
-                bend = min(((blo + s0) // bs + 1) * bs, n) - blo  # the block's end, local index
-                s1 = min(k, bend)
-                kf = max(s0, min(s1, bend - 8))  # rows whose 8 upper neighbours are in the block
-                # views from s0, so every index below is a constant plus x >= 0 (no wraparound, vectorises)
-                gs = gb[s0:]
-                ms = mb[s0:]
-                bs_ = bb[9 * s0:]
-                hs = Hb[s0:]
-                for x in range(kf - s0):
-                    gj = gs[x]
-                    ms[x] = ms[x] + omb1 * (gj - ms[x])
-                    v = bs_[9 * x + 0] * b2 + omb2 * (gj * gs[x + 0])
-                    bs_[9 * x + 0] = v
-                    hs[8 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
-                    bs_[9 * x + 1] = v
-                    hs[528 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 2] * b2 + omb2 * (gj * gs[x + 2])
-                    bs_[9 * x + 2] = v
-                    hs[1048 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 3] * b2 + omb2 * (gj * gs[x + 3])
-                    bs_[9 * x + 3] = v
-                    hs[1568 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 4] * b2 + omb2 * (gj * gs[x + 4])
-                    bs_[9 * x + 4] = v
-                    hs[2088 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 5] * b2 + omb2 * (gj * gs[x + 5])
-                    bs_[9 * x + 5] = v
-                    hs[2608 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 6] * b2 + omb2 * (gj * gs[x + 6])
-                    bs_[9 * x + 6] = v
-                    hs[3128 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 7] * b2 + omb2 * (gj * gs[x + 7])
-                    bs_[9 * x + 7] = v
-                    hs[3648 + x] = abs(v / bc2)
-                    v = bs_[9 * x + 8] * b2 + omb2 * (gj * gs[x + 8])
-                    bs_[9 * x + 8] = v
-                    hs[4168 + x] = abs(v / bc2)
-                for r in range(kf, s1):  # the block's last rows: neighbours past its end take no product
-                    gj = gb[r]
-                    mb[r] = mb[r] + omb1 * (gj - mb[r])
-                    for kk in range(9):
-                        if r + kk < bend:
-                            v = bb[9 * r + kk] * b2 + omb2 * (gj * gb[r + kk])
-                        else:
-                            v = bb[9 * r + kk] * b2
-                        bb[9 * r + kk] = v
-                        Hb[520 * kk + 8 + r] = abs(v / bc2)
-                s0 = s1
-            for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
-                rbuf[r] = ((((((((((((((((Hb[8 + r] + Hb[528 + r]) + Hb[1048 + r]) + Hb[1568 + r]) + Hb[2088 + r]) + Hb[2608 + r]) + Hb[3128 + r]) + Hb[3648 + r]) + Hb[4168 + r]) + Hb[527 + r]) + Hb[1046 + r]) + Hb[1565 + r]) + Hb[2084 + r]) + Hb[2603 + r]) + Hb[3122 + r]) + Hb[3641 + r]) + Hb[4160 + r])
-            rmax = _max4(rbuf, k, rmax)
-            if graft == 1:
-                for r in range(k):
-                    vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[8 + r]) + graft_eps)
-                acc += _sumsq4(vbuf, 0, k)
-            elif graft == 2:
-                acc += _sumsq4(gb, 0, k)
-            elif graft == 3:
-                for r in range(k):
-                    vbuf[r] = mb[r] / bc1
-                acc += _sumsq4(vbuf, 0, k)
-            for q in range(8):  # the last 8 rows become the next block's lower neighbours
-                for kk in range(9):
-                    Hb[520 * kk + q] = Hb[520 * kk + k + q]
-        rows_out[c] = rmax
-        norms_out[c] = acc
+        stats_8_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c)
 
 
-@njit(**_OPTS)
-def factor_apply_8(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+@njit(**_SERIAL)
+def factor_apply_8_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c):
+    """Chunk ``c`` of :func:`factor_apply_8`, serial (the body of its ``prange`` loop)."""
     n = m.size
     nchunks = norms_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        IN = np.empty(5200, dtype=band.dtype)  # IN[520k + q] = Ĥ[blo + q, k] (k <= 8), m̂ (k = 9)
-        OUT = np.zeros(5200, dtype=band.dtype)  # OUT[520k + 8 + r]: ψ_(blo+r)[k], t (k = 8), kept
-        Y = np.empty(BLK, dtype=band.dtype)
-        ps = np.empty(8, dtype=band.dtype)
-        Aw = np.empty((8, 8), dtype=band.dtype)
-        Lw = np.zeros((8, 8), dtype=band.dtype)
-        dw = np.empty(8, dtype=band.dtype)
-        okw = np.empty(8, dtype=np.bool_)
-        zw = np.empty(8, dtype=band.dtype)
-        ww = np.empty(8, dtype=band.dtype)
-        removed = 0
-        fallback = 0
-        acc = 0.0
-        # rows lo-8 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..7
-        for q in range(8):
-            j = lo - 8 + q
-            if j >= 0:
-                tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[4160 + q] = tq
-                for kk in range(8):
-                    OUT[520 * kk + q] = ps[kk]
-        bf = band.reshape(-1)
-        for blo in range(lo, hi, BLK):
-            k = min(BLK, hi - blo)
-            kf = max(0, min(k, n - 8 - blo))  # rows with a full window
-            nq = min(k + 8, n - blo)
-            bq = bf[9 * blo:9 * (blo + nq)]
-            mq = m[blo:blo + nq]
-            for q in range(nq):
-                IN[0 + q] = bq[9 * q + 0] / bc2
-                IN[520 + q] = bq[9 * q + 1] / bc2
-                IN[1040 + q] = bq[9 * q + 2] / bc2
-                IN[1560 + q] = bq[9 * q + 3] / bc2
-                IN[2080 + q] = bq[9 * q + 4] / bc2
-                IN[2600 + q] = bq[9 * q + 5] / bc2
-                IN[3120 + q] = bq[9 * q + 6] / bc2
-                IN[3640 + q] = bq[9 * q + 7] / bc2
-                IN[4160 + q] = bq[9 * q + 8] / bc2
-                IN[4680 + q] = mq[q] / bc1
-            for r in range(kf):
-                A0_0 = IN[1 + r] + eps_eff
-                A0_1 = IN[521 + r]
-                A0_2 = IN[1041 + r]
-                A0_3 = IN[1561 + r]
-                A0_4 = IN[2081 + r]
-                A0_5 = IN[2601 + r]
-                A0_6 = IN[3121 + r]
-                A0_7 = IN[3641 + r]
-                A1_1 = IN[2 + r] + eps_eff
-                A1_2 = IN[522 + r]
-                A1_3 = IN[1042 + r]
-                A1_4 = IN[1562 + r]
-                A1_5 = IN[2082 + r]
-                A1_6 = IN[2602 + r]
-                A1_7 = IN[3122 + r]
-                A2_2 = IN[3 + r] + eps_eff
-                A2_3 = IN[523 + r]
-                A2_4 = IN[1043 + r]
-                A2_5 = IN[1563 + r]
-                A2_6 = IN[2083 + r]
-                A2_7 = IN[2603 + r]
-                A3_3 = IN[4 + r] + eps_eff
-                A3_4 = IN[524 + r]
-                A3_5 = IN[1044 + r]
-                A3_6 = IN[1564 + r]
-                A3_7 = IN[2084 + r]
-                A4_4 = IN[5 + r] + eps_eff
-                A4_5 = IN[525 + r]
-                A4_6 = IN[1045 + r]
-                A4_7 = IN[1565 + r]
-                A5_5 = IN[6 + r] + eps_eff
-                A5_6 = IN[526 + r]
-                A5_7 = IN[1046 + r]
-                A6_6 = IN[7 + r] + eps_eff
-                A6_7 = IN[527 + r]
-                A7_7 = IN[8 + r] + eps_eff
-                d0 = A0_0
-                ok0 = d0 > tau * A0_0
-                d0 = d0 if ok0 else A0_0
-                L1_0 = A0_1 / d0
-                L2_0 = A0_2 / d0
-                L3_0 = A0_3 / d0
-                L4_0 = A0_4 / d0
-                L5_0 = A0_5 / d0
-                L6_0 = A0_6 / d0
-                L7_0 = A0_7 / d0
-                d1 = (A1_1 - L1_0 * (L1_0 * d0))
-                ok1 = d1 > tau * A1_1
-                d1 = d1 if ok1 else A1_1
-                L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
-                L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
-                L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
-                L5_1 = (A1_5 - L5_0 * (L1_0 * d0)) / d1
-                L6_1 = (A1_6 - L6_0 * (L1_0 * d0)) / d1
-                L7_1 = (A1_7 - L7_0 * (L1_0 * d0)) / d1
-                d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
-                ok2 = d2 > tau * A2_2
-                d2 = d2 if ok2 else A2_2
-                L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
-                L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
-                L5_2 = ((A2_5 - L5_0 * (L2_0 * d0)) - L5_1 * (L2_1 * d1)) / d2
-                L6_2 = ((A2_6 - L6_0 * (L2_0 * d0)) - L6_1 * (L2_1 * d1)) / d2
-                L7_2 = ((A2_7 - L7_0 * (L2_0 * d0)) - L7_1 * (L2_1 * d1)) / d2
-                d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
-                ok3 = d3 > tau * A3_3
-                d3 = d3 if ok3 else A3_3
-                L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
-                L5_3 = (((A3_5 - L5_0 * (L3_0 * d0)) - L5_1 * (L3_1 * d1)) - L5_2 * (L3_2 * d2)) / d3
-                L6_3 = (((A3_6 - L6_0 * (L3_0 * d0)) - L6_1 * (L3_1 * d1)) - L6_2 * (L3_2 * d2)) / d3
-                L7_3 = (((A3_7 - L7_0 * (L3_0 * d0)) - L7_1 * (L3_1 * d1)) - L7_2 * (L3_2 * d2)) / d3
-                d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
-                ok4 = d4 > tau * A4_4
-                d4 = d4 if ok4 else A4_4
-                L5_4 = ((((A4_5 - L5_0 * (L4_0 * d0)) - L5_1 * (L4_1 * d1)) - L5_2 * (L4_2 * d2)) - L5_3 * (L4_3 * d3)) / d4
-                L6_4 = ((((A4_6 - L6_0 * (L4_0 * d0)) - L6_1 * (L4_1 * d1)) - L6_2 * (L4_2 * d2)) - L6_3 * (L4_3 * d3)) / d4
-                L7_4 = ((((A4_7 - L7_0 * (L4_0 * d0)) - L7_1 * (L4_1 * d1)) - L7_2 * (L4_2 * d2)) - L7_3 * (L4_3 * d3)) / d4
-                d5 = (((((A5_5 - L5_0 * (L5_0 * d0)) - L5_1 * (L5_1 * d1)) - L5_2 * (L5_2 * d2)) - L5_3 * (L5_3 * d3)) - L5_4 * (L5_4 * d4))
-                ok5 = d5 > tau * A5_5
-                d5 = d5 if ok5 else A5_5
-                L6_5 = (((((A5_6 - L6_0 * (L5_0 * d0)) - L6_1 * (L5_1 * d1)) - L6_2 * (L5_2 * d2)) - L6_3 * (L5_3 * d3)) - L6_4 * (L5_4 * d4)) / d5
-                L7_5 = (((((A5_7 - L7_0 * (L5_0 * d0)) - L7_1 * (L5_1 * d1)) - L7_2 * (L5_2 * d2)) - L7_3 * (L5_3 * d3)) - L7_4 * (L5_4 * d4)) / d5
-                d6 = ((((((A6_6 - L6_0 * (L6_0 * d0)) - L6_1 * (L6_1 * d1)) - L6_2 * (L6_2 * d2)) - L6_3 * (L6_3 * d3)) - L6_4 * (L6_4 * d4)) - L6_5 * (L6_5 * d5))
-                ok6 = d6 > tau * A6_6
-                d6 = d6 if ok6 else A6_6
-                L7_6 = ((((((A6_7 - L7_0 * (L6_0 * d0)) - L7_1 * (L6_1 * d1)) - L7_2 * (L6_2 * d2)) - L7_3 * (L6_3 * d3)) - L7_4 * (L6_4 * d4)) - L7_5 * (L6_5 * d5)) / d6
-                d7 = (((((((A7_7 - L7_0 * (L7_0 * d0)) - L7_1 * (L7_1 * d1)) - L7_2 * (L7_2 * d2)) - L7_3 * (L7_3 * d3)) - L7_4 * (L7_4 * d4)) - L7_5 * (L7_5 * d5)) - L7_6 * (L7_6 * d6))
-                ok7 = d7 > tau * A7_7
-                d7 = d7 if ok7 else A7_7
-                h0 = IN[r] + eps_eff
-                s = h0
-                z0 = IN[520 + r]
-                w0 = z0 / d0
-                sn = s - z0 * w0
-                alive = ok0 & (sn > tau * h0)
-                s = sn if alive else s
-                kept = one if alive else zero
-                w0 = w0 if alive else zero
-                z1 = (IN[1040 + r] - L1_0 * z0)
-                w1 = z1 / d1
-                sn = s - z1 * w1
-                alive = alive & ok1 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w1 = w1 if alive else zero
-                z2 = ((IN[1560 + r] - L2_0 * z0) - L2_1 * z1)
-                w2 = z2 / d2
-                sn = s - z2 * w2
-                alive = alive & ok2 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w2 = w2 if alive else zero
-                z3 = (((IN[2080 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
-                w3 = z3 / d3
-                sn = s - z3 * w3
-                alive = alive & ok3 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w3 = w3 if alive else zero
-                z4 = ((((IN[2600 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
-                w4 = z4 / d4
-                sn = s - z4 * w4
-                alive = alive & ok4 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w4 = w4 if alive else zero
-                z5 = (((((IN[3120 + r] - L5_0 * z0) - L5_1 * z1) - L5_2 * z2) - L5_3 * z3) - L5_4 * z4)
-                w5 = z5 / d5
-                sn = s - z5 * w5
-                alive = alive & ok5 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w5 = w5 if alive else zero
-                z6 = ((((((IN[3640 + r] - L6_0 * z0) - L6_1 * z1) - L6_2 * z2) - L6_3 * z3) - L6_4 * z4) - L6_5 * z5)
-                w6 = z6 / d6
-                sn = s - z6 * w6
-                alive = alive & ok6 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w6 = w6 if alive else zero
-                z7 = (((((((IN[4160 + r] - L7_0 * z0) - L7_1 * z1) - L7_2 * z2) - L7_3 * z3) - L7_4 * z4) - L7_5 * z5) - L7_6 * z6)
-                w7 = z7 / d7
-                sn = s - z7 * w7
-                alive = alive & ok7 & (sn > tau * h0)
-                s = sn if alive else s
-                kept += one if alive else zero
-                w7 = w7 if alive else zero
-                p7 = w7
-                p6 = (w6 - L7_6 * p7)
-                p5 = ((w5 - L6_5 * p6) - L7_5 * p7)
-                p4 = (((w4 - L5_4 * p5) - L6_4 * p6) - L7_4 * p7)
-                p3 = ((((w3 - L4_3 * p4) - L5_3 * p5) - L6_3 * p6) - L7_3 * p7)
-                p2 = (((((w2 - L3_2 * p3) - L4_2 * p4) - L5_2 * p5) - L6_2 * p6) - L7_2 * p7)
-                p1 = ((((((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4) - L5_1 * p5) - L6_1 * p6) - L7_1 * p7)
-                p0 = (((((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4) - L5_0 * p5) - L6_0 * p6) - L7_0 * p7)
-                OUT[4168 + r] = ((((((((IN[4680 + r] - p0 * IN[4681 + r]) - p1 * IN[4682 + r]) - p2 * IN[4683 + r]) - p3 * IN[4684 + r]) - p4 * IN[4685 + r]) - p5 * IN[4686 + r]) - p6 * IN[4687 + r]) - p7 * IN[4688 + r]) / s
-                OUT[8 + r] = p0
-                OUT[528 + r] = p1
-                OUT[1048 + r] = p2
-                OUT[1568 + r] = p3
-                OUT[2088 + r] = p4
-                OUT[2608 + r] = p5
-                OUT[3128 + r] = p6
-                OUT[3648 + r] = p7
-                OUT[4688 + r] = kept  # counted after the loop (no reduction in here)
-            for r in range(kf):
-                kept = int(OUT[4688 + r])
-                removed += 8 - kept
-                fallback += 1 if kept < 8 else 0
-            for r in range(kf, k):  # the last rows: windows reach past n
-                tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
-                OUT[4168 + r] = tj
-                for kk in range(8):
-                    OUT[520 * kk + 8 + r] = ps[kk]
-                if kept < real:
-                    removed += real - kept
-                    fallback += 1
-            for r in range(k):
-                Y[r] = ((((((((OUT[4168 + r] - OUT[7 + r] * OUT[4167 + r]) - OUT[526 + r] * OUT[4166 + r]) - OUT[1045 + r] * OUT[4165 + r]) - OUT[1564 + r] * OUT[4164 + r]) - OUT[2083 + r] * OUT[4163 + r]) - OUT[2602 + r] * OUT[4162 + r]) - OUT[3121 + r] * OUT[4161 + r]) - OUT[3640 + r] * OUT[4160 + r])
-            if write_p:
-                pb = p[blo:blo + k]
-                if wd != 0:
-                    for r in range(k):
-                        pj = pb[r]
-                        pb[r] = pj + neg_lr * (Y[r] + wd * pj)
-                else:
-                    for r in range(k):
-                        pb[r] = pb[r] + neg_lr * Y[r]
-            else:
-                ub = u[blo:blo + k]
+    lo = c * chunk
+    hi = min(lo + chunk, n)
+    IN = np.empty(5200, dtype=band.dtype)  # IN[520k + q] = Ĥ[blo + q, k] (k <= 8), m̂ (k = 9)
+    OUT = np.zeros(5200, dtype=band.dtype)  # OUT[520k + 8 + r]: ψ_(blo+r)[k], t (k = 8), kept
+    Y = np.empty(BLK, dtype=band.dtype)
+    ps = np.empty(8, dtype=band.dtype)
+    Aw = np.empty((8, 8), dtype=band.dtype)
+    Lw = np.zeros((8, 8), dtype=band.dtype)
+    dw = np.empty(8, dtype=band.dtype)
+    okw = np.empty(8, dtype=np.bool_)
+    zw = np.empty(8, dtype=band.dtype)
+    ww = np.empty(8, dtype=band.dtype)
+    removed = 0
+    fallback = 0
+    acc = 0.0
+    # rows lo-8 .. lo-1 (recomputed, not counted; zero before row 0) into slots 0..7
+    for q in range(8):
+        j = lo - 8 + q
+        if j >= 0:
+            tq, _kept, _real = _band_row(m, band, j, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[4160 + q] = tq
+            for kk in range(8):
+                OUT[520 * kk + q] = ps[kk]
+    bf = band.reshape(-1)
+    for blo in range(lo, hi, BLK):
+        k = min(BLK, hi - blo)
+        kf = max(0, min(k, n - 8 - blo))  # rows with a full window
+        nq = min(k + 8, n - blo)
+        bq = bf[9 * blo:9 * (blo + nq)]
+        mq = m[blo:blo + nq]
+        for q in range(nq):
+            IN[0 + q] = bq[9 * q + 0] / bc2
+            IN[520 + q] = bq[9 * q + 1] / bc2
+            IN[1040 + q] = bq[9 * q + 2] / bc2
+            IN[1560 + q] = bq[9 * q + 3] / bc2
+            IN[2080 + q] = bq[9 * q + 4] / bc2
+            IN[2600 + q] = bq[9 * q + 5] / bc2
+            IN[3120 + q] = bq[9 * q + 6] / bc2
+            IN[3640 + q] = bq[9 * q + 7] / bc2
+            IN[4160 + q] = bq[9 * q + 8] / bc2
+            IN[4680 + q] = mq[q] / bc1
+        for r in range(kf):
+            A0_0 = IN[1 + r] + eps_eff
+            A0_1 = IN[521 + r]
+            A0_2 = IN[1041 + r]
+            A0_3 = IN[1561 + r]
+            A0_4 = IN[2081 + r]
+            A0_5 = IN[2601 + r]
+            A0_6 = IN[3121 + r]
+            A0_7 = IN[3641 + r]
+            A1_1 = IN[2 + r] + eps_eff
+            A1_2 = IN[522 + r]
+            A1_3 = IN[1042 + r]
+            A1_4 = IN[1562 + r]
+            A1_5 = IN[2082 + r]
+            A1_6 = IN[2602 + r]
+            A1_7 = IN[3122 + r]
+            A2_2 = IN[3 + r] + eps_eff
+            A2_3 = IN[523 + r]
+            A2_4 = IN[1043 + r]
+            A2_5 = IN[1563 + r]
+            A2_6 = IN[2083 + r]
+            A2_7 = IN[2603 + r]
+            A3_3 = IN[4 + r] + eps_eff
+            A3_4 = IN[524 + r]
+            A3_5 = IN[1044 + r]
+            A3_6 = IN[1564 + r]
+            A3_7 = IN[2084 + r]
+            A4_4 = IN[5 + r] + eps_eff
+            A4_5 = IN[525 + r]
+            A4_6 = IN[1045 + r]
+            A4_7 = IN[1565 + r]
+            A5_5 = IN[6 + r] + eps_eff
+            A5_6 = IN[526 + r]
+            A5_7 = IN[1046 + r]
+            A6_6 = IN[7 + r] + eps_eff
+            A6_7 = IN[527 + r]
+            A7_7 = IN[8 + r] + eps_eff
+            d0 = A0_0
+            ok0 = d0 > tau * A0_0
+            d0 = d0 if ok0 else A0_0
+            L1_0 = A0_1 / d0
+            L2_0 = A0_2 / d0
+            L3_0 = A0_3 / d0
+            L4_0 = A0_4 / d0
+            L5_0 = A0_5 / d0
+            L6_0 = A0_6 / d0
+            L7_0 = A0_7 / d0
+            d1 = (A1_1 - L1_0 * (L1_0 * d0))
+            ok1 = d1 > tau * A1_1
+            d1 = d1 if ok1 else A1_1
+            L2_1 = (A1_2 - L2_0 * (L1_0 * d0)) / d1
+            L3_1 = (A1_3 - L3_0 * (L1_0 * d0)) / d1
+            L4_1 = (A1_4 - L4_0 * (L1_0 * d0)) / d1
+            L5_1 = (A1_5 - L5_0 * (L1_0 * d0)) / d1
+            L6_1 = (A1_6 - L6_0 * (L1_0 * d0)) / d1
+            L7_1 = (A1_7 - L7_0 * (L1_0 * d0)) / d1
+            d2 = ((A2_2 - L2_0 * (L2_0 * d0)) - L2_1 * (L2_1 * d1))
+            ok2 = d2 > tau * A2_2
+            d2 = d2 if ok2 else A2_2
+            L3_2 = ((A2_3 - L3_0 * (L2_0 * d0)) - L3_1 * (L2_1 * d1)) / d2
+            L4_2 = ((A2_4 - L4_0 * (L2_0 * d0)) - L4_1 * (L2_1 * d1)) / d2
+            L5_2 = ((A2_5 - L5_0 * (L2_0 * d0)) - L5_1 * (L2_1 * d1)) / d2
+            L6_2 = ((A2_6 - L6_0 * (L2_0 * d0)) - L6_1 * (L2_1 * d1)) / d2
+            L7_2 = ((A2_7 - L7_0 * (L2_0 * d0)) - L7_1 * (L2_1 * d1)) / d2
+            d3 = (((A3_3 - L3_0 * (L3_0 * d0)) - L3_1 * (L3_1 * d1)) - L3_2 * (L3_2 * d2))
+            ok3 = d3 > tau * A3_3
+            d3 = d3 if ok3 else A3_3
+            L4_3 = (((A3_4 - L4_0 * (L3_0 * d0)) - L4_1 * (L3_1 * d1)) - L4_2 * (L3_2 * d2)) / d3
+            L5_3 = (((A3_5 - L5_0 * (L3_0 * d0)) - L5_1 * (L3_1 * d1)) - L5_2 * (L3_2 * d2)) / d3
+            L6_3 = (((A3_6 - L6_0 * (L3_0 * d0)) - L6_1 * (L3_1 * d1)) - L6_2 * (L3_2 * d2)) / d3
+            L7_3 = (((A3_7 - L7_0 * (L3_0 * d0)) - L7_1 * (L3_1 * d1)) - L7_2 * (L3_2 * d2)) / d3
+            d4 = ((((A4_4 - L4_0 * (L4_0 * d0)) - L4_1 * (L4_1 * d1)) - L4_2 * (L4_2 * d2)) - L4_3 * (L4_3 * d3))
+            ok4 = d4 > tau * A4_4
+            d4 = d4 if ok4 else A4_4
+            L5_4 = ((((A4_5 - L5_0 * (L4_0 * d0)) - L5_1 * (L4_1 * d1)) - L5_2 * (L4_2 * d2)) - L5_3 * (L4_3 * d3)) / d4
+            L6_4 = ((((A4_6 - L6_0 * (L4_0 * d0)) - L6_1 * (L4_1 * d1)) - L6_2 * (L4_2 * d2)) - L6_3 * (L4_3 * d3)) / d4
+            L7_4 = ((((A4_7 - L7_0 * (L4_0 * d0)) - L7_1 * (L4_1 * d1)) - L7_2 * (L4_2 * d2)) - L7_3 * (L4_3 * d3)) / d4
+            d5 = (((((A5_5 - L5_0 * (L5_0 * d0)) - L5_1 * (L5_1 * d1)) - L5_2 * (L5_2 * d2)) - L5_3 * (L5_3 * d3)) - L5_4 * (L5_4 * d4))
+            ok5 = d5 > tau * A5_5
+            d5 = d5 if ok5 else A5_5
+            L6_5 = (((((A5_6 - L6_0 * (L5_0 * d0)) - L6_1 * (L5_1 * d1)) - L6_2 * (L5_2 * d2)) - L6_3 * (L5_3 * d3)) - L6_4 * (L5_4 * d4)) / d5
+            L7_5 = (((((A5_7 - L7_0 * (L5_0 * d0)) - L7_1 * (L5_1 * d1)) - L7_2 * (L5_2 * d2)) - L7_3 * (L5_3 * d3)) - L7_4 * (L5_4 * d4)) / d5
+            d6 = ((((((A6_6 - L6_0 * (L6_0 * d0)) - L6_1 * (L6_1 * d1)) - L6_2 * (L6_2 * d2)) - L6_3 * (L6_3 * d3)) - L6_4 * (L6_4 * d4)) - L6_5 * (L6_5 * d5))
+            ok6 = d6 > tau * A6_6
+            d6 = d6 if ok6 else A6_6
+            L7_6 = ((((((A6_7 - L7_0 * (L6_0 * d0)) - L7_1 * (L6_1 * d1)) - L7_2 * (L6_2 * d2)) - L7_3 * (L6_3 * d3)) - L7_4 * (L6_4 * d4)) - L7_5 * (L6_5 * d5)) / d6
+            d7 = (((((((A7_7 - L7_0 * (L7_0 * d0)) - L7_1 * (L7_1 * d1)) - L7_2 * (L7_2 * d2)) - L7_3 * (L7_3 * d3)) - L7_4 * (L7_4 * d4)) - L7_5 * (L7_5 * d5)) - L7_6 * (L7_6 * d6))
+            ok7 = d7 > tau * A7_7
+            d7 = d7 if ok7 else A7_7
+            h0 = IN[r] + eps_eff
+            s = h0
+            z0 = IN[520 + r]
+            w0 = z0 / d0
+            sn = s - z0 * w0
+            alive = ok0 & (sn > tau * h0)
+            s = sn if alive else s
+            kept = one if alive else zero
+            w0 = w0 if alive else zero
+            z1 = (IN[1040 + r] - L1_0 * z0)
+            w1 = z1 / d1
+            sn = s - z1 * w1
+            alive = alive & ok1 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w1 = w1 if alive else zero
+            z2 = ((IN[1560 + r] - L2_0 * z0) - L2_1 * z1)
+            w2 = z2 / d2
+            sn = s - z2 * w2
+            alive = alive & ok2 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w2 = w2 if alive else zero
+            z3 = (((IN[2080 + r] - L3_0 * z0) - L3_1 * z1) - L3_2 * z2)
+            w3 = z3 / d3
+            sn = s - z3 * w3
+            alive = alive & ok3 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w3 = w3 if alive else zero
+            z4 = ((((IN[2600 + r] - L4_0 * z0) - L4_1 * z1) - L4_2 * z2) - L4_3 * z3)
+            w4 = z4 / d4
+            sn = s - z4 * w4
+            alive = alive & ok4 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w4 = w4 if alive else zero
+            z5 = (((((IN[3120 + r] - L5_0 * z0) - L5_1 * z1) - L5_2 * z2) - L5_3 * z3) - L5_4 * z4)
+            w5 = z5 / d5
+            sn = s - z5 * w5
+            alive = alive & ok5 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w5 = w5 if alive else zero
+            z6 = ((((((IN[3640 + r] - L6_0 * z0) - L6_1 * z1) - L6_2 * z2) - L6_3 * z3) - L6_4 * z4) - L6_5 * z5)
+            w6 = z6 / d6
+            sn = s - z6 * w6
+            alive = alive & ok6 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w6 = w6 if alive else zero
+            z7 = (((((((IN[4160 + r] - L7_0 * z0) - L7_1 * z1) - L7_2 * z2) - L7_3 * z3) - L7_4 * z4) - L7_5 * z5) - L7_6 * z6)
+            w7 = z7 / d7
+            sn = s - z7 * w7
+            alive = alive & ok7 & (sn > tau * h0)
+            s = sn if alive else s
+            kept += one if alive else zero
+            w7 = w7 if alive else zero
+            p7 = w7
+            p6 = (w6 - L7_6 * p7)
+            p5 = ((w5 - L6_5 * p6) - L7_5 * p7)
+            p4 = (((w4 - L5_4 * p5) - L6_4 * p6) - L7_4 * p7)
+            p3 = ((((w3 - L4_3 * p4) - L5_3 * p5) - L6_3 * p6) - L7_3 * p7)
+            p2 = (((((w2 - L3_2 * p3) - L4_2 * p4) - L5_2 * p5) - L6_2 * p6) - L7_2 * p7)
+            p1 = ((((((w1 - L2_1 * p2) - L3_1 * p3) - L4_1 * p4) - L5_1 * p5) - L6_1 * p6) - L7_1 * p7)
+            p0 = (((((((w0 - L1_0 * p1) - L2_0 * p2) - L3_0 * p3) - L4_0 * p4) - L5_0 * p5) - L6_0 * p6) - L7_0 * p7)
+            OUT[4168 + r] = ((((((((IN[4680 + r] - p0 * IN[4681 + r]) - p1 * IN[4682 + r]) - p2 * IN[4683 + r]) - p3 * IN[4684 + r]) - p4 * IN[4685 + r]) - p5 * IN[4686 + r]) - p6 * IN[4687 + r]) - p7 * IN[4688 + r]) / s
+            OUT[8 + r] = p0
+            OUT[528 + r] = p1
+            OUT[1048 + r] = p2
+            OUT[1568 + r] = p3
+            OUT[2088 + r] = p4
+            OUT[2608 + r] = p5
+            OUT[3128 + r] = p6
+            OUT[3648 + r] = p7
+            OUT[4688 + r] = kept  # counted after the loop (no reduction in here)
+        for r in range(kf):
+            kept = int(OUT[4688 + r])
+            removed += 8 - kept
+            fallback += 1 if kept < 8 else 0
+        for r in range(kf, k):  # the last rows: windows reach past n
+            tj, kept, real = _band_row(m, band, blo + r, bc1, bc2, eps_eff, tau, Aw, Lw, dw, okw, zw, ww, ps)
+            OUT[4168 + r] = tj
+            for kk in range(8):
+                OUT[520 * kk + 8 + r] = ps[kk]
+            if kept < real:
+                removed += real - kept
+                fallback += 1
+        for r in range(k):
+            Y[r] = ((((((((OUT[4168 + r] - OUT[7 + r] * OUT[4167 + r]) - OUT[526 + r] * OUT[4166 + r]) - OUT[1045 + r] * OUT[4165 + r]) - OUT[1564 + r] * OUT[4164 + r]) - OUT[2083 + r] * OUT[4163 + r]) - OUT[2602 + r] * OUT[4162 + r]) - OUT[3121 + r] * OUT[4161 + r]) - OUT[3640 + r] * OUT[4160 + r])
+        if write_p:
+            pb = p[blo:blo + k]
+            if wd != 0:
                 for r in range(k):
-                    ub[r] = Y[r]
-                acc += _sumsq4(Y, 0, k)
-            for q in range(8):  # the last 8 rows become the next block's lower neighbours
-                for kk in range(9):
-                    OUT[520 * kk + q] = OUT[520 * kk + k + q]
-        norms_out[c] = acc
-        removed_out[c] = removed
-        fallback_out[c] = fallback
+                    pj = pb[r]
+                    pb[r] = pj + neg_lr * (Y[r] + wd * pj)
+            else:
+                for r in range(k):
+                    pb[r] = pb[r] + neg_lr * Y[r]
+        else:
+            ub = u[blo:blo + k]
+            for r in range(k):
+                ub[r] = Y[r]
+            acc += _sumsq4(Y, 0, k)
+        for q in range(8):  # the last 8 rows become the next block's lower neighbours
+            for kk in range(9):
+                OUT[520 * kk + q] = OUT[520 * kk + k + q]
+    norms_out[c] = acc
+    removed_out[c] = removed
+    fallback_out[c] = fallback
+
+
+@njit(**_OPTS)
+def factor_apply_8(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk):
+    nchunks = norms_out.size
+    for c in prange(nchunks):
+        factor_apply_8_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, fallback_out, chunk, c)
 
 
 STATS = {2: stats_2, 3: stats_3, 4: stats_4, 5: stats_5, 6: stats_6, 7: stats_7, 8: stats_8}
 FACTOR_APPLY = {2: factor_apply_2, 3: factor_apply_3, 4: factor_apply_4, 5: factor_apply_5, 6: factor_apply_6, 7: factor_apply_7, 8: factor_apply_8}
+STATS_CHUNK = {2: stats_2_chunk, 3: stats_3_chunk, 4: stats_4_chunk, 5: stats_5_chunk, 6: stats_6_chunk, 7: stats_7_chunk, 8: stats_8_chunk}
+FACTOR_APPLY_CHUNK = {2: factor_apply_2_chunk, 3: factor_apply_3_chunk, 4: factor_apply_4_chunk, 5: factor_apply_5_chunk, 6: factor_apply_6_chunk, 7: factor_apply_7_chunk, 8: factor_apply_8_chunk}
