@@ -61,6 +61,55 @@ def test_jitted_trajectory_equals_optax_and_compiles_once(name):
     assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(s1))
     for k in p1:
         np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-10, atol=1e-12, err_msg=k)
+    # traced into the step: no host callback in its program
+    assert "callback" not in _jaxpr(transform(ours()), jnp.float64, grads)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ao.adamw(ao.schedules.join([ao.schedules.linear_warmup(0.05, 3),
+                                        ao.schedules.cosine_decay(0.05, 10, alpha=0.1)], [3]), weight_decay=0.1),
+    lambda: ao.sgd(ao.schedules.piecewise_constant(0.1, {4: 0.5}), momentum=0.9, weight_decay=1e-2),
+    lambda: ao.adagrad(ao.schedules.constant(0.1), weight_decay=1e-2),
+], ids=["adamw-warmup-cosine", "sgd-piecewise", "adagrad-constant"])
+def test_first_order_with_arrayopt_schedules_is_traced_and_equals_the_numpy_path(make):
+    grads = _grads(12, jnp.float64)
+    p, state, traces = _jitted_run(transform(make()), _params(jnp.float64), grads)
+    want = _numpy_run(make(), _params(jnp.float64), grads)
+    assert traces == 1 and int(state.count) == 12
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    assert "callback" not in _jaxpr(transform(make()), jnp.float64, grads)
+
+
+def test_a_schedule_with_python_math_takes_its_learning_rate_from_the_host():
+    import math
+
+    def sched(step):
+        return 0.05 * math.cos(0.1 * step)
+
+    grads = _grads(4, jnp.float32)
+    p, _, traces = _jitted_run(transform(ao.adam(sched)), _params(jnp.float32), grads)
+    want = _numpy_run(ao.adam(sched), _params(jnp.float32), grads)
+    assert traces == 1
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    assert _jaxpr(transform(ao.adam(sched)), jnp.float32, grads).count("pure_callback") == 1
+
+
+def test_traced_adam_on_bfloat16_params_equals_the_numpy_path():
+    grads = [{k: v.astype(jnp.bfloat16) for k, v in g.items()} for g in _grads(5, jnp.float32)]
+    params = {k: v.astype(jnp.bfloat16) for k, v in _params(jnp.float32).items()}
+    p, state, traces = _jitted_run(transform(ao.adam(0.05)), params, grads)
+    assert traces == 1 and all(p[k].dtype == jnp.bfloat16 for k in p)
+    want = _numpy_run(ao.adam(0.05), params, grads)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k], np.float32), np.asarray(want[k], np.float32),
+                                   rtol=1e-2, atol=1e-2, err_msg=k)
+
+
+def _jaxpr(tx, dtype, grads):
+    """The text of the jaxpr of one ``tx.update`` on this file's params."""
+    return str(jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(_params(dtype), tx.init(_params(dtype)), grads[0]))
 
 
 def _numpy_run(opt, params, grads):
@@ -99,21 +148,20 @@ def test_sonew_is_traced_into_the_jitted_step_and_equals_the_numpy_path(dtype, m
     assert traces == 1 and int(state.count) == 10
     for k in want:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=tol, atol=tol, err_msg=k)
-    # traced: SONew's jitted leaf function is in the step's program, and the only host
-    # callback is the one that returns the 3 step scalars
-    text = str(jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(_params(dtype), tx.init(_params(dtype)),
-                                                                     grads[0]))
-    assert "name=leaf" in text and text.count("pure_callback") == 1
+    # traced: SONew's jitted leaf function is in the step's program, and no host callback
+    text = _jaxpr(tx, dtype, grads)
+    assert "name=leaf" in text and "callback" not in text
     host = str(jax.make_jaxpr(lambda p, s, g: transform(make(), host=True).update(g, s, p))(
         _params(dtype), tx.init(_params(dtype)), grads[0]))
     assert "name=leaf" not in host
 
 
-def test_traced_sonew_skips_a_step_with_a_nonfinite_gradient():
+@pytest.mark.parametrize("make", [lambda: ao.sonew(0.05, eps=1e-3), lambda: ao.adam(0.05)], ids=["sonew", "adam"])
+def test_a_traced_step_skips_a_nonfinite_gradient(make):
     grads = _grads(3, jnp.float32)
     grads[1]["w"] = grads[1]["w"].at[2, 1].set(jnp.inf)
-    p, state, _ = _jitted_run(transform(ao.sonew(0.05, eps=1e-3)), _params(jnp.float32), grads)
-    want = _numpy_run(ao.sonew(0.05, eps=1e-3), _params(jnp.float32), [grads[0], grads[2]])
+    p, state, _ = _jitted_run(transform(make()), _params(jnp.float32), grads)
+    want = _numpy_run(make(), _params(jnp.float32), [grads[0], grads[2]])
     assert int(state.count) == 2 and int(state.leaves[1]) == 1  # nonfinite_skipped
     for k in want:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=2e-5, err_msg=k)

@@ -43,9 +43,8 @@ import numpy as np
 import optax
 
 from .. import _tree
-from .._xp import Namespace, is_low_precision, namespace_of, state_dtype
-from ..base import HEADER, Optimizer
-from ..sonew import SONew
+from ..base import Optimizer
+from ._optax_traced import needs_params, traced_update, traces
 
 __all__ = ["transform", "TransformState"]
 
@@ -176,39 +175,6 @@ def _specs(leaves):
             for x in leaves]
 
 
-def _traced_sonew(opt: SONew, g_leaves, p_leaves, state: dict):
-    """SONew's reference traced in JAX; ``None`` when the leaves' compute dtypes differ."""
-    xp = namespace_of(g_leaves[0])
-    dtypes = {state_dtype(xp, g.dtype) for g in g_leaves}
-    if len(dtypes) != 1:
-        return None
-    (dtype,) = dtypes
-    count = state["count"]
-    float_dtype = jnp.zeros((), float).dtype  # float64 with jax_enable_x64, else float32
-
-    def host_scalars(c):
-        step = opt.step_description(int(c))
-        return np.array([step.lr, step.bc1, step.bc2], float_dtype)
-
-    lr, bc1, bc2 = jax.pure_callback(host_scalars, jax.ShapeDtypeStruct((3,), float_dtype), count)
-    # the step description without its per-step scalars (its options), with the traced ones cast
-    # to the compute dtype, as the host paths' Python floats are when they meet the arrays
-    step = opt._template.with_scalars(*(xp.astype(x, dtype) for x in (lr, bc1, bc2)))
-    ns = Namespace(xp, None, "jax")
-    params = p_leaves if p_leaves else g_leaves
-    updates, new = opt._reference_all(ns, params, g_leaves, state, step=step)
-    updates = [xp.astype(u, p.dtype) if is_low_precision(p.dtype) else u for u, p in zip(updates, params)]
-    ok = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in g_leaves]))  # a bad step is skipped
-    updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
-    kept = {k: jax.tree_util.tree_map(lambda a, b: xp.where(ok, a, b), new[k], state[k])
-            for k in new if k not in HEADER}  # the per-leaf arrays: the old ones on a skipped step
-    new = dict(new, **kept)
-    new["count"] = count + xp.astype(ok, count.dtype)
-    new["nonfinite_skipped"] = state["nonfinite_skipped"] + xp.astype(~ok, count.dtype)
-    new["consumed"] = state["consumed"]
-    return updates, new
-
-
 def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransformation:
     """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation.
 
@@ -246,10 +212,10 @@ def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransforma
         if params is not None and len(p_leaves) != len(g_leaves):
             raise ValueError(f"params: {len(p_leaves)} leaves, but the updates have {len(g_leaves)}")
         skeleton, n = state.skeleton, len(g_leaves)
-        if isinstance(opt, SONew) and not host:
-            if params is None and opt.weight_decay != 0.0:
+        if not host and traces(opt):
+            if params is None and needs_params(opt):
                 raise ValueError(f"params: {opt.name} with weight decay needs the params in update()")
-            traced = _traced_sonew(opt, g_leaves, p_leaves, _join(skeleton, state.leaves, host=False))
+            traced = traced_update(opt, g_leaves, p_leaves, _join(skeleton, state.leaves, host=False))
             if traced is not None:
                 updates, new = traced
                 out = [xp_cast(x, old) for x, old in zip(_dynamic_leaves(skeleton, new), state.leaves)]
