@@ -13,13 +13,18 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from .. import _validate
+from .. import _validate, grafting
 from .._xp import Namespace, is_low_precision, namespace_of, state_dtype
 from ..base import HEADER, ElementwiseOptimizer
+from ..linalg.roots import eigh_inverse_pth_root
+from ..momentum import heavy_ball_update
 from ..schedules import array_value
+from ..shampoo.blocking import merge, split
+from ..shampoo.optimizer import Shampoo
+from ..shampoo.preconditioner import precondition_block, update_factors
 from ..sonew import SONew
 
-__all__ = ["needs_params", "traced_update", "traces"]
+__all__ = ["check_carriable", "needs_params", "traced_update", "traces"]
 
 
 def traces(opt) -> bool:
@@ -121,9 +126,119 @@ def _sonew(opt: SONew, xp, dtype, params, g_leaves, state):
     return [_to_param(xp, u, p) for u, p in zip(updates, params)], new
 
 
+def check_carriable(opt) -> None:
+    """Raise if ``opt`` keeps work in flight between steps, which no jitted step can carry: a
+    Shampoo with an executor or ``root_delay > 0`` (its pending root job)."""
+    if isinstance(opt, Shampoo) and (opt.executor is not None or opt.delay > 0):
+        raise ValueError(
+            f"opt: {opt.name} with an executor or root_delay > 0 keeps a pending root job in its state, "
+            f"which a jitted optax step cannot carry; use executor=None and root_delay=0 (the roots are "
+            f"then computed inside the step, traced with jax.lax.cond on the step count)")
+
+
 def _shampoo_traces(opt) -> bool:
-    return False
+    """Shampoo with synchronous ``eigh`` roots on one process, root-inverse preconditioning."""
+    if not isinstance(opt, Shampoo):
+        return False
+    cfg = opt.config
+    return (opt.executor is None and opt.comm.size == 1 and opt.delay == 0
+            and cfg.preconditioner == "root_inverse" and cfg.root_method == "eigh")
 
 
-def _shampoo(opt, xp, dtype, params, g_leaves, state):  # pragma: no cover - filled in below
-    raise NotImplementedError
+def _root_dtype(xp, name: str):
+    """The roots' compute dtype: ``root_dtype``, float32 where JAX has no float64 (x64 off)."""
+    return getattr(xp, name) if name == "float32" or jax.config.jax_enable_x64 else xp.float32
+
+
+def _refresh_roots(opt: Shampoo, xp, params, stats, roots):
+    """New roots of every factor by :func:`eigh_inverse_pth_root` (a non-finite root keeps the
+    old one) and the number of such failures."""
+    cfg = opt.config
+    dt = _root_dtype(xp, cfg.root_dtype)
+    exponents = iter(opt._exponents(params))
+    failures = []
+    out = []
+    for per_leaf_stats, per_leaf_roots in zip(stats, roots):
+        leaf_out = []
+        for blk_stats, blk_roots in zip(per_leaf_stats, per_leaf_roots):
+            blk_out = []
+            for f, old in zip(blk_stats, blk_roots):
+                r, ok = eigh_inverse_pth_root(xp, xp.astype(f, dt), next(exponents), cfg.eps,
+                                              cfg.relative_epsilon)
+                blk_out.append(xp.where(ok, xp.astype(r, old.dtype), old))
+                failures.append(~ok)
+            leaf_out.append(blk_out)
+        out.append(leaf_out)
+    return out, xp.sum(xp.astype(xp.stack(failures), xp.int32))
+
+
+def _shampoo(opt: Shampoo, xp, dtype, params, g_leaves, state):
+    """Shampoo's ``_update`` with a traced count: the statistics every step (or on the steps
+    ``t % statistics_every == 0``, by ``where``), the roots under ``jax.lax.cond`` on
+    ``t ≥ t₀ ∧ (t - t₀) mod F = 0``, the grafting direction alone until the first roots."""
+    cfg = opt.config
+    count = state["count"]
+    t_int = count + 1
+    t = xp.astype(t_int, dtype)
+    lr = _learning_rate(cfg.learning_rate, xp, count, dtype)
+    g32 = [_to_compute(xp, g) for g in g_leaves]
+    stats = []
+    for p, g, per_leaf in zip(params, g32, state["stats"]):
+        plan = opt.plan(p.shape)
+        if plan.skipped:
+            stats.append(per_leaf)
+            continue
+        blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
+        new = [update_factors(xp, fs, b, plan.mask, cfg.b2) for fs, b in zip(per_leaf, blocks)]
+        if cfg.statistics_every != 1:
+            due = t_int % cfg.statistics_every == 0
+            new = jax.tree_util.tree_map(lambda a, b: xp.where(due, a, b), new, per_leaf)
+        stats.append(new)
+    counters = {k: state[k] for k in opt._counters}
+    roots = state["roots"]
+    if opt._flat_factors(stats):
+        start, every = cfg.start_preconditioning_step, cfg.precondition_every
+        due = (t_int >= start) & ((t_int - start) % every == 0)
+
+        def refresh(operand):
+            old_roots, c = operand
+            new_roots, failures = _refresh_roots(opt, xp, params, stats, old_roots)
+            c = dict(c, roots_step=xp.astype(t_int, c["roots_step"].dtype), root_jobs=c["root_jobs"] + 1,
+                     root_failures=c["root_failures"] + xp.astype(failures, c["root_failures"].dtype))
+            return new_roots, c
+
+        roots, counters = jax.lax.cond(due, refresh, lambda operand: operand, (roots, counters))
+    active = counters["roots_step"] > 0
+    counters["root_staleness"] = xp.where(active, t_int - counters["roots_step"],
+                                          xp.full_like(counters["roots_step"], -1))
+    new_graft, new_mom, updates = [], [], []
+    kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
+    for i, (p, g) in enumerate(zip(params, g32)):
+        plan = opt.plan(p.shape)
+        acc = state["graft"][i] if cfg.graft.has_state else None
+        u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
+        if acc is not None:
+            new_graft.append(acc)
+        u = u_g
+        if not plan.skipped:
+            blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
+            d_blocks = [precondition_block(xp, b, rs, plan.mask) for b, rs in zip(blocks, roots[i])]
+            if cfg.graft.type != "none" and cfg.graft.per == "block":
+                a_blocks = split(xp, xp.reshape(u_g, plan.shape), plan.blocks)
+                d_blocks = grafting.graft_blocks(xp, d_blocks, a_blocks, per="block")
+            d = xp.reshape(merge(xp, d_blocks, plan.shape, cfg.block_size), tuple(p.shape))
+            d = d if cfg.graft.type == "none" or cfg.graft.per == "block" else grafting.graft(xp, d, u_g)
+            u = xp.where(active, d, u_g)
+        p32 = _to_compute(xp, p) if cfg.weight_decay != 0.0 else None
+        upd, m = heavy_ball_update(xp, u, state["momentum"][i] if cfg.b1 > 0 else None, p32, b1=cfg.b1,
+                                   ema=cfg.ema_momentum, nesterov=cfg.nesterov,
+                                   weight_decay=cfg.weight_decay, lr=lr)
+        if cfg.b1 > 0:
+            new_mom.append(m)
+        updates.append(_to_param(xp, upd, p))
+    new = dict(state, stats=stats, roots=roots, **counters)
+    if cfg.graft.has_state:
+        new["graft"] = new_graft
+    if cfg.b1 > 0:
+        new["momentum"] = new_mom
+    return updates, new

@@ -44,7 +44,7 @@ import optax
 
 from .. import _tree
 from ..base import Optimizer
-from ._optax_traced import needs_params, traced_update, traces
+from ._optax_traced import check_carriable, needs_params, traced_update, traces
 
 __all__ = ["transform", "TransformState"]
 
@@ -184,6 +184,7 @@ def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransforma
         raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
     if not isinstance(host, bool):
         raise TypeError(f"host: expected a bool, got {type(host).__name__}")
+    check_carriable(opt)
 
     def init_host(leaves, treedef):
         state = opt.init(_host_tree(treedef, [np.array(x) for x in leaves]))
