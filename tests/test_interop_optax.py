@@ -121,7 +121,7 @@ def _numpy_run(opt, params, grads):
     return p
 
 
-@pytest.mark.parametrize("make", [lambda: ao.shampoo(0.05, block_size=2),
+@pytest.mark.parametrize("make", [lambda: ao.shampoo(0.05, block_size=2, root_method="newton"),
                                   lambda: ao.partition(lambda p: {"w": "m", "b": "v"},
                                                        {"m": ao.sonew(0.05, eps=1e-3), "v": ao.adam(0.05)})],
                          ids=["shampoo", "partition"])
@@ -133,6 +133,43 @@ def test_host_path_in_a_jitted_optax_chain_equals_the_numpy_path(make):
     assert traces == 1 and int(state[1].count) == 10
     for k in want:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ao.shampoo(0.05, block_size=4, precondition_every=4, start_preconditioning_step=3, weight_decay=1e-2,
+                       eps=1e-3),
+    lambda: ao.shampoo(optax.cosine_decay_schedule(0.05, 15), block_size=8, precondition_every=5, b2=1.0,
+                       graft="rmsprop_normalized", graft_per="block", statistics_every=2, ema_momentum=True,
+                       relative_epsilon=False, eps=1e-4),
+], ids=["adam-graft-decay", "block-graft-schedule"])
+def test_shampoo_is_traced_into_the_jitted_step_and_equals_the_numpy_path(make):
+    grads = _grads(15, jnp.float32)
+    params = _params(jnp.float32)
+    tx = transform(make())
+    p, state, traces = _jitted_run(tx, params, grads)
+    opt = make()
+    want, s = {k: np.array(v) for k, v in params.items()}, opt.init({k: np.array(v) for k, v in params.items()})
+    for g in grads:
+        u, s = opt.update({k: np.array(v) for k, v in g.items()}, s, want)
+        want = ao.apply_updates(want, u)
+    assert traces == 1 and int(state.count) == 15
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=2e-5, err_msg=k)
+    traced = state.as_state()
+    for key in ("roots_step", "root_staleness", "root_jobs", "root_failures", "nonfinite_skipped"):
+        assert int(traced[key]) == s[key], key
+    assert s["root_jobs"] >= 3
+    text = str(jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(params, tx.init(params), grads[0]))
+    assert "callback" not in text and "cond[" in text and "eigh" in text
+
+
+def test_shampoo_with_a_pending_root_job_is_rejected():
+    from arrayopt.shampoo.async_roots import InlineExecutor
+
+    with pytest.raises(ValueError, match="opt: shampoo with an executor or root_delay > 0"):
+        transform(ao.shampoo(0.05, executor=InlineExecutor()))
+    with pytest.raises(ValueError, match="root_delay > 0"):
+        transform(ao.shampoo(0.05, root_delay=1))
 
 
 @pytest.mark.parametrize("dtype,make,tol", [

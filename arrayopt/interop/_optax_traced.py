@@ -151,25 +151,23 @@ def _root_dtype(xp, name: str):
 
 
 def _refresh_roots(opt: Shampoo, xp, params, stats, roots):
-    """New roots of every factor by :func:`eigh_inverse_pth_root` (a non-finite root keeps the
-    old one) and the number of such failures."""
+    """New roots of every factor by :func:`eigh_inverse_pth_root`, one batched ``eigh`` per
+    (size, exponent) (a non-finite root keeps the old one), and the number of such failures."""
     cfg = opt.config
     dt = _root_dtype(xp, cfg.root_dtype)
-    exponents = iter(opt._exponents(params))
-    failures = []
-    out = []
-    for per_leaf_stats, per_leaf_roots in zip(stats, roots):
-        leaf_out = []
-        for blk_stats, blk_roots in zip(per_leaf_stats, per_leaf_roots):
-            blk_out = []
-            for f, old in zip(blk_stats, blk_roots):
-                r, ok = eigh_inverse_pth_root(xp, xp.astype(f, dt), next(exponents), cfg.eps,
-                                              cfg.relative_epsilon)
-                blk_out.append(xp.where(ok, xp.astype(r, old.dtype), old))
-                failures.append(~ok)
-            leaf_out.append(blk_out)
-        out.append(leaf_out)
-    return out, xp.sum(xp.astype(xp.stack(failures), xp.int32))
+    flat, old = opt._flat_factors(stats), opt._flat_factors(roots)
+    groups: dict = {}
+    for i, (f, p) in enumerate(zip(flat, opt._exponents(params))):
+        groups.setdefault((tuple(f.shape), p), []).append(i)
+    new, failures = list(old), []
+    for (_, p), idx in groups.items():
+        r, ok = eigh_inverse_pth_root(xp, xp.stack([xp.astype(flat[i], dt) for i in idx]), p, cfg.eps,
+                                      cfg.relative_epsilon)
+        for j, i in enumerate(idx):
+            new[i] = xp.where(ok[j], xp.astype(r[j], old[i].dtype), old[i])
+        failures.append(xp.sum(xp.astype(~ok, xp.int32)))
+    it = iter(new)
+    return [[[next(it) for _ in blk] for blk in per_leaf] for per_leaf in roots], sum(failures)
 
 
 def _shampoo(opt: Shampoo, xp, dtype, params, g_leaves, state):

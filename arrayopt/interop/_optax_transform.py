@@ -69,6 +69,10 @@ class TransformState:
         """The number of steps taken (a 0-d integer array)."""
         return self.leaves[_count_position(self.skeleton)]
 
+    def as_state(self) -> dict:
+        """The arrayopt state (its numbers as 0-d JAX arrays), e.g. to read Shampoo's root counters."""
+        return _join(self.skeleton, self.leaves, host=False)
+
 
 def _split(node):
     """``(dynamic leaves, skeleton)``: arrays and Python numbers are leaves; strings and None are static."""
