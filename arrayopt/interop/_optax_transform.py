@@ -19,18 +19,24 @@ So a jitted step traces once and keeps one compiled executable.
 
 Two ways the update runs inside a jitted step:
 
-- **traced** (SONew, alone): SONew's array-API reference in JAX, traced into the caller's
-  step, on the caller's device. Only the step scalars (the learning rate of the schedule,
-  the bias corrections) come from the host, through a ``jax.pure_callback`` of the count;
-  they are cast to the params' compute dtype (which all leaves must share, else the host
-  path runs). A non-finite gradient skips the step (state and params unchanged,
-  ``nonfinite_skipped`` counts it), since a traced step cannot raise.
-- **host** (every other optimizer, and SONew with ``host=True``): ``opt.update`` runs on
-  the host through ``jax.pure_callback``, the NumPy path, with the gradients, params and
-  state copied to host memory and the updates and new state copied back. Results are
-  those of the same optimizer on NumPy (errors raise from the callback).
+- **traced** (SGD, Adam/AdamW, AdaGrad, SONew, and Shampoo with synchronous ``eigh`` roots:
+  see :mod:`arrayopt.interop._optax_traced`): the optimizer's array-API reference in JAX,
+  traced into the caller's step, on the caller's device, with no host callback. The step
+  count is a traced 0-d array; the learning rate (a float, an ``ao.schedules`` schedule or an
+  optax schedule) and the bias corrections are computed from it by array ops in the params'
+  compute dtype (which all leaves must share, else the host path runs); Shampoo refreshes its
+  roots under ``jax.lax.cond`` on the count. A non-finite gradient skips the step (state and
+  params unchanged, ``nonfinite_skipped`` counts it), since a traced step cannot raise.
+- **host** (every other optimizer: chains, partitions, transforms, Sketchy, Eva, Shampoo with
+  Newton or QR roots, eigenvalue correction or a communicator; any optimizer with
+  ``host=True``): ``opt.update`` runs on the host through ``jax.pure_callback``, the NumPy
+  path, with the gradients, params and state copied to host memory and the updates and new
+  state copied back. Results are those of the same optimizer on NumPy (errors raise from
+  the callback).
 
-A learning rate given as an optax schedule is evaluated on the host at the step count.
+A Shampoo with an executor or ``root_delay > 0`` is rejected (its pending root job cannot be
+carried from step to step). A schedule that cannot take an array (Python math on its step)
+is evaluated on the host through a ``jax.pure_callback`` of the count, the rest still traced.
 Pytrees of dicts, lists and tuples keep their structure (and leaf paths in error
 messages); any other pytree reaches the optimizer as the list of its leaves.
 """
@@ -182,7 +188,7 @@ def _specs(leaves):
 def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransformation:
     """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation.
 
-    ``host=True`` runs SONew on the host too (see the module docstring for the two paths).
+    ``host=True`` runs every optimizer on the host (see the module docstring for the two paths).
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
