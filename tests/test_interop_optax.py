@@ -70,7 +70,8 @@ def test_jitted_trajectory_equals_optax_and_compiles_once(name):
                                         ao.schedules.cosine_decay(0.05, 10, alpha=0.1)], [3]), weight_decay=0.1),
     lambda: ao.sgd(ao.schedules.piecewise_constant(0.1, {4: 0.5}), momentum=0.9, weight_decay=1e-2),
     lambda: ao.adagrad(ao.schedules.constant(0.1), weight_decay=1e-2),
-], ids=["adamw-warmup-cosine", "sgd-piecewise", "adagrad-constant"])
+    lambda: ao.chain(ao.clip_by_global_norm(2.0), ao.scale(0.5), ao.adam(0.05, weight_decay=1e-2)),
+], ids=["adamw-warmup-cosine", "sgd-piecewise", "adagrad-constant", "chain-clip-scale-adam"])
 def test_first_order_with_arrayopt_schedules_is_traced_and_equals_the_numpy_path(make):
     grads = _grads(12, jnp.float64)
     p, state, traces = _jitted_run(transform(make()), _params(jnp.float64), grads)
@@ -172,6 +173,22 @@ def test_shampoo_with_a_pending_root_job_is_rejected():
         transform(ao.shampoo(0.05, root_delay=1))
 
 
+def test_what_traces_and_what_runs_on_the_host():
+    from arrayopt.interop._optax_traced import traces
+
+    class TwoRanks:
+        rank, size = 0, 2
+
+        def allgather(self, x):
+            return [x, x]
+
+    assert traces(ao.shampoo(0.05)) and traces(ao.chain(ao.scale(2.0), ao.sonew()))
+    for opt in (ao.shampoo(0.05, root_method="newton"), ao.shampoo(0.05, preconditioner="eigenvalue_corrected"),
+                ao.shampoo(0.05, comm=TwoRanks()), ao.chain(ao.scale(2.0), ao.shampoo(0.05, root_method="qr")),
+                ao.partition(lambda p: {"w": "m", "b": "v"}, {"m": ao.sonew(), "v": ao.adam()})):
+        assert not traces(opt), opt
+
+
 @pytest.mark.parametrize("dtype,make,tol", [
     (jnp.float32, lambda: ao.sonew(0.05, band=1, eps=1e-3), 2e-5),
     (jnp.float64, lambda: ao.sonew(optax.cosine_decay_schedule(0.05, 10), band=2, graft="rmsprop_normalized",
@@ -193,7 +210,8 @@ def test_sonew_is_traced_into_the_jitted_step_and_equals_the_numpy_path(dtype, m
     assert "name=leaf" not in host
 
 
-@pytest.mark.parametrize("make", [lambda: ao.sonew(0.05, eps=1e-3), lambda: ao.adam(0.05)], ids=["sonew", "adam"])
+@pytest.mark.parametrize("make", [lambda: ao.sonew(0.05, eps=1e-3),
+                                  lambda: ao.chain(ao.clip_by_global_norm(1.0), ao.adam(0.05))], ids=["sonew", "chain"])
 def test_a_traced_step_skips_a_nonfinite_gradient(make):
     grads = _grads(3, jnp.float32)
     grads[1]["w"] = grads[1]["w"].at[2, 1].set(jnp.inf)

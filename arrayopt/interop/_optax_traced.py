@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _validate, grafting
 from .._xp import Namespace, is_low_precision, namespace_of, state_dtype
-from ..base import HEADER, ElementwiseOptimizer
+from ..base import HEADER, Chain, ElementwiseOptimizer
 from ..linalg.roots import eigh_inverse_pth_root
 from ..momentum import heavy_ball_update
 from ..schedules import array_value
@@ -23,23 +23,28 @@ from ..shampoo.blocking import merge, split
 from ..shampoo.optimizer import Shampoo
 from ..shampoo.preconditioner import precondition_block, update_factors
 from ..sonew import SONew
+from ..transforms import ClipByGlobalNorm, Scale
 
 __all__ = ["check_carriable", "needs_params", "traced_update", "traces"]
 
 
 def traces(opt) -> bool:
     """Whether ``opt``'s update runs traced (else the adapter runs it on the host)."""
-    if isinstance(opt, SONew):
+    if isinstance(opt, (SONew, Scale, ClipByGlobalNorm)):
         return True
     if isinstance(opt, ElementwiseOptimizer):
         return hasattr(opt, "array_step_scalars")
+    if isinstance(opt, Chain):
+        return all(traces(part) for part in opt.parts)
     return _shampoo_traces(opt)
 
 
 def needs_params(opt) -> bool:
     """Whether ``opt`` (one that :func:`traces`) needs the params in ``update`` (weight decay)."""
+    if isinstance(opt, Chain):
+        return any(needs_params(part) for part in opt.parts)
     config = getattr(opt, "config", opt)
-    return config.weight_decay != 0.0
+    return getattr(config, "weight_decay", 0.0) != 0.0
 
 
 def traced_update(opt, g_leaves, p_leaves, state: dict):
@@ -55,15 +60,27 @@ def traced_update(opt, g_leaves, p_leaves, state: dict):
     if len(dtypes) != 1:
         return None
     (dtype,) = dtypes
-    params = p_leaves if p_leaves else g_leaves
+    ok = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in g_leaves]))
+    updates, new = _core(opt, xp, dtype, p_leaves if p_leaves else None, g_leaves, state)
+    updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
+    return updates, _kept_if_skipped(opt, xp, ok, new, state)
+
+
+def _core(opt, xp, dtype, params, g_leaves, state):
+    """``(updates, new_state)`` of one traced step, the header not yet advanced; ``params``
+    ``None``: the gradients stand in for them (as in ``update(grads, state)``)."""
+    if isinstance(opt, Chain):
+        return _chain(opt, xp, dtype, params, g_leaves, state)
+    if isinstance(opt, Scale):
+        return [g * opt.factor for g in g_leaves], state
+    if isinstance(opt, ClipByGlobalNorm):
+        return _clip(opt, xp, g_leaves), state
+    params = g_leaves if params is None else params
     if isinstance(opt, SONew):
-        core = _sonew
-    elif isinstance(opt, ElementwiseOptimizer):
-        core = _elementwise
-    else:
-        core = _shampoo
-    updates, new = core(opt, xp, dtype, params, g_leaves, state)
-    return _skip_if_nonfinite(xp, g_leaves, updates, state, new)
+        return _sonew(opt, xp, dtype, params, g_leaves, state)
+    if isinstance(opt, ElementwiseOptimizer):
+        return _elementwise(opt, xp, dtype, params, g_leaves, state)
+    return _shampoo(opt, xp, dtype, params, g_leaves, state)
 
 
 def _learning_rate(learning_rate, xp, count, dtype):
@@ -77,18 +94,43 @@ def _learning_rate(learning_rate, xp, count, dtype):
             lambda c: np.asarray(_validate.learning_rate_at(learning_rate, int(c)), dtype), spec, count)
 
 
-def _skip_if_nonfinite(xp, g_leaves, updates, state, new):
-    """Zero updates and the old state where a gradient holds NaN/Inf; the header advanced."""
-    ok = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in g_leaves]))
-    updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
-    kept = {k: jax.tree_util.tree_map(lambda a, b: xp.where(ok, a, b), new[k], state[k])
-            for k in new if k not in HEADER}
-    new = dict(new, **kept)
-    count = state["count"]
-    new["count"] = count + xp.astype(ok, count.dtype)
-    new["nonfinite_skipped"] = state["nonfinite_skipped"] + xp.astype(~ok, count.dtype)
-    new["consumed"] = state["consumed"]
-    return updates, new
+def _kept_if_skipped(opt, xp, ok, new, old, first: bool = True):
+    """The new state where ``ok`` (finite gradients), else the old arrays; the header advanced:
+    ``count`` by ``ok``, ``nonfinite_skipped`` by ``not ok`` (in a chain, its first part's only,
+    as a chain skips a step in its first part and leaves the later parts as they were)."""
+    out = dict(new)
+    for k in new:
+        if k == "count":
+            out[k] = old[k] + xp.astype(ok, old[k].dtype)
+        elif k == "nonfinite_skipped":
+            out[k] = old[k] + xp.astype(~ok, old[k].dtype) if first else old[k]
+        elif k in HEADER:
+            out[k] = old[k]
+        elif k == "inner" and isinstance(opt, Chain):
+            out[k] = [_kept_if_skipped(part, xp, ok, n, o, first and i == 0)
+                      for i, (part, n, o) in enumerate(zip(opt.parts, new[k], old[k]))]
+        else:
+            out[k] = jax.tree_util.tree_map(lambda a, b: xp.where(ok, a, b), new[k], old[k])
+    return out
+
+
+def _chain(opt: Chain, xp, dtype, params, g_leaves, state):
+    """Each part's traced step on the previous part's updates."""
+    updates, inner = g_leaves, []
+    for part, s in zip(opt.parts, state["inner"]):
+        updates, s = _core(part, xp, dtype, params, updates, s)
+        inner.append(s)
+    return updates, dict(state, inner=inner)
+
+
+def _clip(opt: ClipByGlobalNorm, xp, g_leaves):
+    """``g · min(1, c / ‖g‖₂)`` (``‖g‖₂`` over all leaves, in float32 or wider; 1 when ``‖g‖ = 0``)."""
+    sq = [xp.sum(g * g) if g.dtype in (xp.float32, xp.float64) else xp.sum(xp.astype(g, xp.float32) ** 2)
+          for g in g_leaves]
+    total = xp.sqrt(sum(sq[1:], sq[0]))
+    safe = xp.where(total > 0, total, xp.ones_like(total))
+    factor = xp.where(total > 0, xp.minimum(opt.max_norm / safe, xp.ones_like(total)), xp.ones_like(total))
+    return [g * xp.astype(factor, g.dtype) for g in g_leaves]
 
 
 def _to_compute(xp, x):
