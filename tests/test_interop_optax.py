@@ -69,9 +69,9 @@ def test_jitted_trajectory_equals_optax_and_compiles_once(name):
     lambda: ao.adamw(ao.schedules.join([ao.schedules.linear_warmup(0.05, 3),
                                         ao.schedules.cosine_decay(0.05, 10, alpha=0.1)], [3]), weight_decay=0.1),
     lambda: ao.sgd(ao.schedules.piecewise_constant(0.1, {4: 0.5}), momentum=0.9, weight_decay=1e-2),
-    lambda: ao.adagrad(ao.schedules.constant(0.1), weight_decay=1e-2),
-    lambda: ao.chain(ao.clip_by_global_norm(2.0), ao.scale(0.5), ao.adam(0.05, weight_decay=1e-2)),
-], ids=["adamw-warmup-cosine", "sgd-piecewise", "adagrad-constant", "chain-clip-scale-adam"])
+    lambda: ao.chain(ao.clip_by_global_norm(2.0), ao.scale(0.5),
+                     ao.adagrad(ao.schedules.constant(0.1), weight_decay=1e-2)),
+], ids=["adamw-warmup-cosine", "sgd-piecewise", "chain-clip-scale-adagrad"])
 def test_first_order_with_arrayopt_schedules_is_traced_and_equals_the_numpy_path(make):
     grads = _grads(12, jnp.float64)
     p, state, traces = _jitted_run(transform(make()), _params(jnp.float64), grads)
@@ -98,7 +98,7 @@ def test_a_schedule_with_python_math_takes_its_learning_rate_from_the_host():
 
 
 def test_traced_adam_on_bfloat16_params_equals_the_numpy_path():
-    grads = [{k: v.astype(jnp.bfloat16) for k, v in g.items()} for g in _grads(5, jnp.float32)]
+    grads = [{k: v.astype(jnp.bfloat16) for k, v in g.items()} for g in _grads(3, jnp.float32)]
     params = {k: v.astype(jnp.bfloat16) for k, v in _params(jnp.float32).items()}
     p, state, traces = _jitted_run(transform(ao.adam(0.05)), params, grads)
     assert traces == 1 and all(p[k].dtype == jnp.bfloat16 for k in p)
