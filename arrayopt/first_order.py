@@ -58,6 +58,10 @@ class SGD(ElementwiseOptimizer):
     def step_scalars(self, t, lr):
         return (lr, self.momentum, self.weight_decay, self.nesterov)
 
+    def array_step_scalars(self, xp, t, lr):
+        """:meth:`step_scalars` with ``t`` and ``lr`` 0-d arrays (array ops only; a traced step)."""
+        return (lr, self.momentum, self.weight_decay, self.nesterov)
+
     def reference(self, xp, p, g, states, scalars):
         lr, mu, wd, nesterov = scalars
         if wd != 0.0:
@@ -111,12 +115,21 @@ class Adam(ElementwiseOptimizer):
         decay = 1.0 - lr * self.weight_decay if self.decoupled else 1.0
         return (step_size, 1.0 - self.b1, self.b2, 1.0 - self.b2, bc2_sqrt, self.eps, l2, decay)
 
+    def array_step_scalars(self, xp, t, lr):
+        """:meth:`step_scalars` with ``t`` (float) and ``lr`` 0-d arrays: the bias corrections
+        ``1 - β^t`` by array ops, so that a traced step computes them from a traced count."""
+        step_size = lr / (1.0 - xp.pow(xp.full_like(t, self.b1), t))
+        bc2_sqrt = xp.sqrt(1.0 - xp.pow(xp.full_like(t, self.b2), t))
+        l2 = 0.0 if self.decoupled else self.weight_decay
+        decay = 1.0 - lr * self.weight_decay if self.decoupled else 1.0
+        return (step_size, 1.0 - self.b1, self.b2, 1.0 - self.b2, bc2_sqrt, self.eps, l2, decay)
+
     def reference(self, xp, p, g, states, scalars):
         step_size, omb1, b2, omb2, bc2_sqrt, eps, l2, decay = scalars
         m, v = states
         if l2 != 0.0:
             g = g + l2 * p
-        if decay != 1.0:
+        if self.decoupled and self.weight_decay != 0.0:  # decay == 1 otherwise
             p = p * decay
         m = m + omb1 * (g - m)
         v = v * b2 + omb2 * (g * g)
@@ -155,6 +168,10 @@ class AdaGrad(ElementwiseOptimizer):
         return self.initial_accumulator_value
 
     def step_scalars(self, t, lr):
+        return (lr, self.eps, self.weight_decay)
+
+    def array_step_scalars(self, xp, t, lr):
+        """:meth:`step_scalars` with ``t`` and ``lr`` 0-d arrays (array ops only; a traced step)."""
         return (lr, self.eps, self.weight_decay)
 
     def reference(self, xp, p, g, states, scalars):

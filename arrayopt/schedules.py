@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from ._validate import check_int, check_real
 
-__all__ = ["constant", "linear_warmup", "cosine_decay", "piecewise_constant", "join"]
+__all__ = ["constant", "linear_warmup", "cosine_decay", "piecewise_constant", "join", "array_value"]
 
 
 def _check_step(step) -> int:
@@ -39,6 +39,9 @@ class constant:
         _check_step(step)
         return float(self.value)
 
+    def array_at(self, xp, count, dtype):
+        return xp.full_like(xp.astype(count, dtype), float(self.value))
+
 
 @dataclass(frozen=True)
 class linear_warmup:
@@ -56,6 +59,10 @@ class linear_warmup:
     def __call__(self, step: int) -> float:
         frac = min(_check_step(step), self.warmup_steps) / self.warmup_steps
         return float(self.init_value + frac * (self.peak_value - self.init_value))
+
+    def array_at(self, xp, count, dtype):
+        frac = xp.minimum(xp.astype(count, dtype), float(self.warmup_steps)) / float(self.warmup_steps)
+        return self.init_value + frac * (self.peak_value - self.init_value)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,11 @@ class cosine_decay:
         t = min(_check_step(step), self.decay_steps) / self.decay_steps
         cos = 0.5 * (1.0 + math.cos(math.pi * t))
         return float(self.init_value * ((1.0 - self.alpha) * cos + self.alpha))
+
+    def array_at(self, xp, count, dtype):
+        t = xp.minimum(xp.astype(count, dtype), float(self.decay_steps)) / float(self.decay_steps)
+        cos = 0.5 * (1.0 + xp.cos(math.pi * t))
+        return self.init_value * ((1.0 - self.alpha) * cos + self.alpha)
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,12 @@ class piecewise_constant:
         for b in sorted(self.boundaries_and_scales):
             if step >= b:
                 v *= self.boundaries_and_scales[b]
+        return v
+
+    def array_at(self, xp, count, dtype):
+        v = xp.full_like(xp.astype(count, dtype), float(self.init_value))
+        for b in sorted(self.boundaries_and_scales):
+            v = xp.where(count >= b, v * self.boundaries_and_scales[b], v)
         return v
 
 
@@ -128,3 +146,21 @@ class join:
             if step >= b:
                 idx, start = i + 1, b
         return float(self.schedules[idx](step - start))
+
+    def array_at(self, xp, count, dtype):
+        v = array_value(self.schedules[0], xp, count, dtype)
+        for s, b in zip(self.schedules[1:], self.boundaries):
+            v = xp.where(count >= b, array_value(s, xp, count - b, dtype), v)
+        return v
+
+
+def array_value(learning_rate, xp, count, dtype):
+    """A learning rate (float or schedule) at a 0-d integer array ``count``, as a 0-d ``dtype``
+    array computed by array ops (so a traced step can take it from a traced count). The
+    schedules here use ``array_at``; any other callable is called with ``count`` and must
+    accept an array (optax's schedules do)."""
+    if not callable(learning_rate):
+        return xp.full_like(xp.astype(count, dtype), float(learning_rate))
+    at = getattr(learning_rate, "array_at", None)
+    value = at(xp, count, dtype) if at is not None else learning_rate(count)
+    return xp.astype(xp.asarray(value), dtype)

@@ -61,6 +61,56 @@ def test_jitted_trajectory_equals_optax_and_compiles_once(name):
     assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(s1))
     for k in p1:
         np.testing.assert_allclose(np.asarray(p1[k]), np.asarray(p2[k]), rtol=1e-10, atol=1e-12, err_msg=k)
+    # traced into the step: no host callback in its program
+    assert "callback" not in _jaxpr(transform(ours()), jnp.float64, grads)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ao.adamw(ao.schedules.join([ao.schedules.linear_warmup(0.05, 3),
+                                        ao.schedules.cosine_decay(0.05, 10, alpha=0.1)], [3]), weight_decay=0.1),
+    lambda: ao.sgd(ao.schedules.piecewise_constant(0.1, {4: 0.5}), momentum=0.9, weight_decay=1e-2),
+    lambda: ao.chain(ao.clip_by_global_norm(2.0), ao.scale(0.5),
+                     ao.adagrad(ao.schedules.constant(0.1), weight_decay=1e-2)),
+], ids=["adamw-warmup-cosine", "sgd-piecewise", "chain-clip-scale-adagrad"])
+def test_first_order_with_arrayopt_schedules_is_traced_and_equals_the_numpy_path(make):
+    grads = _grads(12, jnp.float64)
+    p, state, traces = _jitted_run(transform(make()), _params(jnp.float64), grads)
+    want = _numpy_run(make(), _params(jnp.float64), grads)
+    assert traces == 1 and int(state.count) == 12
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    assert "callback" not in _jaxpr(transform(make()), jnp.float64, grads)
+
+
+def test_a_schedule_with_python_math_takes_its_learning_rate_from_the_host():
+    import math
+
+    def sched(step):
+        return 0.05 * math.cos(0.1 * step)
+
+    grads = _grads(4, jnp.float32)
+    p, _, traces = _jitted_run(transform(ao.adam(sched)), _params(jnp.float32), grads)
+    want = _numpy_run(ao.adam(sched), _params(jnp.float32), grads)
+    assert traces == 1
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    assert _jaxpr(transform(ao.adam(sched)), jnp.float32, grads).count("pure_callback") == 1
+
+
+def test_traced_adam_on_bfloat16_params_equals_the_numpy_path():
+    grads = [{k: v.astype(jnp.bfloat16) for k, v in g.items()} for g in _grads(3, jnp.float32)]
+    params = {k: v.astype(jnp.bfloat16) for k, v in _params(jnp.float32).items()}
+    p, state, traces = _jitted_run(transform(ao.adam(0.05)), params, grads)
+    assert traces == 1 and all(p[k].dtype == jnp.bfloat16 for k in p)
+    want = _numpy_run(ao.adam(0.05), params, grads)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k], np.float32), np.asarray(want[k], np.float32),
+                                   rtol=1e-2, atol=1e-2, err_msg=k)
+
+
+def _jaxpr(tx, dtype, grads):
+    """The text of the jaxpr of one ``tx.update`` on this file's params."""
+    return str(jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(_params(dtype), tx.init(_params(dtype)), grads[0]))
 
 
 def _numpy_run(opt, params, grads):
@@ -72,7 +122,7 @@ def _numpy_run(opt, params, grads):
     return p
 
 
-@pytest.mark.parametrize("make", [lambda: ao.shampoo(0.05, block_size=2),
+@pytest.mark.parametrize("make", [lambda: ao.shampoo(0.05, block_size=2, root_method="newton"),
                                   lambda: ao.partition(lambda p: {"w": "m", "b": "v"},
                                                        {"m": ao.sonew(0.05, eps=1e-3), "v": ao.adam(0.05)})],
                          ids=["shampoo", "partition"])
@@ -84,6 +134,59 @@ def test_host_path_in_a_jitted_optax_chain_equals_the_numpy_path(make):
     assert traces == 1 and int(state[1].count) == 10
     for k in want:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ao.shampoo(0.05, block_size=4, precondition_every=4, start_preconditioning_step=3, weight_decay=1e-2,
+                       eps=1e-3),
+    lambda: ao.shampoo(optax.cosine_decay_schedule(0.05, 15), block_size=8, precondition_every=5, b2=1.0,
+                       graft="rmsprop_normalized", graft_per="block", statistics_every=2, ema_momentum=True,
+                       relative_epsilon=False, eps=1e-4),
+], ids=["adam-graft-decay", "block-graft-schedule"])
+def test_shampoo_is_traced_into_the_jitted_step_and_equals_the_numpy_path(make):
+    grads = _grads(15, jnp.float32)
+    params = _params(jnp.float32)
+    tx = transform(make())
+    p, state, traces = _jitted_run(tx, params, grads)
+    opt = make()
+    want, s = {k: np.array(v) for k, v in params.items()}, opt.init({k: np.array(v) for k, v in params.items()})
+    for g in grads:
+        u, s = opt.update({k: np.array(v) for k, v in g.items()}, s, want)
+        want = ao.apply_updates(want, u)
+    assert traces == 1 and int(state.count) == 15
+    for k in want:
+        np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=2e-5, err_msg=k)
+    traced = state.as_state()
+    for key in ("roots_step", "root_staleness", "root_jobs", "root_failures", "nonfinite_skipped"):
+        assert int(traced[key]) == s[key], key
+    assert s["root_jobs"] >= 3
+    text = str(jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(params, tx.init(params), grads[0]))
+    assert "callback" not in text and "cond[" in text and "eigh" in text
+
+
+def test_shampoo_with_a_pending_root_job_is_rejected():
+    from arrayopt.shampoo.async_roots import InlineExecutor
+
+    with pytest.raises(ValueError, match="opt: shampoo with an executor or root_delay > 0"):
+        transform(ao.shampoo(0.05, executor=InlineExecutor()))
+    with pytest.raises(ValueError, match="root_delay > 0"):
+        transform(ao.shampoo(0.05, root_delay=1))
+
+
+def test_what_traces_and_what_runs_on_the_host():
+    from arrayopt.interop._optax_traced import traces
+
+    class TwoRanks:
+        rank, size = 0, 2
+
+        def allgather(self, x):
+            return [x, x]
+
+    assert traces(ao.shampoo(0.05)) and traces(ao.chain(ao.scale(2.0), ao.sonew()))
+    for opt in (ao.shampoo(0.05, root_method="newton"), ao.shampoo(0.05, preconditioner="eigenvalue_corrected"),
+                ao.shampoo(0.05, comm=TwoRanks()), ao.chain(ao.scale(2.0), ao.shampoo(0.05, root_method="qr")),
+                ao.partition(lambda p: {"w": "m", "b": "v"}, {"m": ao.sonew(), "v": ao.adam()})):
+        assert not traces(opt), opt
 
 
 @pytest.mark.parametrize("dtype,make,tol", [
@@ -99,21 +202,21 @@ def test_sonew_is_traced_into_the_jitted_step_and_equals_the_numpy_path(dtype, m
     assert traces == 1 and int(state.count) == 10
     for k in want:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=tol, atol=tol, err_msg=k)
-    # traced: SONew's jitted leaf function is in the step's program, and the only host
-    # callback is the one that returns the 3 step scalars
-    text = str(jax.make_jaxpr(lambda p, s, g: tx.update(g, s, p))(_params(dtype), tx.init(_params(dtype)),
-                                                                     grads[0]))
-    assert "name=leaf" in text and text.count("pure_callback") == 1
+    # traced: SONew's jitted leaf function is in the step's program, and no host callback
+    text = _jaxpr(tx, dtype, grads)
+    assert "name=leaf" in text and "callback" not in text
     host = str(jax.make_jaxpr(lambda p, s, g: transform(make(), host=True).update(g, s, p))(
         _params(dtype), tx.init(_params(dtype)), grads[0]))
     assert "name=leaf" not in host
 
 
-def test_traced_sonew_skips_a_step_with_a_nonfinite_gradient():
+@pytest.mark.parametrize("make", [lambda: ao.sonew(0.05, eps=1e-3),
+                                  lambda: ao.chain(ao.clip_by_global_norm(1.0), ao.adam(0.05))], ids=["sonew", "chain"])
+def test_a_traced_step_skips_a_nonfinite_gradient(make):
     grads = _grads(3, jnp.float32)
     grads[1]["w"] = grads[1]["w"].at[2, 1].set(jnp.inf)
-    p, state, _ = _jitted_run(transform(ao.sonew(0.05, eps=1e-3)), _params(jnp.float32), grads)
-    want = _numpy_run(ao.sonew(0.05, eps=1e-3), _params(jnp.float32), [grads[0], grads[2]])
+    p, state, _ = _jitted_run(transform(make()), _params(jnp.float32), grads)
+    want = _numpy_run(make(), _params(jnp.float32), [grads[0], grads[2]])
     assert int(state.count) == 2 and int(state.leaves[1]) == 1  # nonfinite_skipped
     for k in want:
         np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=2e-5, atol=2e-5, err_msg=k)

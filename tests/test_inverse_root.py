@@ -161,3 +161,24 @@ def test_ridge_escalation_newton_converges_at_a_larger_ridge():
     assert info1["fallbacks"] == 1  # not enough retries: eigh at ε
     with pytest.raises(ValueError, match="ridge_retries"):
         inverse_pth_root_info(A, 4, ridge_retries=-1, **kw)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_array_api_eigh_root_equals_the_host_root(relative):
+    """R9: ``eigh_inverse_pth_root`` (array-API code, what a traced Shampoo step uses), batched."""
+    from arrayopt.linalg.roots import eigh_inverse_pth_root
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 5, 4))
+    A = np.concatenate([x @ np.swapaxes(x, -1, -2), np.zeros((1, 5, 5))])
+    want = np.stack([inverse_pth_root(a, 4, ridge_epsilon=1e-3, relative=relative) if a.any() or not relative
+                     else np.eye(5) for a in A])
+    namespaces = [np]
+    if have("jax"):
+        import jax.numpy as jnp
+
+        namespaces.append(jnp)
+    for xp in namespaces:
+        root, ok = eigh_inverse_pth_root(xp, xp.asarray(A), 4, 1e-3, relative)
+        assert np.asarray(ok).tolist() == [True] * 4
+        np.testing.assert_allclose(np.asarray(root), want, rtol=1e-9, atol=1e-9, err_msg=str(xp))

@@ -19,18 +19,24 @@ So a jitted step traces once and keeps one compiled executable.
 
 Two ways the update runs inside a jitted step:
 
-- **traced** (SONew, alone): SONew's array-API reference in JAX, traced into the caller's
-  step, on the caller's device. Only the step scalars (the learning rate of the schedule,
-  the bias corrections) come from the host, through a ``jax.pure_callback`` of the count;
-  they are cast to the params' compute dtype (which all leaves must share, else the host
-  path runs). A non-finite gradient skips the step (state and params unchanged,
-  ``nonfinite_skipped`` counts it), since a traced step cannot raise.
-- **host** (every other optimizer, and SONew with ``host=True``): ``opt.update`` runs on
-  the host through ``jax.pure_callback``, the NumPy path, with the gradients, params and
-  state copied to host memory and the updates and new state copied back. Results are
-  those of the same optimizer on NumPy (errors raise from the callback).
+- **traced** (SGD, Adam/AdamW, AdaGrad, SONew, and Shampoo with synchronous ``eigh`` roots:
+  see :mod:`arrayopt.interop._optax_traced`): the optimizer's array-API reference in JAX,
+  traced into the caller's step, on the caller's device, with no host callback. The step
+  count is a traced 0-d array; the learning rate (a float, an ``ao.schedules`` schedule or an
+  optax schedule) and the bias corrections are computed from it by array ops in the params'
+  compute dtype (which all leaves must share, else the host path runs); Shampoo refreshes its
+  roots under ``jax.lax.cond`` on the count. A non-finite gradient skips the step (state and
+  params unchanged, ``nonfinite_skipped`` counts it), since a traced step cannot raise.
+- **host** (every other optimizer: chains, partitions, transforms, Sketchy, Eva, Shampoo with
+  Newton or QR roots, eigenvalue correction or a communicator; any optimizer with
+  ``host=True``): ``opt.update`` runs on the host through ``jax.pure_callback``, the NumPy
+  path, with the gradients, params and state copied to host memory and the updates and new
+  state copied back. Results are those of the same optimizer on NumPy (errors raise from
+  the callback).
 
-A learning rate given as an optax schedule is evaluated on the host at the step count.
+A Shampoo with an executor or ``root_delay > 0`` is rejected (its pending root job cannot be
+carried from step to step). A schedule that cannot take an array (Python math on its step)
+is evaluated on the host through a ``jax.pure_callback`` of the count, the rest still traced.
 Pytrees of dicts, lists and tuples keep their structure (and leaf paths in error
 messages); any other pytree reaches the optimizer as the list of its leaves.
 """
@@ -43,9 +49,8 @@ import numpy as np
 import optax
 
 from .. import _tree
-from .._xp import Namespace, is_low_precision, namespace_of, state_dtype
-from ..base import HEADER, Optimizer
-from ..sonew import SONew
+from ..base import Optimizer
+from ._optax_traced import check_carriable, needs_params, traced_update, traces
 
 __all__ = ["transform", "TransformState"]
 
@@ -69,6 +74,10 @@ class TransformState:
     def count(self):
         """The number of steps taken (a 0-d integer array)."""
         return self.leaves[_count_position(self.skeleton)]
+
+    def as_state(self) -> dict:
+        """The arrayopt state (its numbers as 0-d JAX arrays), e.g. to read Shampoo's root counters."""
+        return _join(self.skeleton, self.leaves, host=False)
 
 
 def _split(node):
@@ -176,48 +185,16 @@ def _specs(leaves):
             for x in leaves]
 
 
-def _traced_sonew(opt: SONew, g_leaves, p_leaves, state: dict):
-    """SONew's reference traced in JAX; ``None`` when the leaves' compute dtypes differ."""
-    xp = namespace_of(g_leaves[0])
-    dtypes = {state_dtype(xp, g.dtype) for g in g_leaves}
-    if len(dtypes) != 1:
-        return None
-    (dtype,) = dtypes
-    count = state["count"]
-    float_dtype = jnp.zeros((), float).dtype  # float64 with jax_enable_x64, else float32
-
-    def host_scalars(c):
-        step = opt.step_description(int(c))
-        return np.array([step.lr, step.bc1, step.bc2], float_dtype)
-
-    lr, bc1, bc2 = jax.pure_callback(host_scalars, jax.ShapeDtypeStruct((3,), float_dtype), count)
-    # the step description without its per-step scalars (its options), with the traced ones cast
-    # to the compute dtype, as the host paths' Python floats are when they meet the arrays
-    step = opt._template.with_scalars(*(xp.astype(x, dtype) for x in (lr, bc1, bc2)))
-    ns = Namespace(xp, None, "jax")
-    params = p_leaves if p_leaves else g_leaves
-    updates, new = opt._reference_all(ns, params, g_leaves, state, step=step)
-    updates = [xp.astype(u, p.dtype) if is_low_precision(p.dtype) else u for u, p in zip(updates, params)]
-    ok = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in g_leaves]))  # a bad step is skipped
-    updates = [xp.where(ok, u, xp.zeros_like(u)) for u in updates]
-    kept = {k: jax.tree_util.tree_map(lambda a, b: xp.where(ok, a, b), new[k], state[k])
-            for k in new if k not in HEADER}  # the per-leaf arrays: the old ones on a skipped step
-    new = dict(new, **kept)
-    new["count"] = count + xp.astype(ok, count.dtype)
-    new["nonfinite_skipped"] = state["nonfinite_skipped"] + xp.astype(~ok, count.dtype)
-    new["consumed"] = state["consumed"]
-    return updates, new
-
-
 def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransformation:
     """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation.
 
-    ``host=True`` runs SONew on the host too (see the module docstring for the two paths).
+    ``host=True`` runs every optimizer on the host (see the module docstring for the two paths).
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"opt: expected an arrayopt optimizer, got {type(opt).__name__}")
     if not isinstance(host, bool):
         raise TypeError(f"host: expected a bool, got {type(host).__name__}")
+    check_carriable(opt)
 
     def init_host(leaves, treedef):
         state = opt.init(_host_tree(treedef, [np.array(x) for x in leaves]))
@@ -246,10 +223,10 @@ def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransforma
         if params is not None and len(p_leaves) != len(g_leaves):
             raise ValueError(f"params: {len(p_leaves)} leaves, but the updates have {len(g_leaves)}")
         skeleton, n = state.skeleton, len(g_leaves)
-        if isinstance(opt, SONew) and not host:
-            if params is None and opt.weight_decay != 0.0:
+        if not host and traces(opt):
+            if params is None and needs_params(opt):
                 raise ValueError(f"params: {opt.name} with weight decay needs the params in update()")
-            traced = _traced_sonew(opt, g_leaves, p_leaves, _join(skeleton, state.leaves, host=False))
+            traced = traced_update(opt, g_leaves, p_leaves, _join(skeleton, state.leaves, host=False))
             if traced is not None:
                 updates, new = traced
                 out = [xp_cast(x, old) for x, old in zip(_dynamic_leaves(skeleton, new), state.leaves)]

@@ -47,7 +47,8 @@ import numpy as np
 
 from .._xp import Namespace, device_of, dtype_name, library_of, namespace_of, to_numpy
 
-__all__ = ["inverse_pth_root", "inverse_pth_root_info", "power_iteration", "host_inverse_pth_roots"]
+__all__ = ["inverse_pth_root", "inverse_pth_root_info", "power_iteration", "host_inverse_pth_roots",
+           "eigh_inverse_pth_root"]
 
 _METHODS = ("eigh", "newton")
 _COMPUTE = ("float64", "float32")
@@ -248,6 +249,26 @@ def _newton_escalated(xp, A, p: int, eps, relative, tol, max_iters, threshold, r
         ok = ok | take
     return H, err, ok, used
 
+
+def eigh_inverse_pth_root(xp, A, p: float, eps: float, relative: bool):
+    r"""``(A + ridge·I)^{-1/p}`` of symmetric PSD ``A`` (``(..., n, n)``) by ``xp.linalg.eigh`` in ``A``'s
+    namespace and dtype: the arithmetic of the host ``eigh`` method (symmetrize, clip ``λ < 0`` to 0,
+    relative or absolute ridge, the identity for a zero ``A`` with a relative ridge, ``B Bᵀ`` with
+    ``B = Q diag((λ + ridge)^{-1/(2p)})``) as pure array-API code without value-dependent branches,
+    so it traces (e.g. into a jitted JAX step). Returns ``(root, ok)``: ``ok`` (shape ``(...)``)
+    false where the root is not finite.
+    """
+    a = 0.5 * (A + xp.matrix_transpose(A))
+    w, q = xp.linalg.eigh(a)
+    w = xp.maximum(w, xp.zeros_like(w))
+    lmax = xp.max(w, axis=-1, keepdims=True)
+    if relative:
+        w_r = xp.where(lmax <= 0, xp.ones_like(w), w + eps * lmax)
+    else:
+        w_r = w + eps
+    b = q * (w_r ** (-0.5 / p))[..., None, :]
+    root = xp.matmul(b, xp.matrix_transpose(b))
+    return root, xp.all(xp.isfinite(root), axis=(-2, -1))
 
 # ---------------------------------------------------------------- public API
 

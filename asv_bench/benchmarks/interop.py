@@ -5,8 +5,8 @@
   own cost: collecting the params with gradients, detaching, the group's rate).
 - ``torch_adapter/torch_fused_adam``: the adapter over ``torch.optim.Adam(fused=True)``.
 - ``optax_transform/optax_adam``: a ``jax.jit``-ed step of
-  ``arrayopt.interop.optax.transform(ao.adam())`` (the update on the host through
-  ``jax.pure_callback``) over the jitted ``optax.adam`` step.
+  ``arrayopt.interop.optax.transform(ao.adam())`` (the update traced into the step as
+  JAX code, no host callback) over the jitted ``optax.adam`` step.
 
 Params: a 4-tensor model of ``n`` float32 params in all (weights ``(k, k)`` twice and
 two biases). Contenders interleaved round-robin (``common.interleaved``), medians.
