@@ -292,7 +292,7 @@ class Sketchy(Optimizer):
         accs = state["graft"] if cfg.graft.has_state else None
         moms = state["momentum"] if cfg.b1 > 0 else None
         backend.run(self.kernel_op, leaves, g_leaves, [accs, moms, directions], step, g_views=views)
-        return list(leaves), self._new_state(ns, state, sketches, skipped, accs, moms)
+        return list(leaves), self._new_state(state, sketches, skipped, accs, moms)
 
     def _new_sketches(self, ns, leaves, g_leaves, state):
         """``(per-leaf per-axis sketch arrays, 1 if an update was not finite else 0)`` of this step."""
@@ -314,7 +314,7 @@ class Sketchy(Optimizer):
             sketches = [[[np.asarray(a) for a in ax] for ax in leaf] for leaf in sketches]
         return sketches, skipped
 
-    def _new_state(self, ns, state, sketches, skipped, new_graft, new_mom):
+    def _new_state(self, state, sketches, skipped, new_graft, new_mom):
         new = dict(state)
         new["count"] = state["count"] + 1
         for j, k in enumerate(SKETCH_KEYS):
@@ -353,7 +353,7 @@ class Sketchy(Optimizer):
             updates = [np.asarray(u) for u in updates]
             new_graft = [np.asarray(a) for a in new_graft]
             new_mom = [np.asarray(a) for a in new_mom]
-        return updates, self._new_state(ns, state, sketches, skipped, new_graft, new_mom)
+        return updates, self._new_state(state, sketches, skipped, new_graft, new_mom)
 
 
 def sketchy(learning_rate=1e-3, rank: int = 128, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
