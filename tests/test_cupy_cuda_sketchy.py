@@ -130,6 +130,24 @@ def test_emulated_device_steps_match_the_reference(emulated, dtype, tol, k):
             np.testing.assert_allclose(np.asarray(a), b, rtol=tol, atol=tol * max(1.0, np.abs(b).max()))
 
 
+@needs_nvcc
+@pytest.mark.parametrize("scale", [1e200, 1e-170])
+def test_emulated_float64_norms_past_float64_squares_take_the_scaled_norm(emulated, scale):
+    """Float64 sums of squares that overflow or underflow: the driver takes the scaled norms."""
+    from arrayopt import grafting
+    from arrayopt.backends.cupy_cuda.sketchy import run
+    from arrayopt.sketchy.step import SketchyStep
+
+    rng = np.random.default_rng(3)
+    g, d = rng.standard_normal(50) * scale, rng.standard_normal(50) * scale
+    p = hh.as_fake(np.zeros(50))
+    step = SketchyStep(lr=0.1, graft="sgd", graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0, ema=False,
+                       nesterov=False, weight_decay=0.0)
+    run(_EmulatedCuda(), step, [p], [hh.as_fake(g)], None, None, [hh.as_fake(d)])
+    want = -0.1 * (d * (grafting.norm(np, g) / grafting.norm(np, d)))
+    np.testing.assert_allclose(np.asarray(p), want, rtol=1e-13, atol=0)
+
+
 # ---------------------------------------------------------------- on a CUDA device
 
 

@@ -72,3 +72,22 @@ def test_numba_is_chosen_and_declines_unfused_grafts():
         choice = dispatch.choose(opt.kernel_op, ns, opt.step_description(0),
                                  *opt._kernel_groups([params["w"]], [grads["w"]], state))
         assert choice.backend is None and f"graft={graft!r} is not fused" in choice.reason
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-170])
+def test_float64_norms_past_float64_squares_take_the_scaled_norm(scale):
+    """Squares of 1e200 overflow and of 1e-170 underflow in float64: the driver then takes the
+    reference's scaled norms (:func:`arrayopt.grafting.norm`), so ``u = (‖g‖/‖D‖)·D`` still holds."""
+    from arrayopt import grafting
+    from arrayopt.backends.numba_cpu import BACKEND
+    from arrayopt.backends.numba_cpu.sketchy import run
+    from arrayopt.sketchy.step import SketchyStep
+
+    rng = np.random.default_rng(3)
+    g, d = rng.standard_normal(50) * scale, rng.standard_normal(50) * scale
+    p = np.zeros(50)
+    step = SketchyStep(lr=0.1, graft="sgd", graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0, ema=False,
+                       nesterov=False, weight_decay=0.0)
+    run(BACKEND, step, [p], [g], None, None, [d])
+    want = -0.1 * (d * (grafting.norm(np, g) / grafting.norm(np, d)))
+    np.testing.assert_allclose(p, want, rtol=1e-13, atol=0)

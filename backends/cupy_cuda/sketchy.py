@@ -57,6 +57,7 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
     scales = {}
     for k, i in enumerate(normed):
         sa, sd = float(host[2 * k]), float(host[2 * k + 1])
+        na, nd = float(np.sqrt(sa)), float(np.sqrt(sd))
         if dtype == np.float64 and not (0.0 < sa < np.inf and 0.0 < sd < np.inf):
             g, acc = g_views[i], (a_views[i] if a_views is not None else None)
             if kind == 0:
@@ -65,8 +66,8 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
                 a = g / (acc ** 0.5 / sc[3] + sc[2])
             else:
                 a = g / (acc ** 0.5 + sc[2])
-            sa, sd = _scaled_norm(a) ** 2, _scaled_norm(d_views[i]) ** 2  # extreme float64 magnitudes
-        scales[i] = dt(np.sqrt(sa) / np.sqrt(sd)) if sd > 0 else dt(0.0)  # zero guard
+            na, nd = _scaled_norm(a), _scaled_norm(d_views[i])  # extreme float64 magnitudes
+        scales[i] = dt(na / nd) if nd > 0 else dt(0.0)  # zero guard
     w1 = dt(1.0 - step.b1) if step.ema else dt(1.0)
     flags = (np.int32(bool(step.nesterov)), np.int32(m_views is not None))
     for i, (p, g) in enumerate(zip(p_views, g_views)):

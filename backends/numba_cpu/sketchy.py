@@ -134,11 +134,11 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
                 scale = cast(1.0)
             else:
                 sa, sd = _NORMS[big](g, acc, d, kind, *sc)
+                na, nd = np.sqrt(sa), np.sqrt(sd)
                 if p.dtype == np.float64 and not (0.0 < sa < np.inf and 0.0 < sd < np.inf):
                     na, nd = _exact_norms(step, g, acc, d, cast)  # extreme float64 magnitudes
-                    sa, sd = na * na, nd * nd
                 # the zero guard: u = 0 when ‖D‖ = 0
-                scale = cast(np.sqrt(sa) / np.sqrt(sd)) if sd > 0 else cast(0.0)
+                scale = cast(na / nd) if nd > 0 else cast(0.0)
         else:
             d, scale = dummy, cast(0.0)
         w1 = cast(1.0 - step.b1) if ema else cast(1.0)
