@@ -56,6 +56,7 @@ from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
 from ..shampoo.config import as_grafting
 from .config import SketchyConfig
+from .step import SketchyStep
 
 __all__ = ["Sketchy", "sketchy", "SketchPlan"]
 
@@ -138,6 +139,7 @@ class Sketchy(Optimizer):
     """Sketchy (S-AdaGrad / S-Shampoo) with grafting, momentum and weight decay; see the module doc."""
 
     name = "sketchy"
+    kernel_op = "sketchy"
 
     def __init__(self, config: SketchyConfig, *, on_nonfinite="raise"):
         super().__init__(on_nonfinite=on_nonfinite)
@@ -246,31 +248,95 @@ class Sketchy(Optimizer):
         xp = ns.xp
         return [xp.astype(u, p.dtype) if is_low_precision(p.dtype) else u for p, u in zip(leaves, updates)], new
 
+    # ---------------------------------------------------------------- backend contract
+
+    def step_description(self, count: int) -> SketchyStep:
+        """The frozen :class:`SketchyStep` of step ``count + 1`` (what backends receive)."""
+        cfg = self.config
+        return SketchyStep(lr=_validate.learning_rate_at(cfg.learning_rate, count), graft=cfg.graft.type,
+                           graft_b2=cfg.graft.b2, graft_eps=cfg.graft.eps, graft_bc2=1.0 - cfg.graft.b2 ** (count + 1),
+                           b1=cfg.b1, ema=cfg.ema_momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+    def _kernel_groups(self, leaves, g_leaves, state):
+        cfg = self.config
+        return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
+                *([state["momentum"]] if cfg.b1 > 0 else []))
+
     def _step(self, ns, leaves, g_leaves, state, paths):
         # bfloat16/float16 params: the float32 update is added in float32 and rounded once
-        if not _validate.all_finite(ns.xp, g_leaves):
+        step = self.step_description(state["count"])
+        backend = self._choose(ns, step, leaves, g_leaves, state).backend
+        if backend is None:
+            if not _validate.all_finite(ns.xp, g_leaves):
+                self._handle_nonfinite(ns.xp, g_leaves, paths)
+                return None
+            updates, new = self._updates(ns, leaves, g_leaves, state)
+            return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new
+        # fused: finiteness pre-pass, the sketches and the low-rank apply through the namespace,
+        # then the graft, momentum, weight decay and parameter write in place
+        views = backend.views(g_leaves)
+        if not backend.all_finite(views):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None
-        updates, new = self._updates(ns, leaves, g_leaves, state)
-        return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new
-
-    def _updates(self, ns, leaves, g_leaves, state):
-        """``(updates in the state dtype, new state)``."""
         xp, cfg = ns.xp, self.config
         t = state["count"] + 1
-        lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
-        sketch_step = (t - 1) % cfg.update_every == 0
+        sketches, skipped = self._new_sketches(ns, leaves, g_leaves, state)
+        directions = []
+        for p, g, per_axis in zip(leaves, g_leaves, sketches):
+            plan = self.plan(p.shape)
+            if plan.skipped or t < cfg.start_preconditioning_step:
+                directions.append(None)
+                continue
+            axes = [(a[0], a[2], a[4]) for a in per_axis]
+            directions.append(xp.reshape(precondition(xp, xp.reshape(g, plan.shape), axes), tuple(g.shape)))
+        accs = state["graft"] if cfg.graft.has_state else None
+        moms = state["momentum"] if cfg.b1 > 0 else None
+        backend.run(self.kernel_op, leaves, g_leaves, [accs, moms, directions], step, g_views=views)
+        return list(leaves), self._new_state(state, sketches, skipped, accs, moms)
+
+    def _new_sketches(self, ns, leaves, g_leaves, state):
+        """``(per-leaf per-axis sketch arrays, 1 if an update was not finite else 0)`` of this step."""
+        xp, cfg = ns.xp, self.config
+        sketch_step = state["count"] % cfg.update_every == 0
         sketches, oks = [], []
-        new_graft, new_mom, updates = [], [], []
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             plan = self.plan(p.shape)
-            low = is_low_precision(p.dtype)
-            g = xp.astype(g, xp.float32) if low else g
+            g = xp.astype(g, xp.float32) if is_low_precision(p.dtype) else g
             per_axis = [list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])]
             if sketch_step and not plan.skipped:
                 per_axis, leaf_oks = self._sketch_leaf(ns, plan, g, per_axis)
                 oks += leaf_oks
             sketches.append(per_axis)
+        skipped = 0
+        if oks and not bool(xp.all(xp.stack([xp.reshape(o, ()) for o in oks]))):
+            skipped = 1  # fd_update kept the old sketch of every axis whose update was not finite
+        if ns.library == "numpy":  # NumPy turns 0-d results into scalars
+            sketches = [[[np.asarray(a) for a in ax] for ax in leaf] for leaf in sketches]
+        return sketches, skipped
+
+    def _new_state(self, state, sketches, skipped, new_graft, new_mom):
+        new = dict(state)
+        new["count"] = state["count"] + 1
+        for j, k in enumerate(SKETCH_KEYS):
+            new[k] = [[ax[j] for ax in leaf] for leaf in sketches]
+        if self.config.graft.has_state:
+            new["graft"] = list(new_graft)
+        if self.config.b1 > 0:
+            new["momentum"] = list(new_mom)
+        new["sketch_skipped"] = state["sketch_skipped"] + skipped
+        return new
+
+    def _updates(self, ns, leaves, g_leaves, state):
+        """``(updates in the state dtype, new state)``: the reference step."""
+        xp, cfg = ns.xp, self.config
+        t = state["count"] + 1
+        lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
+        sketches, skipped = self._new_sketches(ns, leaves, g_leaves, state)
+        new_graft, new_mom, updates = [], [], []
+        for i, (p, g, per_axis) in enumerate(zip(leaves, g_leaves, sketches)):
+            plan = self.plan(p.shape)
+            low = is_low_precision(p.dtype)
+            g = xp.astype(g, xp.float32) if low else g
             acc = state["graft"][i] if cfg.graft.has_state else None
             m = state["momentum"][i] if cfg.b1 > 0 else None
             p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
@@ -283,24 +349,11 @@ class Sketchy(Optimizer):
             if cfg.b1 > 0:
                 new_mom.append(m)
             updates.append(upd)
-        skipped = 0
-        if oks and not bool(xp.all(xp.stack([xp.reshape(o, ()) for o in oks]))):
-            skipped = 1  # fd_update kept the old sketch of every axis whose update was not finite
         if ns.library == "numpy":  # NumPy turns 0-d results into scalars
             updates = [np.asarray(u) for u in updates]
             new_graft = [np.asarray(a) for a in new_graft]
             new_mom = [np.asarray(a) for a in new_mom]
-            sketches = [[[np.asarray(a) for a in ax] for ax in leaf] for leaf in sketches]
-        new = dict(state)
-        new["count"] = t
-        for j, k in enumerate(SKETCH_KEYS):
-            new[k] = [[ax[j] for ax in leaf] for leaf in sketches]
-        if cfg.graft.has_state:
-            new["graft"] = new_graft
-        if cfg.b1 > 0:
-            new["momentum"] = new_mom
-        new["sketch_skipped"] = state["sketch_skipped"] + skipped
-        return updates, new
+        return updates, self._new_state(state, sketches, skipped, new_graft, new_mom)
 
 
 def sketchy(learning_rate=1e-3, rank: int = 128, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,

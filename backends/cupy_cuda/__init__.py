@@ -32,6 +32,10 @@ row; then the rank-one correction fused into the write of ``P`` and the SGD-mome
 the per-layer scalars in one device-to-host read per step for the KL factor; ``"in_out"``
 weights and Eva-s take the reference.
 
+Sketchy (``ao.sketchy``, op ``"sketchy"``, ``sketchy.py``; ``sketchy.cu``): the low-rank apply
+through the namespace (cuBLAS), then the graft norms (float64 partial sums, one device-to-host
+read per step), momentum, weight decay and the parameter write of ``backends/numba_cpu/sketchy.py``.
+
 The finiteness pre-pass is one read-only counting kernel per gradient leaf into one
 shared counter and a single device-to-host read. Results equal the reference up to
 float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
@@ -125,7 +129,7 @@ class CupyCUDA:
     """The ``cupy_cuda`` backend (see the module docstring)."""
 
     name = "cupy_cuda"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy"})
     # the one place that says which options of each op's step description the kernels fuse
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
@@ -137,6 +141,8 @@ class CupyCUDA:
         },
         # eva.cu reads a weight as (d_out, d_in) rows; Eva-s has no kernel
         "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
+        # as numba_cpu: rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n takes the reference
+        "sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})},
     }
 
     def __init__(self):
@@ -283,6 +289,13 @@ class CupyCUDA:
         """
         if op == "sonew":
             return self.run_sonew(step, params, grads, *states, g_views=g_views)
+        if op == "sketchy":  # states = [graft accumulators or None, momentum or None, directions D]
+            from .sketchy import run as run_sketchy
+
+            if not params:
+                return None
+            with _on_device_stream(params[0]):
+                return run_sketchy(self, step, params, grads, states[0], states[1], states[2], g_views)
         if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
             from .eva import run as run_eva
 

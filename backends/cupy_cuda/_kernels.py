@@ -1,6 +1,6 @@
 """Kernel table, argument typing and the lazily compiled ``cupy.RawModule`` objects.
 
-The kernels live in ``first_order.cu``, ``sonew.cu`` and ``eva.cu`` next to this file (see their
+The kernels live in ``first_order.cu``, ``sonew.cu``, ``eva.cu`` and ``sketchy.cu`` next to this file (see their
 headers for the math; the IEEE rounding helpers they share are in ``rn_ops.cuh``, which
 :func:`source_text` inlines into the source handed to NVRTC). Everything here except :func:`module`, :func:`function`
 and :func:`max_blocks` is pure Python/NumPy, so the tests check kernel names and
@@ -37,6 +37,10 @@ __all__ = [
     "EVA_KERNEL_BASES",
     "EVA_NAME_EXPRESSIONS",
     "eva_module",
+    "SKETCHY_SOURCE",
+    "SKETCHY_KERNEL_BASES",
+    "SKETCHY_NAME_EXPRESSIONS",
+    "sketchy_module",
     "source_text",
     "sonew_factor_kernel",
     "sonew_launches",
@@ -60,6 +64,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("first_order.cu")
 SONEW_SOURCE = Path(__file__).with_name("sonew.cu")
 EVA_SOURCE = Path(__file__).with_name("eva.cu")
+SKETCHY_SOURCE = Path(__file__).with_name("sketchy.cu")
 
 _INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
 
@@ -119,6 +124,12 @@ NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in KERNEL_BASES for t in _CTYPE
 # eva_apply (p, G, buf, a, coef, rows, n, scale, lr, mu, wd, int nesterov, int use_buf)
 EVA_KERNEL_BASES = ("eva_row_reduce", "eva_apply")
 EVA_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in EVA_KERNEL_BASES for t in _CTYPE)
+
+# sketchy.cu: sketchy_norms (g, acc, d, n, int kind, b2, omb2, eps, bc2s, double* part_a, double* part_d)
+# and sketchy_write (p, g, acc, d, m, n, int kind, int precond, scale, b2, omb2, eps, bc2s, b1, w1,
+# int nesterov, int use_m, wd, lr)
+SKETCHY_KERNEL_BASES = ("sketchy_norms", "sketchy_write")
+SKETCHY_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in SKETCHY_KERNEL_BASES for t in _CTYPE)
 
 
 def kernel_args(p, g, states, scalars) -> tuple:
@@ -239,6 +250,7 @@ _lock = threading.Lock()
 _module = None
 _sonew_module = None
 _eva_module = None
+_sketchy_module = None
 # memos of compiled kernel handles and per-device grid sizes: immutable values, never
 # scratch; a race compiles a handle twice and keeps one (safe under threads)
 _functions: dict = {}
@@ -287,13 +299,27 @@ def eva_module():
     return _eva_module
 
 
+def sketchy_module():
+    """The ``cupy.RawModule`` of ``sketchy.cu`` (created once, compiled on first use)."""
+    global _sketchy_module
+    if _sketchy_module is None:
+        with _lock:
+            if _sketchy_module is None:
+                import cupy
+
+                _sketchy_module = cupy.RawModule(code=source_text(SKETCHY_SOURCE), options=COMPILE_OPTIONS,
+                                                 name_expressions=SKETCHY_NAME_EXPRESSIONS)
+    return _sketchy_module
+
+
 def function(base: str, dtype, device_id: int):
     """The compiled kernel ``base<dtype>`` on device ``device_id`` (cached)."""
     key = (base, np.dtype(dtype), device_id)
     f = _functions.get(key)
     if f is None:
         mod = (sonew_module() if base in SONEW_KERNEL_BASES else
-               eva_module() if base in EVA_KERNEL_BASES else module())
+               eva_module() if base in EVA_KERNEL_BASES else
+               sketchy_module() if base in SKETCHY_KERNEL_BASES else module())
         f = mod.get_function(kernel_name(base, dtype))
         _functions[key] = f
     return f

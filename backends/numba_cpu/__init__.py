@@ -26,7 +26,7 @@ class NumbaCPU:
     """The ``numba_cpu`` backend (see the module docstring and ``arrayopt.dispatch.Backend``)."""
 
     name = "numba_cpu"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy"})
     # the one place that says which options of each op's step description the kernels fuse
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
@@ -36,6 +36,8 @@ class NumbaCPU:
         },
         # Eva-s preconditions every tensor with one vector per axis: the reference runs it
         "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
+        # rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n is rare: the reference runs them
+        "sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})},
     }
 
     def __init__(self):
@@ -111,10 +113,16 @@ class NumbaCPU:
         ``"sonew"``: ``states = [mus, bands]`` (``[mus, bands, graft_nus]`` with
         ``graft="rmsprop_normalized"``), ``step`` a ``SONewStep``; returns per-leaf
         ``(removed_edges, fallback_rows)``. ``"eva"``: ``states = [buffers or None, layers]``,
-        ``step`` an ``EvaStep`` (``backends/numba_cpu/eva.py``).
+        ``step`` an ``EvaStep`` (``backends/numba_cpu/eva.py``). ``"sketchy"``: ``states = [graft
+        accumulators or None, momentum or None, per-leaf D or None]``, ``step`` a ``SketchyStep``
+        (``backends/numba_cpu/sketchy.py``).
         """
         if op == "sonew":
             return self.run_sonew(step, params, grads, *states, g_views=g_views)
+        if op == "sketchy":  # states = [graft accumulators or None, momentum or None, directions D]
+            from .sketchy import run as run_sketchy
+
+            return run_sketchy(self, step, params, grads, states[0], states[1], states[2], g_views)
         if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
             from .eva import run as run_eva
 

@@ -1,0 +1,146 @@
+r"""Sketchy's fused step on the Numba backend: everything after the low-rank apply.
+
+The direction ``D = L̃^{-1/4} G R̃^{-1/4}`` (or its order-k analogue) is two skinny
+products per axis through the namespace (BLAS); then per leaf, with the reference's
+order of operations (:func:`arrayopt.sketchy.optimizer.leaf_update`):
+
+- pass 1 (:func:`sketchy_norms`, preconditioned leaves with a graft): the graft
+  accumulator ``A`` is updated in place and ``Σa²``, ``Σd²`` are accumulated in float64
+  (the graft direction ``a`` is never stored);
+- pass 2 (:func:`sketchy_write`): ``u = (‖a‖/‖D‖)·D`` (or ``u = a`` for a leaf that takes the
+  graft step only, its accumulator updated in this same pass), heavy-ball momentum,
+  decoupled weight decay and the parameter write, in place.
+
+Graft kinds (``KIND``): ``sgd`` ``a = g``; ``adagrad`` ``A ← A + g²``; ``rmsprop``
+``A ← β₂A + (1-β₂)g²``; ``adam`` the same ``A`` and ``a = g/(√A/√bc₂ + ε)``; the others
+``a = g/(√A + ε)``. Float64 squares of float32 entries never round to 0 or inf, so the
+norms are overflow- and underflow-safe for float32 (see :mod:`arrayopt.grafting`); a
+float64 leaf whose float64 sum is 0 or not finite takes the reference's scaled norm.
+Scalars arrive typed as the leaf.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels import _OPTS, _SERIAL, SMALL, _renamed
+
+__all__ = ["KIND", "run"]
+
+#: graft kind -> the kernels' integer code
+KIND = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
+
+
+def sketchy_norms(g, acc, d, kind, b2, omb2, eps, bc2s):
+    sa = 0.0
+    sd = 0.0
+    for i in prange(g.size):
+        gi = g[i]
+        if kind == 0:
+            a = gi
+        else:
+            if kind == 1:
+                ai = acc[i] + gi * gi
+            else:
+                ai = acc[i] * b2 + (gi * gi) * omb2
+            acc[i] = ai
+            if kind == 3:
+                a = gi / (np.sqrt(ai) / bc2s + eps)
+            else:
+                a = gi / (np.sqrt(ai) + eps)
+        a64 = np.float64(a)
+        d64 = np.float64(d[i])
+        sa += a64 * a64
+        sd += d64 * d64
+    return sa, sd
+
+
+def sketchy_write(p, g, acc, d, m, kind, precond, scale, b2, omb2, eps, bc2s, b1, w1, nesterov, use_m, wd, lr):
+    for i in prange(p.size):
+        if precond:
+            u = d[i] * scale
+        else:
+            gi = g[i]
+            if kind == 0:
+                u = gi
+            else:
+                if kind == 1:
+                    ai = acc[i] + gi * gi
+                else:
+                    ai = acc[i] * b2 + (gi * gi) * omb2
+                acc[i] = ai
+                if kind == 3:
+                    u = gi / (np.sqrt(ai) / bc2s + eps)
+                else:
+                    u = gi / (np.sqrt(ai) + eps)
+        if w1 != 1:
+            u = u * w1
+        if use_m:
+            mi = m[i] * b1 + u
+            m[i] = mi
+            if nesterov:
+                v = u + mi * b1
+            else:
+                v = mi
+        else:
+            v = u
+        if wd != 0:
+            v = v + p[i] * wd
+        p[i] = p[i] + v * (-lr)
+
+
+_NORMS = {True: njit(**_OPTS)(_renamed(sketchy_norms, "_parallel")),
+          False: njit(**_SERIAL)(_renamed(sketchy_norms, "_serial"))}
+_WRITE = {True: njit(**_OPTS)(_renamed(sketchy_write, "_parallel")),
+          False: njit(**_SERIAL)(_renamed(sketchy_write, "_serial"))}
+
+
+def _exact_norms(step, g, acc_new, d, cast):
+    """The reference's scaled norms ``(‖a‖, ‖D‖)``, ``a`` from the updated accumulator."""
+    from arrayopt import grafting
+
+    if step.graft == "sgd":
+        a = g
+    elif step.graft == "adam":
+        a = g / (np.sqrt(acc_new) / cast(step.graft_bc2 ** 0.5) + cast(step.graft_eps))
+    else:
+        a = g / (np.sqrt(acc_new) + cast(step.graft_eps))
+    return float(grafting.norm(np, a)), float(grafting.norm(np, d))
+
+
+def run(backend, step, params, grads, accs, moms, directions, g_views=None):
+    """Sketchy's step in place. ``directions[i]``: the leaf's ``D`` (any layout, the leaf's shape)
+    or ``None`` for a leaf that takes the graft step only; ``accs``/``moms``: the graft
+    accumulators and momentum buffers, or ``None`` when the config keeps none."""
+    p_views = backend.views(params)
+    g_views = g_views if g_views is not None else backend.views(grads)
+    a_views = backend.views(accs) if accs else None
+    m_views = backend.views(moms) if moms else None
+    graft = step.graft
+    kind = KIND["sgd" if graft == "none" else graft]
+    ema = step.ema
+    for i, (p, g) in enumerate(zip(p_views, g_views)):
+        cast = p.dtype.type
+        dummy = np.empty(1, p.dtype)
+        acc = a_views[i] if a_views is not None else dummy
+        m = m_views[i] if m_views is not None else dummy
+        big = p.size >= SMALL
+        sc = (cast(step.graft_b2), cast(1.0 - step.graft_b2), cast(step.graft_eps), cast(step.graft_bc2 ** 0.5))
+        d = directions[i]
+        if d is not None:
+            d = np.ascontiguousarray(backend.views([d])[0])
+            if graft == "none":
+                scale = cast(1.0)
+            else:
+                sa, sd = _NORMS[big](g, acc, d, kind, *sc)
+                na, nd = np.sqrt(sa), np.sqrt(sd)
+                if p.dtype == np.float64 and not (0.0 < sa < np.inf and 0.0 < sd < np.inf):
+                    na, nd = _exact_norms(step, g, acc, d, cast)  # extreme float64 magnitudes
+                # the zero guard: u = 0 when ‖D‖ = 0
+                scale = cast(na / nd) if nd > 0 else cast(0.0)
+        else:
+            d, scale = dummy, cast(0.0)
+        w1 = cast(1.0 - step.b1) if ema else cast(1.0)
+        _WRITE[big](p, g, acc, d, m, kind, directions[i] is not None, scale, *sc, cast(step.b1), w1,
+                    step.nesterov, m_views is not None, cast(step.weight_decay), cast(step.lr))
