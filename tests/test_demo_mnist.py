@@ -85,3 +85,51 @@ def test_bad_user_inputs_are_named(no_sources):
         mnist.load(str(bad))
     with pytest.raises(FileNotFoundError, match="no such file"):
         mnist.load(str(no_sources / "missing.npz"))
+
+
+def test_paper_schedule_is_the_per_epoch_warmup_and_decay():
+    from arrayopt.demo.schedule import epoch_values, paper_schedule
+
+    v = epoch_values(1.0)
+    assert v.shape == (100,) and v[0] == 0.0 and v[4] == 1.0 and v[-1] == pytest.approx(1 / 96)
+    s = paper_schedule(2.0, 6000)  # 100 epochs of 60 steps: piecewise constant per epoch
+    assert [s(60 * e + k) for e in (0, 1, 4, 99) for k in (0, 59)] == pytest.approx(
+        [0.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2 / 96, 2 / 96], rel=1e-12)
+    short = paper_schedule(2.0, 10)  # a shorter budget gets the same shape, compressed
+    assert [short(k) for k in (0, 1, 9)] == [s(0), s(600), s(5400)]  # pieces 0, 10, 90
+    with pytest.raises(ValueError, match="total_steps"):
+        paper_schedule(1.0, 0)
+
+
+def test_mnist_autoencoder_task_on_a_synthetic_stand_in(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the demo needs matplotlib (the 'demo' extra)")
+    from arrayopt.demo import cli
+    from arrayopt.demo.__main__ import main
+
+    rng = np.random.default_rng(3)
+    npz = tmp_path / "stand_in.npz"
+    np.savez(npz, train=rng.integers(0, 256, (240, 784), dtype=np.uint8),
+             test=rng.integers(0, 256, (40, 784), dtype=np.uint8))
+    out = tmp_path / "out"
+    rc = main(["--task", "mnist-autoencoder", "--data", str(npz), "--epochs", "1", "--batch-size", "120",
+               "--optimizers", "adam,sonew_tridiag:block", "--block-size", "4096", "--no-progress",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "784-1000-500-250-30-250-500-1000-784 (2,837,314 params" in printed and "user path" in printed
+    doc = __import__("json").loads((out / "results.json").read_text())
+    assert doc["config"]["task"] == "mnist-autoencoder" and doc["config"]["steps_per_epoch"] == 2
+    for r in doc["results"]:
+        assert not r["diverged"] and not r["failed"], r["optimizer"]
+        # step 0 has lr 0 (the schedule's first piece); the second step moves the params
+        assert r["steps"] == 2 and np.isfinite(r["final_train_loss"]), r["optimizer"]
+        assert r["final_train_loss"] != r["initial_train_loss"], r["optimizer"]
+    assert "block_size 4096" in doc["results"][1]["description"]
+    # the rows get the task's settings: block size, the schedule, Shampoo's roots every 20 steps
+    args = cli.parse_args(["--task", "mnist-autoencoder", "--block-size", "64"])
+    assert args.epochs == 100 and args.batch_size == 1000 and args.seeds == 1
+    assert args.optimizers == list(cli.MNIST_OPTIMIZERS)
+    opt = cli.make_optimizer("sonew_band4:block", args, 6000)
+    assert opt.block_size == 64 and opt.learning_rate(0) == 0.0 and opt.learning_rate(240) > 0
+    shampoo = cli.make_optimizer("shampoo", args, 6000).config
+    assert shampoo.precondition_every == 20 and shampoo.learning_rate(3000) > 0
