@@ -46,6 +46,17 @@ def test_wheel_source_reads_train_plus_valid_and_caches(no_sources, monkeypatch)
     assert again.source.startswith("cache ") and np.array_equal(again.train, m.train)
 
 
+def test_wheel_pixels_stored_as_k_over_256_become_k_over_255(tmp_path, monkeypatch):
+    k = np.random.default_rng(4).integers(0, 256, (3, 784))
+    split = tuple((k.astype(np.float32) / 256, np.zeros(3)) for _ in range(3))
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(mnist.WHEEL_MEMBER, gzip.compress(pickle.dumps(split)))
+    train, test = mnist.read_wheel(str(wheel), hashlib.sha256(wheel.read_bytes()).hexdigest())
+    np.testing.assert_array_equal(test, (k / 255.0).astype(np.float32))
+    assert train.shape == (6, 784) and train.max() == 1.0
+
+
 def test_wheel_with_wrong_sha256_is_refused(tmp_path):
     wheel = tmp_path / "w.whl"
     _fake_wheel(wheel, np.random.default_rng(1))

