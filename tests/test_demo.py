@@ -67,17 +67,22 @@ def test_main_smoke_run(tmp_path, capsys):
     from arrayopt.demo.__main__ import main
 
     out = tmp_path / "out"
-    rc = main(["--epochs", "1", "--optimizers", "sgd,adam", "--lr", "sgd=0.01", "--out", str(out)])
+    rc = main(["--epochs", "1", "--seeds", "2", "--optimizers", "sgd,adam", "--lr", "sgd=0.01", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "train loss" in printed and "opt steps/s" in printed and "state bytes" in printed
+    assert "±" in printed and "over the 2 seeds 0..1" in printed
     assert "wall time" in printed
     png = out / "losses.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
-    assert "| optimizer |" in md and "sgd" in md and "adam" in md
+    assert "| optimizer |" in md and "sgd" in md and "adam" in md and "±" in md
     doc = json.loads((out / "results.json").read_text())
     assert doc["config"]["epochs"] == 1 and doc["config"]["lr_overrides"] == {"sgd": 0.01}
+    assert doc["config"]["seeds"] == [0, 1] and doc["config"]["task"] == "digits"
+    assert [(r["optimizer"], r["seed"]) for r in doc["results"]] == [("sgd", 0), ("adam", 0), ("sgd", 1), ("adam", 1)]
+    # the seed changes the split and the initial params, so the two runs differ
+    assert doc["results"][0]["final_train_loss"] != doc["results"][2]["final_train_loss"]
     results = {r["optimizer"]: r for r in doc["results"]}
     assert list(results) == ["sgd", "adam"]
     for name, r in results.items():

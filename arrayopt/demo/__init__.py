@@ -10,6 +10,9 @@ order, and writes a results table and a loss plot.
 Modules, one job each:
 
 - :mod:`~arrayopt.demo.data`: load, scale and split the digits;
+- :mod:`~arrayopt.demo.mnist`: MNIST from a user path, the cache, openml.org or a checked PyPI wheel
+  (``--task mnist-autoencoder``, the SONew paper's 784-1000-500-250-30-250-500-1000-784 benchmark);
+- :mod:`~arrayopt.demo.schedule`: the paper's per-epoch warm-up and decay of the learning rate;
 - :mod:`~arrayopt.demo.model`: the autoencoder's forward and hand-written backward pass in NumPy;
 - :mod:`~arrayopt.demo.train`: the training loop with timings;
 - :mod:`~arrayopt.demo.report`: the table (text, Markdown, JSON) and the PNG;

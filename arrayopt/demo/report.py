@@ -23,7 +23,7 @@ import numpy as np
 __all__ = ["LOSS", "COLUMNS", "rows", "format_table", "markdown_table", "write_json", "write_markdown", "plot"]
 
 LOSS = "loss - target entropy"  # the one loss convention of the table and the plot
-LOSS_NOTE = ("loss - target entropy: sigmoid cross-entropy in nats per image (summed over the 64 "
+LOSS_NOTE = ("loss - target entropy: sigmoid cross-entropy in nats per image (summed over the "
              "pixels) minus its floor, the entropy of the targets; 0 is a perfect reconstruction")
 
 # (key in RunResult.summary(), header)
@@ -49,12 +49,31 @@ def _fmt(key: str, value, s: dict) -> str:
     return f"{value:,.0f}"
 
 
+def _spread(key: str, values: list, s: dict) -> str:
+    """Mean ± standard deviation (ddof 1) of a loss over seeds; the mean of a rate."""
+    v = np.asarray([x for x in values if isinstance(x, float) and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return _fmt(key, math.nan, s)
+    if key.endswith(("_loss", "_excess")) and v.size > 1:
+        return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+    return _fmt(key, float(v.mean()), s)
+
+
 def rows(results) -> list:
-    """The table's cells as strings: one row per run."""
-    out = []
+    """The table's cells as strings: one row per optimizer; runs of the same optimizer with
+    other seeds are summarised (losses: mean ± standard deviation; rates: mean)."""
+    groups = {}
     for r in results:
-        s = r.summary()
-        out.append([_fmt(k, s[k], s) for k, _ in COLUMNS])
+        groups.setdefault(r.name, []).append(r.summary())
+    out = []
+    for runs in groups.values():
+        s = {**runs[0], "diverged": any(x["diverged"] for x in runs), "failed": any(x["failed"] for x in runs)}
+        if len(runs) == 1:
+            out.append([_fmt(k, s[k], s) for k, _ in COLUMNS])
+            continue
+        out.append([_fmt(k, s[k], s) if k in ("optimizer", "state_bytes") else
+                    _spread(k, [x[k] for x in runs if not (x["diverged"] or x["failed"])], s)
+                    for k, _ in COLUMNS])
     return out
 
 
@@ -94,12 +113,13 @@ def write_json(path: str, config: dict, results) -> None:
         f.write("\n")
 
 
-def write_markdown(path: str, config: dict, results) -> None:
-    lines = ["# arrayopt demo: MLP autoencoder on scikit-learn digits", ""]
+def write_markdown(path: str, config: dict, results, title: str = "MLP autoencoder on scikit-learn digits") -> None:
+    lines = [f"# arrayopt demo: {title}", ""]
     lines += [f"- {k}: `{v}`" for k, v in config.items()]
     lines += ["", markdown_table(results), "",
               f"Losses: {LOSS_NOTE} (`loss_floor_train`/`loss_floor_test` above), on the full "
-              "train/test sets after the last epoch; the plot uses the same convention. Steps/s: optimizer step alone (`opt.step`), and the "
+              "train/test sets after the last epoch (with several seeds: mean ± standard deviation over the seeds whose "
+              "runs neither diverged nor failed); the plot uses the same convention. Steps/s: optimizer step alone (`opt.step`), and the "
               "whole training step (forward, backward and optimizer step). State bytes: "
               "`arrayopt.state_nbytes(state)`.", ""]
     with open(path, "w", encoding="utf-8") as f:

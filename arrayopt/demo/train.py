@@ -35,6 +35,7 @@ __all__ = ["RunResult", "train", "warm_up", "batches"]
 class RunResult:
     name: str
     description: str = ""
+    seed: int = 0  # of the initial params and the batch order
     steps: int = 0
     diverged: bool = False
     failed: bool = False  # raised an exception (see ``error``); set by the caller
@@ -85,6 +86,7 @@ class RunResult:
         return {
             "optimizer": self.name,
             "description": self.description,
+            "seed": self.seed,
             "steps": self.steps,
             "diverged": self.diverged,
             "failed": self.failed,
