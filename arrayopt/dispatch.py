@@ -77,6 +77,8 @@ class Choice(NamedTuple):
     reason: str
 
 
+# registered backend objects (stateless: kernels take per-call buffers); appended only under
+# _lock, iterated over a copy, so concurrent steps and registrations are safe
 _BACKENDS: list = []
 _lock = threading.RLock()  # guards _BACKENDS and the one-time import of the built-in backends
 _local = threading.local()
