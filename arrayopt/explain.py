@@ -7,10 +7,10 @@ pure array-API reference. :func:`explain` asks the same question
 for each leaf on its own, so a user who sees a slow step learns, e.g., that a
 bfloat16 leaf sends the step to the reference.
 
->>> import numpy as np, arrayopt as ao
->>> print(ao.explain(ao.sonew(1e-3, graft="rmsprop_normalized"), {"w": np.zeros((4, 3), np.float32)}))
+>>> import numpy as np, ml_dtypes, arrayopt as ao
+>>> print(ao.explain(ao.sonew(1e-3), {"w": np.zeros((4, 3), ml_dtypes.bfloat16)}))
 ... # doctest: +ELLIPSIS
-sonew (op 'sonew'): reference -- numba_cpu: graft='rmsprop_normalized' is not fused ...
+sonew (op 'sonew'): reference -- numba_cpu: params leaf ['w']: dtype bfloat16 (kernels take float32/float64); ...
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ Without a GPU:
   conditioning and rank-deficient bands that trigger edge removal / the bandwidth
   fallback, whose counts must agree exactly), and full optimizer steps through
   ``CupyCUDA.run("sonew", ...)`` on a fake ``cupy`` whose kernels are the host harness, against
-  ``ao.sonew(...).step`` on the reference path;
+  ``ao.sonew(..., block_size=None).step`` on the reference path;
 - argument typing, the kernel table and the band-state acceptance rule.
 
-With a CUDA device and CuPy: ``ao.sonew(...).step`` on CuPy arrays and torch CUDA tensors
+With a CUDA device and CuPy: ``ao.sonew(..., block_size=None).step`` on CuPy arrays and torch CUDA tensors
 against the NumPy reference (skipped here: "needs a CUDA device and cupy").
 """
 
@@ -312,7 +312,7 @@ def _assert_step_parity(got, ref, keys, dtype, graft):
 def test_emulated_run_sonew_matches_reference_step(emulated, dtype, band, graft, relative, wd):
     backend, launches = emulated
     opt = ao.sonew(0.05, band=band, graft=graft, relative_eps=relative, weight_decay=wd,
-                   eps=1e-4 if relative else 1e-3, b2=0.99)
+                   eps=1e-4 if relative else 1e-3, b2=0.99, block_size=None)
     shapes = [(3, 4), (1,), (37,), (5, 7)]
     rng = np.random.default_rng(1)
     got, ref, keys = _emulated_steps(backend, opt, shapes, dtype,
@@ -351,7 +351,7 @@ def test_emulated_wide_band_float32_matches_reference_step(emulated, band, graft
     GPU run found these off by up to 12 % in some entries (the reference's row sums
     followed NumPy's pairwise order, the kernels a sequential one)."""
     backend, _ = emulated
-    opt = ao.sonew(0.01, band=band, graft=graft, weight_decay=0.01)
+    opt = ao.sonew(0.01, band=band, graft=graft, weight_decay=0.01, block_size=None)
     rng = np.random.default_rng(1)
     got, ref, keys = _emulated_steps(backend, opt, [(17, 33), (5,), (70000,)], np.float32,
                                      lambda t, s: rng.normal(size=s), 3)
@@ -368,7 +368,7 @@ def test_emulated_rank_one_gradients_count_removed_edges(emulated, dtype, band):
     v = rng.normal(size=64) * np.logspace(-6, 2, 64)
     v[::7] = 0.0
     cs = rng.normal(size=8)
-    opt = ao.sonew(1e-3, band=band, eps=1e-12, graft="adam")
+    opt = ao.sonew(1e-3, band=band, eps=1e-12, graft="adam", block_size=None)
     got, ref, keys = _emulated_steps(backend, opt, [(64,)], dtype, lambda t, s: cs[t] * v, 8)
     if dtype == np.float32:  # float64's τ = 4·2⁻⁵³ is below this eps: nothing to remove
         assert got[1]["removed_edges"][0] > 0
@@ -384,7 +384,7 @@ def test_emulated_run_sonew_hypothesis(emulated, n, band, seed, f64, rank, eps_e
     dtype = np.float64 if f64 else np.float32
     rng = np.random.default_rng(seed)
     basis = rng.normal(size=(rank, n)) * np.exp(rng.normal(size=(1, n)))
-    opt = ao.sonew(0.01, band=band, eps=10.0 ** eps_exp, graft="adam", b2=0.9)
+    opt = ao.sonew(0.01, band=band, eps=10.0 ** eps_exp, graft="adam", b2=0.9, block_size=None)
     got, ref, keys = _emulated_steps(backend, opt, [(n,)], dtype,
                                      lambda t, s: rng.normal(size=rank) @ basis, 3)
     _assert_step_parity(got, ref, keys, dtype, "adam")
@@ -418,7 +418,7 @@ def test_sonew_kernel_table_and_harness_symbols(sonew_harness):
 def test_sonew_launch_args_are_typed(dtype, band, graft):
     n = 10
     arr = lambda k=n, d=dtype: np.zeros(k, d)  # noqa: E731
-    opt = ao.sonew(0.1, band=band, graft=graft)
+    opt = ao.sonew(0.1, band=band, graft=graft, block_size=None)
     norms, counts, rowmax = np.zeros(2), np.zeros(2, np.uint64), np.zeros(1, dtype)
     launches = _kernels.sonew_launches(opt.step_description(0), arr(), arr(), arr(), arr(n * (band + 1)),
                                        band, norms, counts, rowmax, arr(), arr(n * band), arr())
@@ -463,7 +463,7 @@ def test_cupy_sonew_step_matches_reference(dtype, band, graft):
     rng = np.random.default_rng(5)
     host = {"w": rng.normal(size=(17, 33)).astype(dtype), "b": rng.normal(size=5).astype(dtype),
             "big": rng.normal(size=70_000).astype(dtype)}
-    opt = ao.sonew(0.01, band=band, graft=graft, weight_decay=0.01)
+    opt = ao.sonew(0.01, band=band, graft=graft, weight_decay=0.01, block_size=None)
     params = {k: cupy.asarray(v) for k, v in host.items()}
     state, ref_state = opt.init(params), opt.init(host)
     ref = {k: v.copy() for k, v in host.items()}
@@ -497,7 +497,7 @@ def test_cupy_sonew_rank_one_float32_stays_finite_and_counts():
     v = rng.normal(size=4096) * np.logspace(-6, 2, 4096)
     v[::7] = 0.0
     for band in (1, 4):
-        opt = ao.sonew(1e-3, band=band, eps=1e-12)
+        opt = ao.sonew(1e-3, band=band, eps=1e-12, block_size=None)
         params = {"w": cupy.zeros(4096, cupy.float32)}
         ref = {"w": np.zeros(4096, np.float32)}
         state, ref_state = opt.init(params), opt.init(ref)
@@ -522,7 +522,7 @@ def test_torch_cuda_sonew_step_matches_reference(dtype):
     rng = np.random.default_rng(6)
     host = {"w": rng.normal(size=(8, 9)).astype(dtype), "b": rng.normal(size=3).astype(dtype)}
     params = {k: torch.nn.Parameter(torch.tensor(v, device="cuda")) for k, v in host.items()}
-    opt = ao.sonew(1e-2, band=2, weight_decay=0.1)
+    opt = ao.sonew(1e-2, band=2, weight_decay=0.1, block_size=None)
     state, ref_state = opt.init(params), opt.init(host)
     ref = {k: v.copy() for k, v in host.items()}
     side = torch.cuda.Stream()

@@ -67,7 +67,8 @@ def test_main_smoke_run(tmp_path, capsys):
     from arrayopt.demo.__main__ import main
 
     out = tmp_path / "out"
-    rc = main(["--epochs", "1", "--seeds", "2", "--optimizers", "sgd,adam", "--lr", "sgd=0.01", "--out", str(out)])
+    rc = main(["--epochs", "1", "--seeds", "2", "--optimizers", "sgd,adam", "--lr", "sgd=0.01", "--jobs", "1",
+               "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "train loss" in printed and "opt steps/s" in printed and "state bytes" in printed
@@ -95,6 +96,45 @@ def test_main_smoke_run(tmp_path, capsys):
         assert r["state_bytes"] > 0
     # Adam keeps two moments per param, SGD with momentum one
     assert results["adam"]["state_bytes"] > results["sgd"]["state_bytes"]
+
+
+def test_bfloat16_params_are_stored_and_stepped_in_bfloat16(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the 'demo' extra)")
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="--dtype bfloat16 needs ml_dtypes (the 'demo' extra)")
+    from arrayopt.demo import cli
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    params = model.init_params(np.random.default_rng(0), sizes=(6, 5, 2, 5, 6), dtype=bf16)
+    x = np.random.default_rng(1).uniform(size=(4, 6)).astype(np.float32)
+    value, grads = model.loss_and_grads(params, x)
+    assert all(g.dtype == bf16 for g in grads.values())
+    # the model computes in float32 on the rounded params
+    up = {k: v.astype(np.float32) for k, v in params.items()}
+    value32, grads32 = model.loss_and_grads(up, x)
+    assert value == value32
+    assert all(np.array_equal(grads[k], grads32[k].astype(bf16)) for k in params)
+    rc = cli.main(["--epochs", "1", "--seeds", "1", "--optimizers", "adam,sonew_tridiag", "--dtype", "bfloat16",
+                   "--jobs", "1", "--no-progress", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["config"]["dtype"] == "bfloat16"
+    for r in doc["results"]:
+        assert not r["diverged"] and r["final_train_loss"] < r["initial_train_loss"], r["optimizer"]
+
+
+def test_runs_in_parallel_processes_equal_the_sequential_runs(tmp_path):
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (the 'demo' extra)")
+    from arrayopt.demo import cli
+
+    losses = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        assert cli.main(["--epochs", "1", "--seeds", "2", "--optimizers", "adam", "--jobs", jobs,
+                         "--no-progress", "--out", str(out)]) == 0
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["config"]["jobs"] == int(jobs)
+        losses[jobs] = [(r["seed"], r["step_loss"]) for r in doc["results"]]
+    assert losses["1"] == losses["2"]
 
 
 def test_main_rejects_unknown_optimizer(capsys):

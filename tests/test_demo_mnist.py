@@ -123,7 +123,7 @@ def test_mnist_autoencoder_task_on_a_synthetic_stand_in(tmp_path, capsys):
              test=rng.integers(0, 256, (40, 784), dtype=np.uint8))
     out = tmp_path / "out"
     rc = main(["--task", "mnist-autoencoder", "--data", str(npz), "--epochs", "1", "--batch-size", "120",
-               "--optimizers", "adam,sonew_tridiag:block", "--block-size", "4096", "--no-progress",
+               "--optimizers", "adam,sonew_tridiag,sonew_tridiag:whole", "--block-size", "4096", "--no-progress",
                "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -135,12 +135,16 @@ def test_mnist_autoencoder_task_on_a_synthetic_stand_in(tmp_path, capsys):
         # step 0 has lr 0 (the schedule's first piece); the second step moves the params
         assert r["steps"] == 2 and np.isfinite(r["final_train_loss"]), r["optimizer"]
         assert r["final_train_loss"] != r["initial_train_loss"], r["optimizer"]
-    assert "block_size 4096" in doc["results"][1]["description"]
+    assert "block-local, block_size 4096" in doc["results"][1]["description"]
+    assert "whole-tensor" in doc["results"][2]["description"]
     # the rows get the task's settings: block size, the schedule, Shampoo's roots every 20 steps
     args = cli.parse_args(["--task", "mnist-autoencoder", "--block-size", "64"])
     assert args.epochs == 100 and args.batch_size == 1000 and args.seeds == 1
     assert args.optimizers == list(cli.MNIST_OPTIMIZERS)
-    opt = cli.make_optimizer("sonew_band4:block", args, 6000)
+    assert cli.make_optimizer("sonew_band4:whole", args, 6000).block_size is None
+    assert cli.make_optimizer("sonew_band4", cli.parse_args(["--task", "mnist-autoencoder"]), 6000).block_size == 16384
+    opt = cli.make_optimizer("sonew_band4", args, 6000)
     assert opt.block_size == 64 and opt.learning_rate(0) == 0.0 and opt.learning_rate(240) > 0
     shampoo = cli.make_optimizer("shampoo", args, 6000).config
+    assert shampoo.block_size == 128  # --block-size is SONew's only
     assert shampoo.precondition_every == 20 and shampoo.learning_rate(3000) > 0

@@ -54,7 +54,7 @@ def numba_calls(monkeypatch):
 def _run(b, n, dtype, graft, wd, unrolled, steps=3):
     rng = np.random.default_rng(1000 * b + n)
     p = rng.standard_normal(n).astype(dtype)
-    opt = ao.sonew(1e-2, band=b, graft=graft, eps=1e-9 if dtype == "float32" else 1e-30, weight_decay=wd)
+    opt = ao.sonew(1e-2, band=b, graft=graft, eps=1e-9 if dtype == "float32" else 1e-30, weight_decay=wd, block_size=None)
     st = opt.init(p)
     with _kernels(unrolled), ao.dispatch.use_backend("numba_cpu"):
         for s in range(steps):
@@ -103,7 +103,7 @@ def test_generic_band_kernel_past_the_unrolled_range_matches_reference():
     assert b not in sonew_band_kernels.STATS
     rng = np.random.default_rng(7)
     n = CHUNK + 123
-    opt = ao.sonew(0.01, band=b, eps=1e-2)
+    opt = ao.sonew(0.01, band=b, eps=1e-2, block_size=None)
     p0 = rng.normal(size=n)
     grads = [rng.normal(size=n) for _ in range(3)]
     out = []
@@ -192,7 +192,7 @@ def test_wide_band_float32_step_equals_reference_bit_for_bit(band):
     band of 7 or more (NumPy's pairwise row sum starts at eight entries) matches bit for bit."""
     from arrayopt import dispatch
 
-    opt = ao.sonew(0.01, band=band, graft="none", weight_decay=0.01)
+    opt = ao.sonew(0.01, band=band, graft="none", weight_decay=0.01, block_size=None)
     rng, r0 = np.random.default_rng(1), np.random.default_rng(0)
     p = {k: r0.normal(size=s).astype(np.float32) for k, s in zip("abc", [(17, 33), (5,), (70000,)])}
     q = {k: v.copy() for k, v in p.items()}

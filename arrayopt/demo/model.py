@@ -16,7 +16,10 @@ scaled to the 64-pixel digits images: by default 64-256-128-64-16-64-128-256-64.
 - Glorot-uniform weights, zero biases.
 
 Everything runs in the dtype of the params (float32 by default); no operation
-promotes to float64.
+promotes to float64. Low-precision params (bfloat16, float16) are stored and
+stepped in their dtype, the forward and backward passes run in float32 on the
+rounded values, and the gradients are rounded to the params' dtype (mixed
+precision with low-precision weights).
 
 >>> import numpy as np
 >>> params = init_params(np.random.default_rng(0), sizes=(4, 3, 2, 3, 4))
@@ -66,8 +69,14 @@ def _sizes(params: dict) -> tuple:
     return (params["W1"].shape[0],) + tuple(params[f"W{i}"].shape[1] for i in range(1, n + 1))
 
 
+def _compute(params: dict) -> dict:
+    """The params in their compute dtype: float32 for float16/bfloat16, else as they are."""
+    return {k: v.astype(np.float32) if v.dtype.itemsize < 4 else v for k, v in params.items()}
+
+
 def forward(params: dict, x: np.ndarray):
     """Return the output logits and the activations ``[x, h1, ..., h_{L-1}]`` for backprop."""
+    params = _compute(params)
     n = _n_layers(params)
     code = _code_layer(_sizes(params))
     acts = [x]
@@ -127,6 +136,8 @@ def loss_grads_and_stats(params: dict, x: np.ndarray):
 def _backprop(params: dict, x: np.ndarray, with_stats: bool):
     from arrayopt.linalg import kv_grad, kv_linear
 
+    dtypes = {k: v.dtype for k, v in params.items()}
+    params = _compute(params)
     n = _n_layers(params)
     code = _code_layer(_sizes(params))
     z, acts = forward(params, x)
@@ -149,4 +160,4 @@ def _backprop(params: dict, x: np.ndarray, with_stats: bool):
             if i - 1 != code:  # tanh'(a) = 1 - h^2
                 dh *= 1 - h * h
             dz = dh
-    return value, {k: grads[k] for k in params}, (stats if with_stats else None)
+    return value, {k: grads[k].astype(dtypes[k], copy=False) for k in params}, (stats if with_stats else None)

@@ -115,7 +115,7 @@ def sonew(layer, plan: Plan) -> list:
         p, g = layer.randn(n, 7), layer.randn(n, 8) * 1e-3
         contenders = {"our Adam": _stepper(ao.adam(1e-6), p, g)}
         for name, band in SONEW_CONTENDERS:
-            contenders[name] = _stepper(ao.sonew(1e-6, band=band), p, g)
+            contenders[name] = _stepper(ao.sonew(1e-6, band=band, block_size=None), p, g)
             contenders[f"{name}, block-local {SONEW_BLOCK}"] = _stepper(
                 ao.sonew(1e-6, band=band, block_size=SONEW_BLOCK), p, g)
         ms = interleaved_ms(contenders, layer.sync, rounds=max(3, plan.rounds - 2),

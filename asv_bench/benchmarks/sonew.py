@@ -35,7 +35,7 @@ class SONewStepper(Stepper):
     """``opt.step`` of SONew on one flat float32 param of ``n`` elements (numba_cpu or reference)."""
 
     def __init__(self, band: int, backend: str, n: int, warmup: int = 2, **kw):
-        self.opt = ao.sonew(LR, band=band, **kw)
+        self.opt = ao.sonew(LR, band=band, **{"block_size": None, **kw})  # whole tensor unless told
         self.backend = backend
         self.p, self.g = make_data(n)
         self.state = self.opt.init(self.p)
