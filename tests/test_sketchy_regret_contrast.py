@@ -108,6 +108,7 @@ def _contrast_run(seed, horizons=HORIZONS):
         s_in, s_perp = _project_to_ball(y_in, np.linalg.norm(y - y_in @ u.T, axis=1), a_in, a_perp, RADIUS)
         x = ((s_in - s_perp[:, None]) * y_in) @ u.T + s_perp[:, None] * y
         if t in horizons:
+            assert np.all(np.linalg.norm(x, axis=1) <= RADIUS * (1 + 1e-12))  # every run plays in K
             best = -RADIUS * np.linalg.norm(counts)  # min_{‖x‖≤R} ⟨Σ g_t, x⟩, the rows being orthonormal
             regret.append(loss - best)
     regret = np.array(regret)
@@ -133,6 +134,24 @@ def contrast_statistics(regret_s, regret_a, horizons=HORIZONS):
         "growth_a": slope(q_a),
         "ratio_a_over_s": float(q_a[-1] / q_s[-1]),
     }
+
+
+def test_generalized_projection_solves_its_lagrange_equation():
+    """The projection in the ``A``-norm: ``x = (A + λI)⁻¹A y`` on the sphere, λ found by bisection."""
+    rng = np.random.default_rng(11)
+    a_in, a_perp = rng.uniform(1e-3, 30.0, size=(6, 4)), rng.uniform(1e-3, 30.0, size=6)
+    y_in, y_perp = rng.normal(size=(6, 4)), np.abs(rng.normal(size=6))
+    y_in[0] *= 0.1  # inside the ball: unchanged
+    y_perp[0] = 0.1
+    s_in, s_perp = _project_to_ball(y_in, y_perp, a_in, a_perp, 1.0)
+    np.testing.assert_array_equal(s_in[0], 1.0)
+    for b in range(1, 6):
+        a, y = np.append(a_in[b], a_perp[b]), np.append(y_in[b], y_perp[b])
+        lo, hi = 0.0, a.max() * np.linalg.norm(y)
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if np.linalg.norm(a * y / (a + mid)) > 1.0 else (lo, mid)
+        np.testing.assert_allclose(np.append(s_in[b], s_perp[b]), a / (a + lo), rtol=1e-9)
 
 
 @pytest.mark.slow
