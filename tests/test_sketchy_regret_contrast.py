@@ -49,7 +49,8 @@ def _project_to_ball(y_in, y_perp, a_in, a_perp, radius):
     ``y_in = Uᵀy`` (…, k) and ``y_perp = ‖y − UUᵀy‖`` (…): returns the scales of ``x`` in the
     same coordinates, ``x = U (s_in·y_in) + s_perp (y − UUᵀy)``. The optimum is
     ``x(λ) = (A + λI)⁻¹A y`` with ``‖x(λ)‖ = R`` (λ = 0 when ``‖y‖ ≤ R``); Newton's method on
-    ``1/R − 1/‖x(λ)‖`` (concave in λ: Moré & Sorensen) from λ = 0 increases monotonically to it.
+    ``1/R − 1/‖x(λ)‖`` (convex and decreasing in λ, ``1/‖x(λ)‖`` being concave: Moré & Sorensen's
+    trust-region equation) increases from λ = 0 monotonically to the root.
     """
     a = np.concatenate([a_in, a_perp[..., None]], axis=-1)
     a = np.maximum(a, 1e-300)
