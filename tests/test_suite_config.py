@@ -10,11 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_long_property_runs_are_marked_slow():
+    import test_sketchy_regret_contrast
     import test_sonew
     import test_sonew_band_kernels as kb
 
     for fn in (test_sonew.test_float32_rank_one_gradients_tiny_eps_10k_steps_stay_finite,
-               test_sonew.test_bfloat16_rank_one_gradients_stay_finite):
+               test_sonew.test_bfloat16_rank_one_gradients_stay_finite,
+               test_sketchy_regret_contrast.test_s_adagrad_regret_grows_like_sqrt_t_and_fixed_delta_ada_fd_does_not):
         assert "slow" in [m.name for m in getattr(fn, "pytestmark", [])], fn.__name__
     slow_cases = {tuple(c.values) for c in kb.CASES
                   if hasattr(c, "marks") and any(m.name == "slow" for m in c.marks)}
