@@ -134,6 +134,31 @@ class HostHarness:
         return int(counter[0])
 
 
+class JoinedHarness(HostHarness):
+    """Several ``.cu`` host builds as one fake device: a kernel runs from the build defining it."""
+
+    def __init__(self, *harnesses: HostHarness):
+        self.libs = tuple(h.lib for h in harnesses)
+
+    def launch_expression(self, expression: str, args) -> None:
+        base, ctype = expression[len("arrayopt::"):-1].split("<")
+        name = f"host_{base}_{_CTYPE_SUFFIX[ctype]}"
+        fn = getattr(next(lib for lib in self.libs if hasattr(lib, name)), name)
+        fn.restype = None
+        fn(*[pack(a) for a in args])
+
+
+def emulated_backend():
+    """The CuPy backend taking the fake device's arrays (their namespace is NumPy's)."""
+    from arrayopt.backends import cupy_cuda
+
+    class EmulatedCuda(cupy_cuda.CupyCUDA):
+        def refuse_arrays(self, ns, *groups):
+            return None if all(isinstance(a, FakeArray) for a in groups[0]) else "not on the fake device"
+
+    return EmulatedCuda()
+
+
 # ---------------------------------------------------------------- a fake ``cupy`` module
 
 

@@ -76,27 +76,6 @@ def test_host_kernels_give_the_reference_step(eva_harness, dtype, rtol, variant,
 # ---------------------------------------------------------------- full steps on a fake device
 
 
-class _Both(hh.HostHarness):
-    """Kernels of eva.cu and first_order.cu (the pre-pass and the SGD leaves) in one fake device."""
-
-    def __init__(self, first, second):
-        self.libs = (first.lib, second.lib)
-
-    def launch_expression(self, expression, args):
-        base, ctype = expression[len("arrayopt::"):-1].split("<")
-        name = f"host_{base}_{'f32' if ctype == 'float' else 'f64'}"
-        fn = getattr(next(lib for lib in self.libs if hasattr(lib, name)), name)
-        fn.restype = None
-        fn(*[hh.pack(a) for a in args])
-
-
-class _EmulatedCuda(cupy_cuda.CupyCUDA):
-    """The CuPy backend taking the fake device's arrays (NumPy namespace)."""
-
-    def refuse_arrays(self, ns, *groups):
-        return None if all(isinstance(a, hh.FakeArray) for a in groups[0]) else "not on the fake device"
-
-
 @pytest.fixture(scope="module")
 def fo_harness(tmp_path_factory):
     return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
@@ -108,11 +87,11 @@ def emulated(eva_harness, fo_harness, monkeypatch):
 
     fo = fo_harness
     launches = []
-    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(_Both(eva_harness, fo), launches))
+    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(eva_harness, fo), launches))
     for name, value in (("_module", None), ("_sonew_module", None), ("_eva_module", None),
                         ("_functions", {}), ("_max_blocks", {})):
         monkeypatch.setattr(_kernels, name, value)
-    backend = _EmulatedCuda()
+    backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     return launches
 

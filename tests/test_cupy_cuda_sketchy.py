@@ -69,37 +69,16 @@ def test_host_norms_give_the_graft_direction(sketchy_harness, dtype, graft, kind
 # ---------------------------------------------------------------- full steps on a fake device
 
 
-class _Both(hh.HostHarness):
-    """Kernels of sketchy.cu and first_order.cu (the finiteness pre-pass) in one fake device."""
-
-    def __init__(self, first, second):
-        self.libs = (first.lib, second.lib)
-
-    def launch_expression(self, expression, args):
-        base, ctype = expression[len("arrayopt::"):-1].split("<")
-        name = f"host_{base}_{'f32' if ctype == 'float' else 'f64'}"
-        fn = getattr(next(lib for lib in self.libs if hasattr(lib, name)), name)
-        fn.restype = None
-        fn(*[hh.pack(a) for a in args])
-
-
-class _EmulatedCuda(cupy_cuda.CupyCUDA):
-    """The CuPy backend taking the fake device's arrays (NumPy namespace)."""
-
-    def refuse_arrays(self, ns, *groups):
-        return None if all(isinstance(a, hh.FakeArray) for a in groups[0]) else "not on the fake device"
-
-
 @pytest.fixture
 def emulated(sketchy_harness, tmp_path_factory, monkeypatch):
     import sys
 
     fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
     launches = []
-    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(_Both(sketchy_harness, fo), launches))
+    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(sketchy_harness, fo), launches))
     for name, value in (("_module", None), ("_sketchy_module", None), ("_functions", {}), ("_max_blocks", {})):
         monkeypatch.setattr(_kernels, name, value)
-    backend = _EmulatedCuda()
+    backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     return launches
 
@@ -143,7 +122,7 @@ def test_emulated_float64_norms_past_float64_squares_take_the_scaled_norm(emulat
     p = hh.as_fake(np.zeros(50))
     step = SketchyStep(lr=0.1, graft="sgd", graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0, ema=False,
                        nesterov=False, weight_decay=0.0)
-    run(_EmulatedCuda(), step, [p], [hh.as_fake(g)], None, None, [hh.as_fake(d)])
+    run(hh.emulated_backend(), step, [p], [hh.as_fake(g)], None, None, [hh.as_fake(d)])
     want = -0.1 * (d * (grafting.norm(np, g) / grafting.norm(np, d)))
     np.testing.assert_allclose(np.asarray(p), want, rtol=1e-13, atol=0)
 
