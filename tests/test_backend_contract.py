@@ -118,12 +118,14 @@ def test_options_are_refused_in_one_place_with_a_reason():
     assert numba.refuse_options("sonew", step()) is None
     assert numba.refuse_options("sonew", step(block_size=8, flatten_order="F", band=12)) is None
     assert numba.refuse_options("sonew", step(graft="rmsprop_normalized", small_param_fallback="adam")) is None
-    assert "graft='rmsprop_normalized' is not fused" in cuda.refuse_options("sonew", step(graft="rmsprop_normalized"))
+    assert "graft='rmsprop_normalized' is not fused" in cuda.refuse_options("sonew", step(graft="rmsprop_normalized",
+                                                                                             block_size=None))
     assert cuda.refuse_options("sonew", step(band=32)) is None
     assert cuda.refuse_options("sonew", step(block_size=8, graft="rmsprop_normalized",
                                              small_param_fallback="adam")) is None
-    assert "small_param_fallback='adam'" in cuda.refuse_options("sonew", step(small_param_fallback="adam"))
-    assert "order='F'" in cuda.refuse_options("sonew", step(flatten_order="F"))
+    assert "small_param_fallback='adam'" in cuda.refuse_options("sonew", step(small_param_fallback="adam",
+                                                                                     block_size=None))
+    assert "order='F'" in cuda.refuse_options("sonew", step(flatten_order="F", block_size=None))
     assert "band=33" in cuda.refuse_options("sonew", step(band=33))
     assert numba.refuse_options("adam", ao.adam().step_description(0)) is None
 

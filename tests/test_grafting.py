@@ -189,8 +189,8 @@ def test_shampoo_step_norm_is_the_graft_norm(per):
 
 
 def _numba_step(graft, g, band, dtype):
-    """One Numba SONew step from p = 0 with lr = 1: returns (p, state)."""
-    opt = ao.sonew(1.0, band=band, graft=graft)
+    """One Numba SONew step (whole tensor: the chunked kernels) from p = 0 with lr = 1: returns (p, state)."""
+    opt = ao.sonew(1.0, band=band, graft=graft, block_size=None)
     p = np.zeros(g.shape, dtype)
     st_ = opt.init(p)
     with ao.dispatch.use_backend("numba_cpu"):
