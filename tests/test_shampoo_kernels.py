@@ -73,3 +73,65 @@ def test_explain_names_the_kernel_and_root_inverse_has_none():
     assert dispatch.choose(ec.kernel_op, resolve(p["w"]), ec.step_description(0), [p["w"]], [p["w"]],
                            ec.init(p)["second_moment"][0]).backend.name == "numba_cpu"
     assert ao.shampoo().kernel_op == ""
+
+
+# ---------------------------------------------------------------- the CUDA kernel (shampoo.cu)
+
+try:
+    from . import _cuda_host_harness as hh
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import _cuda_host_harness as hh
+
+needs_nvcc = pytest.mark.skipif(hh.nvcc() is None, reason="nvcc is not on PATH")
+
+
+@pytest.fixture(scope="module")
+def shampoo_harness(tmp_path_factory):
+    return hh.HostHarness(hh.build_harness(hh.CU_DIR / "shampoo.cu", tmp_path_factory.mktemp("shampoo_harness")))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b2,t", [(0.95, 2), (1.0, 4)])
+def test_host_cuda_arithmetic_equals_corrected_moment(shampoo_harness, dtype, b2, t):
+    """``shampoo.cu``'s arithmetic, built for the host, equals the reference bit for bit."""
+    rng = np.random.default_rng(7)
+    gh = rng.standard_normal(300).astype(dtype)
+    d = rng.random(300).astype(dtype)
+    gh[:2], d[:3] = 0.0, 0.0
+    step = corrected_moment_step(b2, t, 1e-8)
+    want_x, want_d = corrected_moment(np, gh, d, step)
+    shampoo_harness.launch("shampoo_corrected_moment", dtype,
+                           (gh, d, np.int64(gh.size), dtype(step.decay), dtype(step.weight), dtype(step.inv_bias),
+                            dtype(step.eps)))
+    np.testing.assert_array_equal(gh, want_x)
+    np.testing.assert_array_equal(d, want_d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("arrayopt.backends.cupy_cuda", fromlist=["BACKEND"]).BACKEND.available(),
+                    reason="needs a CUDA device and cupy")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_device_step_takes_the_kernel_and_matches_the_reference(dtype):
+    import cupy
+
+    from arrayopt.backends import cupy_cuda
+
+    kw = dict(b2=0.95, root_method="qr", block_size=16, eps=1e-8)
+    opt = ao.shampoo(learning_rate=0.05, preconditioner="eigenvalue_corrected", merge_small_dims=1, **kw)
+    rng = np.random.default_rng(3)
+    host = {k: rng.standard_normal(s).astype(dtype) for k, s in PARAMS.items()}
+    params = {k: cupy.asarray(v) for k, v in host.items()}
+    state, ref_state = opt.init(params), opt.init(host)
+    for _ in range(3):
+        g = {k: rng.standard_normal(s).astype(dtype) for k, s in PARAMS.items()}
+        leaves = list(params.values())
+        chosen = dispatch.choose(opt.kernel_op, resolve(leaves[0]), opt.step_description(state["count"]),
+                                 *opt._kernel_groups(leaves, [cupy.asarray(v) for v in g.values()], state))
+        assert chosen.backend is cupy_cuda.BACKEND, chosen.reason
+        params, state = opt.step(params, {k: cupy.asarray(v) for k, v in g.items()}, state)
+        with dispatch.use_backend("reference"):
+            host, ref_state = opt.step(host, g, ref_state)
+    rtol = 1e-9 if dtype == "float64" else 2e-3  # cuBLAS and host BLAS products differ by rounding
+    for k in PARAMS:
+        np.testing.assert_allclose(cupy.asnumpy(params[k]), host[k], rtol=rtol, atol=rtol * np.abs(host[k]).max())
