@@ -166,7 +166,8 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
             order = np.argsort(-diag, kind="stable")
             perm = None
             if np.any(order != np.arange(order.size)):
-                perm, q, aq, diag = order, q[:, order], aq[:, order], diag[order]
+                # np.take copies whole rows at a time: several times faster than q[:, order]
+                perm, q, aq, diag = order, np.take(q, order, axis=1), np.take(aq, order, axis=1), diag[order]
             # (A + δI) has A's eigenvectors and condition number <= 1 + 1/(4√u): CholeskyQR2 stays accurate
             shift = 4.0 * float(np.sqrt(np.finfo(dt).eps)) * float(np.sqrt(a_fro2))
             status = "skipped"
