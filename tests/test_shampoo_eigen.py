@@ -290,6 +290,11 @@ def test_rotation_round_trips_with_unpreconditioned_axes():
     gh = rotate_block(np, g, qs, mask)
     np.testing.assert_allclose(gh, np.einsum("abc,ai,ck->ibk", g, qs[0], qs[1]), rtol=1e-12)
     np.testing.assert_allclose(rotate_block(np, gh, qs, mask, back=True), g, rtol=1e-10, atol=1e-12)
+    g2 = rng.standard_normal((3, 5))  # one-sided matrices: a single product each way
+    for mask, q, want in [((False, True), qs[1], g2 @ qs[1]), ((True, False), qs[0], qs[0].T @ g2)]:
+        gh = rotate_block(np, g2, [q], mask)
+        np.testing.assert_allclose(gh, want, rtol=1e-12)
+        np.testing.assert_allclose(rotate_block(np, gh, [q], mask, back=True), g2, rtol=1e-10, atol=1e-12)
 
 
 def test_heavyball_soap_parity_on_one_layer():

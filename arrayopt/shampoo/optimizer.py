@@ -323,7 +323,7 @@ class Shampoo(Optimizer):
         """``"shampoo_corrected"`` (the eigenbasis moment and scaled step) with eigenvalue correction."""
         return "shampoo_corrected" if self.config.eigenvalue_corrected else ""
 
-    no_kernel_reason = "root-inverse Shampoo is matrix products through the namespace (no elementwise kernel)"
+    no_kernel_reason = "no fused kernel: root-inverse Shampoo is matrix products through the namespace"
 
     def step_description(self, count: int):
         """The :class:`~arrayopt.shampoo.step.CorrectedMomentStep` of step ``count + 1`` (``None``

@@ -75,6 +75,10 @@ def rotate_block(xp, g, bases, mask, *, back: bool = False):
         if back:
             return xp.matmul(xp.matmul(ql, g), xp.matrix_transpose(qr))
         return xp.matmul(xp.matmul(xp.matrix_transpose(ql), g), qr)
+    if nd == 2 and mask == (False, True):  # one-sided: one product, no transposed copies
+        return xp.matmul(g, xp.matrix_transpose(bases[0]) if back else bases[0])
+    if nd == 2 and mask == (True, False):
+        return xp.matmul(bases[0] if back else xp.matrix_transpose(bases[0]), g)
     j = 0
     for m in mask:
         if m:
