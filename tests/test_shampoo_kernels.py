@@ -135,3 +135,31 @@ def test_device_step_takes_the_kernel_and_matches_the_reference(dtype):
     rtol = 1e-9 if dtype == "float64" else 2e-3  # cuBLAS and host BLAS products differ by rounding
     for k in PARAMS:
         np.testing.assert_allclose(cupy.asnumpy(params[k]), host[k], rtol=rtol, atol=rtol * np.abs(host[k]).max())
+
+
+def test_fused_steps_from_threads_equal_the_sequential_runs():
+    """One shared eigenvalue-corrected optimizer, three threads with their own states (fused kernel)."""
+    import threading
+
+    opt = ao.shampoo(learning_rate=0.05, preconditioner="eigenvalue_corrected", root_method="qr", block_size=32,
+                     b2=0.95, eps=1e-8)
+
+    def run(seed, out, barrier=None):
+        rng = np.random.default_rng(seed)
+        p = {"w": rng.standard_normal((64, 40)).astype(np.float32)}
+        s = opt.init(p)
+        with dispatch.use_backend("numba_cpu"):
+            for _ in range(5):
+                if barrier is not None:
+                    barrier.wait()
+                p, s = opt.step(p, {"w": rng.standard_normal((64, 40)).astype(np.float32)}, s)
+        out[seed] = p["w"]
+
+    seq, par, barrier = {}, {}, threading.Barrier(3)
+    for i in range(3):
+        run(i, seq)
+    ts = [threading.Thread(target=run, args=(i, par, barrier)) for i in range(3)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    for i in range(3):
+        np.testing.assert_array_equal(par[i], seq[i])
