@@ -70,9 +70,27 @@ def test_kernel_equals_corrected_moment(dtype, b2, t):
 def test_explain_names_the_kernel_and_root_inverse_has_none():
     p = {"w": np.zeros((8, 6), np.float32)}
     ec = ao.shampoo(preconditioner="eigenvalue_corrected")
-    assert dispatch.choose(ec.kernel_op, resolve(p["w"]), ec.step_description(0), [p["w"]], [p["w"]],
-                           ec.init(p)["second_moment"][0]).backend.name == "numba_cpu"
+    assert dispatch.choose(ec.kernel_op, resolve(p["w"]), ec.step_description(0),
+                           *ec._kernel_groups([p["w"]], [p["w"]], ec.init(p))).backend.name == "numba_cpu"
     assert ao.shampoo().kernel_op == ""
+
+
+def test_a_read_only_second_moment_takes_the_reference():
+    kw = dict(b2=0.95, block_size=16, eps=1e-8)
+    want_p, want_s = _run(kw, np.float32, "reference", steps=2)
+    opt = ao.shampoo(learning_rate=0.05, preconditioner="eigenvalue_corrected", merge_small_dims=1, **kw)
+    rng = np.random.default_rng(3)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in PARAMS.items()}
+    state = opt.init(params)
+    for per_leaf in state["second_moment"]:
+        for d in per_leaf:
+            d.flags.writeable = False
+    with dispatch.use_backend("numba_cpu"):
+        for _ in range(2):
+            grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in PARAMS.items()}
+            params, state = opt.step(params, grads, state)
+    for k in PARAMS:
+        np.testing.assert_array_equal(params[k], want_p[k])
 
 
 # ---------------------------------------------------------------- the CUDA kernel (shampoo.cu)
@@ -106,6 +124,57 @@ def test_host_cuda_arithmetic_equals_corrected_moment(shampoo_harness, dtype, b2
                             dtype(step.eps)))
     np.testing.assert_array_equal(gh, want_x)
     np.testing.assert_array_equal(d, want_d)
+
+
+class _Both(hh.HostHarness):
+    """Kernels of shampoo.cu and first_order.cu in one fake device."""
+
+    def __init__(self, first, second):
+        self.libs = (first.lib, second.lib)
+
+    def launch_expression(self, expression, args):
+        base, ctype = expression[len("arrayopt::"):-1].split("<")
+        name = f"host_{base}_{'f32' if ctype == 'float' else 'f64'}"
+        fn = getattr(next(lib for lib in self.libs if hasattr(lib, name)), name)
+        fn.restype = None
+        fn(*[hh.pack(a) for a in args])
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_factory, monkeypatch, dtype):
+    """The CUDA driver (``backends/cupy_cuda/shampoo.py``) on a fake ``cupy`` whose kernels are the host
+    build of ``shampoo.cu``: whole steps equal the reference bit for bit."""
+    import sys
+
+    from arrayopt.backends import cupy_cuda
+    from arrayopt.backends.cupy_cuda import _kernels
+
+    class Emulated(cupy_cuda.CupyCUDA):
+        def refuse_arrays(self, ns, *groups):
+            return None if all(isinstance(a, hh.FakeArray) for a in groups[0]) else "not on the fake device"
+
+    launches = []
+    fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(_Both(shampoo_harness, fo), launches))
+    for name, value in (("_module", None), ("_shampoo_module", None), ("_functions", {}), ("_max_blocks", {})):
+        monkeypatch.setattr(_kernels, name, value)
+    backend = Emulated()
+    monkeypatch.setattr(dispatch, "backends", lambda: [backend])
+    kw = dict(b2=0.95, root_method="qr", block_size=16, eps=1e-8)
+    opt = ao.shampoo(learning_rate=0.05, preconditioner="eigenvalue_corrected", merge_small_dims=1, **kw)
+    rng = np.random.default_rng(3)
+    host = {k: rng.standard_normal(s).astype(dtype) for k, s in PARAMS.items()}
+    dev = {k: hh.as_fake(v.copy()) for k, v in host.items()}
+    state, ref_state = opt.init(dev), opt.init(host)
+    for _ in range(3):
+        g = {k: rng.standard_normal(s).astype(dtype) for k, s in PARAMS.items()}
+        dev, state = opt.step(dev, {k: hh.as_fake(v.copy()) for k, v in g.items()}, state)
+        with dispatch.use_backend("reference"):
+            host, ref_state = opt.step(host, g, ref_state)
+    assert sum("shampoo_corrected_moment" in e for e, _, _ in launches) >= 3 * 3
+    for k in PARAMS:
+        np.testing.assert_array_equal(np.asarray(dev[k]), host[k])
 
 
 @pytest.mark.gpu

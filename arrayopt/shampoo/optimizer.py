@@ -332,7 +332,8 @@ class Shampoo(Optimizer):
         return corrected_moment_step(cfg.corrected_b2, count + 1, cfg.eps) if cfg.eigenvalue_corrected else None
 
     def _kernel_groups(self, leaves, g_leaves, state):
-        return (leaves, g_leaves, [d for per_leaf in state.get("second_moment", []) for d in per_leaf])
+        # the second moments are block-shaped: each block's (Ĝ, D) pair is checked where it is fused
+        return (leaves, g_leaves)
 
     def _step(self, ns, leaves, g_leaves, state, paths):
         """The step with the eigenbasis moments fused where a backend takes them (updated in place:
@@ -347,7 +348,8 @@ class Shampoo(Optimizer):
                 op = self.kernel_op
 
                 def moment(gh, d, step):
-                    if gh.dtype != d.dtype:
+                    # a block the kernel cannot take in place (layout, dtype, read-only D): the reference
+                    if gh.dtype != d.dtype or backend.refuse_arrays(ns, [gh], [gh], [d]) is not None:
                         return corrected_moment(ns.xp, gh, d, step)
                     return backend.run(op, [gh], [], [[d]], step)[0], d
 
