@@ -265,7 +265,7 @@ def test_launch_shape():
 
 def test_backend_is_registered_and_has_the_interface():
     b = cupy_cuda.BACKEND
-    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy"})
+    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy", "shampoo_corrected"})
     assert any(x is b for x in dispatch.backends())
     for method in ("available", "reason", "accepts", "views", "all_finite", "run"):
         assert callable(getattr(b, method))

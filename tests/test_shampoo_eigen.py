@@ -152,7 +152,7 @@ def test_cholesky_qr_equals_householder_qr_with_positive_diagonal(n, seed, cond)
 
 
 def test_blocked_cholesky_qr_is_the_qr_factorisation():
-    """Above 256 columns the Cholesky factor and the triangular solve recurse on 2×2 blocks; the result
+    """Above 64 columns the Cholesky factor and the triangular solve recurse on 2×2 blocks; the result
     is orthonormal and ``R = QᵀW`` is upper triangular with a positive diagonal (the unique QR)."""
     n = 300
     w = np.random.default_rng(n).standard_normal((n, n)) + 8.0 * np.eye(n)
@@ -290,6 +290,11 @@ def test_rotation_round_trips_with_unpreconditioned_axes():
     gh = rotate_block(np, g, qs, mask)
     np.testing.assert_allclose(gh, np.einsum("abc,ai,ck->ibk", g, qs[0], qs[1]), rtol=1e-12)
     np.testing.assert_allclose(rotate_block(np, gh, qs, mask, back=True), g, rtol=1e-10, atol=1e-12)
+    g2 = rng.standard_normal((3, 5))  # one-sided matrices: a single product each way
+    for mask, q, want in [((False, True), qs[1], g2 @ qs[1]), ((True, False), qs[0], qs[0].T @ g2)]:
+        gh = rotate_block(np, g2, [q], mask)
+        np.testing.assert_allclose(gh, want, rtol=1e-12)
+        np.testing.assert_allclose(rotate_block(np, gh, [q], mask, back=True), g2, rtol=1e-10, atol=1e-12)
 
 
 def test_heavyball_soap_parity_on_one_layer():
@@ -325,3 +330,23 @@ def test_heavyball_soap_parity_on_one_layer():
     for t in range(1, len(gs)):
         w, s = ours.step(w, gs[t], s)
         np.testing.assert_allclose(w, traj[t], rtol=1e-6, atol=1e-6)
+
+
+def test_cholesky_qr_skips_its_second_pass_only_when_the_first_is_orthonormal(monkeypatch):
+    """One Cholesky QR pass when ``‖QᵀQ − I‖_F ≤ n u`` (a warm-started ``W = Q·(nearly diagonal)``): the
+    result is CholeskyQR2's to a few rounding units; an ill-conditioned ``W`` takes both passes."""
+    n, rng = 32, np.random.default_rng(11)
+    calls = []
+    chol = eigenbasis._cholesky
+    monkeypatch.setattr(eigenbasis, "_cholesky", lambda g, *a: calls.append(1) or chol(g, *a))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = v @ (np.diag(np.geomspace(1.0, 1e-6, n)) + 1e-9 * rng.standard_normal((n, n)))
+    q = eigenbasis.orthonormalize(w)
+    assert len(calls) == 1
+    two = eigenbasis._solve_right_lower_transposed(q, chol(q.T @ q))
+    np.testing.assert_allclose(q, two, rtol=0, atol=8 * np.finfo(float).eps)
+    calls.clear()
+    w = v @ np.diag(np.geomspace(1.0, 1e-5, n)) @ np.linalg.qr(rng.standard_normal((n, n)))[0]
+    q = eigenbasis.orthonormalize(w)
+    assert len(calls) == 2
+    np.testing.assert_allclose(q.T @ q, np.eye(n), atol=1e-13)

@@ -79,7 +79,11 @@ def _qr_positive(m: np.ndarray) -> np.ndarray:
     return q * s
 
 
-def _cholesky(g: np.ndarray, leaf: int = 256) -> np.ndarray:
+#: below this order the Cholesky factor and the triangular solve call LAPACK / invert directly
+_LEAF = 64
+
+
+def _cholesky(g: np.ndarray, leaf: int = _LEAF) -> np.ndarray:
     """Lower ``L`` with ``g = L Lᵀ`` by 2×2 blocks: ``L₁₁ = chol(G₁₁)``, ``L₂₁ = G₂₁ L₁₁⁻ᵀ``,
     ``L₂₂ = chol(G₂₂ − L₂₁L₂₁ᵀ)`` (matrix products down to ``leaf``-sized blocks). Raises
     ``LinAlgError`` when ``g`` is not positive definite."""
@@ -96,27 +100,42 @@ def _cholesky(g: np.ndarray, leaf: int = 256) -> np.ndarray:
     return out
 
 
-def _solve_right_lower_transposed(b: np.ndarray, lower: np.ndarray, leaf: int = 256) -> np.ndarray:
-    """``X = B L⁻ᵀ`` (``X Lᵀ = B``, ``L`` lower triangular) by blocks: ``X₁ = B₁ L₁₁⁻ᵀ``,
-    ``X₂ = (B₂ − X₁ L₂₁ᵀ) L₂₂⁻ᵀ``."""
+def _solve_right_lower_transposed(b: np.ndarray, lower: np.ndarray, leaf: int = _LEAF) -> np.ndarray:
+    """``X = B L⁻ᵀ`` (``X Lᵀ = B``, ``L`` lower triangular) by blocks, in a copy of ``B``:
+    ``X₁ = B₁ L₁₁⁻ᵀ``, ``X₂ = (B₂ − X₁ L₂₁ᵀ) L₂₂⁻ᵀ``."""
+    x = np.array(b, copy=True)
+    _solve_in_place(x, lower, leaf)
+    return x
+
+
+def _solve_in_place(x: np.ndarray, lower: np.ndarray, leaf: int) -> None:
     n = lower.shape[0]
     if n <= leaf:
-        return b @ np.linalg.inv(lower).T
+        x[...] = x @ np.linalg.inv(lower).T
+        return
     h = n // 2
-    x1 = _solve_right_lower_transposed(b[:, :h], lower[:h, :h], leaf)
-    x2 = _solve_right_lower_transposed(b[:, h:] - x1 @ lower[h:, :h].T, lower[h:, h:], leaf)
-    return np.concatenate([x1, x2], axis=1)
+    _solve_in_place(x[:, :h], lower[:h, :h], leaf)
+    x[:, h:] -= x[:, :h] @ lower[h:, :h].T
+    _solve_in_place(x[:, h:], lower[h:, h:], leaf)
 
 
 def orthonormalize(w: np.ndarray) -> np.ndarray:
-    """``Q`` of ``W = QR`` with ``R``'s diagonal positive, by Cholesky QR done twice (CholeskyQR2:
-    ``WᵀW = LLᵀ``, ``Q = W L⁻ᵀ``, repeated once on ``Q``), Cholesky and triangular solve by blocks:
-    matrix products, which parallelise far better than Householder QR's column panels. Householder QR (signs
-    fixed) where the Cholesky factorisation breaks down (``κ(W)² ≳ 1/u``) or gives non-finite values."""
+    """``Q`` of ``W = QR`` with ``R``'s diagonal positive, by Cholesky QR (``WᵀW = LLᵀ``,
+    ``Q = W L⁻ᵀ``), repeated once on ``Q`` (CholeskyQR2) unless the first ``Q`` is already
+    orthonormal to working precision: ``‖QᵀQ − I‖_F ≤ n u``, where the second pass would move
+    ``Q`` by less than half a rounding unit per entry (RMS). ``QᵀQ`` is the second pass's Gram
+    matrix, so the test costs nothing when the pass runs. Gram matrices are symmetric rank-k
+    products, Cholesky factor and triangular solve go by blocks: matrix products, which
+    parallelise far better than Householder QR's column panels. Householder QR (signs fixed)
+    where the Cholesky factorisation breaks down (``κ(W)² ≳ 1/u``) or gives non-finite values."""
+    n = w.shape[1]
     try:
-        q = w
-        for _ in range(2):
-            q = _solve_right_lower_transposed(q, _cholesky(q.T @ q))
+        q = _solve_right_lower_transposed(w, _cholesky(w.T @ w))
+        gram = q.T @ q
+        gram[np.diag_indices(n)] -= 1
+        if not float(np.linalg.norm(gram)) <= n * float(np.finfo(q.dtype).eps):
+            gram[np.diag_indices(n)] += 1
+            q = _solve_right_lower_transposed(q, _cholesky(gram))
         if np.isfinite(q).all():
             return q
     except np.linalg.LinAlgError:
@@ -147,7 +166,8 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
             order = np.argsort(-diag, kind="stable")
             perm = None
             if np.any(order != np.arange(order.size)):
-                perm, q, aq, diag = order, q[:, order], aq[:, order], diag[order]
+                # np.take copies whole rows at a time: several times faster than q[:, order]
+                perm, q, aq, diag = order, np.take(q, order, axis=1), np.take(aq, order, axis=1), diag[order]
             # (A + δI) has A's eigenvectors and condition number <= 1 + 1/(4√u): CholeskyQR2 stays accurate
             shift = 4.0 * float(np.sqrt(np.finfo(dt).eps)) * float(np.sqrt(a_fro2))
             status = "skipped"

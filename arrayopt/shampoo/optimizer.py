@@ -57,14 +57,15 @@ import numpy as np
 
 from .. import _validate
 from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
-from ..base import Optimizer
+from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
 from .blocking import LeafPlan, merge, plan_leaf, split
 from .config import ShampooConfig, as_grafting
 from .distributed import as_comm
 from .. import grafting
 from ..momentum import heavy_ball_update
-from .preconditioner import corrected_block, precondition_block, update_factors
+from .preconditioner import corrected_block, corrected_moment, precondition_block, update_factors
+from .step import corrected_moment_step
 
 __all__ = ["Shampoo", "ShampooState", "shampoo"]
 
@@ -315,11 +316,54 @@ class Shampoo(Optimizer):
             counters["refresh_skips"] += int(result["skips"])
         return trees
 
+    # ---------------------------------------------------------------- backend contract
+
+    @property
+    def kernel_op(self) -> str:
+        """``"shampoo_corrected"`` (the eigenbasis moment and scaled step) with eigenvalue correction."""
+        return "shampoo_corrected" if self.config.eigenvalue_corrected else ""
+
+    no_kernel_reason = "no fused kernel: root-inverse Shampoo is matrix products through the namespace"
+
+    def step_description(self, count: int):
+        """The :class:`~arrayopt.shampoo.step.CorrectedMomentStep` of step ``count + 1`` (``None``
+        for root-inverse Shampoo)."""
+        cfg = self.config
+        return corrected_moment_step(cfg.corrected_b2, count + 1, cfg.eps) if cfg.eigenvalue_corrected else None
+
+    def _kernel_groups(self, leaves, g_leaves, state):
+        # the second moments are block-shaped: each block's (Ĝ, D) pair is checked where it is fused
+        return (leaves, g_leaves)
+
+    def _step(self, ns, leaves, g_leaves, state, paths):
+        """The step with the eigenbasis moments fused where a backend takes them (updated in place:
+        the state is consumed), else the reference; then the params written."""
+        if not _validate.all_finite(ns.xp, g_leaves):
+            self._handle_nonfinite(ns.xp, g_leaves, paths)
+            return None
+        moment = None
+        if self.config.eigenvalue_corrected:
+            backend = self._choose(ns, self.step_description(state["count"]), leaves, g_leaves, state).backend
+            if backend is not None:
+                op = self.kernel_op
+
+                def moment(gh, d, step):
+                    # a block the kernel cannot take in place (layout, dtype, read-only D): the reference
+                    if gh.dtype != d.dtype or backend.refuse_arrays(ns, [gh], [gh], [d]) is not None:
+                        return corrected_moment(ns.xp, gh, d, step)
+                    return backend.run(op, [gh], [], [[d]], step)[0], d
+
+        updates, new_state = self._update(ns, leaves, g_leaves, state, paths, moment=moment)
+        return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new_state
+
     # ---------------------------------------------------------------- the step
 
-    def _update(self, ns, leaves, g_leaves, state, paths):
+    def _update(self, ns, leaves, g_leaves, state, paths, moment=None):
+        """The step (pure array-API); ``moment``: a backend's fused eigenbasis-moment kernel
+        (:meth:`_step`), which may write the second moments in place."""
         xp, cfg = ns.xp, self.config
         t = state["count"] + 1
+        moment_step = corrected_moment_step(cfg.corrected_b2, t, cfg.eps) if cfg.eigenvalue_corrected else None
         lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
         counters = {k: state[k] for k in self._counters}
         trees = {k: state[k] for k in ("roots", "bases", "second_moment") if k in state}
@@ -371,7 +415,7 @@ class Shampoo(Optimizer):
                 d_blocks = None
                 if not plan.skipped:
                     blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
-                    pairs = [corrected_block(xp, b, qs, dm, plan.mask, cfg.corrected_b2, t, cfg.eps)
+                    pairs = [corrected_block(xp, b, qs, dm, plan.mask, moment_step, moment)
                              for b, qs, dm in zip(blocks, trees["bases"][i], trees["second_moment"][i])]
                     d_blocks = [d for d, _ in pairs]
                     new_moments.append([dm for _, dm in pairs])

@@ -36,6 +36,11 @@ Sketchy (``ao.sketchy``, op ``"sketchy"``, ``sketchy.py``; ``sketchy.cu``): the 
 through the namespace (cuBLAS), then the graft norms (float64 partial sums, one device-to-host
 read per step), momentum, weight decay and the parameter write of ``backends/numba_cpu/sketchy.py``.
 
+Eigenvalue-corrected Shampoo (``ao.shampoo(preconditioner="eigenvalue_corrected")``, op
+``"shampoo_corrected"``, ``shampoo.py``; ``shampoo.cu``): the rotations into the eigenbases and
+back through the namespace (cuBLAS), between them one launch per block for the eigenbasis second
+moment and the scaled step of ``backends/numba_cpu/shampoo.py``.
+
 The finiteness pre-pass is one read-only counting kernel per gradient leaf into one
 shared counter and a single device-to-host read. Results equal the reference up to
 float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
@@ -129,7 +134,7 @@ class CupyCUDA:
     """The ``cupy_cuda`` backend (see the module docstring)."""
 
     name = "cupy_cuda"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy", "shampoo_corrected"})
     # the one place that says which options of each op's step description the kernels fuse
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
@@ -143,6 +148,8 @@ class CupyCUDA:
         "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
         # as numba_cpu: rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n takes the reference
         "sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})},
+        # eigenvalue-corrected Shampoo: the eigenbasis second moment and scaled step, any β
+        "shampoo_corrected": {},
     }
 
     def __init__(self):
@@ -285,7 +292,9 @@ class CupyCUDA:
         ``step``: the op's frozen step description (first-order ops: the ``step_scalars``
         tuple; ``"sonew"``: a ``SONewStep`` with ``states = [mus, bands]``, returning per-leaf
         ``(removed_edges, fallback_rows)``; ``"eva"``: an ``EvaStep`` with ``states = [momentum
-        buffers or None, layers]``, returning ``False`` (nothing written) on a non-finite gradient).
+        buffers or None, layers]``, returning ``False`` (nothing written) on a non-finite gradient;
+        ``"shampoo_corrected"``: a ``CorrectedMomentStep`` with ``params`` the rotated blocks and
+        ``states = [second moments]``, returning the scaled blocks, ``shampoo.py``).
         """
         if op == "sonew":
             return self.run_sonew(step, params, grads, *states, g_views=g_views)
@@ -296,6 +305,13 @@ class CupyCUDA:
                 return None
             with _on_device_stream(params[0]):
                 return run_sketchy(self, step, params, grads, states[0], states[1], states[2], g_views)
+        if op == "shampoo_corrected":  # params = rotated blocks Ĝ, states = [second moments D]
+            from .shampoo import run as run_shampoo
+
+            if not params:
+                return []
+            with _on_device_stream(params[0]):
+                return run_shampoo(self, step, params, states[0])
         if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
             from .eva import run as run_eva
 

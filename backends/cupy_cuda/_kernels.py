@@ -1,6 +1,6 @@
 """Kernel table, argument typing and the lazily compiled ``cupy.RawModule`` objects.
 
-The kernels live in ``first_order.cu``, ``sonew.cu``, ``eva.cu`` and ``sketchy.cu`` next to this file (see their
+The kernels live in ``first_order.cu``, ``sonew.cu``, ``eva.cu``, ``sketchy.cu`` and ``shampoo.cu`` next to this file (see their
 headers for the math; the IEEE rounding helpers they share are in ``rn_ops.cuh``, which
 :func:`source_text` inlines into the source handed to NVRTC). Everything here except :func:`module`, :func:`function`
 and :func:`max_blocks` is pure Python/NumPy, so the tests check kernel names and
@@ -41,6 +41,10 @@ __all__ = [
     "SKETCHY_KERNEL_BASES",
     "SKETCHY_NAME_EXPRESSIONS",
     "sketchy_module",
+    "SHAMPOO_SOURCE",
+    "SHAMPOO_KERNEL_BASES",
+    "SHAMPOO_NAME_EXPRESSIONS",
+    "shampoo_module",
     "source_text",
     "sonew_factor_kernel",
     "sonew_launches",
@@ -65,6 +69,7 @@ SOURCE = Path(__file__).with_name("first_order.cu")
 SONEW_SOURCE = Path(__file__).with_name("sonew.cu")
 EVA_SOURCE = Path(__file__).with_name("eva.cu")
 SKETCHY_SOURCE = Path(__file__).with_name("sketchy.cu")
+SHAMPOO_SOURCE = Path(__file__).with_name("shampoo.cu")
 
 _INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
 
@@ -130,6 +135,10 @@ EVA_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in EVA_KERNEL_BASES for t i
 # int nesterov, int use_m, wd, lr)
 SKETCHY_KERNEL_BASES = ("sketchy_norms", "sketchy_write")
 SKETCHY_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in SKETCHY_KERNEL_BASES for t in _CTYPE)
+
+# shampoo.cu: shampoo_corrected_moment (x, d, n, decay, weight, inv_bias, eps)
+SHAMPOO_KERNEL_BASES = ("shampoo_corrected_moment",)
+SHAMPOO_NAME_EXPRESSIONS = tuple(kernel_name(b, t) for b in SHAMPOO_KERNEL_BASES for t in _CTYPE)
 
 
 def kernel_args(p, g, states, scalars) -> tuple:
@@ -251,6 +260,7 @@ _module = None
 _sonew_module = None
 _eva_module = None
 _sketchy_module = None
+_shampoo_module = None
 # memos of compiled kernel handles and per-device grid sizes: immutable values, never
 # scratch; a race compiles a handle twice and keeps one (safe under threads)
 _functions: dict = {}
@@ -312,6 +322,19 @@ def sketchy_module():
     return _sketchy_module
 
 
+def shampoo_module():
+    """The ``cupy.RawModule`` of ``shampoo.cu`` (created once, compiled on first use)."""
+    global _shampoo_module
+    if _shampoo_module is None:
+        with _lock:
+            if _shampoo_module is None:
+                import cupy
+
+                _shampoo_module = cupy.RawModule(code=source_text(SHAMPOO_SOURCE), options=COMPILE_OPTIONS,
+                                                 name_expressions=SHAMPOO_NAME_EXPRESSIONS)
+    return _shampoo_module
+
+
 def function(base: str, dtype, device_id: int):
     """The compiled kernel ``base<dtype>`` on device ``device_id`` (cached)."""
     key = (base, np.dtype(dtype), device_id)
@@ -319,7 +342,8 @@ def function(base: str, dtype, device_id: int):
     if f is None:
         mod = (sonew_module() if base in SONEW_KERNEL_BASES else
                eva_module() if base in EVA_KERNEL_BASES else
-               sketchy_module() if base in SKETCHY_KERNEL_BASES else module())
+               sketchy_module() if base in SKETCHY_KERNEL_BASES else
+               shampoo_module() if base in SHAMPOO_KERNEL_BASES else module())
         f = mod.get_function(kernel_name(base, dtype))
         _functions[key] = f
     return f

@@ -26,7 +26,7 @@ class NumbaCPU:
     """The ``numba_cpu`` backend (see the module docstring and ``arrayopt.dispatch.Backend``)."""
 
     name = "numba_cpu"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy"})
+    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy", "shampoo_corrected"})
     # the one place that says which options of each op's step description the kernels fuse
     capabilities = {
         "sgd": {}, "adam": {}, "adagrad": {},
@@ -38,6 +38,8 @@ class NumbaCPU:
         "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
         # rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n is rare: the reference runs them
         "sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})},
+        # eigenvalue-corrected Shampoo: the eigenbasis second moment and scaled step, any β (1: running sum)
+        "shampoo_corrected": {},
     }
 
     def __init__(self):
@@ -115,8 +117,14 @@ class NumbaCPU:
         ``(removed_edges, fallback_rows)``. ``"eva"``: ``states = [buffers or None, layers]``,
         ``step`` an ``EvaStep`` (``backends/numba_cpu/eva.py``). ``"sketchy"``: ``states = [graft
         accumulators or None, momentum or None, per-leaf D or None]``, ``step`` a ``SketchyStep``
-        (``backends/numba_cpu/sketchy.py``).
+        (``backends/numba_cpu/sketchy.py``). ``"shampoo_corrected"``: ``params`` are the rotated
+        blocks ``Ĝ``, ``grads`` unused, ``states = [second moments D]``, ``step`` a
+        ``CorrectedMomentStep``; returns the scaled blocks ``X`` (``backends/numba_cpu/shampoo.py``).
         """
+        if op == "shampoo_corrected":  # params = rotated blocks Ĝ, states = [second moments D]
+            from .shampoo import run as run_shampoo
+
+            return run_shampoo(self, step, params, states[0])
         if op == "sonew":
             return self.run_sonew(step, params, grads, *states, g_views=g_views)
         if op == "sketchy":  # states = [graft accumulators or None, momentum or None, directions D]
