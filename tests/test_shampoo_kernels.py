@@ -126,20 +126,6 @@ def test_host_cuda_arithmetic_equals_corrected_moment(shampoo_harness, dtype, b2
     np.testing.assert_array_equal(d, want_d)
 
 
-class _Both(hh.HostHarness):
-    """Kernels of shampoo.cu and first_order.cu in one fake device."""
-
-    def __init__(self, first, second):
-        self.libs = (first.lib, second.lib)
-
-    def launch_expression(self, expression, args):
-        base, ctype = expression[len("arrayopt::"):-1].split("<")
-        name = f"host_{base}_{'f32' if ctype == 'float' else 'f64'}"
-        fn = getattr(next(lib for lib in self.libs if hasattr(lib, name)), name)
-        fn.restype = None
-        fn(*[hh.pack(a) for a in args])
-
-
 @needs_nvcc
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_factory, monkeypatch, dtype):
@@ -147,19 +133,14 @@ def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_fac
     build of ``shampoo.cu``: whole steps equal the reference bit for bit."""
     import sys
 
-    from arrayopt.backends import cupy_cuda
     from arrayopt.backends.cupy_cuda import _kernels
-
-    class Emulated(cupy_cuda.CupyCUDA):
-        def refuse_arrays(self, ns, *groups):
-            return None if all(isinstance(a, hh.FakeArray) for a in groups[0]) else "not on the fake device"
 
     launches = []
     fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
-    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(_Both(shampoo_harness, fo), launches))
+    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(shampoo_harness, fo), launches))
     for name, value in (("_module", None), ("_shampoo_module", None), ("_functions", {}), ("_max_blocks", {})):
         monkeypatch.setattr(_kernels, name, value)
-    backend = Emulated()
+    backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     kw = dict(b2=0.95, root_method="qr", block_size=16, eps=1e-8)
     opt = ao.shampoo(learning_rate=0.05, preconditioner="eigenvalue_corrected", merge_small_dims=1, **kw)
