@@ -32,38 +32,17 @@ sums here, overflow-safe scaled float32 sums in the reference).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
 
-from .sonew import (_SERIAL, band_factor_lt_chunk, band_l_apply_chunk, band_rowmax_chunk, band_stats_chunk,
-                    diag_apply_chunk, diag_stats_chunk, tri_precond_chunk)
+from .sonew import (_OPTS, _REDUCE, _SERIAL, _max_nonneg, _sumsq, band_factor_lt_chunk, band_l_apply_chunk,
+                    band_rowmax_chunk, band_stats_chunk)
 
 __all__ = ["run_blocks"]
 
 GRAFT_RMSPROP_NORMALIZED = 4
 
 
-# ------------------------------------------------ adapters: one signature per step for every band
-
-
-@njit(**_SERIAL)
-def _diag_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
-    diag_stats_chunk(g, m, bf, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, c)
-
-
-@njit(**_SERIAL)
-def _diag_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out,
-                 fallback_out, chunk, c):
-    diag_apply_chunk(p, m, band.reshape(-1), u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_out, chunk, c)
-    removed_out[c] = 0
-    fallback_out[c] = 0
-
-
-@njit(**_SERIAL)
-def _tri_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out,
-                fallback_out, chunk, c):
-    tri_precond_chunk(p, m, band.reshape(-1), u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out,
-                      removed_out, chunk, c)
-    fallback_out[c] = removed_out[c]  # a tridiagonal row that falls back drops its one edge
+# ------------------------------------------------ adapters of the chunk kernels (bands >= 2)
 
 
 @njit(**_SERIAL)
@@ -80,6 +59,215 @@ def _band_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, nor
     t = np.empty(m.size, dtype=band.dtype)
     band_factor_lt_chunk(m, band, psi, t, bc1, bc2, eps_eff, tau, removed_out, fallback_out, chunk, c)
     band_l_apply_chunk(p, psi, t, u, neg_lr, wd, write_p, norms_out, chunk, c)
+
+
+# ------------------------------------------------ fused diag / tridiagonal blocks (one block, serial)
+#
+# Each loop below touches at most three arrays and carries nothing from one entry to the
+# next, so LLVM vectorises it without giving up on aliasing checks; reductions go to the
+# ``_REDUCE`` helpers (float64 lanes) and ``_max_nonneg`` (bit patterns). ``1/bc1``,
+# ``1/bc2`` are hoisted out of the loops (one rounding more than the reference's division,
+# ≤ 1 ulp of ``m̂``, ``Ĥ``).
+
+
+@njit(**_REDUCE)
+def _adam_sumsq(mh, hd, graft_eps, k):
+    """``Σ float64(a_i)²``, ``a = m̂/(√Ĥ_ii + ε_g)`` (the Adam graft's norm²)."""
+    s = 0.0
+    for i in range(k):
+        a = float(mh[i] / (np.sqrt(hd[i]) + graft_eps))
+        s += a * a
+    return s
+
+
+@njit(**_REDUCE)
+def _count_negative(x, k):
+    """Number of ``x[i] < 0`` (the rows that dropped their edge)."""
+    c = 0
+    for i in range(k):
+        c += 1 if x[i] < 0 else 0
+    return c
+
+
+@njit(**_SERIAL)
+def _graft_target(gb, mh, hd, nub, k, b2, omb2, graft_eps, graft, wa):
+    """``‖a‖`` of the graft direction over the block (float64); ``ν`` updated for rmsprop_normalized."""
+    if graft == 1:
+        return np.sqrt(_adam_sumsq(mh, hd, graft_eps, k))
+    if graft == 2:
+        return np.sqrt(_sumsq(gb, 0, k))
+    if graft == 3:
+        return np.sqrt(_sumsq(mh, 0, k))
+    if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+        gn = mh.dtype.type(np.sqrt(_sumsq(gb, 0, k)))  # one rounding to the param dtype
+        gn = gn if gn > 0 else gn - gn + 1
+        for i in range(k):
+            gh = gb[i] / gn
+            v = nub[i] * b2 + (gh * gh) * omb2
+            nub[i] = v
+            wa[i] = gh / (np.sqrt(v) + graft_eps)
+        return np.sqrt(_sumsq(wa, 0, k))
+    return 0.0
+
+
+@njit(**_SERIAL)
+def _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_eps, neg_lr, wd):
+    """``p ← p - η (c u + λ p)``, ``c = ‖a‖/‖u‖`` (0 when ``‖u‖ = 0``; ``c = 1`` with no graft),
+    or the Adam direction ``m̂/(√Ĥ_ii + ε_g)`` for ``small_param_fallback="adam"``."""
+    if adam_fallback:
+        for i in range(k):
+            pj = pb[i]
+            d = mh[i] / (np.sqrt(hd[i]) + graft_eps)
+            if wd != 0:
+                d = d + wd * pj
+            pb[i] = pj + neg_lr * d
+        return
+    if graft == 0:
+        if wd != 0:
+            for i in range(k):
+                pj = pb[i]
+                pb[i] = pj + neg_lr * (ub[i] + wd * pj)
+        else:
+            for i in range(k):
+                pb[i] = pb[i] + neg_lr * ub[i]
+        return
+    un = np.sqrt(unorm2)
+    scale = pb.dtype.type(target / un) if un > 0 else pb.dtype.type(0)
+    if wd != 0:
+        for i in range(k):
+            pj = pb[i]
+            pb[i] = pj + neg_lr * (ub[i] * scale + wd * pj)
+    else:
+        for i in range(k):
+            pb[i] = pb[i] + neg_lr * (ub[i] * scale)
+
+
+@njit(**_SERIAL)
+def _eps_effective(rmax, eps, eps_min, relative):
+    """``max(ε·rowmax, ε_min)`` (relative) or ``ε`` (``SONewStep.eps_effective``)."""
+    if not relative:
+        return eps
+    e = rmax * eps
+    return e if e > eps_min else eps_min
+
+
+@njit(**_SERIAL)
+def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min, relative,
+               neg_lr, wd, adam_fallback):
+    """One block of diag-SONew: statistics, ``ε_eff``, ``u = m̂/(Ĥ_ii + ε_eff)``, norms, the write.
+
+    ``S``: scratch rows ``S[0] = Ĥ_ii``, ``S[1] = m̂``, ``S[2] = u``, ``S[3]``: graft buffer.
+    """
+    hd, mh, ub, wa = S[0], S[1], S[2], S[3]
+    for i in range(k):
+        gj = gb[i]
+        mb[i] = mb[i] + omb1 * (gj - mb[i])
+        hb[i] = hb[i] * b2 + omb2 * (gj * gj)
+    for i in range(k):
+        hd[i] = hb[i] * ibc2
+        mh[i] = mb[i] * ibc1
+    target = _graft_target(gb, mh, hd, nub, k, b2, omb2, graft_eps, graft, wa)
+    eps_eff = _eps_effective(_max_nonneg(hd, k, ibc2 - ibc2), eps, eps_min, relative)
+    for i in range(k):
+        ub[i] = mh[i] / (hd[i] + eps_eff)
+    unorm2 = _sumsq(ub, 0, k) if graft != 0 and not adam_fallback else 0.0
+    _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_eps, neg_lr, wd)
+    return 0
+
+
+@njit(**_SERIAL)
+def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min, relative,
+              tau, neg_lr, wd, adam_fallback):
+    """One block of tridiagonal SONew (edge removal, (S7)); returns the number of dropped edges.
+
+    ``bb``: the block's band flattened (``bb[2i] = d_i``, ``bb[2i+1] = e_i``). Scratch rows of ``S``:
+    ``Ĥ_ii`` (then ``+ε_eff``), ``Ĥ_i,i+1``, ``m̂``, ``ψ``, ``±s`` (negative: edge dropped), ``t``, ``u``.
+    ``ψ_i = Ĥ_i,i+1/H_i+1,i+1``, ``s_i = H_ii - Ĥ_i,i+1 ψ_i`` (kept if ``s_i > τ H_ii``, else
+    ``ψ_i = 0``, ``s_i = H_ii``), ``t_i = (m̂_i - ψ_i m̂_i+1)/s_i``, ``u_i = t_i - ψ_i-1 t_i-1``.
+    """
+    hd, he, mh, psi, sv, t, ub = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
+    zero = ibc2 - ibc2
+    kt = k - 1
+    for i in range(kt):
+        gj = gb[i]
+        mb[i] = mb[i] + omb1 * (gj - mb[i])
+        bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
+        bb[2 * i + 1] = bb[2 * i + 1] * b2 + omb2 * (gj * gb[i + 1])
+    gj = gb[kt]  # the block's last row: no right neighbour in the block
+    mb[kt] = mb[kt] + omb1 * (gj - mb[kt])
+    bb[2 * kt] = bb[2 * kt] * b2 + omb2 * (gj * gj)
+    bb[2 * kt + 1] = bb[2 * kt + 1] * b2
+    for i in range(k):
+        hd[i] = bb[2 * i] * ibc2
+        he[i] = bb[2 * i + 1] * ibc2
+    for i in range(k):
+        mh[i] = mb[i] * ibc1
+    target = _graft_target(gb, mh, hd, nub, k, b2, omb2, graft_eps, graft, ub)
+    if adam_fallback:  # small tensors: the Adam direction replaces the update (ε and the factor still count)
+        _write_block(pb, ub, mh, hd, k, target, 0.0, graft, True, graft_eps, neg_lr, wd)
+    rows = sv
+    rows[0] = hd[0] + abs(he[0])
+    for i in range(1, k):  # row sums: diagonal, upper, lower
+        rows[i] = hd[i] + abs(he[i]) + abs(he[i - 1])
+    eps_eff = _eps_effective(_max_nonneg(rows, k, zero), eps, eps_min, relative)
+    for i in range(k):
+        hd[i] = hd[i] + eps_eff
+    for i in range(kt):
+        e = he[i]
+        w = e / hd[i + 1]
+        d0 = hd[i]
+        s = d0 - e * w
+        keep = s > tau * d0
+        psi[i] = w if keep else zero
+        sv[i] = s if keep else -d0
+    psi[kt] = zero
+    sv[kt] = hd[kt]
+    removed = _count_negative(sv, kt)
+    for i in range(kt):
+        t[i] = (mh[i] - psi[i] * mh[i + 1]) / abs(sv[i])
+    t[kt] = mh[kt] / sv[kt]
+    ub[0] = t[0]
+    for i in range(1, k):
+        ub[i] = t[i] - psi[i - 1] * t[i - 1]
+    if not adam_fallback:
+        unorm2 = _sumsq(ub, 0, k) if graft != 0 else 0.0
+        _write_block(pb, ub, mh, hd, k, target, unorm2, graft, False, graft_eps, neg_lr, wd)
+    return removed
+
+
+# ------------------------------------------------ drivers: blocks in parallel, scratch once per thread
+
+
+@njit(**_OPTS)
+def blocks_step_diag(p, g, m, h, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min,
+                     relative, tau, neg_lr, wd, adam_fallback, removed_out):
+    """Every block of ``bsz`` entries (:func:`diag_block`); thread ``w`` runs a contiguous run of blocks."""
+    n = p.size
+    nblocks = removed_out.size
+    for w in prange(nthreads):
+        S = np.empty((4, bsz), dtype=p.dtype)
+        for c in range(w * nblocks // nthreads, (w + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            removed_out[c] = diag_block(p[lo:hi], g[lo:hi], m[lo:hi], h[lo:hi], nu[lo:hi] if nu.size == n else nu,
+                                        hi - lo, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min,
+                                        relative, neg_lr, wd, adam_fallback)
+
+
+@njit(**_OPTS)
+def blocks_step_tri(p, g, m, bf, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min,
+                    relative, tau, neg_lr, wd, adam_fallback, removed_out):
+    """Every block of ``bsz`` entries (:func:`tri_block`); thread ``w`` runs a contiguous run of blocks."""
+    n = p.size
+    nblocks = removed_out.size
+    for w in prange(nthreads):
+        S = np.empty((7, bsz), dtype=p.dtype)
+        for c in range(w * nblocks // nthreads, (w + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            removed_out[c] = tri_block(p[lo:hi], g[lo:hi], m[lo:hi], bf[2 * lo:2 * hi],
+                                       nu[lo:hi] if nu.size == n else nu, hi - lo, S, omb1, b2, omb2, ibc1, ibc2,
+                                       graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd, adam_fallback)
 
 
 # ------------------------------------------------ the one-pass driver
@@ -100,17 +288,26 @@ def run_blocks(step, p, g, m, band, nu, bsz, small):
     n = p.size
     bsz = max(1, min(bsz, n))
     nblocks = (n + bsz - 1) // bsz
-    if b in unrolled.STATS_CHUNK:
-        kind, saved = str(b), np.zeros((1, b, b + 1), p.dtype)
-    else:
-        kind, saved = ("diag" if b == 0 else "tri" if b == 1 else "band"), np.zeros(1, p.dtype)
     graft = GRAFT_RMSPROP_NORMALIZED if step.graft == "rmsprop_normalized" else GRAFT_CODES[step.graft]
     nu_view = nu if nu is not None else np.zeros(1, p.dtype)
     removed = np.zeros(nblocks, np.int64)
+    adam_fallback = bool(small and step.small_param_fallback == "adam")
+    if b <= 1:  # the fused diag / tridiagonal blocks
+        fused = blocks_step_diag if b == 0 else blocks_step_tri
+        fused(p, g, m, band.reshape(-1), nu_view, bsz, min(get_num_threads(), nblocks), cast(step.omb1),
+              cast(step.b2), cast(step.omb2), cast(1.0 / step.bc1), cast(1.0 / step.bc2), cast(step.graft_eps),
+              graft, cast(step.eps), cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)),
+              cast(-step.lr), cast(step.weight_decay), adam_fallback, removed)
+        edges = int(removed.sum())
+        return edges, edges  # a tridiagonal row that falls back drops its one edge
+    if b in unrolled.STATS_CHUNK:
+        kind, saved = str(b), np.zeros((1, b, b + 1), p.dtype)
+    else:
+        kind, saved = "band", np.zeros(1, p.dtype)
     fallback = np.zeros(nblocks, np.int64)
     drivers.DRIVERS[kind](p, g, m, band, nu_view, saved, bsz, cast(step.omb1), cast(step.b2),
                 cast(step.omb2), cast(step.bc1), cast(step.bc2), cast(step.graft_eps), graft, cast(step.eps),
                 cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)), cast(-step.lr),
-                cast(step.weight_decay), bool(small and step.small_param_fallback == "adam"), removed, fallback,
+                cast(step.weight_decay), adam_fallback, removed, fallback,
                 np.zeros(nblocks, p.dtype), np.zeros(nblocks), np.zeros(nblocks), np.zeros(nblocks, p.dtype))
     return int(removed.sum()), int(fallback.sum())
