@@ -40,6 +40,7 @@ from .sonew import (_OPTS, _REDUCE, _SERIAL, _max_nonneg, _sumsq, band_factor_lt
 __all__ = ["run_blocks"]
 
 GRAFT_RMSPROP_NORMALIZED = 4
+TILE = 1024  # entries per L1 tile inside a block
 
 
 # ------------------------------------------------ adapters of the chunk kernels (bands >= 2)
@@ -90,24 +91,28 @@ def _count_negative(x, k):
 
 
 @njit(**_SERIAL)
-def _graft_target(gb, mh, hd, nub, k, b2, omb2, graft_eps, graft, wa):
-    """``‖a‖`` of the graft direction over the block (float64); ``ν`` updated for rmsprop_normalized."""
+def _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft):
+    """``Σ float64(a_i)²`` over entries ``[lo, hi)`` of the block (adam, sgd, momentum grafts)."""
     if graft == 1:
-        return np.sqrt(_adam_sumsq(mh, hd, graft_eps, k))
+        return _adam_sumsq(mh[lo:hi], hd[lo:hi], graft_eps, hi - lo)
     if graft == 2:
-        return np.sqrt(_sumsq(gb, 0, k))
+        return _sumsq(gb, lo, hi)
     if graft == 3:
-        return np.sqrt(_sumsq(mh, 0, k))
-    if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-        gn = mh.dtype.type(np.sqrt(_sumsq(gb, 0, k)))  # one rounding to the param dtype
-        gn = gn if gn > 0 else gn - gn + 1
-        for i in range(k):
-            gh = gb[i] / gn
-            v = nub[i] * b2 + (gh * gh) * omb2
-            nub[i] = v
-            wa[i] = gh / (np.sqrt(v) + graft_eps)
-        return np.sqrt(_sumsq(wa, 0, k))
+        return _sumsq(mh, lo, hi)
     return 0.0
+
+
+@njit(**_SERIAL)
+def _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, wa):
+    """``‖a‖``: ``ĝ = g/‖g‖_blk``, ``ν ← β₂ν + (1-β₂)ĝ²``, ``a = ĝ/(√ν + ε_g)`` (``ν`` in place)."""
+    gn = wa.dtype.type(np.sqrt(_sumsq(gb, 0, k)))  # one rounding to the param dtype
+    gn = gn if gn > 0 else gn - gn + 1
+    for i in range(k):
+        gh = gb[i] / gn
+        v = nub[i] * b2 + (gh * gh) * omb2
+        nub[i] = v
+        wa[i] = gh / (np.sqrt(v) + graft_eps)
+    return np.sqrt(_sumsq(wa, 0, k))
 
 
 @njit(**_SERIAL)
@@ -157,20 +162,35 @@ def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps,
     """One block of diag-SONew: statistics, ``ε_eff``, ``u = m̂/(Ĥ_ii + ε_eff)``, norms, the write.
 
     ``S``: scratch rows ``S[0] = Ĥ_ii``, ``S[1] = m̂``, ``S[2] = u``, ``S[3]``: graft buffer.
+    Statistics and ``u`` run in L1 tiles of ``TILE`` entries.
     """
     hd, mh, ub, wa = S[0], S[1], S[2], S[3]
-    for i in range(k):
-        gj = gb[i]
-        mb[i] = mb[i] + omb1 * (gj - mb[i])
-        hb[i] = hb[i] * b2 + omb2 * (gj * gj)
-    for i in range(k):
-        hd[i] = hb[i] * ibc2
-        mh[i] = mb[i] * ibc1
-    target = _graft_target(gb, mh, hd, nub, k, b2, omb2, graft_eps, graft, wa)
-    eps_eff = _eps_effective(_max_nonneg(hd, k, ibc2 - ibc2), eps, eps_min, relative)
-    for i in range(k):
-        ub[i] = mh[i] / (hd[i] + eps_eff)
-    unorm2 = _sumsq(ub, 0, k) if graft != 0 and not adam_fallback else 0.0
+    acc = 0.0
+    rmax = ibc2 - ibc2
+    for lo in range(0, k, TILE):
+        hi = min(lo + TILE, k)
+        gs, ms, hs, hds, mhs = gb[lo:hi], mb[lo:hi], hb[lo:hi], hd[lo:hi], mh[lo:hi]
+        for i in range(hi - lo):
+            gj = gs[i]
+            ms[i] = ms[i] + omb1 * (gj - ms[i])
+            hs[i] = hs[i] * b2 + omb2 * (gj * gj)
+        for i in range(hi - lo):
+            hds[i] = hs[i] * ibc2
+            mhs[i] = ms[i] * ibc1
+        acc += _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft)
+        rmax = _max_nonneg(hds, hi - lo, rmax)
+    if graft == GRAFT_RMSPROP_NORMALIZED:
+        target = _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, wa)
+    else:
+        target = np.sqrt(acc)
+    eps_eff = _eps_effective(rmax, eps, eps_min, relative)
+    unorm2 = 0.0
+    for lo in range(0, k, TILE):
+        hi = min(lo + TILE, k)
+        us, mhs, hds = ub[lo:hi], mh[lo:hi], hd[lo:hi]
+        for i in range(hi - lo):
+            us[i] = mhs[i] / (hds[i] + eps_eff)
+        unorm2 += _sumsq(us, 0, hi - lo)
     _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_eps, neg_lr, wd)
     return 0
 
@@ -181,57 +201,75 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, 
     """One block of tridiagonal SONew (edge removal, (S7)); returns the number of dropped edges.
 
     ``bb``: the block's band flattened (``bb[2i] = d_i``, ``bb[2i+1] = e_i``). Scratch rows of ``S``:
-    ``Ĥ_ii`` (then ``+ε_eff``), ``Ĥ_i,i+1``, ``m̂``, ``ψ``, ``±s`` (negative: edge dropped), ``t``, ``u``.
-    ``ψ_i = Ĥ_i,i+1/H_i+1,i+1``, ``s_i = H_ii - Ĥ_i,i+1 ψ_i`` (kept if ``s_i > τ H_ii``, else
-    ``ψ_i = 0``, ``s_i = H_ii``), ``t_i = (m̂_i - ψ_i m̂_i+1)/s_i``, ``u_i = t_i - ψ_i-1 t_i-1``.
+    ``Ĥ_ii``, ``Ĥ_i,i+1``, ``m̂``, ``ψ``, ``±s`` (negative: edge dropped), ``t``, ``u``. With
+    ``H = Ĥ + ε_eff I``: ``ψ_i = Ĥ_i,i+1/H_i+1,i+1``, ``s_i = H_ii - Ĥ_i,i+1 ψ_i`` (kept if
+    ``s_i > τ H_ii``, else ``ψ_i = 0``, ``s_i = H_ii``), ``t_i = (m̂_i - ψ_i m̂_i+1)/s_i``,
+    ``u_i = t_i - ψ_i-1 t_i-1``. Both sweeps run in L1 tiles of ``TILE`` rows.
     """
     hd, he, mh, psi, sv, t, ub = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
     zero = ibc2 - ibc2
     kt = k - 1
-    for i in range(kt):
-        gj = gb[i]
-        mb[i] = mb[i] + omb1 * (gj - mb[i])
-        bb[2 * i] = bb[2 * i] * b2 + omb2 * (gj * gj)
-        bb[2 * i + 1] = bb[2 * i + 1] * b2 + omb2 * (gj * gb[i + 1])
-    gj = gb[kt]  # the block's last row: no right neighbour in the block
-    mb[kt] = mb[kt] + omb1 * (gj - mb[kt])
-    bb[2 * kt] = bb[2 * kt] * b2 + omb2 * (gj * gj)
-    bb[2 * kt + 1] = bb[2 * kt + 1] * b2
-    for i in range(k):
-        hd[i] = bb[2 * i] * ibc2
-        he[i] = bb[2 * i + 1] * ibc2
-    for i in range(k):
-        mh[i] = mb[i] * ibc1
-    target = _graft_target(gb, mh, hd, nub, k, b2, omb2, graft_eps, graft, ub)
-    if adam_fallback:  # small tensors: the Adam direction replaces the update (ε and the factor still count)
+    acc = 0.0
+    rmax = zero
+    for lo in range(0, k, TILE):
+        hi = min(lo + TILE, k)
+        h2 = min(hi, kt)  # rows with a right neighbour in the block
+        gs, ms, bs_ = gb[lo:], mb[lo:], bb[2 * lo:]
+        for x in range(h2 - lo):
+            gj = gs[x]
+            ms[x] = ms[x] + omb1 * (gj - ms[x])
+            bs_[2 * x] = bs_[2 * x] * b2 + omb2 * (gj * gj)
+            bs_[2 * x + 1] = bs_[2 * x + 1] * b2 + omb2 * (gj * gs[x + 1])
+        if hi == k:  # the block's last row: no right neighbour in the block
+            gj = gb[kt]
+            mb[kt] = mb[kt] + omb1 * (gj - mb[kt])
+            bb[2 * kt] = bb[2 * kt] * b2 + omb2 * (gj * gj)
+            bb[2 * kt + 1] = bb[2 * kt + 1] * b2
+        hds, hes, mhs, rows = hd[lo:hi], he[lo:hi], mh[lo:hi], sv[lo:hi]
+        for x in range(hi - lo):
+            hds[x] = bs_[2 * x] * ibc2
+            hes[x] = bs_[2 * x + 1] * ibc2
+        for x in range(hi - lo):
+            mhs[x] = ms[x] * ibc1
+        acc += _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft)
+        rows[0] = hds[0] + abs(hes[0]) + (abs(he[lo - 1]) if lo > 0 else zero)
+        for x in range(1, hi - lo):  # row sums: diagonal, upper, lower
+            rows[x] = hds[x] + abs(hes[x]) + abs(hes[x - 1])
+        rmax = _max_nonneg(rows, hi - lo, rmax)
+    if graft == GRAFT_RMSPROP_NORMALIZED:
+        target = _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, ub)
+    else:
+        target = np.sqrt(acc)
+    if adam_fallback:  # small tensors: the Adam direction replaces the update (the factor still counts)
         _write_block(pb, ub, mh, hd, k, target, 0.0, graft, True, graft_eps, neg_lr, wd)
-    rows = sv
-    rows[0] = hd[0] + abs(he[0])
-    for i in range(1, k):  # row sums: diagonal, upper, lower
-        rows[i] = hd[i] + abs(he[i]) + abs(he[i - 1])
-    eps_eff = _eps_effective(_max_nonneg(rows, k, zero), eps, eps_min, relative)
-    for i in range(k):
-        hd[i] = hd[i] + eps_eff
-    for i in range(kt):
-        e = he[i]
-        w = e / hd[i + 1]
-        d0 = hd[i]
-        s = d0 - e * w
-        keep = s > tau * d0
-        psi[i] = w if keep else zero
-        sv[i] = s if keep else -d0
-    psi[kt] = zero
-    sv[kt] = hd[kt]
-    removed = _count_negative(sv, kt)
-    for i in range(kt):
-        t[i] = (mh[i] - psi[i] * mh[i + 1]) / abs(sv[i])
-    t[kt] = mh[kt] / sv[kt]
-    ub[0] = t[0]
-    for i in range(1, k):
-        ub[i] = t[i] - psi[i - 1] * t[i - 1]
+    eps_eff = _eps_effective(rmax, eps, eps_min, relative)
+    removed = 0
+    unorm2 = 0.0
+    for lo in range(0, k, TILE):
+        hi = min(lo + TILE, k)
+        h2 = min(hi, kt)
+        hds, hes, ps, ss, ts, mhs = hd[lo:], he[lo:], psi[lo:], sv[lo:], t[lo:], mh[lo:]
+        for x in range(h2 - lo):
+            e = hes[x]
+            d0 = hds[x] + eps_eff
+            w = e / (hds[x + 1] + eps_eff)
+            s = d0 - e * w
+            keep = s > tau * d0
+            ps[x] = w if keep else zero
+            ss[x] = s if keep else -d0
+        removed += _count_negative(ss, h2 - lo)
+        for x in range(h2 - lo):
+            ts[x] = (mhs[x] - ps[x] * mhs[x + 1]) / abs(ss[x])
+        if hi == k:
+            psi[kt] = zero
+            t[kt] = mh[kt] / (hd[kt] + eps_eff)
+        us = ub[lo:hi]
+        us[0] = ts[0] - (psi[lo - 1] * t[lo - 1] if lo > 0 else zero)
+        for x in range(1, hi - lo):
+            us[x] = ts[x] - ps[x - 1] * ts[x - 1]
+        unorm2 += _sumsq(us, 0, hi - lo)
     if not adam_fallback:
-        unorm2 = _sumsq(ub, 0, k) if graft != 0 else 0.0
-        _write_block(pb, ub, mh, hd, k, target, unorm2, graft, False, graft_eps, neg_lr, wd)
+        _write_block(pb, ub, mh, hd, k, target, unorm2 if graft != 0 else 0.0, graft, False, graft_eps, neg_lr, wd)
     return removed
 
 
