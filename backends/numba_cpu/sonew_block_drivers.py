@@ -17,7 +17,7 @@ from .sonew_blocks import GRAFT_RMSPROP_NORMALIZED, _band_factor, _band_stats
 
 
 @njit(**_OPTS)
-def blocks_step_2(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_2(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -31,64 +31,66 @@ def blocks_step_2(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_2_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_2_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_2_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_2_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_3(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_3(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -102,64 +104,66 @@ def blocks_step_3(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_3_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_3_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_3_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_3_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_4(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_4(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -173,64 +177,66 @@ def blocks_step_4(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_4_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_4_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_4_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_4_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_5(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_5(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -244,64 +250,66 @@ def blocks_step_5(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_5_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_5_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_5_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_5_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_6(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_6(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -315,64 +323,66 @@ def blocks_step_6(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_6_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_6_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_6_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_6_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_7(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_7(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -386,64 +396,66 @@ def blocks_step_7(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_7_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_7_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_7_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_7_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_8(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_8(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -457,64 +469,66 @@ def blocks_step_8(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        stats_8_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        factor_apply_8_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            stats_8_chunk(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            factor_apply_8_chunk(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 
 @njit(**_OPTS)
-def blocks_step_band(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
+def blocks_step_band(p, g, m, band, nu, saved, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
                 eps, eps_min, relative, tau, neg_lr, wd, adam_fallback, removed_out, fallback_out, rows_all,
                 norms_all, unorm_all, typed_all):
     """Every block of ``bsz`` entries: statistics, ε, factor, ``u``, norms, then the write (see module).
@@ -528,59 +542,61 @@ def blocks_step_band(p, g, m, band, nu, saved, bsz, omb1, b2, omb2, bc1, bc2, gr
     nblocks = removed_out.size
     zero = bc2 - bc2
     one = bc2 / bc2
-    for c in prange(nblocks):
-        lo = c * bsz
-        hi = min(lo + bsz, n)
-        k = hi - lo
-        gb = g[lo:hi]
-        mb = m[lo:hi]
-        pb = p[lo:hi]
-        rows = rows_all[c:c + 1]
-        norms = norms_all[c:c + 1]
-        unorm = unorm_all[c:c + 1]
-        rem = removed_out[c:c + 1]
-        fb = fallback_out[c:c + 1]
-        typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
-        _band_stats(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
-              graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
-        target = np.sqrt(norms[0])
-        if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
-            typed[0] = np.sqrt(_sumsq(gb, 0, k))
-            gn = typed[0] if typed[0] > zero else one
-            nb_ = nu[lo:hi]
-            acc = 0.0
-            for i in range(k):
-                gh = gb[i] / gn
-                v = nb_[i] * b2 + (gh * gh) * omb2
-                nb_[i] = v
-                a = gh / (np.sqrt(v) + graft_eps)
-                acc += float(a) * float(a)
-            target = np.sqrt(acc)
-        if relative:
-            e = rows[0] * eps
-            eps_eff = e if e > eps_min else eps_min
-        else:
-            eps_eff = eps
-        write_p = graft == 0 and not adam_fallback
-        ub = pb if write_p else np.empty(k, dtype=p.dtype)
-        _band_factor(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
-        if adam_fallback:  # small tensors: the Adam direction replaces the update
-            hb = bf[bp1 * lo:bp1 * hi]
-            for i in range(k):
-                pj = pb[i]
-                d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
-        elif not write_p:
-            un = np.sqrt(unorm[0])
-            typed[0] = target / un if un > 0 else 0.0
-            scale = typed[0]
-            for i in range(k):
-                pj = pb[i]
-                d = ub[i] * scale
-                if wd != 0:
-                    d = d + wd * pj
-                pb[i] = pj + neg_lr * d
+    for w_ in prange(nthreads):  # a contiguous run of blocks per thread, its u buffer allocated once
+        ub_all = np.empty(bsz, dtype=p.dtype)
+        for c in range(w_ * nblocks // nthreads, (w_ + 1) * nblocks // nthreads):
+            lo = c * bsz
+            hi = min(lo + bsz, n)
+            k = hi - lo
+            gb = g[lo:hi]
+            mb = m[lo:hi]
+            pb = p[lo:hi]
+            rows = rows_all[c:c + 1]
+            norms = norms_all[c:c + 1]
+            unorm = unorm_all[c:c + 1]
+            rem = removed_out[c:c + 1]
+            fb = fallback_out[c:c + 1]
+            typed = typed_all[c:c + 1]  # float64 → param dtype, one rounding
+            _band_stats(gb, mb, bf[bp1 * lo:bp1 * hi], saved, omb1, b2, omb2, bc1, bc2, graft_eps,
+                  graft if graft != GRAFT_RMSPROP_NORMALIZED else 0, rows, norms, k, k, 0)
+            target = np.sqrt(norms[0])
+            if graft == GRAFT_RMSPROP_NORMALIZED:  # ĝ = g/‖g‖_blk; ν ← β₂ν + (1-β₂)ĝ²; a = ĝ/(√ν + ε_g)
+                typed[0] = np.sqrt(_sumsq(gb, 0, k))
+                gn = typed[0] if typed[0] > zero else one
+                nb_ = nu[lo:hi]
+                acc = 0.0
+                for i in range(k):
+                    gh = gb[i] / gn
+                    v = nb_[i] * b2 + (gh * gh) * omb2
+                    nb_[i] = v
+                    a = gh / (np.sqrt(v) + graft_eps)
+                    acc += float(a) * float(a)
+                target = np.sqrt(acc)
+            if relative:
+                e = rows[0] * eps
+                eps_eff = e if e > eps_min else eps_min
+            else:
+                eps_eff = eps
+            write_p = graft == 0 and not adam_fallback
+            ub = pb if write_p else ub_all[:k]
+            _band_factor(pb, mb, band[lo:hi], ub, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, unorm, rem, fb, k, 0)
+            if adam_fallback:  # small tensors: the Adam direction replaces the update
+                hb = bf[bp1 * lo:bp1 * hi]
+                for i in range(k):
+                    pj = pb[i]
+                    d = (mb[i] / bc1) / (np.sqrt(hb[bp1 * i] / bc2) + graft_eps)
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
+            elif not write_p:
+                un = np.sqrt(unorm[0])
+                typed[0] = target / un if un > 0 else 0.0
+                scale = typed[0]
+                for i in range(k):
+                    pj = pb[i]
+                    d = ub[i] * scale
+                    if wd != 0:
+                        d = d + wd * pj
+                    pb[i] = pj + neg_lr * d
 
 DRIVERS = {'2': blocks_step_2, '3': blocks_step_3, '4': blocks_step_4, '5': blocks_step_5, '6': blocks_step_6, '7': blocks_step_7, '8': blocks_step_8, 'band': blocks_step_band}

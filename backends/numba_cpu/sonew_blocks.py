@@ -3,7 +3,7 @@ r"""Block-local SONew (``block_size`` of ``arrayopt.sonew``): one pass over memo
 With blocks of ``B`` consecutive entries of the flattened tensor the band is cut
 at block edges, ``ε_eff = max(ε·max_{i∈blk} Σ_j |Ĥ_ij|, ε_min)`` and both graft
 norms are per block, so a block needs nothing from any other block. Per block
-(``prange`` over blocks, each block sequential in one thread):
+(blocks in parallel, each block sequential in one thread):
 
 1. statistics ``m``, ``B_t`` in place, the block's max row sum and the graft's
    target norm² (the chunk body of the whole-tensor statistics kernel, run on the
@@ -18,15 +18,29 @@ norms are per block, so a block needs nothing from any other block. Per block
 ``u`` buffer, ``6·4 B·B = 384 KiB``), so each byte of state crosses the memory bus once per step.
 ``graft="rmsprop_normalized"`` (``ĝ = g/‖g‖_blk``, ``ν ← β₂ν + (1-β₂)ĝ²``,
 ``a = ĝ/(√ν + ε_g)``) and ``small_param_fallback="adam"`` (``a = m̂/(√v̂ + ε_g)``
-replaces the update) are one more loop over the cached block. The same driver
-with ``B = n`` runs those two options for whole tensors (block-local with
+replaces the update) are one more loop over the cached block. The same drivers
+with ``B = n`` run those two options for whole tensors (block-local with
 ``B ≥ n`` is the whole-tensor step).
 
-The drivers, one per band kind (``blocks_step_<kind>`` in ``sonew_block_drivers.py``,
-written by ``band_codegen.py`` from one template so that Numba caches each), call the
-adapters below. Arithmetic is the whole-tensor kernels' (the same ``_chunk`` functions), so the
-block-local step equals the reference's to float rounding of the norms (float64
-sums here, overflow-safe scaled float32 sums in the reference).
+Diagonal and tridiagonal blocks run fused kernels written here (``diag_block``,
+``tri_block``): the statistics sweep and the factor sweep go over L1 tiles of ``TILE``
+entries, each loop touching few arrays and carrying nothing from one entry to the
+next, so every loop vectorises; ``Ĥ``, ``m̂``, ``ψ``, ``t``, ``u`` live in a scratch
+allocated once per thread (a thread takes a contiguous run of blocks). Their arithmetic
+is the reference's, operation by operation, except the float64 norms, summed in SIMD
+lanes, and, for the diagonal only, ``m̂ = m·(1/bc1)``, ``Ĥ = B·(1/bc2)`` (one rounding
+more, ≤ 1 ulp, instead of a division per entry; ``u = m̂/(Ĥ + ε)`` has no cancellation to
+amplify it). The tridiagonal block keeps the divisions: its Schur complements and
+``m̂_i - ψ_i m̂_{i+1}`` cancel on near-singular windows (rank-one ``Ĥ`` at step 1), where
+a 1-ulp change in ``Ĥ`` or ``m̂`` moved updates by 2e-6 relative, over the float32 1e-6
+parity rule. Parity with the reference: float32 1e-6, float64 1e-12.
+
+Bands ``b >= 2`` use the drivers in ``sonew_block_drivers.py`` (``blocks_step_<kind>``,
+written by ``band_codegen.py`` from one template so that Numba caches each), which call
+the whole-tensor kernels' ``_chunk`` functions on one block through the adapters below:
+their arithmetic is the whole-tensor kernels', so the block-local step equals the
+reference's to float rounding of the norms (float64 sums here, overflow-safe scaled
+float32 sums in the reference).
 """
 
 from __future__ import annotations
@@ -79,15 +93,6 @@ def _adam_sumsq(mh, hd, graft_eps, k):
         a = float(mh[i] / (np.sqrt(hd[i]) + graft_eps))
         s += a * a
     return s
-
-
-@njit(**_REDUCE)
-def _count_negative(x, k):
-    """Number of ``x[i] < 0`` (the rows that dropped their edge)."""
-    c = 0
-    for i in range(k):
-        c += 1 if x[i] < 0 else 0
-    return c
 
 
 @njit(**_SERIAL)
@@ -196,18 +201,18 @@ def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps,
 
 
 @njit(**_SERIAL)
-def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min, relative,
+def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, graft, eps, eps_min, relative,
               tau, neg_lr, wd, adam_fallback):
     """One block of tridiagonal SONew (edge removal, (S7)); returns the number of dropped edges.
 
     ``bb``: the block's band flattened (``bb[2i] = d_i``, ``bb[2i+1] = e_i``). Scratch rows of ``S``:
-    ``Ĥ_ii``, ``Ĥ_i,i+1``, ``m̂``, ``ψ``, ``±s`` (negative: edge dropped), ``t``, ``u``. With
+    ``Ĥ_ii``, ``Ĥ_i,i+1``, ``m̂``, ``ψ``, row sums, ``t``, ``u``. With
     ``H = Ĥ + ε_eff I``: ``ψ_i = Ĥ_i,i+1/H_i+1,i+1``, ``s_i = H_ii - Ĥ_i,i+1 ψ_i`` (kept if
     ``s_i > τ H_ii``, else ``ψ_i = 0``, ``s_i = H_ii``), ``t_i = (m̂_i - ψ_i m̂_i+1)/s_i``,
     ``u_i = t_i - ψ_i-1 t_i-1``. Both sweeps run in L1 tiles of ``TILE`` rows.
     """
     hd, he, mh, psi, sv, t, ub = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
-    zero = ibc2 - ibc2
+    zero = bc2 - bc2
     kt = k - 1
     acc = 0.0
     rmax = zero
@@ -227,10 +232,10 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, 
             bb[2 * kt + 1] = bb[2 * kt + 1] * b2
         hds, hes, mhs, rows = hd[lo:hi], he[lo:hi], mh[lo:hi], sv[lo:hi]
         for x in range(hi - lo):
-            hds[x] = bs_[2 * x] * ibc2
-            hes[x] = bs_[2 * x + 1] * ibc2
+            hds[x] = bs_[2 * x] / bc2
+            hes[x] = bs_[2 * x + 1] / bc2
         for x in range(hi - lo):
-            mhs[x] = ms[x] * ibc1
+            mhs[x] = ms[x] / bc1
         acc += _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft)
         rows[0] = hds[0] + abs(hes[0]) + (abs(he[lo - 1]) if lo > 0 else zero)
         for x in range(1, hi - lo):  # row sums: diagonal, upper, lower
@@ -248,18 +253,19 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, 
     for lo in range(0, k, TILE):
         hi = min(lo + TILE, k)
         h2 = min(hi, kt)
-        hds, hes, ps, ss, ts, mhs = hd[lo:], he[lo:], psi[lo:], sv[lo:], t[lo:], mh[lo:]
+        hds, hes, ps, ts, mhs = hd[lo:], he[lo:], psi[lo:], t[lo:], mh[lo:]
+        dropped = 0
         for x in range(h2 - lo):
             e = hes[x]
             d0 = hds[x] + eps_eff
             w = e / (hds[x + 1] + eps_eff)
             s = d0 - e * w
             keep = s > tau * d0
-            ps[x] = w if keep else zero
-            ss[x] = s if keep else -d0
-        removed += _count_negative(ss, h2 - lo)
-        for x in range(h2 - lo):
-            ts[x] = (mhs[x] - ps[x] * mhs[x + 1]) / abs(ss[x])
+            dropped += 0 if keep else 1
+            w = w if keep else zero
+            ps[x] = w
+            ts[x] = (mhs[x] - w * mhs[x + 1]) / (s if keep else d0)
+        removed += dropped
         if hi == k:
             psi[kt] = zero
             t[kt] = mh[kt] / (hd[kt] + eps_eff)
@@ -293,7 +299,7 @@ def blocks_step_diag(p, g, m, h, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, 
 
 
 @njit(**_OPTS)
-def blocks_step_tri(p, g, m, bf, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min,
+def blocks_step_tri(p, g, m, bf, nu, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft, eps, eps_min,
                     relative, tau, neg_lr, wd, adam_fallback, removed_out):
     """Every block of ``bsz`` entries (:func:`tri_block`); thread ``w`` runs a contiguous run of blocks."""
     n = p.size
@@ -304,7 +310,7 @@ def blocks_step_tri(p, g, m, bf, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, 
             lo = c * bsz
             hi = min(lo + bsz, n)
             removed_out[c] = tri_block(p[lo:hi], g[lo:hi], m[lo:hi], bf[2 * lo:2 * hi],
-                                       nu[lo:hi] if nu.size == n else nu, hi - lo, S, omb1, b2, omb2, ibc1, ibc2,
+                                       nu[lo:hi] if nu.size == n else nu, hi - lo, S, omb1, b2, omb2, bc1, bc2,
                                        graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd, adam_fallback)
 
 
@@ -331,11 +337,15 @@ def run_blocks(step, p, g, m, band, nu, bsz, small):
     removed = np.zeros(nblocks, np.int64)
     adam_fallback = bool(small and step.small_param_fallback == "adam")
     if b <= 1:  # the fused diag / tridiagonal blocks
-        fused = blocks_step_diag if b == 0 else blocks_step_tri
-        fused(p, g, m, band.reshape(-1), nu_view, bsz, min(get_num_threads(), nblocks), cast(step.omb1),
-              cast(step.b2), cast(step.omb2), cast(1.0 / step.bc1), cast(1.0 / step.bc2), cast(step.graft_eps),
-              graft, cast(step.eps), cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)),
-              cast(-step.lr), cast(step.weight_decay), adam_fallback, removed)
+        nthreads = min(get_num_threads(), nblocks)
+        common = (cast(step.graft_eps), graft, cast(step.eps), cast(step.eps_min), step.relative_eps,
+                  cast(step.tau(p.dtype)), cast(-step.lr), cast(step.weight_decay), adam_fallback, removed)
+        if b == 0:  # no cancellation downstream: multiply by 1/bc1, 1/bc2 (≤ 1 ulp more)
+            blocks_step_diag(p, g, m, band.reshape(-1), nu_view, bsz, nthreads, cast(step.omb1), cast(step.b2),
+                             cast(step.omb2), cast(1.0 / step.bc1), cast(1.0 / step.bc2), *common)
+        else:  # Schur complements cancel: Ĥ and m̂ divided as in the reference, bit for bit
+            blocks_step_tri(p, g, m, band.reshape(-1), nu_view, bsz, nthreads, cast(step.omb1), cast(step.b2),
+                            cast(step.omb2), cast(step.bc1), cast(step.bc2), *common)
         edges = int(removed.sum())
         return edges, edges  # a tridiagonal row that falls back drops its one edge
     if b in unrolled.STATS_CHUNK:
@@ -343,7 +353,7 @@ def run_blocks(step, p, g, m, band, nu, bsz, small):
     else:
         kind, saved = "band", np.zeros(1, p.dtype)
     fallback = np.zeros(nblocks, np.int64)
-    drivers.DRIVERS[kind](p, g, m, band, nu_view, saved, bsz, cast(step.omb1), cast(step.b2),
+    drivers.DRIVERS[kind](p, g, m, band, nu_view, saved, bsz, min(get_num_threads(), nblocks), cast(step.omb1), cast(step.b2),
                 cast(step.omb2), cast(step.bc1), cast(step.bc2), cast(step.graft_eps), graft, cast(step.eps),
                 cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)), cast(-step.lr),
                 cast(step.weight_decay), adam_fallback, removed, fallback,
