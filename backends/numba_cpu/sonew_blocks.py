@@ -48,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .sonew import (_OPTS, _REDUCE, _SERIAL, _max_nonneg, _sumsq, band_factor_lt_chunk, band_l_apply_chunk,
+from .sonew import (_OPTS, _SERIAL, _max_nonneg, _sum, _sumsq, band_factor_lt_chunk, band_l_apply_chunk,
                     band_rowmax_chunk, band_stats_chunk)
 
 __all__ = ["run_blocks"]
@@ -78,28 +78,27 @@ def _band_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, nor
 
 # ------------------------------------------------ fused diag / tridiagonal blocks (one block, serial)
 #
-# Each loop below touches at most three arrays and carries nothing from one entry to the
-# next, so LLVM vectorises it without giving up on aliasing checks; reductions go to the
-# ``_REDUCE`` helpers (float64 lanes) and ``_max_nonneg`` (bit patterns). ``1/bc1``,
-# ``1/bc2`` are hoisted out of the loops (one rounding more than the reference's division,
-# ≤ 1 ulp of ``m̂``, ``Ĥ``).
-
-
-@njit(**_REDUCE)
-def _adam_sumsq(mh, hd, graft_eps, k):
-    """``Σ float64(a_i)²``, ``a = m̂/(√Ĥ_ii + ε_g)`` (the Adam graft's norm²)."""
-    s = 0.0
-    for i in range(k):
-        a = float(mh[i] / (np.sqrt(hd[i]) + graft_eps))
-        s += a * a
-    return s
+# Each loop below touches few arrays, carries nothing from one entry to the next and mixes
+# no float64 or int64 into float32 arithmetic (that would halve the SIMD width), so LLVM
+# vectorises it at full width; reductions go to ``sonew._sumsq``/``sonew._sum`` (float64
+# SIMD lanes) and ``sonew._max_nonneg`` (bit patterns). The diagonal block multiplies by
+# ``1/bc1``, ``1/bc2`` (see the module docstring for why the tridiagonal one divides).
 
 
 @njit(**_SERIAL)
-def _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft):
+def _adam_sumsq(mh, hd, graft_eps, k, wa):
+    """``Σ float64(a_i)²``, ``a = m̂/(√Ĥ_ii + ε_g)`` (the Adam graft's norm²): ``a`` in a loop of
+    the param dtype (full SIMD width; a float64 sum in the same loop would halve it), then summed."""
+    for i in range(k):
+        wa[i] = mh[i] / (np.sqrt(hd[i]) + graft_eps)
+    return _sumsq(wa, 0, k)
+
+
+@njit(**_SERIAL)
+def _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft, wa):
     """``Σ float64(a_i)²`` over entries ``[lo, hi)`` of the block (adam, sgd, momentum grafts)."""
     if graft == 1:
-        return _adam_sumsq(mh[lo:hi], hd[lo:hi], graft_eps, hi - lo)
+        return _adam_sumsq(mh[lo:hi], hd[lo:hi], graft_eps, hi - lo, wa[lo:hi])
     if graft == 2:
         return _sumsq(gb, lo, hi)
     if graft == 3:
@@ -166,35 +165,47 @@ def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps,
                neg_lr, wd, adam_fallback):
     """One block of diag-SONew: statistics, ``ε_eff``, ``u = m̂/(Ĥ_ii + ε_eff)``, norms, the write.
 
-    ``S``: scratch rows ``S[0] = Ĥ_ii``, ``S[1] = m̂``, ``S[2] = u``, ``S[3]``: graft buffer.
-    Statistics and ``u`` run in L1 tiles of ``TILE`` entries.
+    ``m̂ = m·(1/bc1)``, ``Ĥ_ii = B_ii·(1/bc2)`` are recomputed where needed (two products, no
+    scratch); ``max_i Ĥ_ii = (max_i B_ii)·(1/bc2)`` exactly (rounding is monotone). ``S``:
+    scratch rows ``S[0] = u``, ``S[1]``: graft buffer, ``S[2] = Ĥ_ii``, ``S[3] = m̂`` (the
+    Adam fallback and the momentum graft only). Both sweeps run in L1 tiles of ``TILE`` entries.
     """
-    hd, mh, ub, wa = S[0], S[1], S[2], S[3]
+    ub, wa, hd, mh = S[0], S[1], S[2], S[3]
     acc = 0.0
     rmax = ibc2 - ibc2
     for lo in range(0, k, TILE):
         hi = min(lo + TILE, k)
-        gs, ms, hs, hds, mhs = gb[lo:hi], mb[lo:hi], hb[lo:hi], hd[lo:hi], mh[lo:hi]
+        gs, ms, hs = gb[lo:hi], mb[lo:hi], hb[lo:hi]
         for i in range(hi - lo):
             gj = gs[i]
             ms[i] = ms[i] + omb1 * (gj - ms[i])
             hs[i] = hs[i] * b2 + omb2 * (gj * gj)
-        for i in range(hi - lo):
-            hds[i] = hs[i] * ibc2
-            mhs[i] = ms[i] * ibc1
-        acc += _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft)
-        rmax = _max_nonneg(hds, hi - lo, rmax)
+        if graft == 1:  # a = m̂/(√Ĥ_ii + ε_g) in a float32 loop (8 lanes), then its float64 norm²
+            was = wa[lo:hi]
+            for i in range(hi - lo):
+                was[i] = (ms[i] * ibc1) / (np.sqrt(hs[i] * ibc2) + graft_eps)
+            acc += _sumsq(was, 0, hi - lo)
+        elif graft == 2:
+            acc += _sumsq(gs, 0, hi - lo)
+        if graft == 3 or adam_fallback:
+            hds, mhs = hd[lo:hi], mh[lo:hi]
+            for i in range(hi - lo):
+                hds[i] = hs[i] * ibc2
+                mhs[i] = ms[i] * ibc1
+            if graft == 3:
+                acc += _sumsq(mhs, 0, hi - lo)
+        rmax = _max_nonneg(hs, hi - lo, rmax)
     if graft == GRAFT_RMSPROP_NORMALIZED:
         target = _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, wa)
     else:
         target = np.sqrt(acc)
-    eps_eff = _eps_effective(rmax, eps, eps_min, relative)
+    eps_eff = _eps_effective(rmax * ibc2, eps, eps_min, relative)
     unorm2 = 0.0
     for lo in range(0, k, TILE):
         hi = min(lo + TILE, k)
-        us, mhs, hds = ub[lo:hi], mh[lo:hi], hd[lo:hi]
+        us, ms, hs = ub[lo:hi], mb[lo:hi], hb[lo:hi]
         for i in range(hi - lo):
-            us[i] = mhs[i] / (hds[i] + eps_eff)
+            us[i] = (ms[i] * ibc1) / (hs[i] * ibc2 + eps_eff)
         unorm2 += _sumsq(us, 0, hi - lo)
     _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_eps, neg_lr, wd)
     return 0
@@ -206,13 +217,14 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, gr
     """One block of tridiagonal SONew (edge removal, (S7)); returns the number of dropped edges.
 
     ``bb``: the block's band flattened (``bb[2i] = d_i``, ``bb[2i+1] = e_i``). Scratch rows of ``S``:
-    ``Ĥ_ii``, ``Ĥ_i,i+1``, ``m̂``, ``ψ``, row sums, ``t``, ``u``. With
+    ``Ĥ_ii``, ``Ĥ_i,i+1``, ``m̂``, ``ψ``, row sums (then 1 where an edge drops), ``t``, ``u``. With
     ``H = Ĥ + ε_eff I``: ``ψ_i = Ĥ_i,i+1/H_i+1,i+1``, ``s_i = H_ii - Ĥ_i,i+1 ψ_i`` (kept if
     ``s_i > τ H_ii``, else ``ψ_i = 0``, ``s_i = H_ii``), ``t_i = (m̂_i - ψ_i m̂_i+1)/s_i``,
     ``u_i = t_i - ψ_i-1 t_i-1``. Both sweeps run in L1 tiles of ``TILE`` rows.
     """
     hd, he, mh, psi, sv, t, ub = S[0], S[1], S[2], S[3], S[4], S[5], S[6]
     zero = bc2 - bc2
+    one = bc2 / bc2
     kt = k - 1
     acc = 0.0
     rmax = zero
@@ -236,7 +248,7 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, gr
             hes[x] = bs_[2 * x + 1] / bc2
         for x in range(hi - lo):
             mhs[x] = ms[x] / bc1
-        acc += _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft)
+        acc += _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft, ub)
         rows[0] = hds[0] + abs(hes[0]) + (abs(he[lo - 1]) if lo > 0 else zero)
         for x in range(1, hi - lo):  # row sums: diagonal, upper, lower
             rows[x] = hds[x] + abs(hes[x]) + abs(hes[x - 1])
@@ -253,19 +265,18 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, gr
     for lo in range(0, k, TILE):
         hi = min(lo + TILE, k)
         h2 = min(hi, kt)
-        hds, hes, ps, ts, mhs = hd[lo:], he[lo:], psi[lo:], t[lo:], mh[lo:]
-        dropped = 0
-        for x in range(h2 - lo):
+        hds, hes, ps, ts, mhs, drop = hd[lo:], he[lo:], psi[lo:], t[lo:], mh[lo:], sv[lo:]
+        for x in range(h2 - lo):  # float32 only (an int64 count here would halve the SIMD width)
             e = hes[x]
             d0 = hds[x] + eps_eff
             w = e / (hds[x + 1] + eps_eff)
             s = d0 - e * w
             keep = s > tau * d0
-            dropped += 0 if keep else 1
+            drop[x] = zero if keep else one
             w = w if keep else zero
             ps[x] = w
             ts[x] = (mhs[x] - w * mhs[x + 1]) / (s if keep else d0)
-        removed += dropped
+        removed += int(_sum(drop, h2 - lo))
         if hi == k:
             psi[kt] = zero
             t[kt] = mh[kt] / (hd[kt] + eps_eff)
