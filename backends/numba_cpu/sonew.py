@@ -71,29 +71,40 @@ def _sum(buf, k):
 
 
 @njit(**_SERIAL)
-def _max_bits(bits, out):
-    """``out[0] = max(out[0], bits)`` (integers)."""
-    m = out[0]
-    for i in range(bits.size):
+def _max_bits(bits, k):
+    """``max(0, bits[:k])`` (integers: vectorises without fast-math flags)."""
+    m = bits[0] - bits[0]
+    for i in range(k):
         m = max(m, bits[i])
-    out[0] = m
+    return m
 
 
 @njit(**_SERIAL)
 def _max_nonneg(buf, k, start):
-    """``max(start, buf[:k])`` of values ``>= 0``, exact: on their IEEE bit patterns as integers.
+    """``max(start, buf[:k])`` of values ``>= 0``, exact, with no allocation.
 
-    Non-negative floats order as their bit patterns do, and an integer max vectorises
-    without any fast-math flag. A NaN (positive bit pattern) wins, as ``xp.max`` in the
-    reference propagates it.
+    Non-negative floats order as their IEEE bit patterns do as integers, and an integer
+    max vectorises without any fast-math flag; a short search then finds the entry with
+    the largest pattern. A NaN is ignored (``v > start`` is false), as the scalar loop did.
     """
-    out = np.empty(1, buf.dtype)
-    out[0] = start
+    if k <= 0:
+        return start
     if buf.itemsize == 4:
-        _max_bits(buf[:k].view(np.int32), out.view(np.int32))
+        bits32 = buf[:k].view(np.int32)
+        m32 = _max_bits(bits32, k)
+        j = 0
+        while j < k and bits32[j] != m32:
+            j += 1
     else:
-        _max_bits(buf[:k].view(np.int64), out.view(np.int64))
-    return out[0]
+        bits64 = buf[:k].view(np.int64)
+        m64 = _max_bits(bits64, k)
+        j = 0
+        while j < k and bits64[j] != m64:
+            j += 1
+    if j == k:  # every entry negative (-0.0): none above 0
+        return start
+    v = buf[j]
+    return v if v > start else start
 
 
 @njit(**_SERIAL)
