@@ -4,7 +4,8 @@ Oracles: block-local with ``B >= n`` is the whole-tensor step (bit for bit); blo
 on one vector equals the whole-tensor step on its blocks given as separate tensors
 (O10 separability, now for ε and the graft norms too); a block's update does not see
 the scale of the other blocks. The Numba one-pass driver is checked against the
-reference (float64 1e-12, float32 1e-6) over bands, grafts and the Adam fallback.
+reference (float64 1e-12, float32 1e-6: the fused diag/tridiagonal blocks multiply by ``1/bc1``,
+``1/bc2`` and sum norms in SIMD lanes) over bands, grafts and the Adam fallback.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def numba_calls(monkeypatch):
 
 @numba_only
 # bands and dtypes whose block-driver compilations other tests share (each costs seconds of LLVM)
-@pytest.mark.parametrize("b, dtype", [(0, "float64"), (1, "float64"), (2, "float64"), (9, "float64"),
+# (tridiagonal in float32: its near-singular first steps are where a changed rounding would show)
+@pytest.mark.parametrize("b, dtype", [(0, "float64"), (1, "float32"), (2, "float64"), (9, "float64"),
                                       (4, "float32")])
 def test_numba_block_driver_matches_reference(b, dtype, numba_calls):
     rng = np.random.default_rng(b)

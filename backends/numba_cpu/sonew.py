@@ -3,7 +3,9 @@
 Same arithmetic, in the same order, as the reference ``SONew.flat_leaf`` and
 ``arrayopt.linalg.sonew``; scalars arrive typed in the param dtype, so no
 float64 constant promotes float32 math (norm accumulators are float64, which
-only makes them more accurate). No ``fastmath``.
+only makes them more accurate). ``fastmath`` only on the reductions (``_REDUCE``:
+``reassoc``, ``nsz``), so their float64 sums run in SIMD lanes; every element-wise
+operation stays IEEE and in the reference's order.
 
 Tridiagonal (``b = 1``), three passes over chunks of the vector (each chunk in
 one thread, sequential inside, so neighbours' values travel in registers; the
@@ -27,7 +29,8 @@ in one pass without storing ``ψ``. Any larger band (``band_*``): statistics,
 Vectorisation rules used below: inner loops index block-local views from 0 (so
 LLVM can drop Numba's negative-index wraparound selects), carry no value from
 one element to the next (neighbours go through small L1 buffers), and leave the
-reductions (max row sum, float64 norms) to 4-accumulator helpers; the band
+reductions (max row sum on the bit patterns, float64 norms in SIMD lanes) to
+small helpers; the band
 factor runs ``RB`` rows side by side, each row's arithmetic in the scalar order.
 """
 
@@ -41,6 +44,9 @@ from ...grafting import graft_scale
 
 _OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 _SERIAL = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+# reductions only: float64 sums reassociated into SIMD lanes (the order of a sum changes, by
+# float64 rounding; no flag that assumes finite values, so NaN/Inf propagate as without it)
+_REDUCE = dict(_SERIAL, fastmath={"reassoc", "nsz"})
 
 GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3}
 CHUNK = 16384
@@ -55,48 +61,50 @@ def _save_boundaries(band, nchunks, chunk, saved):
 BLK = 1024  # rows per L1-resident sub-block inside a chunk
 
 
-@njit(**_SERIAL)
-def _sum4(buf, k):
-    """``Σ buf[:k]`` with four independent float64 accumulators (latency hidden, no fastmath)."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    k4 = k - k % 4
-    for i in range(0, k4, 4):
-        s0 += buf[i]
-        s1 += buf[i + 1]
-        s2 += buf[i + 2]
-        s3 += buf[i + 3]
-    for i in range(k4, k):
-        s0 += buf[i]
-    return (s0 + s1) + (s2 + s3)
+@njit(**_REDUCE)
+def _sum(buf, k):
+    """``Σ buf[:k]`` (float64), reassociated into SIMD lanes (``_REDUCE``)."""
+    s = 0.0
+    for i in range(k):
+        s += buf[i]
+    return s
 
 
 @njit(**_SERIAL)
-def _max4(buf, k, start):
-    """``max(start, buf[:k])`` (NaNs ignored, as ``r > rmax`` did) with four independent chains."""
-    m0 = start
-    m1 = start
-    m2 = start
-    m3 = start
-    k4 = k - k % 4
-    for i in range(0, k4, 4):
-        v0 = buf[i]
-        v1 = buf[i + 1]
-        v2 = buf[i + 2]
-        v3 = buf[i + 3]
-        m0 = v0 if v0 > m0 else m0
-        m1 = v1 if v1 > m1 else m1
-        m2 = v2 if v2 > m2 else m2
-        m3 = v3 if v3 > m3 else m3
-    for i in range(k4, k):
-        v0 = buf[i]
-        m0 = v0 if v0 > m0 else m0
-    m0 = m1 if m1 > m0 else m0
-    m0 = m2 if m2 > m0 else m0
-    m0 = m3 if m3 > m0 else m0
-    return m0
+def _max_bits(bits, k):
+    """``max(0, bits[:k])`` (integers: vectorises without fast-math flags)."""
+    m = bits[0] - bits[0]
+    for i in range(k):
+        m = max(m, bits[i])
+    return m
+
+
+@njit(**_SERIAL)
+def _max_nonneg(buf, k, start):
+    """``max(start, buf[:k])`` of values ``>= 0``, exact, with no allocation.
+
+    Non-negative floats order as their IEEE bit patterns do as integers, and an integer
+    max vectorises without any fast-math flag; a short search then finds the entry with
+    the largest pattern. A NaN is ignored (``v > start`` is false), as the scalar loop did.
+    """
+    if k <= 0:
+        return start
+    if buf.itemsize == 4:
+        bits32 = buf[:k].view(np.int32)
+        m32 = _max_bits(bits32, k)
+        j = 0
+        while j < k and bits32[j] != m32:
+            j += 1
+    else:
+        bits64 = buf[:k].view(np.int64)
+        m64 = _max_bits(bits64, k)
+        j = 0
+        while j < k and bits64[j] != m64:
+            j += 1
+    if j == k:  # every entry negative (-0.0): none above 0
+        return start
+    v = buf[j]
+    return v if v > start else start
 
 
 @njit(**_SERIAL)
@@ -175,9 +183,9 @@ def tri_stats_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft,
         elif graft == 3:
             for i in range(k):
                 abuf[i] = mb[i] / bc1
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft != 0:  # Σ float64(a_i)²
-            acc += _sumsq4(abuf, 0, k)
+            acc += _sumsq(abuf, 0, k)
     rows_out[c] = rmax
     norms_out[c] = acc
 
@@ -272,7 +280,7 @@ def tri_precond_chunk(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, 
             ub = u[blo:bhi]
             for i in range(k):
                 ub[i] = buf[4 * W + 1 + i] - buf[3 * W + i] * buf[4 * W + i]
-            acc += _sumsq4(ub, 0, k)
+            acc += _sumsq(ub, 0, k)
         psi_prev = buf[3 * W + k]
         t_prev = buf[4 * W + k]
     norms_out[c] = acc
@@ -292,28 +300,14 @@ def tri_precond(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_
         tri_precond_chunk(p, m, bf, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out, chunk, c)
 
 
-@njit(**_SERIAL)
-def _sumsq4(x, lo, hi):
-    """``Σ float64(x[i])²`` over ``[lo, hi)`` with four independent accumulators."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    k = hi - lo
-    k4 = lo + (k - k % 4)
-    for i in range(lo, k4, 4):
-        a0 = float(x[i])
-        a1 = float(x[i + 1])
-        a2 = float(x[i + 2])
-        a3 = float(x[i + 3])
-        s0 += a0 * a0
-        s1 += a1 * a1
-        s2 += a2 * a2
-        s3 += a3 * a3
-    for i in range(k4, hi):
-        a0 = float(x[i])
-        s0 += a0 * a0
-    return (s0 + s1) + (s2 + s3)
+@njit(**_REDUCE)
+def _sumsq(x, lo, hi):
+    """``Σ float64(x[i])²`` over ``[lo, hi)``, reassociated into SIMD lanes (``_REDUCE``)."""
+    s = 0.0
+    for i in range(lo, hi):
+        a = float(x[i])
+        s += a * a
+    return s
 
 
 @njit(**_OPTS)
@@ -362,8 +356,8 @@ def diag_stats_chunk(g, m, h, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_o
                 mh = mj / bc1
                 buf[i] = float(mh) * float(mh)
         if graft != 0:
-            acc += _sum4(buf, k)
-        rmax = _max4(rbuf, k, rmax)
+            acc += _sum(buf, k)
+        rmax = _max_nonneg(rbuf, k, rmax)
     norms_out[c] = acc
     rows_out[c] = rmax
 
@@ -401,7 +395,7 @@ def diag_apply_chunk(p, m, h, u, bc1, bc2, eps_eff, neg_lr, wd, write_p, norms_o
             else:
                 us[i] = y
         if not write_p:
-            acc += _sumsq4(us, 0, k)
+            acc += _sumsq(us, 0, k)
     norms_out[c] = acc
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .sonew import _OPTS, _SERIAL, _band_row, _max4, _sumsq4
+from .sonew import _OPTS, _SERIAL, _band_row, _max_nonneg, _sumsq
 
 BLK = 512  # rows per L1-resident sub-block
 
@@ -81,17 +81,17 @@ def stats_2_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((Hb[2 + r] + Hb[516 + r]) + Hb[1030 + r]) + Hb[515 + r]) + Hb[1028 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[2 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(2):  # the last 2 rows become the next block's lower neighbours
             for kk in range(3):
                 Hb[514 * kk + q] = Hb[514 * kk + k + q]
@@ -209,7 +209,7 @@ def factor_apply_2_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(2):  # the last 2 rows become the next block's lower neighbours
             for kk in range(3):
                 OUT[514 * kk + q] = OUT[514 * kk + k + q]
@@ -288,17 +288,17 @@ def stats_3_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((((Hb[3 + r] + Hb[518 + r]) + Hb[1033 + r]) + Hb[1548 + r]) + Hb[517 + r]) + Hb[1031 + r]) + Hb[1545 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[3 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(3):  # the last 3 rows become the next block's lower neighbours
             for kk in range(4):
                 Hb[515 * kk + q] = Hb[515 * kk + k + q]
@@ -434,7 +434,7 @@ def factor_apply_3_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(3):  # the last 3 rows become the next block's lower neighbours
             for kk in range(4):
                 OUT[515 * kk + q] = OUT[515 * kk + k + q]
@@ -516,17 +516,17 @@ def stats_4_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((((((Hb[4 + r] + Hb[520 + r]) + Hb[1036 + r]) + Hb[1552 + r]) + Hb[2068 + r]) + Hb[519 + r]) + Hb[1034 + r]) + Hb[1549 + r]) + Hb[2064 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[4 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(4):  # the last 4 rows become the next block's lower neighbours
             for kk in range(5):
                 Hb[516 * kk + q] = Hb[516 * kk + k + q]
@@ -682,7 +682,7 @@ def factor_apply_4_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(4):  # the last 4 rows become the next block's lower neighbours
             for kk in range(5):
                 OUT[516 * kk + q] = OUT[516 * kk + k + q]
@@ -767,17 +767,17 @@ def stats_5_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((((((((Hb[5 + r] + Hb[522 + r]) + Hb[1039 + r]) + Hb[1556 + r]) + Hb[2073 + r]) + Hb[2590 + r]) + Hb[521 + r]) + Hb[1037 + r]) + Hb[1553 + r]) + Hb[2069 + r]) + Hb[2585 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[5 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(5):  # the last 5 rows become the next block's lower neighbours
             for kk in range(6):
                 Hb[517 * kk + q] = Hb[517 * kk + k + q]
@@ -955,7 +955,7 @@ def factor_apply_5_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(5):  # the last 5 rows become the next block's lower neighbours
             for kk in range(6):
                 OUT[517 * kk + q] = OUT[517 * kk + k + q]
@@ -1043,17 +1043,17 @@ def stats_6_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((((((((((Hb[6 + r] + Hb[524 + r]) + Hb[1042 + r]) + Hb[1560 + r]) + Hb[2078 + r]) + Hb[2596 + r]) + Hb[3114 + r]) + Hb[523 + r]) + Hb[1040 + r]) + Hb[1557 + r]) + Hb[2074 + r]) + Hb[2591 + r]) + Hb[3108 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[6 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(6):  # the last 6 rows become the next block's lower neighbours
             for kk in range(7):
                 Hb[518 * kk + q] = Hb[518 * kk + k + q]
@@ -1255,7 +1255,7 @@ def factor_apply_6_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(6):  # the last 6 rows become the next block's lower neighbours
             for kk in range(7):
                 OUT[518 * kk + q] = OUT[518 * kk + k + q]
@@ -1346,17 +1346,17 @@ def stats_7_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((((((((((((Hb[7 + r] + Hb[526 + r]) + Hb[1045 + r]) + Hb[1564 + r]) + Hb[2083 + r]) + Hb[2602 + r]) + Hb[3121 + r]) + Hb[3640 + r]) + Hb[525 + r]) + Hb[1043 + r]) + Hb[1561 + r]) + Hb[2079 + r]) + Hb[2597 + r]) + Hb[3115 + r]) + Hb[3633 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[7 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(7):  # the last 7 rows become the next block's lower neighbours
             for kk in range(8):
                 Hb[519 * kk + q] = Hb[519 * kk + k + q]
@@ -1584,7 +1584,7 @@ def factor_apply_7_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(7):  # the last 7 rows become the next block's lower neighbours
             for kk in range(8):
                 OUT[519 * kk + q] = OUT[519 * kk + k + q]
@@ -1678,17 +1678,17 @@ def stats_8_chunk(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, r
             s0 = s1
         for r in range(k):  # row sum: diagonal, upper, lower (the reference order)
             rbuf[r] = ((((((((((((((((Hb[8 + r] + Hb[528 + r]) + Hb[1048 + r]) + Hb[1568 + r]) + Hb[2088 + r]) + Hb[2608 + r]) + Hb[3128 + r]) + Hb[3648 + r]) + Hb[4168 + r]) + Hb[527 + r]) + Hb[1046 + r]) + Hb[1565 + r]) + Hb[2084 + r]) + Hb[2603 + r]) + Hb[3122 + r]) + Hb[3641 + r]) + Hb[4160 + r])
-        rmax = _max4(rbuf, k, rmax)
+        rmax = _max_nonneg(rbuf, k, rmax)
         if graft == 1:
             for r in range(k):
                 vbuf[r] = (mb[r] / bc1) / (np.sqrt(Hb[8 + r]) + graft_eps)
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         elif graft == 2:
-            acc += _sumsq4(gb, 0, k)
+            acc += _sumsq(gb, 0, k)
         elif graft == 3:
             for r in range(k):
                 vbuf[r] = mb[r] / bc1
-            acc += _sumsq4(vbuf, 0, k)
+            acc += _sumsq(vbuf, 0, k)
         for q in range(8):  # the last 8 rows become the next block's lower neighbours
             for kk in range(9):
                 Hb[520 * kk + q] = Hb[520 * kk + k + q]
@@ -1944,7 +1944,7 @@ def factor_apply_8_chunk(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, writ
             ub = u[blo:blo + k]
             for r in range(k):
                 ub[r] = Y[r]
-            acc += _sumsq4(Y, 0, k)
+            acc += _sumsq(Y, 0, k)
         for q in range(8):  # the last 8 rows become the next block's lower neighbours
             for kk in range(9):
                 OUT[520 * kk + q] = OUT[520 * kk + k + q]
