@@ -75,14 +75,16 @@ their JAX scripts, init2winit), and why:
   ``X m̂``, norms, the parameter write) while it is in cache: one pass over
   memory instead of the three sweeps a whole-tensor ε and graft norm need.
   Tensors of at most ``B`` entries (every bias, most small layers) get the
-  whole-tensor step bit for bit; ``block_size=None`` keeps whole-tensor
-  semantics for every tensor (the paper's form, three sweeps). ``B = 16384``
-  was the fastest of 4096, 16384 and 65536 on the CPU measured (10M float32,
-  README performance table): a tridiagonal block's ``g, p, m``, band and
-  ``u`` buffer (24 B/entry, 384 KiB) stay in the core's 1 MiB L2 there, and
-  4096 adds per-block overhead without saving traffic. On an H100 the 132
-  blocks in flight (one per SM) hold 132 × 384 KiB ≈ 50 MiB, its L2's size;
-  the CUDA kernel re-reads a block from L2, not from HBM (not yet timed on a GPU).
+  whole-tensor step (bit for bit on the reference path; to float rounding on
+  Numba, whose fused block kernels reassociate the norms); ``block_size=None`` keeps whole-tensor
+  semantics for every tensor (the paper's form, three sweeps). Why ``B = 16384``
+  (10M float32, block sizes 4096, 16384 and 65536 timed against our Adam step
+  in one run, twice; README performance table): 4096 was the slowest in every
+  run (per-block overhead without saved traffic); 65536 was within the noise of
+  16384 but its tridiagonal scratch (1.75 MiB) no longer fits the core's 1 MiB
+  L2, while at 16384 a block's ``g, p, m``, band and tile scratch (448 KiB)
+  stay there between the passes. On an H100 the 132 blocks in flight (one per
+  SM) hold about 50 MiB, its L2's size (not yet timed on a GPU).
 - Kernels: the Numba backend fuses every option (block-local, and whole
   tensors through the chunked kernels; ``graft="rmsprop_normalized"`` and
   ``small_param_fallback="adam"`` on whole tensors through the block driver
