@@ -147,4 +147,5 @@ def test_mnist_autoencoder_task_on_a_synthetic_stand_in(tmp_path, capsys):
     assert opt.block_size == 64 and opt.learning_rate(0) == 0.0 and opt.learning_rate(240) > 0
     shampoo = cli.make_optimizer("shampoo", args, 6000).config
     assert shampoo.block_size == 128  # --block-size is SONew's only
+    assert "on this task precondition_every 20, start_preconditioning_step 25" in cli._describe("shampoo", args)
     assert shampoo.precondition_every == 20 and shampoo.learning_rate(3000) > 0

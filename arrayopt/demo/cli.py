@@ -178,6 +178,9 @@ def _learning_rate(opt) -> float:
 
 def _describe(name: str, args: argparse.Namespace) -> str:
     text = ao.registry.registered()[_base_name(name)].description
+    overrides = MNIST_OVERRIDES.get(_base_name(name), {}) if args.task == "mnist-autoencoder" else {}
+    if overrides:
+        text += "; on this task " + ", ".join(f"{k} {v}" for k, v in overrides.items())
     if name != _base_name(name):
         return text + ", whole-tensor (block_size None)"
     if _is_sonew(name):
