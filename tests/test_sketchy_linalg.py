@@ -210,7 +210,7 @@ def test_bad_arguments_are_named():
         lowrank_apply(U, sv, tail, np.ones(3), alpha=0.5)
 
 
-@pytest.mark.parametrize("dtype, d", [("float64", 256), ("float32", 256), ("float32", 300)],
+@pytest.mark.parametrize("dtype, d", [("float64", 256), ("float32", 256), ("float32", 264)],
                          ids=["float64-wide", "float32-wide", "float32-tall"])
 def test_numpy_gram_route_matches_the_qr_svd_route(dtype, d):
     """The NumPy Gram routes (float64: ``zzᵀ`` of a wide ``z``; float32: ``zzᵀ`` or, tall, ``zᵀz``, then a
@@ -232,7 +232,7 @@ def test_numpy_gram_route_matches_the_qr_svd_route(dtype, d):
     assert sketch._gram_route(d, m + k, k, np.dtype(dtype))
 
 
-@pytest.mark.parametrize("d, m", [(256, 256), (300, 256)], ids=["wide", "tall"])
+@pytest.mark.parametrize("d, m", [(256, 256), (264, 240)], ids=["wide", "tall"])
 def test_float32_gram_routes_are_normwise_accurate_on_steep_spectra(d, m):
     """A float32 Gram resolves eigenvalues only down to ``u₃₂‖Z‖²`` (a float32 SVD: ``u₃₂σ₁σ_j``): on a
     spectrum σ_j² ∝ j⁻⁴ the sketch Ḡ', the tail ρ' and the FD sandwich still hold normwise at float32
