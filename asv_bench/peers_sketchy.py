@@ -18,6 +18,9 @@ The peer is not a package. Get it with
 and pass --peer /tmp/precondition (default: $PRECONDITION_PATH, else /tmp/precondition); without
 it only arrayopt runs.
 
+On a busy machine run it with OPENBLAS_NUM_THREADS=1 (both contenders' LAPACK is OpenBLAS):
+threaded OpenBLAS on oversubscribed cores makes the ratios scatter several-fold between runs.
+
 Usage: python asv_bench/peers_sketchy.py [--shapes 1024x1024,4096x1024] [--freqs 1,10] [--rank 128]
 """
 

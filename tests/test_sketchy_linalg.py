@@ -210,21 +210,49 @@ def test_bad_arguments_are_named():
         lowrank_apply(U, sv, tail, np.ones(3), alpha=0.5)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_numpy_gram_route_matches_the_qr_svd_route(dtype, monkeypatch):
-    """The NumPy route for wide inputs with d ≥ 256 (float64 Gram, top k+1 eigenpairs) gives the
-    sketch of the QR + SVD route (array-api-strict runs the latter) to float rounding."""
+@pytest.mark.parametrize("dtype, d", [("float64", 256), ("float32", 256), ("float32", 264)],
+                         ids=["float64-wide", "float32-wide", "float32-tall"])
+def test_numpy_gram_route_matches_the_qr_svd_route(dtype, d):
+    """The NumPy Gram routes (float64: ``zzᵀ`` of a wide ``z``; float32: ``zzᵀ`` or, tall, ``zᵀz``, then a
+    Rayleigh–Ritz step; only the top k+1 pairs) give the sketch of the QR + SVD route (array-api-strict
+    runs the latter) to float rounding, on a spectrum the float32 Gram resolves (σ² ∝ i⁻²)."""
     xps = pytest.importorskip("array_api_strict", reason="array-api-strict runs the QR + SVD route")
     sketch = __import__("importlib").import_module("arrayopt.linalg.sketch")
     rng = np.random.default_rng(5)
-    d, k = 256, 8
+    k, m = 8, 256
     state = [np.zeros((d, k), dtype), np.zeros(k, dtype), np.zeros(1, dtype)]
     for _ in range(2):
-        x = (rng.normal(size=(d, d)) * np.arange(1, d + 1) ** -1.0).astype(dtype)
+        x = (rng.normal(size=(d, m)) * np.arange(1, d + 1)[:, None] ** -1.0).astype(dtype)
         a = fd_update(*state, x, beta2=0.99)
         b = fd_update(*[xps.asarray(v) for v in state], xps.asarray(x), beta2=0.99)
         rtol = 1e-9 if dtype == "float64" else 2e-4
         for got, want in zip(a[:4], b[:4]):
             np.testing.assert_allclose(got, np.asarray(want), rtol=rtol, atol=rtol * np.abs(np.asarray(want)).max())
         state = [a.eigvecs, a.sv, a.tail]
-    assert sketch._gram_route(d, d + k, k)
+    assert sketch._gram_route(d, m + k, k, np.dtype(dtype))
+
+
+@pytest.mark.parametrize("d, m", [(256, 256), (264, 240)], ids=["wide", "tall"])
+def test_float32_gram_routes_are_normwise_accurate_on_steep_spectra(d, m):
+    """A float32 Gram resolves eigenvalues only down to ``u₃₂‖Z‖²`` (a float32 SVD: ``u₃₂σ₁σ_j``): on a
+    spectrum σ_j² ∝ j⁻⁴ the sketch Ḡ', the tail ρ' and the FD sandwich still hold normwise at float32
+    tolerance, ``‖Ḡ'₃₂ − Ḡ'₆₄‖ ≤ 1e-5‖Z‖²`` (F1a in arrayopt/linalg/README.md)."""
+    rng = np.random.default_rng(7)
+    k = 16
+    scales = np.arange(1, d + 1)[:, None] ** -2.0
+    s32 = [np.zeros((d, k), np.float32), np.zeros(k, np.float32), np.zeros(1, np.float32)]
+    s64 = [np.zeros((d, k)), np.zeros(k), np.zeros(1)]
+    G = np.zeros((d, d))
+    for _ in range(2):
+        x = (rng.normal(size=(d, m)) * scales).astype(np.float32)
+        a, b = fd_update(*s32, x, beta2=0.99), fd_update(*s64, x.astype(np.float64), beta2=0.99)
+        s32, s64 = [a.eigvecs, a.sv, a.tail], [b.eigvecs, b.sv, b.tail]
+        G = 0.99 * G + x.astype(np.float64) @ x.T.astype(np.float64)
+        scale = np.linalg.norm(G, 2)
+        sk32 = (a.eigvecs.astype(np.float64) * a.sv.astype(np.float64) ** 2) @ a.eigvecs.T
+        sk64 = (b.eigvecs * b.sv ** 2) @ b.eigvecs.T
+        assert np.linalg.norm(sk32 - sk64, 2) <= 1e-5 * scale
+        assert abs(float(a.tail[0]) - float(b.tail[0])) <= 1e-5 * scale
+        w = np.linalg.eigvalsh(G - sk32)  # 0 ⪯ G − Ḡ ⪯ ρ I, to float32 rounding of ‖G‖
+        assert w.min() >= -1e-5 * scale and w.max() <= float(a.tail[0]) + 1e-5 * scale
+        assert np.abs(a.eigvecs.T @ a.eigvecs - np.diag((a.sv > 0).astype(np.float32))).max() < 1e-5

@@ -81,35 +81,65 @@ def _check_beta2(beta2, tail_decay):
         raise ValueError(f"tail_decay: must be one of {list(TAIL_DECAYS)}, got {tail_decay!r}")
 
 
-#: NumPy, a wide ``z`` with at least this many rows: the float64 Gram route of :func:`_top_left_singular_host`
+#: NumPy, a ``z`` whose Gram side has at least this many rows: :func:`_top_left_singular_host`
 GRAM_MIN_ROWS = 256
 
 
-def _top_left_singular_host(z, r: int):
-    """``(u, σ)`` of the top ``r`` singular triplets of a wide NumPy ``z`` (d × c, c ≥ d) from the
-    float64 Gram ``zzᵀ`` and LAPACK ``syevr`` restricted to the top ``r`` eigenpairs.
-
-    Same math as the QR + SVD route, other rounding: the Gram is exact to float64 rounding of
-    ``σ₁²``, finer than a float32 SVD, and only ``r = k + 1`` eigenvectors are formed.
-    """
+def _top_eigh(a, r: int):
+    """The top ``r`` eigenpairs ``(w, v)`` of the symmetric ``a`` (ascending), LAPACK ``syevr``."""
     import numpy as np
 
-    d = z.shape[0]
-    z64 = z.astype(np.float64)
-    gram = z64 @ z64.T
+    n = a.shape[0]
     try:
         from scipy.linalg import eigh
 
-        w, v = eigh(gram, subset_by_index=[d - r, d - 1], driver="evr", check_finite=False)
+        return eigh(a, subset_by_index=[n - r, n - 1], driver="evr", check_finite=False)
     except ImportError:  # pragma: no cover - scipy comes with the test and demo extras
-        w, v = np.linalg.eigh(gram)
-        w, v = w[d - r:], v[:, d - r:]
+        w, v = np.linalg.eigh(a)
+        return w[n - r:], v[:, n - r:]
+
+
+def _top_left_singular_host(z, r: int):
+    """``(u, σ)`` of the top ``r`` singular triplets of a NumPy ``z`` (d × c) from a Gram matrix
+    and LAPACK ``syevr`` restricted to the top ``r`` eigenpairs (F1a in ``arrayopt/linalg/README.md``).
+
+    Float64 ``z`` (wide): the float64 Gram ``zzᵀ``. Float32 ``z``: a float32 Gram, ``zzᵀ`` when
+    wide, ``zᵀz`` when tall (then ``q = orth(z v)``), followed by a Rayleigh–Ritz step of ``zzᵀ``
+    on the found basis ``q``: the eigenpairs of ``(zᵀq)ᵀ(zᵀq)`` (r × r, float64) give ``σ²`` and
+    rotate ``q``. Every result is normwise accurate to ``u₃₂‖z‖²`` (as a float32 SVD), and the
+    Ritz values recover the relative accuracy of the singular values that the Gram's rounding
+    leaves resolved (``σ_j² ≫ u₃₂σ₁²``).
+    """
+    import numpy as np
+
+    d, c = z.shape
+    if z.dtype != np.float32:
+        z64 = z.astype(np.float64)
+        w, v = _top_eigh(z64 @ z64.T, r)
+        s = np.sqrt(np.clip(w[::-1], 0, None))
+        return np.ascontiguousarray(v[:, ::-1]).astype(z.dtype), s.astype(z.dtype)
+    if c >= d:
+        _, q = _top_eigh(z @ z.T, r)
+    else:
+        _, v = _top_eigh(z.T @ z, r)
+        q, _ = np.linalg.qr(z @ v)
+    m = (z.T @ q).astype(np.float64)
+    w, rot = np.linalg.eigh(m.T @ m)
     s = np.sqrt(np.clip(w[::-1], 0, None))
-    return np.ascontiguousarray(v[:, ::-1]).astype(z.dtype), s.astype(z.dtype)
+    u = q @ rot[:, ::-1].astype(np.float32)
+    return u, s.astype(np.float32)
 
 
-def _gram_route(d: int, c: int, k: int) -> bool:
-    return c >= d >= GRAM_MIN_ROWS and k < d
+def _gram_route(d: int, c: int, k: int, dtype=None) -> bool:
+    """Whether NumPy takes :func:`_top_left_singular_host`: a wide ``z`` with ``d ≥`` :data:`GRAM_MIN_ROWS`,
+    or (float32) a tall one with ``c ≥`` :data:`GRAM_MIN_ROWS` (its Gram is ``c × c``)."""
+    import numpy as np
+
+    if k >= min(d, c):
+        return False
+    if c >= d:
+        return d >= GRAM_MIN_ROWS
+    return dtype == np.float32 and c >= GRAM_MIN_ROWS
 
 
 def _left_singular(xp, z, k: int):
@@ -119,19 +149,19 @@ def _left_singular(xp, z, k: int):
     Wide ``z`` (c > d): ``zᵀ = QR``, so ``z = Rᵀ Qᵀ`` and ``u`` is that of ``Rᵀ`` (d × d).
     JAX runs the same NumPy (LAPACK) code on the host through ``jax.pure_callback``: XLA
     compiles a QR and an SVD in about a second per shape, a callback in a few milliseconds.
-    NumPy with a wide ``z`` of at least :data:`GRAM_MIN_ROWS` rows takes
-    :func:`_top_left_singular_host` (only the top ``k + 1`` pairs; 2–3x faster).
+    NumPy with a Gram side of at least :data:`GRAM_MIN_ROWS` rows takes
+    :func:`_top_left_singular_host` (only the top ``k + 1`` pairs).
     """
     if compat.is_jax_namespace(xp):
         import jax
         import numpy as np
 
         d, c = z.shape
-        r = k + 1 if _gram_route(d, c, k) else min(d, c)
+        r = k + 1 if _gram_route(d, c, k, np.dtype(z.dtype)) else min(d, c)
         shapes = (jax.ShapeDtypeStruct((z.shape[0], r), z.dtype), jax.ShapeDtypeStruct((r,), z.dtype))
         return jax.pure_callback(lambda a: _left_singular(np, np.asarray(a), k), shapes, z)
     d, c = z.shape
-    if compat.is_numpy_namespace(xp) and _gram_route(d, c, k):
+    if compat.is_numpy_namespace(xp) and _gram_route(d, c, k, z.dtype):
         return _top_left_singular_host(z, k + 1)
     if c < d:
         q, r = xp.linalg.qr(z)
