@@ -142,6 +142,9 @@ def test_mnist_autoencoder_task_on_a_synthetic_stand_in(tmp_path, capsys):
     assert args.epochs == 100 and args.batch_size == 1000 and args.seeds == 1
     assert args.optimizers == list(cli.MNIST_OPTIMIZERS)
     assert cli.make_optimizer("sonew_band4:whole", args, 6000).block_size is None
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--task", "mnist-autoencoder", "--optimizers", "adam:whole"])
+    assert ":whole is for SONew rows only, got 'adam:whole'" in capsys.readouterr().err
     assert cli.make_optimizer("sonew_band4", cli.parse_args(["--task", "mnist-autoencoder"]), 6000).block_size == 16384
     opt = cli.make_optimizer("sonew_band4", args, 6000)
     assert opt.block_size == 64 and opt.learning_rate(0) == 0.0 and opt.learning_rate(240) > 0

@@ -140,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [n for n in args.optimizers + list(args.lr) if _base_name(n) not in available]
     if unknown:
         p.error(f"unknown optimizer(s) {', '.join(map(repr, unknown))}; registered: {', '.join(available)}")
+    not_sonew = [n for n in args.optimizers if n != _base_name(n) and not _is_sonew(n)]
+    if not_sonew:
+        p.error(f"{WHOLE_SUFFIX} is for SONew rows only, got {', '.join(map(repr, not_sonew))}")
     return args
 
 
@@ -259,7 +262,10 @@ def run_one(name: str, opt, params0: dict, digits, *, epochs: int, batch_size: i
 
 def _auto_jobs(args: argparse.Namespace) -> int:
     """Digits: one process per core (each run is small and single-threaded); MNIST: one."""
-    return (os.cpu_count() or 1) if args.task == "digits" else 1
+    if args.task != "digits":
+        return 1
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(cores))
 
 
 def _run_unit(args: argparse.Namespace, seed: int, name: str, steps_per_epoch: int,
