@@ -38,7 +38,7 @@ __all__ = ["main", "parse_args", "run_one"]
 
 TASKS = ("digits", "mnist-autoencoder")
 # per task: epochs, batch size, seeds
-DEFAULTS = {"digits": (20, 32, 3), "mnist-autoencoder": (schedule.PAPER_EPOCHS, 1000, 1)}
+DEFAULTS = {"digits": (10, 32, 3), "mnist-autoencoder": (schedule.PAPER_EPOCHS, 1000, 1)}
 MNIST_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 MNIST_OPTIMIZERS = ("adam", "sonew_diag", "sonew_tridiag", "sonew_tridiag:whole", "sonew_band4",
                     "sonew_band4:whole", "shampoo", "shampoo_ec")
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"block_size of the block-local SONew rows (default: SONew's, "
                         f"{DEFAULT_BLOCK_SIZE})")
     p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="passes over the training set (default: digits 20, mnist-autoencoder 100)")
+                   help="passes over the training set (default: digits 10, mnist-autoencoder 100)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="minibatch size (default: digits 32, mnist-autoencoder 1000)")
     p.add_argument("--seed", type=int, default=0,
