@@ -363,7 +363,7 @@ def emulated(harness, monkeypatch):
     """A fresh backend whose ``cupy`` is the fake one of ``_cuda_host_harness``."""
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(harness, launches))
-    monkeypatch.setattr(_kernels, "_module", None)
+    monkeypatch.setattr(_kernels, "_modules", {})
     monkeypatch.setattr(_kernels, "_functions", {})
     monkeypatch.setattr(_kernels, "_max_blocks", {})
     return cupy_cuda.CupyCUDA(), launches

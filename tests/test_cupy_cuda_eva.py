@@ -88,8 +88,7 @@ def emulated(eva_harness, fo_harness, monkeypatch):
     fo = fo_harness
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(eva_harness, fo), launches))
-    for name, value in (("_module", None), ("_sonew_module", None), ("_eva_module", None),
-                        ("_functions", {}), ("_max_blocks", {})):
+    for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
         monkeypatch.setattr(_kernels, name, value)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])

@@ -76,7 +76,7 @@ def emulated(sketchy_harness, tmp_path_factory, monkeypatch):
     fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(sketchy_harness, fo), launches))
-    for name, value in (("_module", None), ("_sketchy_module", None), ("_functions", {}), ("_max_blocks", {})):
+    for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
         monkeypatch.setattr(_kernels, name, value)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])

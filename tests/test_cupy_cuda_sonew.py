@@ -226,27 +226,11 @@ def test_host_rank_one_band_triggers_edge_removal(sonew_harness, dtype):
 # ---------------------------------------------------------------- full steps on a fake device
 
 
-class _Both(hh.HostHarness):
-    """Kernels of sonew.cu and first_order.cu (the finiteness pre-pass) in one fake device."""
-
-    def __init__(self, first, second):
-        self.libs = (first.lib, second.lib)
-
-    def launch_expression(self, expression, args):
-        m = re.fullmatch(r"arrayopt::(\w+)<(float|double)>", expression)
-        name = f"host_{m.group(1)}_{'f32' if m.group(2) == 'float' else 'f64'}"
-        lib = next(lib for lib in self.libs if hasattr(lib, name))
-        fn = getattr(lib, name)
-        fn.restype = None
-        fn(*[hh.pack(a) for a in args])
-
-
 @pytest.fixture
 def emulated(sonew_harness, fo_harness, monkeypatch):
     launches = []
-    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(_Both(sonew_harness, fo_harness), launches))
-    monkeypatch.setattr(_kernels, "_module", None)
-    monkeypatch.setattr(_kernels, "_sonew_module", None)
+    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(sonew_harness, fo_harness), launches))
+    monkeypatch.setattr(_kernels, "_modules", {})
     monkeypatch.setattr(_kernels, "_functions", {})
     monkeypatch.setattr(_kernels, "_max_blocks", {})
     return cupy_cuda.CupyCUDA(), launches

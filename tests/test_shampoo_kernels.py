@@ -138,7 +138,7 @@ def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_fac
     launches = []
     fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(shampoo_harness, fo), launches))
-    for name, value in (("_module", None), ("_shampoo_module", None), ("_functions", {}), ("_max_blocks", {})):
+    for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
         monkeypatch.setattr(_kernels, name, value)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])

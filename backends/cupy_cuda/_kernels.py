@@ -256,83 +256,52 @@ def launch_shape(n: int, max_blocks: int) -> tuple:
 # ---------------------------------------------------------------- CuPy (lazy)
 
 _lock = threading.Lock()
-_module = None
-_sonew_module = None
-_eva_module = None
-_sketchy_module = None
-_shampoo_module = None
-# memos of compiled kernel handles and per-device grid sizes: immutable values, never
-# scratch; a race compiles a handle twice and keeps one (safe under threads)
+# memos of compiled modules (by source file), kernel handles and per-device grid sizes:
+# immutable values, never scratch; a race builds a handle twice and keeps one (safe under threads)
+_modules: dict = {}
 _functions: dict = {}
 _max_blocks: dict = {}
 
 
-def module():
-    """The ``cupy.RawModule`` of ``first_order.cu`` (created once; CuPy compiles it with
-    NVRTC on first use on each device and instantiates ``NAME_EXPRESSIONS``)."""
-    global _module
-    if _module is None:
+def _raw_module(source, name_expressions):
+    """The ``cupy.RawModule`` of one ``.cu`` file (created once; CuPy compiles it with NVRTC on
+    first use on each device and instantiates ``name_expressions``)."""
+    mod = _modules.get(source)
+    if mod is None:
         with _lock:
-            if _module is None:
+            mod = _modules.get(source)
+            if mod is None:
                 import cupy
 
-                _module = cupy.RawModule(code=source_text(SOURCE),
-                                         options=COMPILE_OPTIONS,
-                                         name_expressions=NAME_EXPRESSIONS)
-    return _module
+                mod = cupy.RawModule(code=source_text(source), options=COMPILE_OPTIONS,
+                                     name_expressions=name_expressions)
+                _modules[source] = mod
+    return mod
+
+
+def module():
+    """The module of ``first_order.cu``."""
+    return _raw_module(SOURCE, NAME_EXPRESSIONS)
 
 
 def sonew_module():
-    """The ``cupy.RawModule`` of ``sonew.cu`` (created once, compiled on first use)."""
-    global _sonew_module
-    if _sonew_module is None:
-        with _lock:
-            if _sonew_module is None:
-                import cupy
-
-                _sonew_module = cupy.RawModule(code=source_text(SONEW_SOURCE),
-                                               options=COMPILE_OPTIONS,
-                                               name_expressions=SONEW_NAME_EXPRESSIONS)
-    return _sonew_module
+    """The module of ``sonew.cu``."""
+    return _raw_module(SONEW_SOURCE, SONEW_NAME_EXPRESSIONS)
 
 
 def eva_module():
-    """The ``cupy.RawModule`` of ``eva.cu`` (created once, compiled on first use)."""
-    global _eva_module
-    if _eva_module is None:
-        with _lock:
-            if _eva_module is None:
-                import cupy
-
-                _eva_module = cupy.RawModule(code=source_text(EVA_SOURCE), options=COMPILE_OPTIONS,
-                                             name_expressions=EVA_NAME_EXPRESSIONS)
-    return _eva_module
+    """The module of ``eva.cu``."""
+    return _raw_module(EVA_SOURCE, EVA_NAME_EXPRESSIONS)
 
 
 def sketchy_module():
-    """The ``cupy.RawModule`` of ``sketchy.cu`` (created once, compiled on first use)."""
-    global _sketchy_module
-    if _sketchy_module is None:
-        with _lock:
-            if _sketchy_module is None:
-                import cupy
-
-                _sketchy_module = cupy.RawModule(code=source_text(SKETCHY_SOURCE), options=COMPILE_OPTIONS,
-                                                 name_expressions=SKETCHY_NAME_EXPRESSIONS)
-    return _sketchy_module
+    """The module of ``sketchy.cu``."""
+    return _raw_module(SKETCHY_SOURCE, SKETCHY_NAME_EXPRESSIONS)
 
 
 def shampoo_module():
-    """The ``cupy.RawModule`` of ``shampoo.cu`` (created once, compiled on first use)."""
-    global _shampoo_module
-    if _shampoo_module is None:
-        with _lock:
-            if _shampoo_module is None:
-                import cupy
-
-                _shampoo_module = cupy.RawModule(code=source_text(SHAMPOO_SOURCE), options=COMPILE_OPTIONS,
-                                                 name_expressions=SHAMPOO_NAME_EXPRESSIONS)
-    return _shampoo_module
+    """The module of ``shampoo.cu``."""
+    return _raw_module(SHAMPOO_SOURCE, SHAMPOO_NAME_EXPRESSIONS)
 
 
 def function(base: str, dtype, device_id: int):
