@@ -36,6 +36,8 @@ factor runs ``RB`` rows side by side, each row's arithmetic in the scalar order.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -80,30 +82,37 @@ def _max_bits(bits, k):
 
 
 @njit(**_SERIAL)
+def _nonneg_from_bits(m, mant_bits, exp_all_ones, bias):
+    """The value (float64, exact) of the non-negative IEEE float with bit pattern ``m`` (int64).
+
+    ``mant_bits``, ``exp_all_ones``, ``bias``: 23, 255, 127 (float32) or 52, 2047, 1023
+    (float64). A NaN pattern gives NaN.
+    """
+    one = np.int64(1) << mant_bits
+    e = m >> mant_bits
+    f = m & (one - 1)
+    if e == 0:  # zero and subnormals: f·2^(1-bias-mant_bits)
+        return math.ldexp(float(f), 1 - bias - mant_bits)
+    if e == exp_all_ones:
+        return math.inf if f == 0 else math.nan
+    return math.ldexp(float(f | one), int(e) - bias - mant_bits)
+
+
+@njit(**_SERIAL)
 def _max_nonneg(buf, k, start):
     """``max(start, buf[:k])`` of values ``>= 0``, exact, with no allocation.
 
     Non-negative floats order as their IEEE bit patterns do as integers, and an integer
-    max vectorises without any fast-math flag; a short search then finds the entry with
-    the largest pattern. A NaN is ignored (``v > start`` is false), as the scalar loop did.
+    max vectorises without any fast-math flag; the largest pattern is then decoded into
+    its value (exactly: a float64 ``ldexp`` of an integer mantissa). A NaN is ignored
+    (``v > start`` is false), as the scalar loop did.
     """
     if k <= 0:
         return start
     if buf.itemsize == 4:
-        bits32 = buf[:k].view(np.int32)
-        m32 = _max_bits(bits32, k)
-        j = 0
-        while j < k and bits32[j] != m32:
-            j += 1
+        v = buf.dtype.type(_nonneg_from_bits(np.int64(_max_bits(buf[:k].view(np.int32), k)), 23, 255, 127))
     else:
-        bits64 = buf[:k].view(np.int64)
-        m64 = _max_bits(bits64, k)
-        j = 0
-        while j < k and bits64[j] != m64:
-            j += 1
-    if j == k:  # every entry negative (-0.0): none above 0
-        return start
-    v = buf[j]
+        v = buf.dtype.type(_nonneg_from_bits(_max_bits(buf[:k].view(np.int64), k), 52, 2047, 1023))
     return v if v > start else start
 
 

@@ -99,10 +99,10 @@ def _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft, wa):
     """``Σ float64(a_i)²`` over entries ``[lo, hi)`` of the block (adam, sgd, momentum grafts)."""
     if graft == 1:
         return _adam_sumsq(mh[lo:hi], hd[lo:hi], graft_eps, hi - lo, wa[lo:hi])
-    if graft == 2:
-        return _sumsq(gb, lo, hi)
+    if graft == 2:  # a slice from 0: a sum starting at ``lo`` does not vectorise (10x slower)
+        return _sumsq(gb[lo:hi], 0, hi - lo)
     if graft == 3:
-        return _sumsq(mh, lo, hi)
+        return _sumsq(mh[lo:hi], 0, hi - lo)
     return 0.0
 
 
