@@ -154,3 +154,24 @@ def test_numba_one_block_of_n_equals_whole_tensor_kernels_bit_for_bit(b):
     blk = _run(ao.sonew(0.02, band=b, weight_decay=0.01, block_size=2000), p0, grads, "numba_cpu")
     np.testing.assert_array_equal(blk[0]["w"], whole[0]["w"])
     np.testing.assert_array_equal(blk[1]["band"][0], whole[1]["band"][0])
+
+
+@numba_only
+@given(st.sampled_from(["float32", "float64"]), st.integers(1, 70), st.integers(0, 2**16),
+       st.sampled_from([0.0, 1e-30, 1.0]))
+@settings(max_examples=40, deadline=None)
+def test_max_row_sum_is_the_exact_max_over_every_float_class(dtype, k, seed, start):
+    """``_max_nonneg`` (integer max of the bit patterns, then the pattern decoded) is ``max`` exactly,
+    over zeros, subnormals, normals of every exponent, the largest float and +inf."""
+    from arrayopt.backends.numba_cpu.sonew import _max_nonneg, _nonneg_from_bits
+
+    dt = np.dtype(dtype)
+    fi = np.finfo(dt)
+    rng = np.random.default_rng(seed)
+    special = np.array([0.0, fi.smallest_subnormal, 3 * fi.smallest_subnormal, fi.tiny, fi.max, np.inf], dt)
+    normal = (rng.random(k) * 2.0 ** rng.integers(fi.minexp, fi.maxexp, k).astype(float)).astype(dt)
+    x = np.where(rng.random(k) < 0.2, special[rng.integers(0, special.size, k)], normal).astype(dt)
+    assert _max_nonneg(x, k, dt.type(start)) == max(dt.type(start), x.max())
+    ints = x.view(np.int32 if dt.itemsize == 4 else np.int64).astype(np.int64)
+    consts = (23, 255, 127) if dt.itemsize == 4 else (52, 2047, 1023)
+    assert [_nonneg_from_bits(i, *consts) for i in ints] == [float(v) for v in x]
