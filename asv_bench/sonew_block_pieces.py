@@ -166,6 +166,33 @@ def diag_blocks(p, g, m, h, scratch, reps):
                    True, F32(-1e-3), F32(0), False)
 
 
+def _driver_ns(band, n, reps=50):
+    """``run_blocks`` (the driver ``opt.step`` calls) on ``n`` cached entries, after warm-up steps."""
+    from arrayopt.backends.numba_cpu import sonew_blocks
+
+    rng = np.random.default_rng(band)
+    opt = ao.sonew(1e-3, band=band)
+    p = rng.standard_normal(n).astype(F32)
+    g = (rng.standard_normal(n) * 1e-2).astype(F32)
+    st = opt.init(p)
+    for _ in range(3):
+        p, st = opt.step(p, g, st)
+    seen = {}
+    real = sonew_blocks.run_blocks
+
+    def spy(step, *args):
+        seen["call"] = (step, args)
+        return real(step, *args)
+
+    sonew_blocks.run_blocks = spy
+    try:
+        p, st = opt.step(p, g, st)
+    finally:
+        sonew_blocks.run_blocks = real
+    step, args = seen["call"]
+    return _best_ns(lambda r: [real(step, *args) for _ in range(r)], reps, n)
+
+
 def _best_ns(fn, reps, entries, tries=5):
     fn(1)
     best = np.inf
@@ -209,6 +236,9 @@ def main():
     for k, v in out.items():
         print(f"  {k:34s} {v:6.3f}")
     print(f"  {'sum of the tridiagonal loops':34s} {sum(out[k] for k in pieces):6.3f}")
+    print("\nin cache, one thread, the block driver on 2 blocks (its Python call included; ns per entry):")
+    for band in (0, 1, 4):
+        print(f"  {'band ' + str(band):34s} {_driver_ns(band, 2 * K):6.3f}")
     n = int(args.n)
     threads = get_num_threads()
     steps = {"adam": ao.adam(1e-3), "diag": ao.sonew(1e-3, band=0), "tridiag": ao.sonew(1e-3, band=1)}
