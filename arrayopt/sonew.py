@@ -87,7 +87,8 @@ their JAX scripts, init2winit), and why:
   SM) hold about 50 MiB, its L2's size (not yet timed on a GPU). Training cost
   (README, MNIST autoencoder, tridiagonal, 5 epochs, 2 seeds): ``B = 16384``
   ended about 5 nats (6 %) above whole tensors, while ``B = 65536`` was level with
-  them and, on the CPU measured, as fast as 16384; pass ``block_size=65536`` (or
+  them and, on the CPU measured, as fast as 16384 (band-4: level at either
+  size); pass ``block_size=65536`` (or
   ``None``) where the loss matters more than a GPU's cache.
 - Kernels: the Numba backend fuses every option (block-local, and whole
   tensors through the chunked kernels; ``graft="rmsprop_normalized"`` and
