@@ -4,7 +4,7 @@
 Each loop of ``tri_block`` (``backends/numba_cpu/sonew_blocks.py``) is copied here with its
 arithmetic and array shapes, run over one block of ``B = 16384`` float32 entries held in L2,
 ``--reps`` times, and reported in ns per entry; next to them the fused ``tri_block`` and
-``diag_block`` themselves, our Adam loop on the same cached block, and our Adam step
+``diag_block`` themselves, our Adam kernel on the same cached block, and our Adam step
 (``ao.adam().step``, finiteness check included) and the block-local steps at ``--n``
 entries on every thread, which stream from memory. The question it answers: how much of a
 block-local step is arithmetic on cached data, against what our Adam step costs per entry
@@ -28,7 +28,8 @@ import arrayopt as ao  # noqa: E402
 from numba import get_num_threads, njit, set_num_threads  # noqa: E402
 
 from arrayopt.backends.numba_cpu.sonew import _max_nonneg, _sum, _sumsq  # noqa: E402
-from arrayopt.backends.numba_cpu.sonew_blocks import TILE, diag_block, tri_block  # noqa: E402
+from arrayopt.backends.numba_cpu.kernels import _SERIAL_K  # noqa: E402
+from arrayopt.backends.numba_cpu.sonew_blocks import TILE, diag_block, run_blocks, tri_block  # noqa: E402
 
 K = 16384
 F32 = np.float32
@@ -137,20 +138,6 @@ def write(p, us, reps):
 
 
 @njit(**_S)
-def adam_loop(p, g, m, v, reps):
-    """Our Adam kernel's loop body on the cached block."""
-    step, isqrt_bc2 = F32(1e-3), F32(1.2)
-    for _ in range(reps):
-        for i in range(K):
-            gi = g[i]
-            mi = m[i] + OMB1 * (gi - m[i])
-            m[i] = mi
-            vi = v[i] * B2 + OMB2 * (gi * gi)
-            v[i] = vi
-            p[i] = p[i] - step * mi / (np.sqrt(vi) * isqrt_bc2 + GEPS)
-
-
-@njit(**_S)
 def tri_blocks(p, g, m, bb, scratch, reps):
     r = 0
     for _ in range(reps):
@@ -166,10 +153,15 @@ def diag_blocks(p, g, m, h, scratch, reps):
                    True, F32(-1e-3), F32(0), False)
 
 
-def _driver_ns(band, n, reps=50):
-    """``run_blocks`` (the driver ``opt.step`` calls) on ``n`` cached entries, after warm-up steps."""
-    from arrayopt.backends.numba_cpu import sonew_blocks
+def _adam_kernel(p, g, m, v, reps):
+    """Our Adam kernel (its serial build, the one small leaves run) on the cached block."""
+    adam = _SERIAL_K["adam"]
+    for _ in range(reps):
+        adam(p, g, m, v, F32(1e-3), OMB1, B2, OMB2, F32(0.8), GEPS, F32(0), F32(1))
 
+
+def _driver_ns(band, n, reps=50):
+    """``run_blocks`` (what ``opt.step`` calls on NumPy arrays) on ``n`` cached entries, warmed up."""
     rng = np.random.default_rng(band)
     opt = ao.sonew(1e-3, band=band)
     p = rng.standard_normal(n).astype(F32)
@@ -177,20 +169,9 @@ def _driver_ns(band, n, reps=50):
     st = opt.init(p)
     for _ in range(3):
         p, st = opt.step(p, g, st)
-    seen = {}
-    real = sonew_blocks.run_blocks
-
-    def spy(step, *args):
-        seen["call"] = (step, args)
-        return real(step, *args)
-
-    sonew_blocks.run_blocks = spy
-    try:
-        p, st = opt.step(p, g, st)
-    finally:
-        sonew_blocks.run_blocks = real
-    step, args = seen["call"]
-    return _best_ns(lambda r: [real(step, *args) for _ in range(r)], reps, n)
+    step = opt.step_description(3)
+    m, bands = st["mu"][0], st["band"][0]
+    return _best_ns(lambda r: [run_blocks(step, p, g, m, bands, None, K, False) for _ in range(r)], reps, n)
 
 
 def _best_ns(fn, reps, entries, tries=5):
@@ -228,7 +209,7 @@ def main():
     whole = {
         "tri_block (the fused kernel)": lambda r: tri_blocks(p, g, m, bb, scratch, r),
         "diag_block (the fused kernel)": lambda r: diag_blocks(p, g, m, h, scratch, r),
-        "Adam loop": lambda r: adam_loop(p, g, m, np.abs(vec()), r),
+        "Adam kernel": lambda r: _adam_kernel(p, g, m, np.abs(vec()), r),
     }
     for k, f in whole.items():
         out[k] = _best_ns(f, args.reps, K)
