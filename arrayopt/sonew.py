@@ -88,8 +88,8 @@ their JAX scripts, init2winit), and why:
   (README, MNIST autoencoder, tridiagonal, 5 epochs, 2 seeds): ``B = 16384``
   ended about 5 nats (6 %) above whole tensors, while ``B = 65536`` was level with
   them and, on the CPU measured, as fast as 16384 (band-4: level at either
-  size); pass ``block_size=65536`` (or
-  ``None``) where the loss matters more than a GPU's cache.
+  size); pass ``block_size=65536`` (or ``None``) where the loss matters more
+  than a GPU's cache.
 - Kernels: the Numba backend fuses every option (block-local, and whole
   tensors through the chunked kernels; ``graft="rmsprop_normalized"`` and
   ``small_param_fallback="adam"`` on whole tensors through the block driver
