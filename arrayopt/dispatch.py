@@ -46,7 +46,7 @@ class Backend(Protocol):
     - ``views(arrays)``, ``all_finite(views)``: the finiteness pre-pass on its own views;
     - ``run(op, params, grads, states, step, g_views=None)``: the fused step in place.
       ``step`` is the op's frozen step description (the first-order ops: the tuple of
-      ``step_scalars``; SONew: :class:`arrayopt.sonew_step.SONewStep`), never the
+      ``step_scalars``; SONew: :class:`arrayopt.sonew.step.SONewStep`), never the
       optimizer. Returns ``None`` or per-leaf statistics the op defines (SONew:
       ``[(removed_edges, fallback_rows)]``).
     """

@@ -10,7 +10,7 @@ direction ``d`` and a first-order direction ``a`` (the *graft*), the update is
 with the norms over a whole layer (``per="layer"``: SONew, and Shampoo's
 default) or over each block of the layer (``per="block"``: Meta's
 ``distributed_shampoo``, where each block is grafted on its own). One module
-serves SONew, Shampoo and the coming Sketchy and Eva; kernels implement the
+serves SONew, Shampoo, Sketchy and Eva; kernels implement the
 same formulas and are tested against it (``tests/test_grafting.py``).
 
 Directions ``a`` from the gradient ``g`` (step ``t`` 1-based, ``A`` the graft's
@@ -37,8 +37,19 @@ float32 entries, which is equivalent: no float32 square ever rounds to 0 or inf)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from . import _validate
+
 __all__ = ["DIRECTIONS", "GRANULARITIES", "norm", "norm_of_blocks", "block_norms", "graft_scale", "graft", "graft_blocks",
-           "direction", "adam_direction", "has_accumulator", "check_direction", "check_granularity"]
+           "direction", "adam_direction", "has_accumulator", "check_direction", "check_granularity",
+           "GraftingConfig", "as_grafting", "GRAFT_TYPES", "GRAFT_WITH_STATE"]
+
+GRAFT_TYPES = ("none", "sgd", "adagrad", "rmsprop", "rmsprop_normalized", "adam", "sqrt_n")
+#: grafting types that keep a diagonal second-moment accumulator
+GRAFT_WITH_STATE = ("adagrad", "rmsprop", "rmsprop_normalized", "adam")
+
 
 DIRECTIONS = ("sgd", "sqrt_n", "adagrad", "rmsprop", "rmsprop_normalized", "adam")
 GRANULARITIES = ("layer", "block")
@@ -173,3 +184,50 @@ def direction(xp, kind: str, g, acc, t: int, *, b2: float = 0.999, eps: float = 
 def adam_direction(xp, mhat, vhat, eps):
     r"""Adam's direction from bias-corrected moments: ``m̂ / (√v̂ + ε)``."""
     return mhat / (xp.sqrt(vhat) + eps)
+
+
+@dataclass(frozen=True)
+class GraftingConfig:
+    r"""The grafted first-order direction ``u_g`` (from the raw gradient ``g``).
+
+    - ``none``: ``u_g = g`` and the Shampoo direction is *not* rescaled;
+    - ``sgd``: ``u_g = g``;
+    - ``adagrad``: ``D += g²``, ``u_g = g/(√D + eps)``;
+    - ``rmsprop``: ``D = b2 D + (1-b2) g²``, ``u_g = g/(√D + eps)`` (no bias correction);
+    - ``rmsprop_normalized``: rmsprop on ``g/‖g‖`` (per layer);
+    - ``adam``: rmsprop with bias correction ``√(D/(1-b2^t))`` (Adam's second moment;
+      the first moment is Shampoo's momentum);
+    - ``sqrt_n``: ``u_g = sign(g)`` (norm ``√n``).
+
+    The directions, norms and zero guard are :mod:`arrayopt.grafting`'s. With
+    ``per="layer"`` the Shampoo direction ``d`` of a layer is rescaled to
+    ``‖u_g‖/‖d‖ · d`` (one norm per parameter, over all its blocks); with
+    ``per="block"`` each block ``d_i`` to ``‖u_g,i‖/‖d_i‖ · d_i`` (Meta's
+    ``distributed_shampoo``). ``u = 0`` where ``‖d‖ = 0``.
+    """
+
+    type: str = "adam"
+    b2: float = 0.999
+    eps: float = 1e-8
+    per: str = "layer"
+
+    def __post_init__(self):
+        _validate.check_choice("graft", self.type, GRAFT_TYPES)
+        check_granularity(self.per)
+        object.__setattr__(self, "b2", _validate.check_real("graft_b2", self.b2, 0.0, 1.0, high_open=True))
+        object.__setattr__(self, "eps", _validate.check_real("graft_eps", self.eps, 0.0))
+
+    @property
+    def has_state(self) -> bool:
+        return self.type in GRAFT_WITH_STATE
+
+
+def as_grafting(graft: Any, b2: float, eps: float, per: str = "layer") -> GraftingConfig:
+    """``graft`` as a :class:`GraftingConfig` (a string picks the type; b2/eps/per are the defaults)."""
+    if isinstance(graft, GraftingConfig):
+        return graft
+    if isinstance(graft, str):
+        return GraftingConfig(graft, b2, eps, per)
+    if graft is None:
+        return GraftingConfig("none", b2, eps, per)
+    raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, got {type(graft).__name__}")

@@ -10,8 +10,18 @@ compilation. They run by default (the README's command, which CI runs, runs ever
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
+
+# The test folders (support/, core/, one per optimizer and area) are not packages: each is put
+# on sys.path, so shared helpers (support/_arrays.py, support/records.py, a record module in an
+# optimizer's folder) import by their module name, whichever folder pytest was pointed at.
+# Module names are therefore unique across the folders (tests/repo/test_layout.py checks it).
+_TESTS = Path(__file__).resolve().parent
+for _folder in sorted(p for p in _TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "arrayopt-numba-cache"))
 

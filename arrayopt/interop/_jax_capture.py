@@ -24,7 +24,7 @@ twice (a shared layer) raises.
 
 from __future__ import annotations
 
-from ..linalg.eva import kv_conv2d, kv_grad, kv_linear
+from ..eva.math import kv_conv2d, kv_grad, kv_linear
 
 __all__ = ["loss_grads_and_stats"]
 

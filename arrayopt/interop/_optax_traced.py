@@ -21,7 +21,7 @@ from ..momentum import heavy_ball_update
 from ..schedules import array_value
 from ..shampoo.blocking import merge, split
 from ..shampoo.optimizer import Shampoo
-from ..shampoo.preconditioner import precondition_block, update_factors
+from ..shampoo.math import precondition_block, update_factors
 from ..sonew import SONew
 from ..transforms import ClipByGlobalNorm, Scale
 

@@ -43,7 +43,7 @@ import threading
 
 import torch
 
-from ..linalg.eva import kv_conv2d, kv_grad, kv_linear
+from ..eva.math import kv_conv2d, kv_grad, kv_linear
 
 __all__ = ["KVCapture"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from .async_roots import InlineExecutor
 from .blocking import merge_small_dims
-from .config import GraftingConfig, ShampooConfig
+from ..grafting import GraftingConfig
+from .config import ShampooConfig
 from .distributed import LocalComm, MPIComm, TorchDistributedComm
 from .optimizer import Shampoo, ShampooState, shampoo
 

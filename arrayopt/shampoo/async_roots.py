@@ -20,7 +20,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from ..linalg.eigenbasis import refresh_eigenbasis
+from .eigenbasis import refresh_eigenbasis
 from ..linalg.roots import host_inverse_pth_roots, root_from_eigenpairs
 from .distributed import assign_lpt
 

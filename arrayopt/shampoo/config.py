@@ -1,9 +1,8 @@
 """Shampoo configuration: frozen, validated dataclasses (named errors at construction).
 
-``GraftingConfig`` picks the first-order method whose per-layer step norm the
-Shampoo direction is rescaled to; ``ShampooConfig`` holds every hyperparameter
-of :func:`arrayopt.shampoo.shampoo`. Both validate in ``__post_init__`` and
-raise ``ValueError``/``TypeError`` naming the field.
+``ShampooConfig`` holds every hyperparameter of :func:`arrayopt.shampoo.shampoo`
+(its graft is an :class:`arrayopt.grafting.GraftingConfig`, shared with Sketchy). It
+validates in ``__post_init__`` and raises ``ValueError``/``TypeError`` naming the field.
 """
 
 from __future__ import annotations
@@ -11,58 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import _validate, grafting
+from .. import _validate
+from ..grafting import GRAFT_TYPES, GraftingConfig
 
-__all__ = ["GraftingConfig", "ShampooConfig", "GRAFT_TYPES", "PRECONDITIONER_TYPES", "ROOT_METHODS", "PRECONDITIONERS"]
+__all__ = ["ShampooConfig", "PRECONDITIONER_TYPES", "ROOT_METHODS", "PRECONDITIONERS"]
 
-GRAFT_TYPES = ("none", "sgd", "adagrad", "rmsprop", "rmsprop_normalized", "adam", "sqrt_n")
 PRECONDITIONER_TYPES = ("all", "input", "output")
 ROOT_METHODS = ("eigh", "newton", "qr")
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
-#: grafting types that keep a diagonal second-moment accumulator
-GRAFT_WITH_STATE = ("adagrad", "rmsprop", "rmsprop_normalized", "adam")
 
 
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     return v
-
-
-@dataclass(frozen=True)
-class GraftingConfig:
-    r"""The grafted first-order direction ``u_g`` (from the raw gradient ``g``).
-
-    - ``none``: ``u_g = g`` and the Shampoo direction is *not* rescaled;
-    - ``sgd``: ``u_g = g``;
-    - ``adagrad``: ``D += g²``, ``u_g = g/(√D + eps)``;
-    - ``rmsprop``: ``D = b2 D + (1-b2) g²``, ``u_g = g/(√D + eps)`` (no bias correction);
-    - ``rmsprop_normalized``: rmsprop on ``g/‖g‖`` (per layer);
-    - ``adam``: rmsprop with bias correction ``√(D/(1-b2^t))`` (Adam's second moment;
-      the first moment is Shampoo's momentum);
-    - ``sqrt_n``: ``u_g = sign(g)`` (norm ``√n``).
-
-    The directions, norms and zero guard are :mod:`arrayopt.grafting`'s. With
-    ``per="layer"`` the Shampoo direction ``d`` of a layer is rescaled to
-    ``‖u_g‖/‖d‖ · d`` (one norm per parameter, over all its blocks); with
-    ``per="block"`` each block ``d_i`` to ``‖u_g,i‖/‖d_i‖ · d_i`` (Meta's
-    ``distributed_shampoo``). ``u = 0`` where ``‖d‖ = 0``.
-    """
-
-    type: str = "adam"
-    b2: float = 0.999
-    eps: float = 1e-8
-    per: str = "layer"
-
-    def __post_init__(self):
-        _validate.check_choice("graft", self.type, GRAFT_TYPES)
-        grafting.check_granularity(self.per)
-        object.__setattr__(self, "b2", _validate.check_real("graft_b2", self.b2, 0.0, 1.0, high_open=True))
-        object.__setattr__(self, "eps", _validate.check_real("graft_eps", self.eps, 0.0))
-
-    @property
-    def has_state(self) -> bool:
-        return self.type in GRAFT_WITH_STATE
 
 
 @dataclass(frozen=True)
@@ -173,14 +134,3 @@ class ShampooConfig:
         if self.root_delay is not None:
             return self.root_delay
         return 1 if asynchronous else 0
-
-
-def as_grafting(graft: Any, b2: float, eps: float, per: str = "layer") -> GraftingConfig:
-    """``graft`` as a :class:`GraftingConfig` (a string picks the type; b2/eps/per are the defaults)."""
-    if isinstance(graft, GraftingConfig):
-        return graft
-    if isinstance(graft, str):
-        return GraftingConfig(graft, b2, eps, per)
-    if graft is None:
-        return GraftingConfig("none", b2, eps, per)
-    raise TypeError(f"graft: expected a GraftingConfig or one of {list(GRAFT_TYPES)}, got {type(graft).__name__}")

@@ -60,11 +60,12 @@ from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
 from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
 from .blocking import LeafPlan, merge, plan_leaf, split
-from .config import ShampooConfig, as_grafting
+from ..grafting import as_grafting
+from .config import ShampooConfig
 from .distributed import as_comm
 from .. import grafting
 from ..momentum import heavy_ball_update
-from .preconditioner import corrected_block, corrected_moment, precondition_block, update_factors
+from .math import corrected_block, corrected_moment, precondition_block, update_factors
 from .step import corrected_moment_step
 
 __all__ = ["Shampoo", "ShampooState", "shampoo"]

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import _validate
-from ..linalg.sketch import TAIL_DECAYS
-from ..shampoo.config import GraftingConfig
+from .math import TAIL_DECAYS
+from ..grafting import GraftingConfig
 
 __all__ = ["SketchyConfig"]
 

@@ -16,7 +16,7 @@ step ``t`` (1-based), gradient ``G``, for every axis ``i`` with unfolding
     u = \frac{\lVert u_g\rVert_F}{\lVert D\rVert_F} D,\quad
     m \leftarrow β_1 m + w_1 u,\quad W \leftarrow W - η_t(v + λW)
 
-(FD and the low-rank inverse power: :mod:`arrayopt.linalg.sketch`; ``ε_a = ε·max μ_i``
+(FD and the low-rank inverse power: :mod:`arrayopt.sketchy.math`; ``ε_a = ε·max μ_i``
 with ``relative_eps``). An order-1 parameter is S-AdaGrad (exponent ``-1/2``); a
 matrix gets ``L̃^{-1/4} G R̃^{-1/4}``. ``u_g`` is the grafted first-order direction
 (:mod:`arrayopt.grafting`), used alone before ``start_preconditioning_step`` and
@@ -51,10 +51,10 @@ import numpy as np
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
 from ..base import Optimizer, apply_leaf, write_params
-from ..linalg.sketch import apply_factors, fd_update, inverse_factors
+from .math import apply_factors, fd_update, inverse_factors
 from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
-from ..shampoo.config import as_grafting
+from ..grafting import as_grafting
 from .config import SketchyConfig
 from .step import SketchyStep
 

@@ -1,5 +1,5 @@
 """Shared pieces of the asv suite: data generators, warm-up, steppers and the
-in-process ratio measurements (also used by ``asv_bench/report_ratios.py``).
+in-process ratio measurements (also used by ``asv_bench/scripts/report_ratios.py``).
 
 Conventions:
 

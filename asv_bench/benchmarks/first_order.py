@@ -19,7 +19,7 @@
   where floor = 28 B/param × n / (in-place Numba axpy bandwidth on arrays of the
   same size, measured in the same rounds).
 
-``python asv_bench/report_ratios.py`` runs the same measurements without asv and
+``python asv_bench/scripts/report_ratios.py`` runs the same measurements without asv and
 prints them as markdown tables.
 """
 

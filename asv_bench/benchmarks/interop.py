@@ -10,7 +10,7 @@
 
 Params: a 4-tensor model of ``n`` float32 params in all (weights ``(k, k)`` twice and
 two biases). Contenders interleaved round-robin (``common.interleaved``), medians.
-``python asv_bench/interop_ratios.py`` prints them as a markdown table.
+``python asv_bench/scripts/interop_ratios.py`` prints them as a markdown table.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """asv: Shampoo step time (1024², 4096x1024 blocked at 1024; roots every F steps; async) and state bytes.
 
 The side-by-side comparison with the peers (pytorch_optimizer Shampoo, heavyball SOAP) in one process
-is ``asv_bench/peers_shampoo.py``; here each benchmark times arrayopt alone. ``time_cycle`` runs
+is ``asv_bench/scripts/peers_shampoo.py``; here each benchmark times arrayopt alone. ``time_cycle`` runs
 one whole cycle of F steps (one root step + F-1 plain steps), so time/F is the amortized step.
 """
 

@@ -1,7 +1,7 @@
 """asv: Sketchy's building blocks (one FD update, the O(dk) apply) and one step, float32.
 
 The side-by-side comparison with Google's tearfree Sketchy in one process is
-``asv_bench/peers_sketchy.py``; here each benchmark times arrayopt alone.
+``asv_bench/scripts/peers_sketchy.py``; here each benchmark times arrayopt alone.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def is_sonew_band(a, p) -> bool:
 def sonew_launches(step, p, g, m, band, b, norms, counts, rowmax, u=None, psi=None, t=None) -> list:
     """The kernel launches ``[(base, args)]`` of one SONew step on one leaf.
 
-    ``step``: the frozen ``arrayopt.sonew_step.SONewStep`` (hyperparameters, ``lr``,
+    ``step``: the frozen ``arrayopt.sonew.step.SONewStep`` (hyperparameters, ``lr``,
     ``bc1``, ``bc2``). ``p, g, m, band`` are flat views (``band`` of ``n*(b+1)`` entries);
     ``norms`` (float64, 2), ``counts`` (uint64, 2) and ``rowmax`` (param dtype, 1) are zeroed
     device scratch; ``u`` (n) is needed with a graft, ``psi`` (n*b) and ``t`` (n) when

@@ -23,7 +23,7 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
     returns ``False``, having written nothing, when a preconditioned gradient is not finite."""
     import cupy
 
-    from arrayopt.linalg.eva import kl_scale
+    from arrayopt.eva.math import kl_scale
 
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)

@@ -72,7 +72,7 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
     The first pass doubles as the finiteness check of those layers' gradients (``‖G_r‖²`` is
     finite only if the row is): returns ``False``, having written nothing, when one is not.
     The caller checks the other leaves."""
-    from arrayopt.linalg.eva import kl_scale
+    from arrayopt.eva.math import kl_scale
 
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)

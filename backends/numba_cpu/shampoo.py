@@ -4,7 +4,7 @@ The rotations ``Ĝ = G ×_j Q_jᵀ`` and back are matrix products through the na
 (BLAS); between them one pass per block (:func:`corrected_moment`) updates the second
 moment ``D`` in the eigenbasis in place and overwrites ``Ĝ`` with the scaled step, in
 the reference's order of operations
-(:func:`arrayopt.shampoo.preconditioner.corrected_moment`):
+(:func:`arrayopt.shampoo.math.corrected_moment`):
 
 .. math::
     D ← w_1 D + w_2 Ĝ^{∘2},\qquad X = Ĝ / (\sqrt{c D} + ε)

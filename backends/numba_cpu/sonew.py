@@ -1,7 +1,7 @@
 """Fused Numba kernels for SONew (``arrayopt.sonew``), in place on flat views.
 
 Same arithmetic, in the same order, as the reference ``SONew.flat_leaf`` and
-``arrayopt.linalg.sonew``; scalars arrive typed in the param dtype, so no
+``arrayopt.sonew.math``; scalars arrive typed in the param dtype, so no
 float64 constant promotes float32 math (norm accumulators are float64, which
 only makes them more accurate). ``fastmath`` only on the reductions (``_REDUCE``:
 ``reassoc``, ``nsz``), so their float64 sums run in SIMD lanes; every element-wise
@@ -786,7 +786,7 @@ def band_l_apply(p, psi, t, u, neg_lr, wd, write_p, norms_out, chunk):
 def run(backend, step, params, grads, mus, bands, g_views=None, nus=None):
     """One SONew step on every leaf, in place; returns ``[(removed_edges, fallback_rows)]`` per leaf.
 
-    ``step``: the frozen ``arrayopt.sonew_step.SONewStep`` of this step (hyperparameters,
+    ``step``: the frozen ``arrayopt.sonew.step.SONewStep`` of this step (hyperparameters,
     ``lr``, ``bc1``, ``bc2``); nothing is read from the optimizer. Every scratch array is
     allocated here, per call: two threads stepping at once (the kernels release the GIL)
     never share one.
