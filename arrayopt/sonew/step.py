@@ -24,7 +24,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SONewStep", "UNIT_ROUNDOFF"]
+__all__ = ["SONewStep", "UNIT_ROUNDOFF", "GRAFT_CODES"]
+
+#: the integer code of each graft, as every kernel (Numba and CUDA) reads it from the step
+GRAFT_CODES = {"none": 0, "adam": 1, "sgd": 2, "momentum": 3, "rmsprop_normalized": 4}
 
 #: unit roundoff of each compute dtype (float16/bfloat16 compute in float32)
 UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float64": 2.0 ** -53}
@@ -54,6 +57,11 @@ class SONewStep:
     order: str = "C"                       # "C": last axis fastest; "F": first axis fastest
     block_size: int | None = None          # block-local: band, ε and graft norms per block (S10)
     small_param_fallback: str = "sonew"    # "adam": tensors with ndim <= 1 take the Adam direction
+
+    @property
+    def graft_code(self) -> int:
+        """The graft's kernel code (:data:`GRAFT_CODES`)."""
+        return GRAFT_CODES[self.graft]
 
     @property
     def omb1(self):
