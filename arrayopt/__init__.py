@@ -67,10 +67,8 @@ __version__ = "0.1.0"
 
 
 def backends_available() -> list:
-    """Names of the active backends, every registered one included (``arrayopt.backends.available()``)."""
-    from . import backends
-
-    return backends.available()
+    """Names of the active backends, every registered one included (:func:`arrayopt.dispatch.available`)."""
+    return dispatch.available()
 
 
 __all__ = [

@@ -26,7 +26,7 @@ import threading
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["Backend", "Choice", "register_backend", "choose", "select", "use_backend", "backends",
-           "forced_backend", "check_capabilities"]
+           "forced_backend", "check_capabilities", "status", "available"]
 
 
 @runtime_checkable
@@ -114,8 +114,10 @@ def _load() -> None:
         return
     with _lock:
         if not _loaded:
-            from . import backends  # noqa: F401  (registers numba_cpu and cupy_cuda)
+            from .backends import BUILTIN
 
+            for b in BUILTIN:
+                register_backend(b)
             _loaded = True
 
 
@@ -152,23 +154,27 @@ def use_backend(name: str | None):
 
 
 def check_capabilities(capabilities: dict, op: str, step) -> str | None:
-    """``None`` if every option of ``step`` listed in ``capabilities[op]`` is allowed, else why not.
+    """``None`` if every option of ``step`` listed in ``capabilities[op]`` is allowed, else why not
+    (:func:`arrayopt.backends._optable.check_capabilities`, which the backends call themselves)."""
+    from .backends._optable import check_capabilities as check
 
-    ``capabilities[op]`` maps a field of the (dataclass) step description to the set of
-    values the kernels fuse, or to a predicate ``value -> bool``. Ops whose step is a
-    plain tuple of scalars (the first-order ops) list no fields.
-    """
-    fields = capabilities.get(op, {})
-    for field, allowed in fields.items():
-        if not dataclasses.is_dataclass(step) or not hasattr(step, field):
-            continue
-        value = getattr(step, field)
-        ok = allowed(value) if callable(allowed) else value in allowed
-        if not ok:
-            what = "" if callable(allowed) else f" (fused: {', '.join(sorted(map(repr, allowed)))})"
-            doc = getattr(allowed, "__doc__", None) if callable(allowed) else None
-            return f"{field}={value!r} is not fused{what}" + (f" ({doc.strip()})" if doc else "")
-    return None
+    return check(capabilities, op, step)
+
+
+def status() -> dict:
+    """Each registered backend's name -> (available, reason) (``reason`` says why not, or what it
+    serves), including backends added with :func:`register_backend`."""
+    return {b.name: (b.available(), b.reason()) for b in backends()}
+
+
+def available() -> list:
+    """Names of the registered backends that are active on this machine and not excluded by
+    ``use_backend`` / ``ARRAYOPT_BACKEND`` (the reference is always there)."""
+    forced = forced_backend()
+    if forced == "reference":
+        return []
+    names = [name for name, (ok, _) in status().items() if ok]
+    return [n for n in names if forced is None or n == forced]
 
 
 def choose(op: str, ns, step, *groups) -> Choice:

@@ -15,12 +15,13 @@ a module: no table to edit by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from types import MappingProxyType, ModuleType
 from typing import NamedTuple
 
-__all__ = ["OpEntry", "collect"]
+__all__ = ["OpEntry", "collect", "check_capabilities"]
 
 
 class OpEntry(NamedTuple):
@@ -53,3 +54,23 @@ def collect(package: str, path) -> MappingProxyType:
                 raise ValueError(f"op {op!r}: declared by both {table[op].module.__name__} and {module.__name__}")
             table[op] = OpEntry(module, MappingProxyType(dict(caps)))
     return MappingProxyType(table)
+
+
+def check_capabilities(capabilities: dict, op: str, step) -> str | None:
+    """``None`` if every option of ``step`` listed in ``capabilities[op]`` is allowed, else why not.
+
+    ``capabilities[op]`` maps a field of the (dataclass) step description to the set of
+    values the kernels fuse, or to a predicate ``value -> bool``. Ops whose step is a
+    plain tuple of scalars (the first-order ops) list no fields.
+    """
+    fields = capabilities.get(op, {})
+    for field, allowed in fields.items():
+        if not dataclasses.is_dataclass(step) or not hasattr(step, field):
+            continue
+        value = getattr(step, field)
+        ok = allowed(value) if callable(allowed) else value in allowed
+        if not ok:
+            what = "" if callable(allowed) else f" (fused: {', '.join(sorted(map(repr, allowed)))})"
+            doc = getattr(allowed, "__doc__", None) if callable(allowed) else None
+            return f"{field}={value!r} is not fused{what}" + (f" ({doc.strip()})" if doc else "")
+    return None

@@ -176,7 +176,7 @@ class CupyCUDA:
     # ---------------------------------------------------------------- acceptance
 
     def refuse_options(self, op, step):
-        from ...dispatch import check_capabilities
+        from .._optable import check_capabilities
 
         why = check_capabilities(self.capabilities, op, step)
         if why is None and op == "sonew" and step.block_size is None:

@@ -56,7 +56,7 @@ class NumbaCPU:
         return "NumPy arrays and torch CPU tensors (float32/float64, C-contiguous)"
 
     def refuse_options(self, op, step):
-        from ...dispatch import check_capabilities
+        from .._optable import check_capabilities
 
         return check_capabilities(self.capabilities, op, step)
 

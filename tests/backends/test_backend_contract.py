@@ -62,7 +62,7 @@ def recording(monkeypatch):
 
 def test_backends_available_lists_registered_backends(recording):
     assert "recording" in ao.backends_available()
-    assert ao.backends.status()["recording"] == (True, "test backend")
+    assert ao.dispatch.status()["recording"] == (True, "test backend")
     with dispatch.use_backend("recording"):
         assert ao.backends_available() == ["recording"]
 

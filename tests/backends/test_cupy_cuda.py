@@ -285,10 +285,10 @@ def test_available_never_raises():
     b = cupy_cuda.CupyCUDA()
     ok = b.available()
     assert isinstance(ok, bool) and isinstance(b.reason(), str) and b.reason()
-    assert ao.backends.status()["cupy_cuda"][0] == cupy_cuda.BACKEND.available()
+    assert ao.dispatch.status()["cupy_cuda"][0] == cupy_cuda.BACKEND.available()
     if importlib.util.find_spec("cupy") is None:
         assert ok is False and "cupy is not installed" in b.reason()
-        assert "cupy_cuda" not in ao.backends.available()
+        assert "cupy_cuda" not in ao.dispatch.available()
 
 
 def _fake_module(count):
