@@ -1,26 +1,43 @@
-"""Flatten and unflatten parameter trees.
+"""Flatten and unflatten parameter trees; match a second tree to the first by key.
 
-A tree is an array (a single leaf), or a ``dict``/``list``/``tuple`` whose values
-are trees. Dict keys keep their insertion order. Each leaf carries a path string
-such as ``"['layer1']['w']"`` or ``"[0]"`` (``"<root>"`` for a bare array) that
-error messages use to name the offending leaf.
+A tree is an array (a single leaf) or a container whose values are trees:
+
+- a ``dict`` or any other ``collections.abc.Mapping`` (``flax.core.FrozenDict``...): its leaf
+  order is its own key order (insertion order for a dict), so the leaves of the params keep
+  the order they were given in, and states saved before stay loadable;
+- a ``list``, a ``tuple`` or a ``NamedTuple`` (rebuilt as the same class);
+- when JAX is imported, any other node registered with ``jax.tree_util`` (dataclasses from
+  ``jax.tree_util.register_dataclass``, ``flax.struct.dataclass``...), flattened one level by
+  JAX's own registry and rebuilt by it.
+
+Everything else is a leaf. Each leaf carries a path string such as ``"['layer1']['w']"`` or
+``"[0]"`` (``"<root>"`` for a bare array) that error messages use to name the offending leaf.
+
+A second tree (grads, updates) is matched to the params by key (:func:`flatten_like`): a
+mapping with the same keys in another order is the same tree, as in JAX and Python; a real
+mismatch names the missing and the extra keys.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TreeDef", "flatten", "unflatten"]
+__all__ = ["TreeDef", "flatten", "flatten_like", "unflatten"]
 
 
 @dataclass(frozen=True)
 class TreeDef:
-    """Structure of a tree: ``kind`` is "leaf", "dict", "list" or "tuple"."""
+    """Structure of a tree: ``kind`` is "leaf", "dict", "list", "tuple", "namedtuple" or
+    "pytree" (a JAX-registered node); ``node`` is the container's class (a mapping or a
+    NamedTuple class) or, for "pytree", JAX's one-level tree structure."""
 
     kind: str
     keys: tuple = ()
     children: tuple = ()
+    node: Any = None
 
     @property
     def num_leaves(self) -> int:
@@ -32,29 +49,123 @@ class TreeDef:
 _LEAF = TreeDef("leaf")
 
 
+def _is_namedtuple(node) -> bool:
+    return isinstance(node, tuple) and hasattr(type(node), "_fields")
+
+
+def _jax_children(node):
+    """``(children, one-level structure)`` of a node registered with ``jax.tree_util``, else None.
+
+    JAX is consulted only when the caller already imported it."""
+    jax = sys.modules.get("jax")
+    if jax is None or node is None:
+        return None
+    tu = jax.tree_util
+    if tu.default_registry.flatten_one_level(node) is None:
+        return None
+    structure = tu.tree_structure(node, is_leaf=lambda x: x is not node)
+    if structure.num_nodes == 1:  # registered but with no children: not a container of params
+        return None
+    return tu.tree_leaves(node, is_leaf=lambda x: x is not node), structure
+
+
+def _node(node: Any):
+    """``(kind, keys, children, class or structure)`` of a container, or ``None`` for a leaf."""
+    if isinstance(node, Mapping):
+        keys = tuple(node.keys())
+        return "dict", keys, [node[k] for k in keys], None if type(node) is dict else type(node)
+    if isinstance(node, list):
+        return "list", (), list(node), None
+    if _is_namedtuple(node):
+        return "namedtuple", (), list(node), type(node)
+    if isinstance(node, tuple):
+        return "tuple", (), list(node), None
+    got = _jax_children(node)
+    if got is not None:
+        return "pytree", (), got[0], got[1]
+    return None
+
+
+def _child_path(path: str, kind: str, keys: tuple, i: int) -> str:
+    return f"{path}[{keys[i]!r}]" if kind == "dict" else f"{path}[{i}]"
+
+
 def flatten(tree: Any) -> tuple[list, TreeDef, list[str]]:
     """Return ``(leaves, treedef, paths)`` for ``tree`` (depth first, in order)."""
     leaves: list = []
     paths: list[str] = []
 
     def walk(node: Any, path: str) -> TreeDef:
-        if isinstance(node, dict):
-            keys = tuple(node.keys())
-            kids = tuple(walk(node[k], f"{path}[{k!r}]") for k in keys)
-            return TreeDef("dict", keys, kids)
-        if isinstance(node, (list, tuple)):
-            kids = tuple(walk(v, f"{path}[{i}]") for i, v in enumerate(node))
-            return TreeDef("list" if isinstance(node, list) else "tuple", (), kids)
-        leaves.append(node)
-        paths.append(path or "<root>")
-        return _LEAF
+        got = _node(node)
+        if got is None:
+            leaves.append(node)
+            paths.append(path or "<root>")
+            return _LEAF
+        kind, keys, kids, cls = got
+        return TreeDef(kind, keys, tuple(walk(v, _child_path(path, kind, keys, i)) for i, v in enumerate(kids)),
+                       cls)
 
     treedef = walk(tree, "")
     return leaves, treedef, paths
 
 
+def _kind_name(td: TreeDef) -> str:
+    if td.kind == "leaf":
+        return "an array"
+    if td.kind in ("namedtuple", "pytree") or (td.kind == "dict" and td.node is not None):
+        name = td.node.__name__ if td.kind != "pytree" else str(td.node)
+        return f"a {td.kind} {name}"
+    return f"a {td.kind}"
+
+
+def flatten_like(tree: Any, treedef: TreeDef, arg: str = "grads", ref_arg: str = "params") -> list:
+    """The leaves of ``tree`` in the leaf order of ``treedef`` (the params'), matched by key.
+
+    Mappings match by key whatever their order or class; lists, tuples, NamedTuples and
+    JAX-registered nodes match by position and must have the same kind, class and length.
+    Raises ``ValueError`` ("tree structure differs") naming the path and the missing and extra
+    keys (or the kinds and lengths) where the trees differ.
+    """
+    leaves: list = []
+
+    def differs(where: str, what: str) -> ValueError:
+        return ValueError(f"{arg}: tree structure differs from {ref_arg} at {where}: {what}")
+
+    def walk(node: Any, td: TreeDef, path: str) -> None:
+        where = path or "<root>"
+        got = _node(node)
+        if td.kind == "leaf":
+            if got is not None:
+                raise differs(where, f"a {got[0]} where {ref_arg} has an array")
+            leaves.append(node)
+            return
+        if got is None:
+            raise differs(where, f"a {type(node).__name__} leaf where {ref_arg} has {_kind_name(td)}")
+        kind, keys, kids, cls = got
+        if td.kind == "dict":
+            if kind != "dict":
+                raise differs(where, f"a {kind} where {ref_arg} has a mapping")
+            if set(keys) != set(td.keys):
+                missing = [k for k in td.keys if k not in node]
+                extra = [k for k in keys if k not in set(td.keys)]
+                raise differs(where, f"missing keys {missing}, extra keys {extra}")
+            for k, child in zip(td.keys, td.children):
+                walk(node[k], child, f"{path}[{k!r}]")
+            return
+        if kind != td.kind or cls != td.node:
+            name = "" if cls is None else " " + str(getattr(cls, "__name__", cls))
+            raise differs(where, f"a {kind}{name} where {ref_arg} has {_kind_name(td)}")
+        if len(kids) != len(td.children):
+            raise differs(where, f"{len(kids)} entries where {ref_arg} has {len(td.children)}")
+        for i, (v, child) in enumerate(zip(kids, td.children)):
+            walk(v, child, f"{path}[{i}]")
+
+    walk(tree, treedef, "")
+    return leaves
+
+
 def unflatten(treedef: TreeDef, leaves: list) -> Any:
-    """Inverse of :func:`flatten`."""
+    """Inverse of :func:`flatten`: the same containers (classes included) around ``leaves``."""
     it = iter(leaves)
 
     def build(td: TreeDef) -> Any:
@@ -62,10 +173,14 @@ def unflatten(treedef: TreeDef, leaves: list) -> Any:
             return next(it)
         kids = [build(c) for c in td.children]
         if td.kind == "dict":
-            return dict(zip(td.keys, kids))
+            d = dict(zip(td.keys, kids))
+            return d if td.node is None else td.node(d)
         if td.kind == "list":
             return kids
+        if td.kind == "namedtuple":
+            return td.node(*kids)
+        if td.kind == "pytree":
+            return sys.modules["jax"].tree_util.tree_unflatten(td.node, kids)
         return tuple(kids)
 
-    out = build(treedef)
-    return out
+    return build(treedef)

@@ -122,15 +122,11 @@ def _tied_message(arg, first, second, what) -> str:
 
 
 def check_like(arg: str, tree: Any, treedef, paths, ref_leaves, ns: Namespace, ref_arg="params"):
-    """Check that ``tree`` has the structure, shapes, dtypes, namespace and device of the params."""
-    leaves, td, tpaths = _tree.flatten(tree)
-    if td != treedef:
-        raise ValueError(
-            f"{arg}: tree structure differs from {ref_arg} "
-            f"({len(leaves)} leaves at {tpaths[:4]}... vs {len(paths)} at {paths[:4]}...)"
-            if leaves
-            else f"{arg}: empty tree, but {ref_arg} has {len(paths)} leaves"
-        )
+    """Check that ``tree`` has the structure, shapes, dtypes, namespace and device of the params;
+    return its leaves in the params' leaf order (mappings are matched by key, :func:`_tree.flatten_like`)."""
+    if not _tree.flatten(tree)[0]:
+        raise ValueError(f"{arg}: empty tree, but {ref_arg} has {len(paths)} leaves")
+    leaves = _tree.flatten_like(tree, treedef, arg, ref_arg)
     for leaf, ref, path in zip(leaves, ref_leaves, paths):
         _check_leaf(arg, path, leaf, ref.shape, ref.dtype, ns, ref_arg)
     return leaves
