@@ -98,4 +98,4 @@ def test_removed_dead_helpers_stay_removed():
     assert importlib.util.find_spec("arrayopt.shampoo.grafting") is None
     assert not hasattr(_xp.Namespace, "zeros_like") and not hasattr(_xp.Namespace, "full_like")
     assert not hasattr(_tree, "tree_paths")
-    assert "scalar_like" not in (ROOT / "arrayopt" / "sonew.py").read_text()
+    assert "scalar_like" not in (ROOT / "arrayopt" / "sonew" / "optimizer.py").read_text()
