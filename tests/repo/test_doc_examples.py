@@ -36,7 +36,8 @@ MODULES = _modules_with_examples()
 
 
 def test_the_examples_are_found():
-    assert {"arrayopt.sonew", "arrayopt.explain", "arrayopt.groups"} <= set(MODULES)
+    assert {"arrayopt.sonew.optimizer", "arrayopt.sonew.math", "arrayopt.eva.optimizer", "arrayopt.shampoo.optimizer",
+            "arrayopt.sketchy.optimizer", "arrayopt.explain", "arrayopt.groups"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
