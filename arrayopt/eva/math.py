@@ -1,6 +1,6 @@
 r"""Eva building blocks: Kronecker vectors, the Sherman–Morrison step, KL step-size control.
 
-Derivations and oracles (E1)–(E8), V1–V13 are in ``arrayopt/linalg/README.md``.
+Derivations and oracles (E1)–(E8), V1–V13 are in ``docs/eva.md``.
 Pure array-API functions: they run on NumPy, torch, JAX, CuPy and array-api-strict.
 
 - Kronecker vectors (E1): ``ā = mean(a)``, ``ḡ = mean(g)`` over the batch-like axes

@@ -2,8 +2,8 @@ r"""Eva, Eva-f and Eva-s: Kronecker-vector preconditioning at first-order memory
 
 Zhang, Shi, Li, "Eva: Practical Second-order Optimization with Kronecker-vectorized
 Approximation", ICLR 2023; "Eva: A General Vectorized Approximation Framework for
-Second-order Optimization", arXiv:2308.02123 (Eva-f, Eva-s). Derivations (E1)–(E8) are
-in ``arrayopt/linalg/README.md``.
+Second-order Optimization", arXiv:2308.02123 (Eva-f, Eva-s). Derivations (E1)–(E8) and
+the oracles V1–V13 are in ``docs/eva.md``.
 
 A weight leaf ``W`` of shape ``(d_out, d_in, …)`` (torch layout; a convolution kernel is
 read as ``(d_out, d_in·k_h·k_w)``) with gradient ``G`` and Kronecker vectors ``ā`` (mean
@@ -41,26 +41,12 @@ reads only ``a``. Unknown keys, statistics of a missing, 1-D or zero-size leaf, 
 lengths, other namespaces or devices raise a named error before anything is written;
 non-finite statistics raise in either ``on_nonfinite`` mode.
 
-Choices, and why:
-
-- ``stat_decay=ξ`` has the conventional meaning (weight of the running value). The
-  default for Eva and Eva-f is ``ξ = 0.05``, which reproduces the reference code, whose
-  ``stat_decay=0.95`` is the weight of the *new* value (almost no smoothing). For Eva-s the
-  default is ``ξ = 1`` (running sum), as in the reference.
-- ``P`` keeps the ``1/γ`` factor (the ICLR version), in every ``kl_mode``.
-- ``kl_mode``: ``"clip"`` (default, ``κ = kl_clip = 0.001``), ``"rescale"`` (``ν =
-  √(Σ‖G_l‖²/Σ‖P_l‖²)``), ``"normalize"`` (the trust-region step ``ν = 1/√Σ⟨P_l,G_l⟩``,
-  used by the arXiv:2308.02123 experiments) or ``"none"``. Eva-s uses its per-tensor
-  rescaling instead and takes ``kl_mode=None``.
-- ``update_every``: the Kronecker vectors are refreshed every that many steps (and the
-  first time a leaf has statistics); every step is preconditioned with the latest ones.
-- ``weight_layout``: ``"out_in"`` (default) reads a weight as ``(d_out, d_in, …)``, the torch
-  layout; ``"in_out"`` as ``(…, d_in, d_out)``, the layout of ``y = x @ W`` (Flax, Keras, NumPy
-  MLPs), ``ā`` and ``ḡ`` unchanged. The fused kernels take ``"out_in"`` weights; ``"in_out"``
-  steps run the reference math (Eva-s is symmetric in its axes and ignores the option).
-- ``momentum=0.9``, Nesterov off, weight decay added before the momentum: the
-  ``torch.optim.SGD`` step that the reference scripts run after the preconditioner
-  (:class:`arrayopt.first_order.SGD`, one implementation of the step).
+Defaults: ``stat_decay=0.05`` (``ξ``, the weight of the running value; ``1``, a running sum,
+for Eva-s), ``kl_mode="clip"`` with ``kl_clip=0.001`` (also ``"rescale"``, ``"normalize"``,
+``"none"``; Eva-s takes ``None``), ``momentum=0.9`` with weight decay added before the
+momentum (:class:`arrayopt.first_order.SGD`'s step), ``update_every=1`` (the vectors'
+refresh; every step is preconditioned), ``weight_layout="out_in"`` (``"in_out"``: weights
+as ``(…, d_in, d_out)``, run by the reference math). Why each: ``docs/eva.md``.
 
 >>> import numpy as np, arrayopt as ao
 >>> from arrayopt.linalg import kv_linear, kv_grad

@@ -6,7 +6,8 @@
 - ``arrayopt.interop.optax.transform(opt)``: an ``optax.GradientTransformation``.
 
 The submodules import their framework when first used (``arrayopt.interop.torch`` on
-attribute access); importing ``arrayopt`` imports neither torch nor JAX.
+attribute access); importing ``arrayopt`` imports neither torch nor JAX. How each adapter
+works: ``docs/interop.md``.
 """
 
 import importlib as _importlib

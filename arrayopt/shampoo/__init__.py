@@ -1,7 +1,8 @@
 """Shampoo: blocked Kronecker preconditioning, exact inverse roots, grafting,
 infrequent/asynchronous host roots and roots spread over data-parallel workers.
 
-See ``README.md`` in this folder and :mod:`arrayopt.shampoo.optimizer`.
+The math, the choices and the oracles: ``docs/shampoo.md``; the optimizer:
+:mod:`arrayopt.shampoo.optimizer`.
 """
 
 from __future__ import annotations

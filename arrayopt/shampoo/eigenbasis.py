@@ -1,6 +1,6 @@
 r"""Eigenbases of symmetric PSD factors: exact ``eigh``, or warm-started QR iterations.
 
-Math in ``arrayopt/linalg/README.md`` (Q1–Q4). For a factor ``A`` and the
+Math in ``docs/shampoo.md`` (Q1–Q4). For a factor ``A`` and the
 previous basis ``Q`` (orthogonal, columns ordered by decreasing Rayleigh
 quotient):
 

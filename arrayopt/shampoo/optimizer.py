@@ -24,7 +24,7 @@ each block's direction is
     Ĝ = G_b \times_j Q^{(j)\top}_b,\quad D_b \leftarrow β D_b + (1-β) Ĝ^{∘2},\quad
     d_b = \big(Ĝ / (\sqrt{D_b/(1-β^t)} + ε)\big) \times_j Q^{(j)}_b
 
-(``β = eigen_b2``, default ``b2``; math in ``arrayopt/linalg/README.md``, Q1–Q6),
+(``β = eigen_b2``, default ``b2``; math in ``docs/shampoo.md``, Q1–Q6),
 with ``u_g`` the grafted first-order direction (:class:`GraftingConfig`), used
 alone (``u = u_g``) before the first roots are installed (``t < t_0``, or while
 the first asynchronous roots are in flight) and for skipped parameters

@@ -1,7 +1,7 @@
 """The frozen description of eigenvalue-corrected Shampoo's elementwise step (what a backend receives).
 
 Per block, after the rotation ``Ĝ = G ×_j Q_jᵀ`` (matrix products through the namespace), with
-the second moment ``D`` in the eigenbasis (``arrayopt/linalg/README.md``, Q1):
+the second moment ``D`` in the eigenbasis (``docs/shampoo.md``, Q1):
 
 .. math::
     D ← w_1 D + w_2\\, Ĝ^{∘2},\\qquad X = Ĝ / (\\sqrt{c\\, D} + ε)

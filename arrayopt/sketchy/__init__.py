@@ -1,4 +1,4 @@
-"""Sketchy: Frequent-Directions S-AdaGrad and S-Shampoo (see ``README.md`` in this folder)."""
+"""Sketchy: Frequent-Directions S-AdaGrad and S-Shampoo (math, choices and oracles: ``docs/sketchy.md``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ r"""Frequent Directions (FD) sketches of a covariance and their inverse powers (
 A rank-``k`` sketch of ``d × d`` PSD statistics is kept in square-root form:
 orthonormal ``U ∈ R^{d×k}`` and singular values ``σ̄ ∈ R^k`` with deflated
 sketch ``Ḡ = U diag(σ̄²) Uᵀ``, plus the escaped mass ``ρ`` (the *tail*). One
-update with new columns ``X ∈ R^{d×m}`` (F1 in ``arrayopt/linalg/README.md``):
+update with new columns ``X ∈ R^{d×m}`` (F1 in ``docs/sketchy.md``):
 
 .. math::
     Z = [\sqrt{β_2}\,U\operatorname{diag}(σ̄),\ X] = u\operatorname{diag}(σ)v^\top
@@ -101,7 +101,7 @@ def _top_eigh(a, r: int):
 
 def _top_left_singular_host(z, r: int):
     """``(u, σ)`` of the top ``r`` singular triplets of a NumPy ``z`` (d × c) from a Gram matrix
-    and LAPACK ``syevr`` restricted to the top ``r`` eigenpairs (F1a in ``arrayopt/linalg/README.md``).
+    and LAPACK ``syevr`` restricted to the top ``r`` eigenpairs (F1a in ``docs/sketchy.md``).
 
     Float64 ``z`` (wide): the float64 Gram ``zzᵀ``. Float32 ``z``: a float32 Gram, ``zzᵀ`` when
     wide, ``zᵀz`` when tall (then ``q = orth(z v)``), followed by a Rayleigh–Ritz step of ``zzᵀ``

@@ -6,7 +6,7 @@ ever used), the LogDet problem
 .. math::
     X^\star = \arg\min_{X \in S_n(G_b),\ X \succ 0}\ -\log\det X + \operatorname{tr}(X H)
 
-over matrices with half-bandwidth ``b`` has the closed form ((S4) in ``arrayopt/linalg/README.md``)
+over matrices with half-bandwidth ``b`` has the closed form ((S4) in ``docs/sonew.md``)
 ``X = L D Lᵀ`` with ``L`` unit lower-triangular, ``L_{j+k, j} = -ψ_j[k]`` and
 ``D = diag(1/s)``, where for every row ``j`` with ``I_j = {j+1, …, min(j+b, n-1)}``
 

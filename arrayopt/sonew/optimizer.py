@@ -3,7 +3,7 @@ r"""SONew: sparsified online Newton with diagonal, tridiagonal and banded LogDet
 Devvrit, Duvvuri, Anil, Gupta, Hsieh, Dhillon, "A Computationally Efficient
 Sparsified Online Newton Method", NeurIPS 2023 (arXiv:2311.10085). The
 derivations (equations (S1)–(S10)) and the test oracles O1–O18 are in
-``arrayopt/linalg/README.md``.
+``docs/sonew.md``.
 
 One step, per parameter tensor (flattened to a vector of ``n`` entries, (S9)),
 ``t`` the 1-based step and ``b`` the half-bandwidth (``band``):
@@ -16,7 +16,7 @@ One step, per parameter tensor (flattened to a vector of ``n`` entries, (S9)),
     H = \hat H + ε_{\rm eff} I,\quad ε_{\rm eff} = \max(ε\,\|\hat H\|_{∞,\rm band},\ ε_{\min})
 
     X = \arg\min_{X \in S_n(G_b),\,X\succ 0} -\log\det X + \operatorname{tr}(XH) = L D L^\top
-    \quad(\text{closed form, } \texttt{arrayopt.sonew.math\_factor})
+    \quad(\text{closed form, } \texttt{sonew\_factor})
 
     u = X \hat m,\qquad
     u \leftarrow u\,\frac{\|a\|_2}{\|u\|_2},\ a = \frac{\hat m}{\sqrt{\hat H_{ii}} + ε_g}\ \text{(Adam graft)},\qquad
@@ -28,77 +28,25 @@ exactly Adam's ``v``, so the Adam graft costs no memory. State per tensor:
 ``mu`` (shape of the param) and ``band`` (``(n, b+1)``), float32 for
 bfloat16/float16 params; memory ``(b+2)·n`` (tridiagonal ``3n``, Adam ``2n``).
 
-Choices between the published reference codes (the authors' PyTorch ``TDS``,
-their JAX scripts, init2winit), and why:
+Options (the choices between the published reference codes, and why: ``docs/sonew.md``):
+``relative_eps`` (``ε`` relative to the band ∞-norm of ``Ĥ``, floored at ``eps_min``);
+``graft`` in ``"adam"``, ``"none"``, ``"sgd"``, ``"momentum"``, ``"rmsprop_normalized"``
+(``‖u‖ = 0`` guarded); ``tau_factor`` (the stability rule (S7): per row, keep the first
+``k`` neighbours whose Schur complements stay above ``τ·H_jj``, ``τ = tau_factor·u``; the
+dropped edges and fallback rows, summed over steps, are ``state["removed_edges"]`` and
+``state["fallback_rows"]``, one 0-d int array per leaf); ``flatten_order`` (``"fan_in"``
+= ``"C"``, last axis fastest; ``"F"`` first axis fastest); ``small_param_fallback``
+(``"adam"``: tensors with ``ndim <= 1`` take the Adam direction ``a``).
 
-- ``b1=0.9, b2=0.999``: the PyTorch ``TDS`` and the authors' autoencoder flags
-  (init2winit's ``tds()`` uses ``b2=0.99``); ``b2=0.999`` equals Adam's, so the
-  graft is Adam's own direction.
-- ``eps=1e-6`` **relative** to the true band ∞-norm of ``Ĥ`` (init2winit's and
-  the authors' JAX choice; their code under-computes the norm, overwriting
-  instead of summing the row; we compute the true row sum), floored at ``eps_min=1e-30``. It bounds
-  ``κ(H) ≤ 1 + 1/ε`` (float32 stays accurate) and makes the step invariant to
-  the loss scale. ``relative_eps=False`` gives the PyTorch ``TDS`` absolute eps.
-- ``graft="adam"`` (the PyTorch ``TDS`` and the authors' autoencoder script;
-  init2winit defaults to none): the step size of Adam, the direction of SONew,
-  so learning rates transfer from Adam. Unlike ``TDS`` we bias-correct ``v``
-  and guard ``‖u‖ = 0`` (no ``δ``). Others: ``"none"`` (Newton units: ``X m̂``),
-  ``"sgd"`` (``‖g‖``), ``"momentum"`` (``‖m̂‖``), ``"rmsprop_normalized"``
-  (``a = ĝ/(\sqrt{ν}+ε_g)``, ``ĝ = g/‖g‖``, ``ν ← β_2 ν + (1-β_2) ĝ²``, no bias
-  correction, an extra state ``graft_nu``).
-- Stability ((S7)): per row, keep the first ``k`` neighbours whose
-  Schur complements stay above ``τ·H_jj`` (``τ = tau_factor·u``, ``u`` the unit
-  roundoff of the compute dtype, ``tau_factor=4``); for the tridiagonal case
-  this is the edge removal of the PyTorch and init2winit code (whose ``τ = 0``),
-  which gives the exact solution on the pruned graph. The numbers of dropped
-  band edges and of rows that fell back, summed over steps, are in
-  ``state["removed_edges"]`` and ``state["fallback_rows"]`` (one 0-d int array
-  per leaf). The init2winit "reweight" variant is not implemented.
-- ``flatten_order="fan_in"``: the last axis runs fastest (row-major), which
-  for torch-layout weights ``(out, in, …)`` makes an output unit's adjacent
-  inputs neighbours (PyTorch ``TDS``; the JAX code's ``g.T.reshape(-1)`` on
-  ``(in, out)`` kernels is the same neighbourhood). ``"C"`` is the same
-  order; ``"F"`` (first axis fastest) gives fan-in for ``(in, out)`` layouts
-  such as Flax kernels or ``x @ W``.
-- ``small_param_fallback="sonew"`` (PyTorch ``TDS``, all banded code); ``"adam"``
-  replaces the update of tensors with ``ndim <= 1`` by the Adam direction ``a``
-  (the JAX ``tds``).
-- ``block_size=B`` (default ``16384``): **block-local SONew**. Each flattened
-  tensor is cut into blocks of ``B`` consecutive entries and every quantity
-  that is otherwise global over the tensor is taken per block: the band is cut
-  at block edges (``B[i, k]`` of a pair across an edge stays 0), ``ε_eff`` uses
-  the block's max row sum, and both graft norms (``‖a‖`` and ``‖u‖``, and the
-  ``‖g‖`` of ``rmsprop_normalized``) are per block, as Meta's distributed
-  Shampoo grafts per block. So a block is a tensor of its own (oracle:
-  block-local on one vector equals the whole-tensor step on its blocks given as
-  separate tensors), and a kernel finishes a block (statistics, ε, factor,
-  ``X m̂``, norms, the parameter write) while it is in cache: one pass over
-  memory instead of the three sweeps a whole-tensor ε and graft norm need.
-  Tensors of at most ``B`` entries (every bias, most small layers) get the
-  whole-tensor step (bit for bit on the reference path; to float rounding on
-  Numba, whose fused block kernels reassociate the norms); ``block_size=None`` keeps whole-tensor
-  semantics for every tensor (the paper's form, three sweeps). Why ``B = 16384``
-  (10M float32, block sizes 4096, 16384 and 65536 timed against our Adam step
-  in one run, twice; README performance table): 4096 was the slowest in every
-  run (per-block overhead without saved traffic); 65536 was within the noise of
-  16384 but its tridiagonal scratch (1.75 MiB) no longer fits the core's 1 MiB
-  L2, while at 16384 a block's ``g, p, m``, band and tile scratch (448 KiB)
-  stay there between the passes. On an H100 the 132 blocks in flight (one per
-  SM) hold about 50 MiB, its L2's size (not yet timed on a GPU). Training cost
-  (README, MNIST autoencoder, tridiagonal, 5 epochs, 2 seeds): ``B = 16384``
-  ended about 5 nats (6 %) above whole tensors, while ``B = 65536`` was level with
-  them and, on the CPU measured, as fast as 16384 (band-4: level at either
-  size); pass ``block_size=65536`` (or ``None``) where the loss matters more
-  than a GPU's cache.
-- Kernels: the Numba backend fuses every option (block-local, and whole
-  tensors through the chunked kernels; ``graft="rmsprop_normalized"`` and
-  ``small_param_fallback="adam"`` on whole tensors through the block driver
-  with one block of ``n``); CUDA fuses block-local steps with every option
-  (one thread block per SONew block) and whole tensors except those two and
-  ``flatten_order="F"``. Each backend's ``capabilities`` table says so, and
-  ``ao.explain(opt, params)`` shows it. Backends receive
-  :class:`arrayopt.sonew.step.SONewStep` (:meth:`SONew.step_description`),
-  never the optimizer.
+``block_size=B`` (default ``16384``) is **block-local SONew** (S10): each flattened tensor
+is cut into blocks of ``B`` consecutive entries; the band is cut at block edges and
+``ε_eff`` and both graft norms are taken per block, so a block is a tensor of its own and
+a kernel finishes it in one pass over memory. Tensors of at most ``B`` entries get the
+whole-tensor step (bit for bit on the reference path, to float rounding in the fused
+kernels); ``block_size=None`` gives every tensor the whole-tensor step (the paper's form).
+
+Backends receive :class:`arrayopt.sonew.step.SONewStep` (:meth:`SONew.step_description`),
+never the optimizer; ``ao.explain(opt, params)`` shows the path each leaf takes.
 
 >>> import numpy as np, arrayopt as ao
 >>> params = {"w": np.ones((3, 4), np.float32)}

@@ -3,7 +3,7 @@
 
 The measurement code is that of ``benchmarks/common.py`` (``measure``,
 ``measure_grid``), so the figures match ``AdamRatios.track_ratio`` and can be
-pasted into the README. Everything for one size runs in this one process,
+pasted into docs/performance.md. Everything for one size runs in this one process,
 contenders interleaved round-robin; figures are medians over all timed calls.
 
     python asv_bench/scripts/report_ratios.py                      # ratios at 1M and 10M float32

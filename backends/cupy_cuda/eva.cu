@@ -1,5 +1,5 @@
 // Eva's two passes over a preconditioned weight (backends/numba_cpu/eva.py is the same step
-// on the CPU; arrayopt/linalg/README.md (E2), (E3), (E5) the math):
+// on the CPU; docs/eva.md (E2), (E3), (E5) the math):
 //
 //   eva_row_reduce:  per output row r of G (d_out x n, row-major), (G a)_r and ||G_r||^2, in
 //                    column order; the host forms beta (or Eva-f's 1/(gamma + ||a||^2)), the

@@ -1,4 +1,4 @@
-// SONew kernels of arrayopt (arrayopt/sonew.py; math in arrayopt/linalg/README.md): the fused
+// SONew kernels of arrayopt (arrayopt/sonew/; math in docs/sonew.md): the fused
 // step for tridiagonal (b = 1) and banded (any b <= 32, b = 0 diag-SONew) preconditioners.
 //
 // Same arithmetic, in the same order, as backends/numba_cpu/sonew.py (itself the order of

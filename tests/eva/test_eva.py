@@ -331,14 +331,14 @@ def test_in_out_layout_checks_statistics_against_its_axes_and_takes_the_referenc
     assert chosen.backend is None and "weight_layout='in_out' is not fused" in chosen.reason
 
 
-def test_readme_in_out_example_runs():
+def test_docs_in_out_example_runs():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs/eva.md").read_text()
     at = text.index('ao.eva(learning_rate=0.1, weight_layout="in_out")')
     code = text[text.rindex("```python\n", 0, at) + 10:text.index("```", at)]
     namespace: dict = {}
-    exec(compile(code, "README.md (Eva, in_out)", "exec"), namespace)
+    exec(compile(code, "docs/eva.md (Eva, in_out)", "exec"), namespace)
     assert namespace["state"]["kv_updates"][0] == 5 and np.isfinite(namespace["loss"])
 
 

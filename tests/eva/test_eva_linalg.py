@@ -1,4 +1,4 @@
-"""Oracles V1–V8, V11, V12 of the Eva building blocks (``arrayopt/linalg/README.md``)."""
+"""Oracles V1–V8, V11, V12 of the Eva building blocks (``docs/eva.md``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Eva through ``arrayopt.interop.torch.KVCapture``: capture semantics and end-to-end runs (V10).
 
 The end-to-end oracle is written here in float64 NumPy from the math of
-``arrayopt/linalg/README.md`` (E1)–(E8): explicit layers, output gradients from
+``docs/eva.md`` (E1)–(E8): explicit layers, output gradients from
 ``torch.autograd.grad`` of a float64 copy of the model, explicit patch unfolding, the
 Sherman–Morrison step, KL clipping and the SGD-momentum step; it shares no code with
 ``ao.eva`` or ``KVCapture``.

@@ -1,4 +1,4 @@
-"""Oracles R1–R8 (``arrayopt/linalg/README.md``) for arrayopt.linalg.inverse_pth_root."""
+"""Oracles R1–R8 (``docs/shampoo.md``) for arrayopt.linalg.inverse_pth_root."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shampoo oracles (``arrayopt/shampoo/README.md``): Kronecker identity, blocking, grafting, exponents, merging,
+"""Shampoo oracles (``docs/shampoo.md``): Kronecker identity, blocking, grafting, exponents, merging,
 statistics, cadence, save/load."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Eigenvalue-corrected Shampoo and warm-started QR eigenbases (``arrayopt/linalg/README.md`` Q1–Q6)."""
+"""Eigenvalue-corrected Shampoo and warm-started QR eigenbases (``docs/shampoo.md`` Q1–Q6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``ao.sketchy`` against its oracles (K9–K16 in arrayopt/linalg/README.md) and the regret bound of
+"""``ao.sketchy`` against its oracles (K9–K16 in docs/sketchy.md) and the regret bound of
 S-AdaGrad (R9), all through the optimizer itself. The generic tests come from tests/records_sketchy.py."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Frequent Directions (``fd_update``) and the low-rank inverse power (``lowrank_apply``) against
-their oracles (F1–F2 and oracles K1–K8 in arrayopt/linalg/README.md), float64 unless noted.
+their oracles (F1–F2 and oracles K1–K8 in docs/sketchy.md), float64 unless noted.
 
 Code rank ``k`` is the paper's ``ℓ = k + 1``: the shrink subtracts the (k+1)-th eigenvalue.
 """
@@ -236,7 +236,7 @@ def test_numpy_gram_route_matches_the_qr_svd_route(dtype, d):
 def test_float32_gram_routes_are_normwise_accurate_on_steep_spectra(d, m):
     """A float32 Gram resolves eigenvalues only down to ``u₃₂‖Z‖²`` (a float32 SVD: ``u₃₂σ₁σ_j``): on a
     spectrum σ_j² ∝ j⁻⁴ the sketch Ḡ', the tail ρ' and the FD sandwich still hold normwise at float32
-    tolerance, ``‖Ḡ'₃₂ − Ḡ'₆₄‖ ≤ 1e-5‖Z‖²`` (F1a in arrayopt/linalg/README.md)."""
+    tolerance, ``‖Ḡ'₃₂ − Ḡ'₆₄‖ ≤ 1e-5‖Z‖²`` (F1a in docs/sketchy.md)."""
     rng = np.random.default_rng(7)
     k = 16
     scales = np.arange(1, d + 1)[:, None] ** -2.0

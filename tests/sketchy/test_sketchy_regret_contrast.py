@@ -9,9 +9,9 @@ onto ``K`` in the ``G̃_t^{1/2}``-norm of its own state. Ada-FD (Wan & Zhang) is
 the ``H_t``-norm. The gradients do not depend on the iterates, so both methods see the same
 Frequent-Directions sketch ``Ḡ_t`` (read from the S-AdaGrad state): the only difference is
 the dynamic diagonal ``ρ_{1:t}`` (inside the root) against a fixed ``δ`` (added to the roots). Math and calibration:
-arrayopt/sketchy/README.md ("Regret against Ada-FD").
+docs/sketchy.md ("Regret against Ada-FD: the calibration").
 
-Calibration, seeds 0-9 of ``_contrast_run`` (T = 250, 500, …, 4000; command in that README),
+Calibration, seeds 0-9 of ``_contrast_run`` (T = 250, 500, …, 4000; command in that page),
 with the thresholds the test asserts on seed 0:
 
 - S-AdaGrad at ``η = D/√2``: slope of log Regret_T on log T 0.50-0.60 (assert 0.4-0.65), largest

@@ -1,4 +1,4 @@
-"""Optimizer-level SONew oracles (O13–O18 of ``arrayopt/linalg/README.md``) and float32/bfloat16 stability."""
+"""Optimizer-level SONew oracles (O13–O18 of ``docs/sonew.md``) and float32/bfloat16 stability."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Oracles O1–O12 (``arrayopt/linalg/README.md``) for ``arrayopt.sonew.math_factor`` / ``sonew_apply``.
+"""Oracles O1–O12 (``docs/sonew.md``) for ``arrayopt.sonew.math.sonew_factor`` / ``sonew_apply``.
 
 The dense references are independent of the closed form: the clique/separator
 formula (dense inverses of every window) and a direct Newton minimisation of
