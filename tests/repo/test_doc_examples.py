@@ -36,12 +36,8 @@ MODULES = _modules_with_examples()
 
 
 def test_the_examples_are_found():
-<<<<<<< HEAD
-    assert {"arrayopt.sonew.optimizer", "arrayopt.explain", "arrayopt.groups"} <= set(MODULES)
-=======
     assert {"arrayopt.sonew.optimizer", "arrayopt.sonew.math", "arrayopt.eva.optimizer", "arrayopt.shampoo.optimizer",
             "arrayopt.sketchy.optimizer", "arrayopt.explain", "arrayopt.groups"} <= set(MODULES)
->>>>>>> docs
 
 
 @pytest.mark.parametrize("name", MODULES)
