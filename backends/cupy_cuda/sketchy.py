@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...sketchy.step import GRAFT_CODES
+
 from . import _kernels
 
 __all__ = ["run"]
@@ -26,8 +28,6 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
     """Sketchy's step in place; arguments as for the Numba driver."""
     import cupy
 
-    from ..numba_cpu.sketchy import KIND
-
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     a_views = backend.views(accs) if accs else None
@@ -36,7 +36,7 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
     dt = dtype.type
     device = p_views[0].device.id
     blocks = _kernels.max_blocks(device)
-    kind = KIND["sgd" if step.graft == "none" else step.graft]
+    kind = step.graft_code
     sc = (dt(step.graft_b2), dt(1.0 - step.graft_b2), dt(step.graft_eps), dt(step.graft_bc2 ** 0.5))
     dummy = cupy.empty(1, dtype)
     d_views, sums, normed = [], [], []
@@ -60,9 +60,9 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
         na, nd = float(np.sqrt(sa)), float(np.sqrt(sd))
         if dtype == np.float64 and not (0.0 < sa < np.inf and 0.0 < sd < np.inf):
             g, acc = g_views[i], (a_views[i] if a_views is not None else None)
-            if kind == 0:
+            if kind == GRAFT_CODES["sgd"]:
                 a = g
-            elif kind == 3:
+            elif kind == GRAFT_CODES["adam"]:
                 a = g / (acc ** 0.5 / sc[3] + sc[2])
             else:
                 a = g / (acc ** 0.5 + sc[2])

@@ -19,6 +19,7 @@ from arrayopt import dispatch
 from arrayopt._xp import resolve
 from arrayopt.backends import cupy_cuda
 from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.sketchy.step import GRAFT_CODES, SketchyStep
 
 try:
     from . import _cuda_host_harness as hh
@@ -50,6 +51,7 @@ def sketchy_harness(tmp_path_factory):
 def test_host_norms_give_the_graft_direction(sketchy_harness, dtype, graft, kind):
     from arrayopt import grafting
 
+    assert GRAFT_CODES[graft] == kind  # the codes both backends read from the step
     rng = np.random.default_rng(1)
     g, d = rng.normal(size=50).astype(dtype), rng.normal(size=50).astype(dtype)
     acc0 = rng.random(50).astype(dtype)
@@ -64,6 +66,18 @@ def test_host_norms_give_the_graft_direction(sketchy_harness, dtype, graft, kind
         np.testing.assert_array_equal(acc, acc_want)  # the same IEEE operations
     np.testing.assert_allclose(part_a[0], np.sum(want.astype(np.float64) ** 2), rtol=1e-12)
     np.testing.assert_allclose(part_d[0], np.sum(d.astype(np.float64) ** 2), rtol=1e-12)
+
+
+def test_step_graft_code_is_the_kernels_code_of_the_direction():
+    def step(graft):
+        return SketchyStep(lr=0.1, graft=graft, graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0,
+                           ema=False, nesterov=False, weight_decay=0.0)
+
+    assert {g: step(g).graft_code for g in GRAFT_CODES} == GRAFT_CODES
+    assert step("none").graft_code == GRAFT_CODES["sgd"]  # a graft-only leaf steps with a = g
+    for graft in ("sqrt_n", "rmsprop_normalized"):  # not fused: no code
+        with pytest.raises(ValueError, match=f"graft='{graft}' has no kernel code"):
+            step(graft).graft_code
 
 
 # ---------------------------------------------------------------- full steps on a fake device
@@ -115,7 +129,6 @@ def test_emulated_float64_norms_past_float64_squares_take_the_scaled_norm(emulat
     """Float64 sums of squares that overflow or underflow: the driver takes the scaled norms."""
     from arrayopt import grafting
     from arrayopt.backends.cupy_cuda.sketchy import run
-    from arrayopt.sketchy.step import SketchyStep
 
     rng = np.random.default_rng(3)
     g, d = rng.standard_normal(50) * scale, rng.standard_normal(50) * scale
