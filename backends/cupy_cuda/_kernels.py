@@ -76,11 +76,20 @@ _INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.M)
 
 def source_text(path=SOURCE) -> str:
     """The text of a ``.cu`` file with its local ``#include "x.cuh"`` lines replaced by the
-    headers' text: what NVRTC compiles (no include path needed, and CuPy's kernel cache,
-    keyed by the source text, sees header changes)."""
+    headers' text, recursively, each header once (as its include guard would): what NVRTC
+    compiles (no include path needed, and CuPy's kernel cache, keyed by the source text, sees
+    header changes)."""
     path = Path(path)
-    return _INCLUDE.sub(lambda m: path.with_name(m.group(1)).read_text(encoding="utf-8"),
-                        path.read_text(encoding="utf-8"))
+    seen: set = set()
+
+    def inline(m) -> str:
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _INCLUDE.sub(inline, path.with_name(name).read_text(encoding="utf-8"))
+
+    return _INCLUDE.sub(inline, path.read_text(encoding="utf-8"))
 
 
 # CuPy requires a -std option for `name_expressions` (templates). No fast math;

@@ -84,12 +84,28 @@ def test_sonew_nvrtc_compiles_like_cupy():
     assert_ieee_ptx(ptx)
 
 
-def test_source_text_inlines_the_shared_header():
+def test_source_text_inlines_the_local_headers_once():
+    """NVRTC gets one text: every local header inlined (nested ones too: ``sonew_rows.cuh``
+    includes ``rn_ops.cuh``), each once, and nothing left to include but ``<math.h>``."""
+    assert '#include "rn_ops.cuh"' in _kernels.SOURCE.read_text()
+    assert '#include "sonew_rows.cuh"' in _kernels.SONEW_SOURCE.read_text()
+    assert '#include "rn_ops.cuh"' in (hh.CU_DIR / "sonew_rows.cuh").read_text()
     for src in (_kernels.SOURCE, _kernels.SONEW_SOURCE):
         text = _kernels.source_text(src)
-        assert '#include "rn_ops.cuh"' in src.read_text()
         assert "#include" not in text.replace("#include <math.h>", "")
-        assert "namespace ieee" in text
+        assert text.count("namespace ieee {") == 1 and text.count("#define ARRAYOPT_RN_OPS_CUH") == 1
+    text = _kernels.source_text(_kernels.SONEW_SOURCE)
+    assert "bool gt(" in text and "stats_row(" in text and "host_sonew_stats_" in text
+
+
+def test_cuda_graft_enum_equals_the_step_graft_codes():
+    """``sonew_rows.cuh``'s ``GRAFT_*`` enum is the kernels' copy of ``arrayopt.sonew.step.GRAFT_CODES``."""
+    from arrayopt.sonew.step import GRAFT_CODES
+
+    text = (hh.CU_DIR / "sonew_rows.cuh").read_text()
+    body = re.search(r"enum\s*\{([^}]*)\}", text).group(1)
+    enum = {name.lower(): int(value) for name, value in re.findall(r"GRAFT_(\w+)\s*=\s*(\d+)", body)}
+    assert enum == GRAFT_CODES
 
 
 # ---------------------------------------------------------------- host harness
