@@ -47,7 +47,7 @@ float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
 instruction (no FMA contraction, no flush-to-zero despite CuPy's ``-ftz=true``).
 
 Scalars reach the kernels typed (``numpy.float32`` for float32 arrays, ``numpy.float64``
-for float64, SGD's ``nesterov`` as ``numpy.int32`` 0/1); see ``_kernels``. CuPy and
+for float64, SGD's ``nesterov`` as ``numpy.int32`` 0/1); see ``_loader``. CuPy and
 torch are imported only when needed, never at module import. The source is compiled
 once per process and device by NVRTC (CuPy recompiles template modules with
 ``name_expressions`` in every process: about a second, on the first step).
@@ -61,7 +61,7 @@ import sys
 
 import numpy as np
 
-from . import _kernels
+from . import _loader
 
 __all__ = ["BACKEND", "CupyCUDA"]
 
@@ -120,7 +120,7 @@ def _on_device_stream(x):
 
 def _band_fits(b) -> bool:
     """the kernels' window arrays hold at most SONEW_MAX_BAND = 32"""
-    return b <= _kernels.SONEW_MAX_BAND
+    return b <= _loader.SONEW_MAX_BAND
 
 
 class _Views(list):
@@ -206,9 +206,9 @@ class CupyCUDA:
                 a = group[i]
                 if a.dtype != p.dtype:
                     return f"leaf {i}: grads or state dtype {a.dtype} differs from the params' {p.dtype}"
-                # SONew's band state is (p.size, b+1), b <= _kernels.SONEW_MAX_BAND
-                if a.shape != p.shape and not _kernels.is_sonew_band(a, p):
-                    return f"leaf {i}: state shape {tuple(a.shape)} (band > {_kernels.SONEW_MAX_BAND}?)"
+                # SONew's band state is (p.size, b+1), b <= _loader.SONEW_MAX_BAND
+                if a.shape != p.shape and not _loader.is_sonew_band(a, p):
+                    return f"leaf {i}: state shape {tuple(a.shape)} (band > {_loader.SONEW_MAX_BAND}?)"
         return None
 
     def accepts(self, ns, *groups) -> bool:
@@ -277,13 +277,13 @@ class CupyCUDA:
         anchor = getattr(views, "anchor", None)
         with _on_device_stream(anchor if anchor is not None else views[0]):
             device = views[0].device.id
-            blocks = _kernels.max_blocks(device)
+            blocks = _loader.max_blocks(device)
             counter = cupy.zeros(1, dtype=np.uint64)
             for v in views:
                 if v.size:
-                    kernel = _kernels.function(_kernels.COUNT_KERNEL, v.dtype, device)
-                    grid, block = _kernels.launch_shape(v.size, blocks)
-                    kernel(grid, block, _kernels.count_args(v, counter))
+                    kernel = _loader.function(_loader.COUNT_KERNEL, v.dtype, device)
+                    grid, block = _loader.launch_shape(v.size, blocks)
+                    kernel(grid, block, _loader.count_args(v, counter))
             return int(counter.get()[0]) == 0
 
     def run(self, op, params, grads, states, step, g_views=None):
@@ -322,19 +322,19 @@ class CupyCUDA:
         if not params:
             return None
         scalars = step
-        base = _kernels.kernel_base(op, len(states))
+        base = _loader.kernel_base(op, len(states))
         with _on_device_stream(params[0]):
             p_views = self.views(params)
             g_views = g_views if g_views is not None else self.views(grads)
             s_views = [self.views(s) for s in states]
             device = p_views[0].device.id
-            blocks = _kernels.max_blocks(device)
+            blocks = _loader.max_blocks(device)
             for i, (p, g) in enumerate(zip(p_views, g_views)):
                 if p.size == 0:
                     continue
-                kernel = _kernels.function(base, p.dtype, device)
-                grid, block = _kernels.launch_shape(p.size, blocks)
-                kernel(grid, block, _kernels.kernel_args(p, g, [s[i] for s in s_views], scalars))
+                kernel = _loader.function(base, p.dtype, device)
+                grid, block = _loader.launch_shape(p.size, blocks)
+                kernel(grid, block, _loader.kernel_args(p, g, [s[i] for s in s_views], scalars))
 
     def run_sonew(self, step, params, grads, mus, bands, nus=None, g_views=None) -> list:
         """SONew's fused step (``sonew.cu``), in place on every leaf; returns per-leaf
@@ -349,7 +349,7 @@ class CupyCUDA:
             m_views = self.views(mus)
             b_views = self.views(bands)
             device = p_views[0].device.id
-            blocks = _kernels.max_blocks(device)
+            blocks = _loader.max_blocks(device)
             k = len(p_views)
             norms = cupy.zeros((k, 2), dtype=np.float64)
             counts = cupy.zeros((k, 2), dtype=np.uint64)
@@ -362,10 +362,10 @@ class CupyCUDA:
                 b = int(bands[i].shape[1]) - 1
                 if step.block_size is not None:  # block-local: one launch, one thread block per block
                     nu = nu_views[i] if nu_views[i] is not None else cupy.zeros(1, dtype=p.dtype)
-                    base, grid, block, args = _kernels.sonew_block_launch(
+                    base, grid, block, args = _loader.sonew_block_launch(
                         step, p, g, m, band, nu, b, counts[i], cupy.empty(max(1, n * b), dtype=p.dtype),
                         cupy.empty(n, dtype=p.dtype), cupy.empty(n, dtype=p.dtype), len(params[i].shape) <= 1)
-                    _kernels.function(base, p.dtype, device)(grid, block, args)
+                    _loader.function(base, p.dtype, device)(grid, block, args)
                     continue
                 rm = rowmax.get(p.dtype)
                 if rm is None:
@@ -374,11 +374,11 @@ class CupyCUDA:
                 psi = t = None
                 if b != 1:
                     psi, t = cupy.empty(n * b, dtype=p.dtype), cupy.empty(n, dtype=p.dtype)
-                grid, block = _kernels.launch_shape(n, blocks)
-                for base, args in _kernels.sonew_launches(step, p, g, m, band, b,
+                grid, block = _loader.launch_shape(n, blocks)
+                for base, args in _loader.sonew_launches(step, p, g, m, band, b,
                                                           norms[i], counts[i], rm[i:i + 1],
                                                           u, psi, t):
-                    _kernels.function(base, p.dtype, device)(grid, block, args)
+                    _loader.function(base, p.dtype, device)(grid, block, args)
             host = counts.get()
         return [(int(e), int(f)) for e, f in host]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
+from . import _loader
 
 __all__ = ["run"]
 
@@ -31,7 +31,7 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
     dtype = p_views[0].dtype
     dt = dtype.type
     device = p_views[0].device.id
-    blocks = _kernels.max_blocks(device)
+    blocks = _loader.max_blocks(device)
     damping = dt(step.damping)
     plans, scalars = [], []
     for i, b, a, g in layers:
@@ -40,8 +40,8 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
         G = g_views[i]
         n_in = G.size // rows
         rowdot, rowsq = cupy.empty(rows, dtype), cupy.empty(rows, dtype)
-        grid, block = _kernels.launch_shape(rows, blocks)
-        _kernels.function("eva_row_reduce", dtype, device)(
+        grid, block = _loader.launch_shape(rows, blocks)
+        _loader.function("eva_row_reduce", dtype, device)(
             grid, block, (G, a, np.int64(rows), np.int64(n_in), rowdot, rowsq))
         if b is not None:
             gb = g_views[b]
@@ -89,17 +89,17 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
             if leaf is None:
                 continue
             buf = b_views[leaf] if b_views is not None else dummy
-            grid, block = _kernels.launch_shape(rows * n, blocks)
-            _kernels.function("eva_apply", dtype, device)(
+            grid, block = _loader.launch_shape(rows * n, blocks)
+            _loader.function("eva_apply", dtype, device)(
                 grid, block, (p_views[leaf], g_views[leaf], buf, a_part, coef, np.int64(rows), np.int64(n),
                               scale, lr, mu, wd, *flags))
             done.add(leaf)
     sgd = (step.lr, step.momentum, step.weight_decay, step.nesterov)
-    base = _kernels.kernel_base("sgd", 1 if b_views is not None else 0)
+    base = _loader.kernel_base("sgd", 1 if b_views is not None else 0)
     for k, (p, g) in enumerate(zip(p_views, g_views)):
         if k in done or p.size == 0:
             continue
         states = [b_views[k]] if b_views is not None else []
-        grid, block = _kernels.launch_shape(p.size, blocks)
-        _kernels.function(base, p.dtype, device)(grid, block, _kernels.kernel_args(p, g, states, sgd))
+        grid, block = _loader.launch_shape(p.size, blocks)
+        _loader.function(base, p.dtype, device)(grid, block, _loader.kernel_args(p, g, states, sgd))
     return None

@@ -5,7 +5,7 @@ one launch per block updates ``D`` in place and overwrites ``Ĝ`` with ``X``.
 
 from __future__ import annotations
 
-from . import _kernels
+from . import _loader
 
 __all__ = ["run"]
 
@@ -23,8 +23,8 @@ def run(backend, step, rotated, moments) -> list:
         if x.size:
             dt = x.dtype.type
             device = x.device.id
-            grid, block = _kernels.launch_shape(x.size, _kernels.max_blocks(device))
-            _kernels.function("shampoo_corrected_moment", x.dtype, device)(
+            grid, block = _loader.launch_shape(x.size, _loader.max_blocks(device))
+            _loader.function("shampoo_corrected_moment", x.dtype, device)(
                 grid, block, (x, dv, np.int64(x.size), dt(step.decay), dt(step.weight), dt(step.inv_bias),
                               dt(step.eps)))
         out.append(gh)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ...sketchy.step import GRAFT_CODES
 
-from . import _kernels
+from . import _loader
 
 __all__ = ["run"]
 
@@ -35,7 +35,7 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
     dtype = p_views[0].dtype
     dt = dtype.type
     device = p_views[0].device.id
-    blocks = _kernels.max_blocks(device)
+    blocks = _loader.max_blocks(device)
     kind = step.graft_code
     sc = (dt(step.graft_b2), dt(1.0 - step.graft_b2), dt(step.graft_eps), dt(step.graft_bc2 ** 0.5))
     dummy = cupy.empty(1, dtype)
@@ -46,10 +46,10 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
         if d is None or step.graft == "none" or p.size == 0:
             continue
         acc = a_views[i] if a_views is not None else dummy
-        grid, block = _kernels.launch_shape(p.size, blocks)
+        grid, block = _loader.launch_shape(p.size, blocks)
         part_a = cupy.zeros(grid[0] * block[0], np.float64)
         part_d = cupy.zeros(grid[0] * block[0], np.float64)
-        _kernels.function("sketchy_norms", dtype, device)(
+        _loader.function("sketchy_norms", dtype, device)(
             grid, block, (g, acc, d, np.int64(p.size), np.int32(kind), *sc, part_a, part_d))
         sums += [part_a.sum(), part_d.sum()]
         normed.append(i)
@@ -75,8 +75,8 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
             continue
         d = d_views[i]
         scale = scales.get(i, dt(1.0)) if d is not None else dt(0.0)
-        grid, block = _kernels.launch_shape(p.size, blocks)
-        _kernels.function("sketchy_write", dtype, device)(
+        grid, block = _loader.launch_shape(p.size, blocks)
+        _loader.function("sketchy_write", dtype, device)(
             grid, block, (p, g, a_views[i] if a_views is not None else dummy, d if d is not None else dummy,
                           m_views[i] if m_views is not None else dummy, np.int64(p.size), np.int32(kind),
                           np.int32(d is not None), scale, *sc, dt(step.b1), w1, *flags,

@@ -17,7 +17,7 @@ import arrayopt as ao
 from arrayopt import dispatch
 from arrayopt._xp import resolve
 from arrayopt.backends import cupy_cuda
-from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.backends.cupy_cuda import _loader
 from arrayopt.linalg import kl_scale
 
 try:
@@ -78,7 +78,7 @@ def test_host_kernels_give_the_reference_step(eva_harness, dtype, rtol, variant,
 
 @pytest.fixture(scope="module")
 def fo_harness(tmp_path_factory):
-    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    return hh.shared_harness(_loader.SOURCE, tmp_path_factory)
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def emulated(eva_harness, fo_harness, monkeypatch):
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(eva_harness, fo), launches))
     for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
-        monkeypatch.setattr(_kernels, name, value)
+        monkeypatch.setattr(_loader, name, value)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     return launches

@@ -18,7 +18,7 @@ import arrayopt as ao
 from arrayopt import dispatch
 from arrayopt._xp import resolve
 from arrayopt.backends import cupy_cuda
-from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.backends.cupy_cuda import _loader
 from arrayopt.sketchy.step import GRAFT_CODES, SketchyStep
 
 try:
@@ -87,11 +87,11 @@ def test_step_graft_code_is_the_kernels_code_of_the_direction():
 def emulated(sketchy_harness, tmp_path_factory, monkeypatch):
     import sys
 
-    fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    fo = hh.shared_harness(_loader.SOURCE, tmp_path_factory)
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(sketchy_harness, fo), launches))
     for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
-        monkeypatch.setattr(_kernels, name, value)
+        monkeypatch.setattr(_loader, name, value)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     return launches
