@@ -1,5 +1,5 @@
 // IEEE-754 round-to-nearest float operations shared by the CUDA kernels of arrayopt
-// (first_order.cu, sonew.cu), as __host__ __device__ functions in `arrayopt::ieee`.
+// (every .cu of the backend), as __host__ __device__ functions in `arrayopt::ieee`.
 //
 // On the device every operation is an explicit PTX instruction *without* `.ftz`: CuPy appends
 // `-ftz=true` to every RawModule compile (it overrides a user `-ftz=false`, cupy/cupy#9576),
