@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SketchyStep"]
+__all__ = ["SketchyStep", "GRAFT_CODES"]
+
+#: the integer code of each graft direction, as every kernel (Numba and CUDA) reads it:
+#: ``sgd`` ``a = g``; ``adagrad`` ``A ← A + g²``; ``rmsprop`` ``A ← β₂A + (1-β₂)g²``; ``adam`` the
+#: same ``A`` with ``a = g/(√A/√bc₂ + ε)``; the others ``a = g/(√A + ε)``
+GRAFT_CODES = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
 
 
 @dataclass(frozen=True)
@@ -29,3 +34,13 @@ class SketchyStep:
     ema: bool
     nesterov: bool
     weight_decay: float
+
+    @property
+    def graft_code(self) -> int:
+        """The graft direction's kernel code (:data:`GRAFT_CODES`); ``"none"`` reads as ``"sgd"``
+        (``a = g``, the step of a leaf that is not preconditioned, as in the reference). A graft without a code raises ``ValueError``."""
+        direction = "sgd" if self.graft == "none" else self.graft
+        try:
+            return GRAFT_CODES[direction]
+        except KeyError:
+            raise ValueError(f"graft={self.graft!r} has no kernel code (codes: {sorted(GRAFT_CODES)})") from None

@@ -9,47 +9,21 @@ Accepted arrays (everything else takes the reference path):
   ``cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)``, so they are
   ordered with the caller's torch work and no synchronisation is added.
 
-Each step is one pass per leaf over params, grads and state, with the arithmetic of
-``arrayopt.first_order`` in the same order (``first_order.cu``)::
-
-    sgd       d = g + λθ;  θ ← θ - η d                          (momentum 0, no state)
-              d = g + λθ;  b ← μ b + d;  θ ← θ - η (d + μ b | b)  (momentum, Nesterov)
-    adam      g ← g + l2 θ;  θ ← θ·decay;  m ← m + (1-β1)(g - m);  v ← β2 v + (1-β2) g²
-              θ ← θ - step_size · m / (√v / √(1-β2^t) + ε)
-    adagrad   d = g + λθ;  s ← s + d²;  θ ← θ - η d / (√s + ε)
-
-SONew (``ao.sonew``, op ``"sonew"``, :meth:`CupyCUDA.run_sonew`; ``sonew.cu``): the fused
-step of ``backends/numba_cpu/sonew.py`` with one thread per row: statistics, band ∞-norm
-(relative eps), then for ``band=1`` one kernel for the tridiagonal factor with edge removal
-and ``u = X m̂``, for other bands (``<= 32``) one batched kernel factoring every row's
-``b×b`` window with the bandwidth fallback and one for ``u = L t``, then the grafted update.
-Global norms are block reductions plus atomics and stay on the device; the removal counts
-of all leaves come back in one device-to-host read per step.
-
-Eva and Eva-f (``ao.eva``, op ``"eva"``, ``eva.py``; ``eva.cu``): the two passes of
-``backends/numba_cpu/eva.py`` per preconditioned weight (``(Gā)_r``, ``‖G_r‖²`` one thread per
-row; then the rank-one correction fused into the write of ``P`` and the SGD-momentum step),
-the per-layer scalars in one device-to-host read per step for the KL factor; ``"in_out"``
-weights and Eva-s take the reference.
-
-Sketchy (``ao.sketchy``, op ``"sketchy"``, ``sketchy.py``; ``sketchy.cu``): the low-rank apply
-through the namespace (cuBLAS), then the graft norms (float64 partial sums, one device-to-host
-read per step), momentum, weight decay and the parameter write of ``backends/numba_cpu/sketchy.py``.
-
-Eigenvalue-corrected Shampoo (``ao.shampoo(preconditioner="eigenvalue_corrected")``, op
-``"shampoo_corrected"``, ``shampoo.py``; ``shampoo.cu``): the rotations into the eigenbases and
-back through the namespace (cuBLAS), between them one launch per block for the eigenbasis second
-moment and the scaled step of ``backends/numba_cpu/shampoo.py``.
+The ops and the options they fuse come from the op modules of this package
+(:func:`backends._optable.collect`): ``first_order`` (``sgd``, ``adam``, ``adagrad``), ``sonew``,
+``eva``, ``sketchy`` and ``shampoo`` (``shampoo_corrected``), each a ``.py`` driver declaring
+``OPS`` and ``run`` beside its ``.cu`` kernels, compiled by ``_loader``. An op module may also
+define ``refuse_options(op, step)`` for a rule ``OPS`` cannot state (SONew's whole-tensor
+limits). :meth:`CupyCUDA.run` enters the device and stream of the first param and calls the
+op's ``run``.
 
 The finiteness pre-pass is one read-only counting kernel per gradient leaf into one
 shared counter and a single device-to-host read. Results equal the reference up to
 float rounding, in fact bit for bit: every device operation is an IEEE ``.rn``
 instruction (no FMA contraction, no flush-to-zero despite CuPy's ``-ftz=true``).
 
-Scalars reach the kernels typed (``numpy.float32`` for float32 arrays, ``numpy.float64``
-for float64, SGD's ``nesterov`` as ``numpy.int32`` 0/1); see ``_kernels``. CuPy and
-torch are imported only when needed, never at module import. The source is compiled
-once per process and device by NVRTC (CuPy recompiles template modules with
+CuPy and torch are imported only when needed, never at module import. Each ``.cu`` is
+compiled once per process and device by NVRTC (CuPy recompiles template modules with
 ``name_expressions`` in every process: about a second, on the first step).
 """
 
@@ -58,12 +32,19 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+from types import MappingProxyType
 
 import numpy as np
 
-from . import _kernels
+from .._optable import collect
+from . import first_order
+from ._loader import launch_shape, max_blocks
+from .sonew import SONEW_MAX_BAND, is_band_state
 
 __all__ = ["BACKEND", "CupyCUDA"]
+
+# op -> OpEntry(module, capabilities), from the op modules of this package
+_TABLE = collect(__name__, __path__)
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -118,11 +99,6 @@ def _on_device_stream(x):
         yield
 
 
-def _band_fits(b) -> bool:
-    """the kernels' window arrays hold at most SONEW_MAX_BAND = 32"""
-    return b <= _kernels.SONEW_MAX_BAND
-
-
 class _Views(list):
     """Flat CuPy views of one group of leaves; ``anchor`` is the first original leaf (it
     names the device and, for torch, the stream the views belong to)."""
@@ -134,23 +110,10 @@ class CupyCUDA:
     """The ``cupy_cuda`` backend (see the module docstring)."""
 
     name = "cupy_cuda"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy", "shampoo_corrected"})
-    # the one place that says which options of each op's step description the kernels fuse
-    capabilities = {
-        "sgd": {}, "adam": {}, "adagrad": {},
-        "sonew": {
-            # every graft and fallback block-local (sonew_block_step); whole tensors: not
-            # rmsprop_normalized nor the Adam fallback (refuse_options)
-            "band": _band_fits,
-            "order": frozenset({"C"}),         # no first-axis-fastest flattening in sonew.cu
-        },
-        # eva.cu reads a weight as (d_out, d_in) rows; Eva-s has no kernel
-        "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
-        # as numba_cpu: rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n takes the reference
-        "sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})},
-        # eigenvalue-corrected Shampoo: the eigenbasis second moment and scaled step, any β
-        "shampoo_corrected": {},
-    }
+    # the op table: which module runs each op; the options each op fuses are its module's OPS
+    table = _TABLE
+    ops = frozenset(_TABLE)
+    capabilities = MappingProxyType({op: entry.capabilities for op, entry in _TABLE.items()})
 
     def __init__(self):
         self._probed = None
@@ -179,12 +142,9 @@ class CupyCUDA:
         from .._optable import check_capabilities
 
         why = check_capabilities(self.capabilities, op, step)
-        if why is None and op == "sonew" and step.block_size is None:
-            if step.graft == "rmsprop_normalized":
-                return "graft='rmsprop_normalized' is not fused for whole tensors (block_size=None)"
-            if step.small_param_fallback != "sonew":
-                return (f"small_param_fallback={step.small_param_fallback!r} is not fused for whole "
-                        "tensors (block_size=None)")
+        refuse = getattr(self.table[op].module, "refuse_options", None) if op in self.table else None
+        if why is None and refuse is not None:
+            why = refuse(op, step)
         return why
 
     def refuse_arrays(self, ns, *groups):
@@ -206,9 +166,9 @@ class CupyCUDA:
                 a = group[i]
                 if a.dtype != p.dtype:
                     return f"leaf {i}: grads or state dtype {a.dtype} differs from the params' {p.dtype}"
-                # SONew's band state is (p.size, b+1), b <= _kernels.SONEW_MAX_BAND
-                if a.shape != p.shape and not _kernels.is_sonew_band(a, p):
-                    return f"leaf {i}: state shape {tuple(a.shape)} (band > {_kernels.SONEW_MAX_BAND}?)"
+                # SONew's band state is (p.size, b+1), b <= SONEW_MAX_BAND
+                if a.shape != p.shape and not is_band_state(a, p):
+                    return f"leaf {i}: state shape {tuple(a.shape)} (band > {SONEW_MAX_BAND}?)"
         return None
 
     def accepts(self, ns, *groups) -> bool:
@@ -277,110 +237,32 @@ class CupyCUDA:
         anchor = getattr(views, "anchor", None)
         with _on_device_stream(anchor if anchor is not None else views[0]):
             device = views[0].device.id
-            blocks = _kernels.max_blocks(device)
+            blocks = max_blocks(device)
             counter = cupy.zeros(1, dtype=np.uint64)
             for v in views:
                 if v.size:
-                    kernel = _kernels.function(_kernels.COUNT_KERNEL, v.dtype, device)
-                    grid, block = _kernels.launch_shape(v.size, blocks)
-                    kernel(grid, block, _kernels.count_args(v, counter))
+                    kernel = first_order.KERNELS.function(first_order.COUNT_KERNEL, v.dtype, device)
+                    grid, block = launch_shape(v.size, blocks)
+                    kernel(grid, block, first_order.count_args(v, counter))
             return int(counter.get()[0]) == 0
 
     def run(self, op, params, grads, states, step, g_views=None):
-        """Update ``params`` and ``states`` in place with the ``op`` kernel, leaf by leaf.
+        """Update ``params`` and ``states`` in place with ``op``'s kernels: its module's ``run``,
+        on the device and stream of the first param.
 
         ``step``: the op's frozen step description (first-order ops: the ``step_scalars``
         tuple; ``"sonew"``: a ``SONewStep`` with ``states = [mus, bands]``, returning per-leaf
         ``(removed_edges, fallback_rows)``; ``"eva"``: an ``EvaStep`` with ``states = [momentum
         buffers or None, layers]``, returning ``False`` (nothing written) on a non-finite gradient;
-        ``"shampoo_corrected"``: a ``CorrectedMomentStep`` with ``params`` the rotated blocks and
-        ``states = [second moments]``, returning the scaled blocks, ``shampoo.py``).
+        ``"sketchy"``: a ``SketchyStep`` with ``states = [graft accumulators or None, momentum or
+        None, directions D]``; ``"shampoo_corrected"``: a ``CorrectedMomentStep`` with ``params``
+        the rotated blocks and ``states = [second moments]``, returning the scaled blocks).
         """
-        if op == "sonew":
-            return self.run_sonew(step, params, grads, *states, g_views=g_views)
-        if op == "sketchy":  # states = [graft accumulators or None, momentum or None, directions D]
-            from .sketchy import run as run_sketchy
-
-            if not params:
-                return None
-            with _on_device_stream(params[0]):
-                return run_sketchy(self, step, params, grads, states[0], states[1], states[2], g_views)
-        if op == "shampoo_corrected":  # params = rotated blocks Ĝ, states = [second moments D]
-            from .shampoo import run as run_shampoo
-
-            if not params:
-                return []
-            with _on_device_stream(params[0]):
-                return run_shampoo(self, step, params, states[0])
-        if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
-            from .eva import run as run_eva
-
-            if not params:
-                return None
-            with _on_device_stream(params[0]):
-                return run_eva(self, step, params, grads, states[0], states[1], g_views)
-        if not params:
-            return None
-        scalars = step
-        base = _kernels.kernel_base(op, len(states))
-        with _on_device_stream(params[0]):
-            p_views = self.views(params)
-            g_views = g_views if g_views is not None else self.views(grads)
-            s_views = [self.views(s) for s in states]
-            device = p_views[0].device.id
-            blocks = _kernels.max_blocks(device)
-            for i, (p, g) in enumerate(zip(p_views, g_views)):
-                if p.size == 0:
-                    continue
-                kernel = _kernels.function(base, p.dtype, device)
-                grid, block = _kernels.launch_shape(p.size, blocks)
-                kernel(grid, block, _kernels.kernel_args(p, g, [s[i] for s in s_views], scalars))
-
-    def run_sonew(self, step, params, grads, mus, bands, nus=None, g_views=None) -> list:
-        """SONew's fused step (``sonew.cu``), in place on every leaf; returns per-leaf
-        ``(removed_edges, fallback_rows)`` as ints (one device-to-host read for all leaves)."""
-        if not params:
-            return []
-        import cupy
-
-        with _on_device_stream(params[0]):
-            p_views = self.views(params)
-            g_views = g_views if g_views is not None else self.views(grads)
-            m_views = self.views(mus)
-            b_views = self.views(bands)
-            device = p_views[0].device.id
-            blocks = _kernels.max_blocks(device)
-            k = len(p_views)
-            norms = cupy.zeros((k, 2), dtype=np.float64)
-            counts = cupy.zeros((k, 2), dtype=np.uint64)
-            rowmax: dict = {}
-            nu_views = self.views(nus) if nus is not None else [None] * k
-            for i, (p, g, m, band) in enumerate(zip(p_views, g_views, m_views, b_views)):
-                n = p.size
-                if n == 0:
-                    continue
-                b = int(bands[i].shape[1]) - 1
-                if step.block_size is not None:  # block-local: one launch, one thread block per block
-                    nu = nu_views[i] if nu_views[i] is not None else cupy.zeros(1, dtype=p.dtype)
-                    base, grid, block, args = _kernels.sonew_block_launch(
-                        step, p, g, m, band, nu, b, counts[i], cupy.empty(max(1, n * b), dtype=p.dtype),
-                        cupy.empty(n, dtype=p.dtype), cupy.empty(n, dtype=p.dtype), len(params[i].shape) <= 1)
-                    _kernels.function(base, p.dtype, device)(grid, block, args)
-                    continue
-                rm = rowmax.get(p.dtype)
-                if rm is None:
-                    rm = rowmax[p.dtype] = cupy.zeros(k, dtype=p.dtype)
-                u = None if step.graft == "none" else cupy.empty(n, dtype=p.dtype)
-                psi = t = None
-                if b != 1:
-                    psi, t = cupy.empty(n * b, dtype=p.dtype), cupy.empty(n, dtype=p.dtype)
-                grid, block = _kernels.launch_shape(n, blocks)
-                for base, args in _kernels.sonew_launches(step, p, g, m, band, b,
-                                                          norms[i], counts[i], rm[i:i + 1],
-                                                          u, psi, t):
-                    _kernels.function(base, p.dtype, device)(grid, block, args)
-            host = counts.get()
-        return [(int(e), int(f)) for e, f in host]
+        entry = self.table.get(op)
+        if entry is None:
+            raise ValueError(f"cupy_cuda: no kernel for op {op!r} (ops: {', '.join(sorted(self.ops))})")
+        with _on_device_stream(params[0]) if params else contextlib.nullcontext():
+            return entry.module.run(self, op, params, grads, states, step, g_views)
 
 
 BACKEND = CupyCUDA()

@@ -13,25 +13,36 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
+from . import first_order
+from ._loader import kernel_file, launch_shape, max_blocks
 
-__all__ = ["run"]
+__all__ = ["KERNELS", "OPS", "run"]
+
+# eva.cu reads a weight as (d_out, d_in) rows; Eva-s has no kernel
+OPS = {"eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})}}
+# eva_row_reduce (G, a, rows, n, rowdot, rowsq) and
+# eva_apply (p, G, buf, a, coef, rows, n, scale, lr, mu, wd, int nesterov, int use_buf)
+KERNELS = kernel_file("eva.cu", ("eva_row_reduce", "eva_apply"))
 
 
-def run(backend, step, params, grads, bufs, layers, g_views=None):
-    """Eva's step in place (``layers``: ``(i, b, ā, ḡ)`` per weight, as for the Numba driver);
-    returns ``False``, having written nothing, when a preconditioned gradient is not finite."""
+def run(backend, op, params, grads, states, step, g_views=None):
+    """Eva's step in place; ``states = [momentum buffers or None, layers]`` (``layers``: ``(i, b,
+    ā, ḡ)`` per weight, as for the Numba driver). Returns ``False``, having written nothing, when
+    a preconditioned gradient is not finite, else ``None``."""
+    if not params:
+        return None
     import cupy
 
     from arrayopt.eva.math import kl_scale
 
+    bufs, layers = states
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     b_views = backend.views(bufs) if bufs else None
     dtype = p_views[0].dtype
     dt = dtype.type
     device = p_views[0].device.id
-    blocks = _kernels.max_blocks(device)
+    blocks = max_blocks(device)
     damping = dt(step.damping)
     plans, scalars = [], []
     for i, b, a, g in layers:
@@ -40,8 +51,8 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
         G = g_views[i]
         n_in = G.size // rows
         rowdot, rowsq = cupy.empty(rows, dtype), cupy.empty(rows, dtype)
-        grid, block = _kernels.launch_shape(rows, blocks)
-        _kernels.function("eva_row_reduce", dtype, device)(
+        grid, block = launch_shape(rows, blocks)
+        KERNELS.function("eva_row_reduce", dtype, device)(
             grid, block, (G, a, np.int64(rows), np.int64(n_in), rowdot, rowsq))
         if b is not None:
             gb = g_views[b]
@@ -89,17 +100,18 @@ def run(backend, step, params, grads, bufs, layers, g_views=None):
             if leaf is None:
                 continue
             buf = b_views[leaf] if b_views is not None else dummy
-            grid, block = _kernels.launch_shape(rows * n, blocks)
-            _kernels.function("eva_apply", dtype, device)(
+            grid, block = launch_shape(rows * n, blocks)
+            KERNELS.function("eva_apply", dtype, device)(
                 grid, block, (p_views[leaf], g_views[leaf], buf, a_part, coef, np.int64(rows), np.int64(n),
                               scale, lr, mu, wd, *flags))
             done.add(leaf)
     sgd = (step.lr, step.momentum, step.weight_decay, step.nesterov)
-    base = _kernels.kernel_base("sgd", 1 if b_views is not None else 0)
+    base = first_order.kernel_base("sgd", 1 if b_views is not None else 0)
     for k, (p, g) in enumerate(zip(p_views, g_views)):
         if k in done or p.size == 0:
             continue
-        states = [b_views[k]] if b_views is not None else []
-        grid, block = _kernels.launch_shape(p.size, blocks)
-        _kernels.function(base, p.dtype, device)(grid, block, _kernels.kernel_args(p, g, states, sgd))
+        leaf_states = [b_views[k]] if b_views is not None else []
+        grid, block = launch_shape(p.size, blocks)
+        kernel = first_order.KERNELS.function(base, p.dtype, device)
+        kernel(grid, block, first_order.kernel_args(p, g, leaf_states, sgd))
     return None

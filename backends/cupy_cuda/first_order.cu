@@ -21,7 +21,7 @@
 // tuple of the optimizer's `step_scalars(t, lr)`, typed as the array dtype (float or double);
 // SGD's `nesterov` flag is an int (0/1). `n` is a long long element count.
 //
-// No system headers are needed under NVRTC (CuPy's default compiler); _kernels inlines
+// No system headers are needed under NVRTC (CuPy's default compiler); _loader inlines
 // rn_ops.cuh into the source it hands to NVRTC.
 
 #include "rn_ops.cuh"

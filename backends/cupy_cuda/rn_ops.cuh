@@ -1,5 +1,5 @@
 // IEEE-754 round-to-nearest float operations shared by the CUDA kernels of arrayopt
-// (first_order.cu, sonew.cu), as __host__ __device__ functions in `arrayopt::ieee`.
+// (every .cu of the backend), as __host__ __device__ functions in `arrayopt::ieee`.
 //
 // On the device every operation is an explicit PTX instruction *without* `.ftz`: CuPy appends
 // `-ftz=true` to every RawModule compile (it overrides a user `-ftz=false`, cupy/cupy#9576),
@@ -8,7 +8,7 @@
 // into FMA. On the host they are the plain C operators (compile with -ffp-contract=off).
 // Both are exactly IEEE, so the device, the host harness and NumPy round identically.
 //
-// `_kernels.source_text()` inlines this header into the .cu text given to NVRTC (so CuPy's
+// `_loader.source_text()` inlines this header into the .cu text given to NVRTC (so CuPy's
 // kernel cache key covers it and no include path is needed); nvcc finds it beside the .cu.
 
 #ifndef ARRAYOPT_RN_OPS_CUH

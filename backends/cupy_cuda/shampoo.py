@@ -5,16 +5,23 @@ one launch per block updates ``D`` in place and overwrites ``Ĝ`` with ``X``.
 
 from __future__ import annotations
 
-from . import _kernels
+import numpy as np
 
-__all__ = ["run"]
+from ._loader import kernel_file, launch_shape, max_blocks
+
+__all__ = ["KERNELS", "OPS", "run"]
+
+# the eigenbasis second moment and scaled step, any β
+OPS = {"shampoo_corrected": {}}
+# shampoo_corrected_moment (x, d, n, decay, weight, inv_bias, eps)
+KERNELS = kernel_file("shampoo.cu", ("shampoo_corrected_moment",))
 
 
-def run(backend, step, rotated, moments) -> list:
-    """``step`` (a ``CorrectedMomentStep``) on each block in place; returns the ``X`` arrays (``Ĝ``
-    itself, or its contiguous copy where ``Ĝ`` was not contiguous)."""
-    import numpy as np
-
+def run(backend, op, params, grads, states, step, g_views=None) -> list:
+    """``step`` (a ``CorrectedMomentStep``) in place on each block: ``params`` are the rotated
+    blocks ``Ĝ``, ``states = [second moments D]``, ``grads`` unused. Returns the ``X`` arrays
+    (``Ĝ`` itself, or its contiguous copy where ``Ĝ`` was not contiguous)."""
+    rotated, moments = params, states[0]
     out = []
     for gh, d in zip(rotated, moments):
         if not getattr(gh, "is_contiguous", lambda: gh.flags.c_contiguous)():
@@ -23,8 +30,8 @@ def run(backend, step, rotated, moments) -> list:
         if x.size:
             dt = x.dtype.type
             device = x.device.id
-            grid, block = _kernels.launch_shape(x.size, _kernels.max_blocks(device))
-            _kernels.function("shampoo_corrected_moment", x.dtype, device)(
+            grid, block = launch_shape(x.size, max_blocks(device))
+            KERNELS.function("shampoo_corrected_moment", x.dtype, device)(
                 grid, block, (x, dv, np.int64(x.size), dt(step.decay), dt(step.weight), dt(step.inv_bias),
                               dt(step.eps)))
         out.append(gh)

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
+from ...sketchy.step import GRAFT_CODES
 
-__all__ = ["run"]
+from ._loader import kernel_file, launch_shape, max_blocks
+
+__all__ = ["KERNELS", "OPS", "run"]
+
+# as numba_cpu: rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n takes the reference
+OPS = {"sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})}}
+# sketchy_norms (g, acc, d, n, int kind, b2, omb2, eps, bc2s, double* part_a, double* part_d) and
+# sketchy_write (p, g, acc, d, m, n, int kind, int precond, scale, b2, omb2, eps, bc2s, b1, w1,
+# int nesterov, int use_m, wd, lr); kind: SketchyStep.graft_code
+KERNELS = kernel_file("sketchy.cu", ("sketchy_norms", "sketchy_write"))
 
 
 def _scaled_norm(x) -> float:
@@ -22,12 +31,14 @@ def _scaled_norm(x) -> float:
     return 0.0 if s == 0.0 else s * float(np.sqrt(float(((x / s) * (x / s)).sum())))
 
 
-def run(backend, step, params, grads, accs, moms, directions, g_views=None):
-    """Sketchy's step in place; arguments as for the Numba driver."""
+def run(backend, op, params, grads, states, step, g_views=None):
+    """Sketchy's step in place; ``states = [graft accumulators or None, momentum or None,
+    directions D]`` (``None`` for a leaf that takes the graft step only)."""
+    if not params:
+        return None
     import cupy
 
-    from ..numba_cpu.sketchy import KIND
-
+    accs, moms, directions = states
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     a_views = backend.views(accs) if accs else None
@@ -35,8 +46,8 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
     dtype = p_views[0].dtype
     dt = dtype.type
     device = p_views[0].device.id
-    blocks = _kernels.max_blocks(device)
-    kind = KIND["sgd" if step.graft == "none" else step.graft]
+    blocks = max_blocks(device)
+    kind = step.graft_code
     sc = (dt(step.graft_b2), dt(1.0 - step.graft_b2), dt(step.graft_eps), dt(step.graft_bc2 ** 0.5))
     dummy = cupy.empty(1, dtype)
     d_views, sums, normed = [], [], []
@@ -46,10 +57,10 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
         if d is None or step.graft == "none" or p.size == 0:
             continue
         acc = a_views[i] if a_views is not None else dummy
-        grid, block = _kernels.launch_shape(p.size, blocks)
+        grid, block = launch_shape(p.size, blocks)
         part_a = cupy.zeros(grid[0] * block[0], np.float64)
         part_d = cupy.zeros(grid[0] * block[0], np.float64)
-        _kernels.function("sketchy_norms", dtype, device)(
+        KERNELS.function("sketchy_norms", dtype, device)(
             grid, block, (g, acc, d, np.int64(p.size), np.int32(kind), *sc, part_a, part_d))
         sums += [part_a.sum(), part_d.sum()]
         normed.append(i)
@@ -60,9 +71,9 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
         na, nd = float(np.sqrt(sa)), float(np.sqrt(sd))
         if dtype == np.float64 and not (0.0 < sa < np.inf and 0.0 < sd < np.inf):
             g, acc = g_views[i], (a_views[i] if a_views is not None else None)
-            if kind == 0:
+            if kind == GRAFT_CODES["sgd"]:
                 a = g
-            elif kind == 3:
+            elif kind == GRAFT_CODES["adam"]:
                 a = g / (acc ** 0.5 / sc[3] + sc[2])
             else:
                 a = g / (acc ** 0.5 + sc[2])
@@ -75,8 +86,8 @@ def run(backend, step, params, grads, accs, moms, directions, g_views=None):
             continue
         d = d_views[i]
         scale = scales.get(i, dt(1.0)) if d is not None else dt(0.0)
-        grid, block = _kernels.launch_shape(p.size, blocks)
-        _kernels.function("sketchy_write", dtype, device)(
+        grid, block = launch_shape(p.size, blocks)
+        KERNELS.function("sketchy_write", dtype, device)(
             grid, block, (p, g, a_views[i] if a_views is not None else dummy, d if d is not None else dummy,
                           m_views[i] if m_views is not None else dummy, np.int64(p.size), np.int32(kind),
                           np.int32(d is not None), scale, *sc, dt(step.b1), w1, *flags,

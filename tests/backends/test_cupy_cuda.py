@@ -2,8 +2,9 @@
 
 Without a GPU (``backends/cupy_cuda/README.md``):
 
-- every ``.cu`` file compiles with ``nvcc -arch=sm_90 --cubin`` and the options CuPy uses;
-  the PTX has only IEEE ``.rn`` float arithmetic (no FMA, no flush-to-zero);
+- every ``.cu`` file compiles with ``nvcc -arch=sm_90 --cubin`` and the options CuPy uses,
+  with every kernel its op module loads instantiated for float and double; the PTX has only
+  IEEE ``.rn`` float arithmetic (no FMA, no flush-to-zero);
 - the same source built for the host (``-DARRAYOPT_HOST_HARNESS``) matches each optimizer's
   ``reference()`` on random inputs (hypothesis), with the scalars of ``step_scalars`` packed
   exactly as the backend packs them for CuPy;
@@ -31,7 +32,7 @@ import arrayopt as ao
 from arrayopt import _tree, dispatch
 from arrayopt._xp import Namespace, resolve
 from arrayopt.backends import cupy_cuda
-from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.backends.cupy_cuda import _loader, first_order
 
 try:
     from . import _cuda_host_harness as hh
@@ -39,6 +40,9 @@ except ImportError:  # tests/ is not a package: pytest put it on sys.path
     import _cuda_host_harness as hh
 
 FLOATS = [np.float32, np.float64]
+# the op table: op -> OpEntry(module, capabilities); every op module's kernels are one KernelFile
+TABLE = cupy_cuda.CupyCUDA.table
+KERNEL_FILES = {entry.module.KERNELS.path: entry.module.KERNELS for entry in TABLE.values()}
 KINDS = ["sgd", "sgd_momentum", "sgd_nesterov", "adam", "adamw", "adagrad"]
 needs_nvcc = pytest.mark.skipif(hh.nvcc() is None, reason="nvcc is not on PATH")
 SETTINGS = settings(max_examples=25, deadline=None,
@@ -111,15 +115,13 @@ def assert_parity(actual, expected, dtype):
 @needs_nvcc
 @pytest.mark.parametrize("src", hh.cu_files(), ids=lambda p: p.name)
 def test_cu_compiles_to_sm90_cubin(src, tmp_path):
-    options = _kernels.COMPILE_OPTIONS + _kernels.CUPY_ADDED_OPTIONS
+    options = _loader.COMPILE_OPTIONS + _loader.CUPY_ADDED_OPTIONS
     proc, cubin, ptx = hh.compile_cubin(src, tmp_path, options)
     assert proc.returncode == 0, f"nvcc failed on {src.name}:\n{proc.stderr}"
     assert cubin.is_file() and cubin.stat().st_size > 0
-    if src != _kernels.SOURCE:
-        return
     # every kernel CuPy will look up is instantiated for float and double
     data = cubin.read_bytes()
-    for base in _kernels.KERNEL_BASES:
+    for base in KERNEL_FILES[src].bases:
         for code in "fd":
             mangled = f"{len(base)}{base}I{code}E".encode()
             assert mangled in data, f"{base}<{code}> missing from the cubin"
@@ -143,11 +145,11 @@ def test_nvrtc_compiles_like_cupy():
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set "
                     "ARRAYOPT_NVRTC_PATH / ARRAYOPT_NVRTC_LIB)")
-    options = _kernels.COMPILE_OPTIONS + _kernels.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
-    ptx, lowered, log = hh.nvrtc_compile(lib, _kernels.source_text(_kernels.SOURCE), options,
-                                         _kernels.NAME_EXPRESSIONS)
+    options = _loader.COMPILE_OPTIONS + _loader.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
+    ptx, lowered, log = hh.nvrtc_compile(lib, _loader.source_text(first_order.KERNELS.path), options,
+                                         first_order.KERNELS.name_expressions)
     assert "warning" not in log.lower(), log
-    assert set(lowered) == set(_kernels.NAME_EXPRESSIONS)
+    assert set(lowered) == set(first_order.KERNELS.name_expressions)
     for expression, mangled in lowered.items():
         assert re.search(rf"\.entry\s+{re.escape(mangled)}\(", ptx), expression
     assert_ieee_ptx(ptx)
@@ -160,7 +162,7 @@ def test_nvrtc_compiles_like_cupy():
 def harness(tmp_path_factory):
     if hh.nvcc() is None:
         pytest.skip("nvcc is not on PATH")
-    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    return hh.shared_harness(first_order.KERNELS.path, tmp_path_factory)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
@@ -183,9 +185,9 @@ def test_host_kernel_matches_reference(harness, kind, dtype, hp, n, seed, p_exp,
     scalars = opt.step_scalars(hp["t"], hp["lr"])
     p_ref, s_ref = reference_step(opt, p, g, states, scalars)
 
-    base = _kernels.kernel_base(opt.kernel_op, len(opt.state_names))
+    base = first_order.kernel_base(opt.kernel_op, len(opt.state_names))
     p_h, g_h, s_h = p.copy(), g.copy(), [s.copy() for s in states]
-    harness.launch(base, dtype, _kernels.kernel_args(p_h, g_h, s_h, scalars))
+    harness.launch(base, dtype, first_order.kernel_args(p_h, g_h, s_h, scalars))
 
     assert_parity(p_h, p_ref, dtype)
     for a, b in zip(s_h, s_ref):
@@ -203,8 +205,8 @@ def test_host_count_nonfinite_matches_numpy(harness, dtype, data):
     assert harness.count_nonfinite(x) == expected
     # the counter accumulates, so several leaves share one counter and one read
     counter = np.full(1, 7, np.uint64)
-    harness.launch("count_nonfinite", dtype, _kernels.count_args(x, counter))
-    harness.launch("count_nonfinite", dtype, _kernels.count_args(x, counter))
+    harness.launch("count_nonfinite", dtype, first_order.count_args(x, counter))
+    harness.launch("count_nonfinite", dtype, first_order.count_args(x, counter))
     assert int(counter[0]) == 7 + 2 * expected
 
 
@@ -217,7 +219,7 @@ def test_host_kernel_sgd_nesterov_flag_is_honoured(harness):
         buf = [np.full(4, 2.0, np.float32)]
         p_h = p.copy()
         harness.launch("sgd_momentum_step", np.float32,
-                       _kernels.kernel_args(p_h, g, buf, opt.step_scalars(1, 0.1)))
+                       first_order.kernel_args(p_h, g, buf, opt.step_scalars(1, 0.1)))
         results[nesterov] = p_h[0]
     # buf = 2*0.9 + 0.5 = 2.3; heavy ball: 1 - 0.1*2.3; Nesterov: 1 - 0.1*(0.5 + 0.9*2.3)
     assert results[False] == np.float32(1) - np.float32(0.1) * np.float32(2.3)
@@ -228,36 +230,31 @@ def test_host_kernel_sgd_nesterov_flag_is_honoured(harness):
 
 
 def test_kernel_table_covers_every_optimizer():
-    src = _kernels.SOURCE.read_text()
+    src = first_order.KERNELS.path.read_text()
     for opt in (ao.sgd(0.1), ao.sgd(0.1, momentum=0.9), ao.adam(), ao.adamw(), ao.adagrad()):
-        assert opt.kernel_op in cupy_cuda.BACKEND.ops
-        base = _kernels.kernel_base(opt.kernel_op, len(opt.state_names))
+        assert TABLE[opt.kernel_op].module is first_order
+        base = first_order.kernel_base(opt.kernel_op, len(opt.state_names))
         assert re.search(rf"__global__ void {base}\(", src), base
-    assert re.search(rf"__global__ void {_kernels.COUNT_KERNEL}\(", src)
+    assert re.search(rf"__global__ void {first_order.COUNT_KERNEL}\(", src)
     with pytest.raises(ValueError, match="no kernel"):
-        _kernels.kernel_base("adam", 1)
-    assert set(_kernels.NAME_EXPRESSIONS) == {
-        f"arrayopt::{b}<{t}>" for b in _kernels.KERNEL_BASES for t in ("float", "double")}
+        first_order.kernel_base("adam", 1)
+    for kernels in KERNEL_FILES.values():
+        assert set(kernels.name_expressions) == {
+            f"arrayopt::{b}<{t}>" for b in kernels.bases for t in ("float", "double")}
     with pytest.raises(TypeError):
-        _kernels.kernel_name("adam_step", np.float16)
+        _loader.kernel_name("adam_step", np.float16)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
 def test_kernel_args_are_typed(dtype):
     p, g, s = np.zeros(5, dtype), np.zeros(5, dtype), np.zeros(5, dtype)
-    args = _kernels.kernel_args(p, g, [s], ao.sgd(0.1, momentum=0.5, nesterov=True).step_scalars(1, 0.1))
+    args = first_order.kernel_args(p, g, [s], ao.sgd(0.1, momentum=0.5, nesterov=True).step_scalars(1, 0.1))
     assert args[:3] == (p, g, s)
     assert type(args[3]) is np.int64 and args[3] == 5
     assert [type(a) for a in args[4:]] == [np.dtype(dtype).type] * 3 + [np.int32]
     assert args[-1] == 1
-    args = _kernels.kernel_args(p, g, [s, s], ao.adam().step_scalars(3, 1e-3))
+    args = first_order.kernel_args(p, g, [s, s], ao.adam().step_scalars(3, 1e-3))
     assert [type(a) for a in args[5:]] == [np.dtype(dtype).type] * 8
-
-
-def test_launch_shape():
-    assert _kernels.launch_shape(1, 100) == ((1,), (_kernels.BLOCK,))
-    assert _kernels.launch_shape(_kernels.BLOCK + 1, 100) == ((2,), (_kernels.BLOCK,))
-    assert _kernels.launch_shape(10**10, 100) == ((100,), (_kernels.BLOCK,))
 
 
 # ---------------------------------------------------------------- availability (no GPU needed)
@@ -265,7 +262,8 @@ def test_launch_shape():
 
 def test_backend_is_registered_and_has_the_interface():
     b = cupy_cuda.BACKEND
-    assert b.name == "cupy_cuda" and b.ops == frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy", "shampoo_corrected"})
+    assert b.name == "cupy_cuda" and b.ops == frozenset(TABLE) and b.ops
+    assert isinstance(b, dispatch.Backend)
     assert any(x is b for x in dispatch.backends())
     for method in ("available", "reason", "accepts", "views", "all_finite", "run"):
         assert callable(getattr(b, method))
@@ -363,20 +361,8 @@ def emulated(harness, monkeypatch):
     """A fresh backend whose ``cupy`` is the fake one of ``_cuda_host_harness``."""
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(harness, launches))
-    monkeypatch.setattr(_kernels, "_modules", {})
-    monkeypatch.setattr(_kernels, "_functions", {})
-    monkeypatch.setattr(_kernels, "_max_blocks", {})
+    hh.fresh_loader(monkeypatch)
     return cupy_cuda.CupyCUDA(), launches
-
-
-def test_emulated_available_and_module(emulated):
-    backend, _ = emulated
-    assert backend.available() is True and "CuPy arrays" in backend.reason()
-    mod = _kernels.module()
-    assert mod.code == _kernels.source_text(_kernels.SOURCE)
-    assert mod.options == _kernels.COMPILE_OPTIONS and "-fmad=false" in mod.options
-    assert mod.name_expressions == _kernels.NAME_EXPRESSIONS
-    assert _kernels.max_blocks(0) == 64
 
 
 def test_emulated_accepts(emulated):
@@ -428,7 +414,7 @@ def test_emulated_step_matches_reference(emulated, kind, dtype):
         for j, n in enumerate(opt.state_names):
             assert_parity(dev_s[j][i].view(np.ndarray), ref_s[n][i], dtype)
     ctype = "float" if dtype == np.float32 else "double"
-    base = _kernels.kernel_base(opt.kernel_op, len(opt.state_names))
+    base = first_order.kernel_base(opt.kernel_op, len(opt.state_names))
     steps = [e for e, _, _ in launches if not e.startswith("arrayopt::count_nonfinite")]
     counts = [e for e, _, _ in launches if e.startswith("arrayopt::count_nonfinite")]
     assert steps == [f"arrayopt::{base}<{ctype}>"] * (3 * 3)  # the empty leaf is skipped
@@ -522,7 +508,7 @@ def test_cupy_float32_subnormals_are_not_flushed(kind):
 def test_cupy_large_array_uses_grid_stride():
     import cupy
 
-    n = 4 * _kernels.max_blocks(0) * _kernels.BLOCK + 3  # several elements per thread
+    n = 4 * _loader.max_blocks(0) * _loader.BLOCK + 3  # several elements per thread
     rng = np.random.default_rng(2)
     p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     opt = ao.sgd(0.1, weight_decay=0.01)

@@ -17,7 +17,7 @@ import arrayopt as ao
 from arrayopt import dispatch
 from arrayopt._xp import resolve
 from arrayopt.backends import cupy_cuda
-from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.backends.cupy_cuda import eva, first_order
 from arrayopt.linalg import kl_scale
 
 try:
@@ -25,7 +25,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     import _cuda_host_harness as hh
 
-EVA_CU = hh.CU_DIR / "eva.cu"
+EVA_CU = eva.KERNELS.path
 needs_nvcc = pytest.mark.skipif(hh.nvcc() is None, reason="nvcc is not on PATH")
 needs_cuda = pytest.mark.skipif(not cupy_cuda.BACKEND.available(), reason="needs a CUDA device and cupy")
 
@@ -78,7 +78,7 @@ def test_host_kernels_give_the_reference_step(eva_harness, dtype, rtol, variant,
 
 @pytest.fixture(scope="module")
 def fo_harness(tmp_path_factory):
-    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    return hh.shared_harness(first_order.KERNELS.path, tmp_path_factory)
 
 
 @pytest.fixture
@@ -88,8 +88,7 @@ def emulated(eva_harness, fo_harness, monkeypatch):
     fo = fo_harness
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(eva_harness, fo), launches))
-    for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
-        monkeypatch.setattr(_kernels, name, value)
+    hh.fresh_loader(monkeypatch)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     return launches

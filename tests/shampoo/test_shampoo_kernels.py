@@ -133,13 +133,12 @@ def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_fac
     build of ``shampoo.cu``: whole steps equal the reference bit for bit."""
     import sys
 
-    from arrayopt.backends.cupy_cuda import _kernels
+    from arrayopt.backends.cupy_cuda import first_order
 
     launches = []
-    fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    fo = hh.shared_harness(first_order.KERNELS.path, tmp_path_factory)
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(shampoo_harness, fo), launches))
-    for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
-        monkeypatch.setattr(_kernels, name, value)
+    hh.fresh_loader(monkeypatch)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     kw = dict(b2=0.95, root_method="qr", block_size=16, eps=1e-8)

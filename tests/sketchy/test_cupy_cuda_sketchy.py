@@ -18,14 +18,15 @@ import arrayopt as ao
 from arrayopt import dispatch
 from arrayopt._xp import resolve
 from arrayopt.backends import cupy_cuda
-from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.backends.cupy_cuda import first_order, sketchy
+from arrayopt.sketchy.step import GRAFT_CODES, SketchyStep
 
 try:
     from . import _cuda_host_harness as hh
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     import _cuda_host_harness as hh
 
-SKETCHY_CU = hh.CU_DIR / "sketchy.cu"
+SKETCHY_CU = sketchy.KERNELS.path
 needs_nvcc = pytest.mark.skipif(hh.nvcc() is None, reason="nvcc is not on PATH")
 needs_cuda = pytest.mark.skipif(not cupy_cuda.BACKEND.available(), reason="needs a CUDA device and cupy")
 CONFIGS = [
@@ -50,6 +51,7 @@ def sketchy_harness(tmp_path_factory):
 def test_host_norms_give_the_graft_direction(sketchy_harness, dtype, graft, kind):
     from arrayopt import grafting
 
+    assert GRAFT_CODES[graft] == kind  # the codes both backends read from the step
     rng = np.random.default_rng(1)
     g, d = rng.normal(size=50).astype(dtype), rng.normal(size=50).astype(dtype)
     acc0 = rng.random(50).astype(dtype)
@@ -66,6 +68,18 @@ def test_host_norms_give_the_graft_direction(sketchy_harness, dtype, graft, kind
     np.testing.assert_allclose(part_d[0], np.sum(d.astype(np.float64) ** 2), rtol=1e-12)
 
 
+def test_step_graft_code_is_the_kernels_code_of_the_direction():
+    def step(graft):
+        return SketchyStep(lr=0.1, graft=graft, graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0,
+                           ema=False, nesterov=False, weight_decay=0.0)
+
+    assert {g: step(g).graft_code for g in GRAFT_CODES} == GRAFT_CODES
+    assert step("none").graft_code == GRAFT_CODES["sgd"]  # a graft-only leaf steps with a = g
+    for graft in ("sqrt_n", "rmsprop_normalized"):  # not fused: no code
+        with pytest.raises(ValueError, match=f"graft='{graft}' has no kernel code"):
+            step(graft).graft_code
+
+
 # ---------------------------------------------------------------- full steps on a fake device
 
 
@@ -73,11 +87,10 @@ def test_host_norms_give_the_graft_direction(sketchy_harness, dtype, graft, kind
 def emulated(sketchy_harness, tmp_path_factory, monkeypatch):
     import sys
 
-    fo = hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    fo = hh.shared_harness(first_order.KERNELS.path, tmp_path_factory)
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(sketchy_harness, fo), launches))
-    for name, value in (("_modules", {}), ("_functions", {}), ("_max_blocks", {})):
-        monkeypatch.setattr(_kernels, name, value)
+    hh.fresh_loader(monkeypatch)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
     return launches
@@ -114,15 +127,12 @@ def test_emulated_device_steps_match_the_reference(emulated, dtype, tol, k):
 def test_emulated_float64_norms_past_float64_squares_take_the_scaled_norm(emulated, scale):
     """Float64 sums of squares that overflow or underflow: the driver takes the scaled norms."""
     from arrayopt import grafting
-    from arrayopt.backends.cupy_cuda.sketchy import run
-    from arrayopt.sketchy.step import SketchyStep
-
     rng = np.random.default_rng(3)
     g, d = rng.standard_normal(50) * scale, rng.standard_normal(50) * scale
     p = hh.as_fake(np.zeros(50))
     step = SketchyStep(lr=0.1, graft="sgd", graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0, ema=False,
                        nesterov=False, weight_decay=0.0)
-    run(hh.emulated_backend(), step, [p], [hh.as_fake(g)], None, None, [hh.as_fake(d)])
+    sketchy.run(hh.emulated_backend(), "sketchy", [p], [hh.as_fake(g)], [None, None, [hh.as_fake(d)]], step)
     want = -0.1 * (d * (grafting.norm(np, g) / grafting.norm(np, d)))
     np.testing.assert_allclose(np.asarray(p), want, rtol=1e-13, atol=0)
 

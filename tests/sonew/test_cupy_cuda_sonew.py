@@ -32,7 +32,7 @@ import arrayopt as ao
 from arrayopt import dispatch
 from arrayopt._xp import Namespace, resolve
 from arrayopt.backends import cupy_cuda
-from arrayopt.backends.cupy_cuda import _kernels
+from arrayopt.backends.cupy_cuda import _loader, first_order, sonew
 from arrayopt.sonew.math import sonew_apply, sonew_factor, sonew_factor_guarded
 
 try:
@@ -54,12 +54,12 @@ SETTINGS = settings(max_examples=30, deadline=None,
 
 @needs_nvcc
 def test_sonew_cu_compiles_to_sm90_cubin_with_ieee_ptx(tmp_path):
-    options = _kernels.COMPILE_OPTIONS + _kernels.CUPY_ADDED_OPTIONS
-    proc, cubin, ptx = hh.compile_cubin(_kernels.SONEW_SOURCE, tmp_path, options)
+    options = _loader.COMPILE_OPTIONS + _loader.CUPY_ADDED_OPTIONS
+    proc, cubin, ptx = hh.compile_cubin(sonew.KERNELS.path, tmp_path, options)
     assert proc.returncode == 0, f"nvcc failed on sonew.cu:\n{proc.stderr}"
     assert "warning" not in proc.stderr.lower(), proc.stderr
     data = cubin.read_bytes()
-    for base in _kernels.SONEW_KERNEL_BASES:
+    for base in sonew.KERNELS.bases:
         for code in "fd":
             assert f"{len(base)}{base}I{code}E".encode() in data, f"{base}<{code}> missing"
     assert ptx is not None, "nvcc --keep left no PTX"
@@ -76,20 +76,36 @@ def test_sonew_nvrtc_compiles_like_cupy():
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set "
                     "ARRAYOPT_NVRTC_PATH / ARRAYOPT_NVRTC_LIB)")
-    options = _kernels.COMPILE_OPTIONS + _kernels.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
-    ptx, lowered, log = hh.nvrtc_compile(lib, _kernels.source_text(_kernels.SONEW_SOURCE),
-                                         options, _kernels.SONEW_NAME_EXPRESSIONS)
+    options = _loader.COMPILE_OPTIONS + _loader.CUPY_ADDED_OPTIONS + ("-arch=compute_90",)
+    ptx, lowered, log = hh.nvrtc_compile(lib, _loader.source_text(sonew.KERNELS.path),
+                                         options, sonew.KERNELS.name_expressions)
     assert "warning" not in log.lower(), log
-    assert set(lowered) == set(_kernels.SONEW_NAME_EXPRESSIONS)
+    assert set(lowered) == set(sonew.KERNELS.name_expressions)
     assert_ieee_ptx(ptx)
 
 
-def test_source_text_inlines_the_shared_header():
-    for src in (_kernels.SOURCE, _kernels.SONEW_SOURCE):
-        text = _kernels.source_text(src)
-        assert '#include "rn_ops.cuh"' in src.read_text()
+def test_source_text_inlines_the_local_headers_once():
+    """NVRTC gets one text: every local header inlined (nested ones too: ``sonew_rows.cuh``
+    includes ``rn_ops.cuh``), each once, and nothing left to include but ``<math.h>``."""
+    assert '#include "rn_ops.cuh"' in first_order.KERNELS.path.read_text()
+    assert '#include "sonew_rows.cuh"' in sonew.KERNELS.path.read_text()
+    assert '#include "rn_ops.cuh"' in (hh.CU_DIR / "sonew_rows.cuh").read_text()
+    for src in (first_order.KERNELS.path, sonew.KERNELS.path):
+        text = _loader.source_text(src)
         assert "#include" not in text.replace("#include <math.h>", "")
-        assert "namespace ieee" in text
+        assert text.count("namespace ieee {") == 1 and text.count("#define ARRAYOPT_RN_OPS_CUH") == 1
+    text = _loader.source_text(sonew.KERNELS.path)
+    assert "bool gt(" in text and "stats_row(" in text and "host_sonew_stats_" in text
+
+
+def test_cuda_graft_enum_equals_the_step_graft_codes():
+    """``sonew_rows.cuh``'s ``GRAFT_*`` enum is the kernels' copy of ``arrayopt.sonew.step.GRAFT_CODES``."""
+    from arrayopt.sonew.step import GRAFT_CODES
+
+    text = (hh.CU_DIR / "sonew_rows.cuh").read_text()
+    body = re.search(r"enum\s*\{([^}]*)\}", text).group(1)
+    enum = {name.lower(): int(value) for name, value in re.findall(r"GRAFT_(\w+)\s*=\s*(\d+)", body)}
+    assert enum == GRAFT_CODES
 
 
 # ---------------------------------------------------------------- host harness
@@ -99,7 +115,7 @@ def test_source_text_inlines_the_shared_header():
 def sonew_harness(tmp_path_factory):
     if hh.nvcc() is None:
         pytest.skip("nvcc is not on PATH")
-    return hh.HostHarness(hh.build_harness(_kernels.SONEW_SOURCE,
+    return hh.HostHarness(hh.build_harness(sonew.KERNELS.path,
                                            tmp_path_factory.mktemp("sonew_harness")))
 
 
@@ -107,7 +123,7 @@ def sonew_harness(tmp_path_factory):
 def fo_harness(tmp_path_factory):
     if hh.nvcc() is None:
         pytest.skip("nvcc is not on PATH")
-    return hh.shared_harness(_kernels.SOURCE, tmp_path_factory)
+    return hh.shared_harness(first_order.KERNELS.path, tmp_path_factory)
 
 
 def _band_of(H, b):
@@ -180,7 +196,7 @@ def test_host_factor_apply_match_reference(sonew_harness, dtype, b, n, seed, ran
     kept_real = np.minimum(kept, real)
     removed, fallback = int(np.sum(real - kept_real)), int(np.sum(kept_real < real))
     # the chosen kernel (b fixed for 2..8) against the runtime-b kernels, bit for bit
-    kernels = [_kernels.sonew_factor_kernel(b)] + (["sonew_band_factor_8", "sonew_band_factor_32"]
+    kernels = [sonew.factor_kernel(b)] + (["sonew_band_factor_8", "sonew_band_factor_32"]
                                                    if b <= 8 else [])
     if b == 1:
         kernels.append("sonew_tri_precond")
@@ -230,9 +246,7 @@ def test_host_rank_one_band_triggers_edge_removal(sonew_harness, dtype):
 def emulated(sonew_harness, fo_harness, monkeypatch):
     launches = []
     monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(sonew_harness, fo_harness), launches))
-    monkeypatch.setattr(_kernels, "_modules", {})
-    monkeypatch.setattr(_kernels, "_functions", {})
-    monkeypatch.setattr(_kernels, "_max_blocks", {})
+    hh.fresh_loader(monkeypatch)
     return cupy_cuda.CupyCUDA(), launches
 
 
@@ -305,7 +319,7 @@ def test_emulated_run_sonew_matches_reference_step(emulated, dtype, band, graft,
     names = {e.split("::")[1].split("<")[0] for e, _, _ in launches}
     want = {"sonew_stats", "count_nonfinite"} | ({"sonew_rowmax"} if relative else set())
     want |= ({"sonew_tri_precond"} if band == 1
-             else {_kernels.sonew_factor_kernel(band), "sonew_band_apply"})
+             else {sonew.factor_kernel(band), "sonew_band_apply"})
     want |= set() if graft == "none" else {"sonew_scaled_apply"}
     assert names == want
     assert all(e.endswith("<float>" if dtype == np.float32 else "<double>") for e, _, _ in launches)
@@ -378,23 +392,23 @@ def test_emulated_run_sonew_hypothesis(emulated, n, band, seed, f64, rank, eps_e
 
 
 def test_sonew_kernel_table_and_harness_symbols(sonew_harness):
-    src = _kernels.SONEW_SOURCE.read_text()
-    assert "sonew" in cupy_cuda.BACKEND.ops
-    for base in _kernels.SONEW_KERNEL_BASES:
+    src = sonew.KERNELS.path.read_text()
+    assert cupy_cuda.CupyCUDA.table["sonew"].module is sonew
+    for base in sonew.KERNELS.bases:
         exact = re.fullmatch(r"sonew_band_factor_b(\d)", base)  # made by ARRAYOPT_EXACT_BAND(B)
         pattern = rf"\nARRAYOPT_EXACT_BAND\({exact.group(1)}\)\n" if exact else rf"__global__ void {base}\("
         assert re.search(pattern, src), base
         for dtype in FLOATS:
             assert hasattr(sonew_harness.lib, sonew_harness.symbol(base, dtype))
-    assert set(_kernels.SONEW_NAME_EXPRESSIONS) == {
-        f"arrayopt::{b}<{t}>" for b in _kernels.SONEW_KERNEL_BASES for t in ("float", "double")}
-    assert _kernels.sonew_factor_kernel(0) == "sonew_band_factor_8"
-    assert _kernels.sonew_factor_kernel(1) == "sonew_band_factor_8"
-    assert [_kernels.sonew_factor_kernel(b) for b in range(2, 9)] == [
+    assert set(sonew.KERNELS.name_expressions) == {
+        f"arrayopt::{b}<{t}>" for b in sonew.KERNELS.bases for t in ("float", "double")}
+    assert sonew.factor_kernel(0) == "sonew_band_factor_8"
+    assert sonew.factor_kernel(1) == "sonew_band_factor_8"
+    assert [sonew.factor_kernel(b) for b in range(2, 9)] == [
         f"sonew_band_factor_b{b}" for b in range(2, 9)]
-    assert _kernels.sonew_factor_kernel(9) == "sonew_band_factor_32"
+    assert sonew.factor_kernel(9) == "sonew_band_factor_32"
     with pytest.raises(ValueError, match="band <= 32"):
-        _kernels.sonew_factor_kernel(33)
+        sonew.factor_kernel(33)
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: np.dtype(d).name)
@@ -404,11 +418,11 @@ def test_sonew_launch_args_are_typed(dtype, band, graft):
     arr = lambda k=n, d=dtype: np.zeros(k, d)  # noqa: E731
     opt = ao.sonew(0.1, band=band, graft=graft, block_size=None)
     norms, counts, rowmax = np.zeros(2), np.zeros(2, np.uint64), np.zeros(1, dtype)
-    launches = _kernels.sonew_launches(opt.step_description(0), arr(), arr(), arr(), arr(n * (band + 1)),
-                                       band, norms, counts, rowmax, arr(), arr(n * band), arr())
+    launches = sonew.launches(opt.step_description(0), arr(), arr(), arr(), arr(n * (band + 1)),
+                              band, norms, counts, rowmax, arr(), arr(n * band), arr())
     T = np.dtype(dtype).type
     for base, args in launches:
-        assert base in _kernels.SONEW_KERNEL_BASES
+        assert base in sonew.KERNELS.bases
         kinds = [type(a) for a in args if not isinstance(a, np.ndarray)]
         assert kinds.count(np.int64) == 1 and set(kinds) <= {np.int64, np.int32, T}, (base, kinds)
         assert all(a.dtype in (np.dtype(dtype), np.float64, np.uint64) for a in args

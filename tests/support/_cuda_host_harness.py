@@ -9,7 +9,7 @@
   mistyped scalar gives wrong numbers here as it would on the device.
 - :func:`fake_cupy`: a minimal stand-in for the ``cupy`` module whose ``RawModule`` runs
   the host harness, so the backend's Python code (views, finiteness pre-pass, launches)
-  runs end to end on NumPy arrays.
+  runs end to end on NumPy arrays; :func:`fresh_loader` empties the loader's memos for it.
 - :func:`find_nvrtc` / :func:`nvrtc_compile`: NVRTC through ctypes, called as CuPy calls it
   (options, name expressions, lowered names), where a libnvrtc is found.
 """
@@ -146,6 +146,14 @@ class JoinedHarness(HostHarness):
         fn = getattr(next(lib for lib in self.libs if hasattr(lib, name)), name)
         fn.restype = None
         fn(*[pack(a) for a in args])
+
+
+def fresh_loader(monkeypatch) -> None:
+    """Empty memos of the backend's module loader for one test (a fake ``cupy`` compiles anew)."""
+    from arrayopt.backends.cupy_cuda import _loader
+
+    for name in ("_modules", "_functions", "_max_blocks"):
+        monkeypatch.setattr(_loader, name, {})
 
 
 def emulated_backend():
