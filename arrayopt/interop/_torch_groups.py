@@ -4,8 +4,8 @@
   ``momentum`` and ``nesterov`` have the same names and meanings in both.
 - torch options with no arrayopt counterpart (``amsgrad``, ``maximize``, ``foreach``,
   ``fused``, ``capturable``, ``differentiable``, ``dampening``, ``lr_decay``,
-  ``decoupled_weight_decay``) are accepted at torch's default value, which is what
-  arrayopt does, and refused by name otherwise.
+  ``decoupled_weight_decay``) are accepted at torch's default value (``foreach``/``fused``:
+  ``None`` or ``False``), which is what arrayopt does, and refused by name otherwise.
 - params: one tensor per group entry, never twice (also not through ``.detach()``
   or another view of the same memory), never a zero-stride (expanded) view.
 """
@@ -18,19 +18,20 @@ import torch
 
 __all__ = ["TORCH_DEFAULTS", "torch_overrides", "check_param_tensors", "check_lr"]
 
-#: torch options with no arrayopt counterpart, with the torch default under which they change nothing
-TORCH_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None, "fused": None, "capturable": False,
-                  "differentiable": False, "dampening": 0, "lr_decay": 0, "decoupled_weight_decay": False}
+#: torch options with no arrayopt counterpart, and the values under which they change nothing
+TORCH_DEFAULTS = {"amsgrad": (False,), "maximize": (False,), "foreach": (None, False), "fused": (None, False),
+                  "capturable": (False,), "differentiable": (False,), "dampening": (0, 0.0), "lr_decay": (0, 0.0),
+                  "decoupled_weight_decay": (False,)}
 
 
 def refuse_torch_only(group: dict, where: str) -> None:
     """Raise for a torch-only option set to anything but torch's default; drop the defaults."""
-    for key, default in TORCH_DEFAULTS.items():
+    for key, accepted in TORCH_DEFAULTS.items():
         if key in group:
             value = group.pop(key)
-            if value != default or type(value) is not type(default):
+            if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
                 raise ValueError(f"{where}[{key!r}]: torch's {key}={value!r} has no arrayopt counterpart "
-                                 f"(accepted only at torch's default {default!r})")
+                                 f"(accepted only as {' or '.join(map(repr, accepted))}, which change nothing)")
 
 
 def torch_overrides(group: dict, names: set, where: str) -> dict:
