@@ -9,12 +9,23 @@ output before the in-place op receives the gradient w.r.t. the layer's own outpu
 hooks read and return nothing else: ``.grad`` is never touched, and ``torch.autograd.grad``
 works as well as ``backward``.
 
-Between two :meth:`KVCapture.stats` calls, every call of a layer (weight sharing: a layer
-called twice in one forward) and every backward pass (gradient accumulation over
-micro-batches) adds its rows to one pool, and the vectors are the means over the pooled
-rows. This is the layer seen as one call on the concatenated inputs, so ``k`` micro-batches
-whose losses are each divided by ``k`` give the statistics of the whole batch. Layers run
-without autograd recording (``torch.no_grad()``, evaluation) are not counted.
+Gradient accumulation, ``accumulate=``:
+
+- ``"pool"`` (default): between two :meth:`KVCapture.stats` calls, every call of a layer
+  (weight sharing: a layer called twice in one forward) and every backward pass (micro-batches)
+  adds its rows to one pool, and the vectors are the means over the pooled rows. This is the
+  layer seen as one call on the concatenated inputs, so ``k`` micro-batches whose losses are
+  each divided by ``k`` give the statistics of the whole batch, and Eva's running average
+  takes one update per step.
+- ``"per_microbatch"``: each micro-batch (the calls of a layer up to its backward pass) is
+  pooled apart, and :meth:`stats` gives a list of ``k`` vectors per entry (``"a": [ā_1, ...]``,
+  ``"g": [ḡ_1, ...]``); ``arrayopt.interop.torch.Optimizer(..., stats=capture)`` folds them into
+  Eva's running average as ``k`` successive updates. This is what the authors' reference code
+  does (its hooks update the running average at every forward and backward pass); with
+  ``kv_batch=16`` (the first 16 rows of each micro-batch) it reproduces the reference's
+  statistics.
+
+Layers run without autograd recording (``torch.no_grad()``, evaluation) are not counted.
 
 ``ḡ`` is the gradient of the loss autograd differentiates: with AMP loss scaling pass
 ``stats(loss_scale=scaler.get_scale())`` to undo it (and unscale the gradients,
@@ -85,15 +96,21 @@ class KVCapture:
     :meth:`stats` returns ``{"<layer>.weight": {"a": ā, "g": ḡ, "bias": "<layer>.bias"}}``, keyed
     like ``dict(model.named_parameters())`` (``prefix`` is put before each name), and clears the
     pools. ``kv_batch``: use only the first that many rows (along axis 0) of each input and
-    output gradient, as the reference code does with 16. :meth:`remove` takes the hooks off.
+    output gradient, as the reference code does with 16. ``accumulate``: ``"pool"`` or
+    ``"per_microbatch"`` (module docstring). :meth:`tensor` gives the param a key names;
+    :meth:`remove` takes the hooks off.
     """
 
-    def __init__(self, model, *, kv_batch=None, prefix=""):
+    def __init__(self, model, *, kv_batch=None, prefix="", accumulate="pool"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if kv_batch is not None and (isinstance(kv_batch, bool) or not isinstance(kv_batch, int) or kv_batch < 1):
             raise ValueError(f"kv_batch: expected None or an int >= 1, got {kv_batch!r}")
+        if accumulate not in ("pool", "per_microbatch"):
+            raise ValueError(f"accumulate: expected 'pool' or 'per_microbatch', got {accumulate!r}")
         self.kv_batch = kv_batch
+        self.accumulate = accumulate
+        self._tensors = {}  # key -> the param it names
         self._lock = threading.Lock()
         self._layers = {}  # module -> (weight key, bias key or None, conv geometry or None)
         self._pools = {}
@@ -105,6 +122,9 @@ class KVCapture:
             key = f"{prefix}{name}."
             bias = key + "bias" if module.bias is not None else None
             self._layers[module] = (key + "weight", bias, geometry)
+            self._tensors[key + "weight"] = module.weight
+            if bias is not None:
+                self._tensors[bias] = module.bias
             self._handles.append(module.register_forward_hook(self._forward_hook))
         if not self._layers:
             raise ValueError("model: has no torch.nn.Linear or torch.nn.Conv2d layer to capture")
@@ -124,7 +144,11 @@ class KVCapture:
                 a = kv_conv2d(x, *geometry)
                 rows = int(x.shape[0]) * math.prod(output.shape[-2:])
         with self._lock:
-            self._pools.setdefault(module, _Pool()).add_a(a, rows)
+            pools = self._pools.setdefault(module, [_Pool()])
+            if self.accumulate == "per_microbatch" and pools[-1].g_sum is not None:
+                pools.append(_Pool())  # a forward after this layer's backward: the next micro-batch
+            pool = pools[-1]
+            pool.add_a(a, rows)
         axes = tuple(range(output.ndim - 1)) if geometry is None else (0, 2, 3)
 
         def on_output_grad(grad):
@@ -133,7 +157,10 @@ class KVCapture:
                 g = kv_grad(dy, axes)
                 n = math.prod(dy.shape) // int(dy.shape[-1 if geometry is None else 1])
             with self._lock:
-                self._pools.setdefault(module, _Pool()).add_g(g, n)
+                if self.accumulate == "pool":  # the pool of the current stats() period
+                    self._pools.setdefault(module, [_Pool()])[-1].add_g(g, n)
+                else:  # the micro-batch of this forward
+                    pool.add_g(g, n)
             # returning None leaves the gradient as it is
 
         output.register_hook(on_output_grad)
@@ -149,20 +176,40 @@ class KVCapture:
             if clear:
                 self._pools = {}
         out = {}
-        for module, pool in pools.items():
-            if pool.a_sum is None:
-                continue
+        for module, mpools in pools.items():
             weight_key, bias_key, _ = self._layers[module]
-            a = pool.a_sum / pool.a_rows
-            entry = {"a": a}
+            a_list, g_list = [], []
+            for pool in mpools:
+                if pool.a_sum is None:
+                    continue
+                a = pool.a_sum / pool.a_rows
+                if bias_key is not None:
+                    a = torch.cat([a, torch.ones(1, dtype=a.dtype, device=a.device)])
+                a_list.append(a)
+                if pool.g_sum is not None:
+                    g = pool.g_sum / pool.g_rows
+                    g_list.append(g / loss_scale if loss_scale is not None else g)
+            if not a_list:
+                continue
+            if self.accumulate == "pool":
+                entry = {"a": a_list[0]}
+                if g_list:
+                    entry["g"] = g_list[0]
+            else:
+                entry = {"a": a_list, "g": g_list}
             if bias_key is not None:
-                entry["a"] = torch.cat([a, torch.ones(1, dtype=a.dtype, device=a.device)])
                 entry["bias"] = bias_key
-            if pool.g_sum is not None:
-                g = pool.g_sum / pool.g_rows
-                entry["g"] = g / loss_scale if loss_scale is not None else g
             out[weight_key] = entry
         return out
+
+    def tensor(self, key):
+        """The param a key of :meth:`stats` names (``"<layer>.weight"`` or ``"<layer>.bias"``)."""
+        return self._tensors[key]
+
+    def clear(self):
+        """Drop what the hooks have gathered since the last :meth:`stats`."""
+        with self._lock:
+            self._pools = {}
 
     def remove(self):
         """Take the hooks off the model (output hooks already registered fire once more)."""

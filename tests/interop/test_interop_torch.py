@@ -82,25 +82,35 @@ def test_a_changed_override_takes_effect_at_the_next_step():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_arrayopt_schedule_times_torch_scheduler():
-    """With an arrayopt schedule the group lr is a multiplier (default 1.0) of the schedule."""
+def test_with_an_arrayopt_schedule_lr_shows_the_rate_in_effect_and_setting_it_scales_the_schedule():
+    """lr is the rate the next step uses (not a multiplier); StepLR scales the arrayopt schedule."""
     model = _model()
     sched = ao.schedules.cosine_decay(0.1, 20)
     opt = Optimizer(model.parameters(), ao.sgd(sched))
-    assert opt.param_groups[0]["lr"] == 1.0
+    steplr = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref = _model()
     opt_ref = Optimizer(ref.parameters(), ao.sgd(0.1))
     x, y = _data()
-    for t in range(4):
+    for t in range(6):
+        want = 0.5 ** (t // 2) * float(sched(t))
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-14)
+        opt_ref.param_groups[0]["lr"] = want
         for m, o in ((model, opt), (ref, opt_ref)):
             o.zero_grad()
             torch.nn.functional.mse_loss(m(x), y).backward()
-        opt.param_groups[0]["lr"] = 0.5
-        opt_ref.param_groups[0]["lr"] = 0.5 * float(sched(t))
-        opt.step()
-        opt_ref.step()
+            o.step()
+        steplr.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # a group dict's lr is the rate of the first step too
+    opt2 = Optimizer([{"params": list(_model().parameters()), "lr": 0.05}], ao.sgd(sched))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.05, rel=1e-15)
+    warm = Optimizer(_model().parameters(), ao.sgd(ao.schedules.linear_warmup(0.1, 5)))
+    assert warm.param_groups[0]["lr"] == 0.0
+    warm.param_groups[0]["lr"] = 0.1
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]: set to 0.1 while the group's arrayopt "
+                                         r"schedule is at 0"):
+        warm.step()
 
 
 @pytest.mark.parametrize("make", [lambda: ao.adam(0.01), lambda: ao.sonew(0.01, band=1),
@@ -145,8 +155,8 @@ def test_gradscaler_skips_the_step_with_an_inf_and_leaves_the_state_unchanged():
         scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(before_p, model.parameters()))
     after_s = opt.state_dict()["arrayopt"]
-    assert after_s[0][0]["tree"] == before_s[0][0]["tree"]
-    assert all(torch.equal(after_s[0][0]["arrays"][k], v) for k, v in before_s[0][0]["arrays"].items())
+    assert after_s[0]["tree"] == before_s[0]["tree"] and after_s[0]["counts"] == before_s[0]["counts"]
+    assert all(torch.equal(after_s[0]["arrays"][k], v) for k, v in before_s[0]["arrays"].items())
     assert scaler.get_scale() == 2.0 ** 9
 
 
@@ -161,7 +171,7 @@ def test_params_without_grad_are_skipped():
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     assert torch.equal(model[0].bias, frozen)
-    assert list(opt._states[0]) == [(0, 2, 3)]
+    assert opt.state[model[0].bias]["step"] == 0 and opt.state[model[0].weight]["step"] == 2
 
 
 def test_closure_and_bad_input_errors():
@@ -178,11 +188,11 @@ def test_closure_and_bad_input_errors():
     assert float(opt.step(closure).detach()) > 0
     with pytest.raises(TypeError, match="opt: expected an arrayopt optimizer"):
         Optimizer(model.parameters(), torch.optim.SGD)
-    with pytest.raises(ValueError, match=r"param_group\['momentum'\]: not a hyperparameter of Adam"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['momentum'\]: not a hyperparameter of Adam"):
         Optimizer([{"params": list(model.parameters()), "momentum": 0.9}], ao.adamw())
     with pytest.raises(ValueError, match="weight_decay: must be >= 0"):
         Optimizer([{"params": list(model.parameters()), "weight_decay": -1.0}], ao.adamw())
-    with pytest.raises(TypeError, match="params: dtype torch.int64 is not a real floating dtype"):
+    with pytest.raises(TypeError, match=r"params 0 \(group 0\): dtype torch.int64 is not a real floating dtype"):
         Optimizer([torch.zeros(3, dtype=torch.int64)], ao.adam())
     named = _model()
     opt_named = Optimizer(named.named_parameters(), ao.adam(0.1))
@@ -202,7 +212,8 @@ def test_closure_and_bad_input_errors():
     with pytest.raises(ValueError, match=r"grads leaf \['1'\]: contains NaN or Inf"):
         opt_grouped.step()
     assert all(torch.equal(a, b) for a, b in zip(before, grouped.parameters()))
-    assert all(s == {} or all(v["count"] == 0 for v in s.values()) for s in opt_grouped._states)
+    assert all(r.state is None or r.state["count"] == 0 for r in opt_grouped._groups)
+    assert len(opt_grouped.state) == 0 or all(float(s["step"]) == 0 for s in opt_grouped.state.values())
     other = Optimizer(_model().parameters(), ao.sgd(0.1, momentum=0.9))
     other.zero_grad()
     with pytest.raises(ValueError, match="state_dict"):
