@@ -38,6 +38,18 @@ def _leaf_namespace(arg: str, path: str, leaf: Any):
         raise TypeError(f"{arg} leaf {path}: {e}") from None
 
 
+def _check_dense_with_data(arg: str, path: str, leaf: Any) -> None:
+    """Refuse torch tensors the math cannot read: sparse layouts and the meta device (no data)."""
+    layout = getattr(leaf, "layout", None)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"{arg} leaf {path}: a {str(layout).replace('torch.', '')} tensor; the optimizers take "
+                        f"dense arrays (for nn.Embedding(sparse=True) gradients pass grad.to_dense(), "
+                        f"or use a dense embedding)")
+    if getattr(getattr(leaf, "device", None), "type", None) == "meta":
+        raise ValueError(f"{arg} leaf {path}: on the meta device (a shape without data); materialize the "
+                         f"module first (e.g. module.to_empty(device='cpu') and initialize it)")
+
+
 def check_params(params: Any, arg: str = "params"):
     """Flatten ``params`` and check it; return ``(leaves, treedef, paths, ns)``.
 
@@ -51,6 +63,7 @@ def check_params(params: Any, arg: str = "params"):
         raise ValueError(f"{arg}: empty tree (no arrays to optimize)")
     ns = None
     for leaf, path in zip(leaves, paths):
+        _check_dense_with_data(arg, path, leaf)
         xp = _leaf_namespace(arg, path, leaf)
         if ns is None:
             ns = Namespace(xp, device_of(leaf), library_of(leaf))
@@ -146,6 +159,7 @@ def check_state_leaves(name: str, arrays, paths, ns: Namespace, params_leaves, d
 
 def _check_leaf(arg, path, leaf, shape, dtype, ns: Namespace, ref_arg):
     """One leaf against the namespace/device of the call and an expected shape and dtype."""
+    _check_dense_with_data(arg, path, leaf)
     xp = _leaf_namespace(arg, path, leaf)
     if xp is not ns.xp:
         raise TypeError(

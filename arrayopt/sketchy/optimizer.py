@@ -135,6 +135,24 @@ def precondition(xp, g, axes):
     return g
 
 
+def _row_major_eigvecs(ns, per_axis):
+    """``per_axis`` with every ``U`` in C order (no copy when it is). The GEMMs of the sketch
+    and of the preconditioner then see one memory layout whatever made the state (a live step,
+    whose SVD returns Fortran-ordered ``U`` on torch, :func:`arrayopt.load_state`, a copy), so
+    a resumed run is bit-identical; JAX arrays have no layout to fix."""
+    if ns.library == "torch":
+        fix = lambda u: u.contiguous()  # noqa: E731
+    elif ns.library == "numpy":
+        fix = np.ascontiguousarray
+    elif ns.library == "cupy":
+        import cupy
+
+        fix = cupy.ascontiguousarray
+    else:
+        return per_axis
+    return [[fix(ax[0]), *ax[1:]] for ax in per_axis]
+
+
 class Sketchy(Optimizer):
     """Sketchy (S-AdaGrad / S-Shampoo) with grafting, momentum and weight decay; see the module doc."""
 
@@ -302,9 +320,10 @@ class Sketchy(Optimizer):
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             plan = self.plan(p.shape)
             g = xp.astype(g, xp.float32) if is_low_precision(p.dtype) else g
-            per_axis = [list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])]
+            per_axis = _row_major_eigvecs(ns, [list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])])
             if sketch_step and not plan.skipped:
                 per_axis, leaf_oks = self._sketch_leaf(ns, plan, g, per_axis)
+                per_axis = _row_major_eigvecs(ns, per_axis)
                 oks += leaf_oks
             sketches.append(per_axis)
         skipped = 0

@@ -115,6 +115,10 @@ def _block_max(xp, x, block_size):
     return xp.max(xp.reshape(x, (nb, block_size)), axis=1)
 
 
+#: the largest half-bandwidth accepted (state and factorization grow with it; see ``band``)
+MAX_BAND = 1024
+
+
 class SONew(Optimizer):
     """SONew; see the module docstring for the math and the defaults."""
 
@@ -127,6 +131,10 @@ class SONew(Optimizer):
         super().__init__(on_nonfinite=on_nonfinite)
         self.learning_rate = _validate.check_learning_rate(learning_rate)
         self.band = _validate.check_int("band", band, low=0)
+        if self.band > MAX_BAND:
+            raise ValueError(f"band: must be <= {MAX_BAND}, got {self.band}; the state keeps n·(band+1) "
+                             f"statistics per tensor of n entries and the factorization costs O(n·band²) "
+                             f"per step (bands beyond a tensor's n - 1 entries hold zeros only)")
         self.b1 = _validate.check_real("b1", b1, 0.0, 1.0, high_open=True)
         self.b2 = _validate.check_real("b2", b2, 0.0, 1.0, high_open=True)
         self.eps = _validate.check_real("eps", eps, 0.0)
