@@ -42,7 +42,7 @@ QUICK = {
     "gpt2": ["torch Adam fused", "ao adam", "ao sonew tri", "ao shampoo F=10", "ao shampoo EC-QR F=10",
              "po ScalableShampoo F=10", "ao eva_s"],
 }
-FIT_TREES = [(8, 16), (64, 16), (256, 16), (8, 1024), (64, 1024), (256, 1024)]
+FIT_TREES = [(8, 8), (64, 8), (256, 8), (8, 64), (64, 64), (256, 64)]
 
 
 def rounds_of(fns: dict, rounds: int) -> dict:
