@@ -130,22 +130,31 @@ def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, met
     host, synchronously or on an executor; NumPy's LAPACK calls release the GIL.
     """
     dt = np.dtype(compute_dtype)
-    roots, oks, fallbacks = [], [], 0
-    for m, p in zip(mats, exponents):
-        a = np.asarray(m, dtype=dt)
+    mats = [np.asarray(m, dtype=dt) for m in mats]
+    roots, oks, fallbacks = [None] * len(mats), [False] * len(mats), 0
+    groups: dict = {}
+    for i, (m, p) in enumerate(zip(mats, exponents)):  # equal shapes and exponents: one batched call
+        groups.setdefault((m.shape, p), []).append(i)
+    for (_, p), idx in groups.items():
+        a = mats[idx[0]][None] if len(idx) == 1 else np.stack([mats[i] for i in idx])
         if method == "newton":
             r, _, ok, _ = _newton_escalated(np, a, int(p), ridge_epsilon, relative, error_tolerance,
                                             max_iterations, failure_threshold, ridge_retries)
-            good = bool(np.all(ok))
-            if not good:
-                fallbacks += 1
-                r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
-                good = bool(ok)
+            ok = np.asarray(ok, dtype=bool)
+            if not ok.all():
+                bad = np.flatnonzero(~ok)
+                fallbacks += int(bad.size)
+                r_e, ok_e = _eigh_root_host(a[bad], p, ridge_epsilon, relative)
+                r = np.array(r, copy=True)
+                r[bad] = r_e
+                ok = ok.copy()
+                ok[bad] = ok_e
         else:
             r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
-            good = bool(ok)
-        roots.append(r if good else None)
-        oks.append(good)
+        for k, i in enumerate(idx):
+            good = bool(ok[k])
+            roots[i] = r[k] if good else None
+            oks[i] = good
     return roots, oks, fallbacks
 
 
@@ -166,14 +175,19 @@ def power_iteration(A, *, num_iters: int = 100, tol: float = 1e-6):
     v = xp.broadcast_to(v, A.shape[:-1])
     s_prev = None
     s = xp.zeros(A.shape[:-2], dtype=A.dtype, device=device_of(A))
+    done = xp.zeros(A.shape[:-2], dtype=xp.bool, device=device_of(A))
     for _ in range(num_iters):
+        # a converged matrix keeps its vector and quotient, so a batch gives each matrix's own result
         v = v / xp.maximum(xp.linalg.vector_norm(v, axis=-1, keepdims=True), 1e-30)
         w = xp.matmul(A, v[..., None])[..., 0]
-        s = xp.sum(v * w, axis=-1)
-        if s_prev is not None and bool(xp.all(xp.abs(s - s_prev) <= tol * xp.abs(s))):
-            break
-        s_prev = s
-        v = w
+        s_new = xp.sum(v * w, axis=-1)
+        s = xp.where(done, s, s_new)
+        if s_prev is not None:
+            done = done | (xp.abs(s_new - s_prev) <= tol * xp.abs(s_new))
+            if bool(xp.all(done)):
+                break
+        s_prev = xp.where(done, s_prev, s_new) if s_prev is not None else s_new
+        v = xp.where(done[..., None], v, w)
     return s
 
 

@@ -67,6 +67,8 @@ from .. import grafting
 from ..momentum import heavy_ball_update
 from .math import corrected_block, corrected_moment, precondition_block, update_factors
 from .step import corrected_moment_step
+from . import tree_step
+from .batched import TreePlan, group_blocks
 
 __all__ = ["Shampoo", "ShampooState", "shampoo"]
 
@@ -124,7 +126,7 @@ class Shampoo(Optimizer):
         self._init_transient()
         self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
 
-    _TRANSIENT = ("_plans", "_plans_lock")
+    _TRANSIENT = ("_plans", "_tree_plans", "_plans_lock")
 
     @property
     def _counters(self) -> tuple:
@@ -139,6 +141,8 @@ class Shampoo(Optimizer):
     def _init_transient(self):
         # shape -> LeafPlan (a pure function of the shape and the config), filled under the lock
         object.__setattr__(self, "_plans", {})
+        # tuple of leaf shapes -> TreePlan (the block groups of a tree), filled under the same lock
+        object.__setattr__(self, "_tree_plans", {})
         object.__setattr__(self, "_plans_lock", threading.Lock())
 
     # ---------------------------------------------------------------- layout
@@ -151,8 +155,18 @@ class Shampoo(Optimizer):
                 plan = self._plans.setdefault(key, plan_leaf(key, self.config))
         return plan
 
+    def tree_plan(self, plans) -> TreePlan:
+        """The block groups (:func:`~arrayopt.shampoo.batched.group_blocks`) of a tree's leaf plans."""
+        key = tuple((p.skipped, p.shape, p.blocks) for p in plans)
+        tp = self._tree_plans.get(key)
+        if tp is None:
+            with self._plans_lock:
+                tp = self._tree_plans.setdefault(key, group_blocks(plans))
+        return tp
+
     def _init(self, ns, leaves):
         xp, cfg = ns.xp, self.config
+        self.tree_plan([self.plan(p.shape) for p in leaves])  # the groups, made once per tree
 
         def per_factor(make):
             return [[[make(s, state_dtype(xp, p.dtype)) for s in blk] for blk in self.plan(p.shape).factor_shapes()]
@@ -375,16 +389,13 @@ class Shampoo(Optimizer):
             result = pending["result"] if pending["result"] is not None else _job_result(future, pending["stats_step"])
             trees = self._install(ns, leaves, trees, result, counters, pending["stats_step"])
             pending, future = None, None
-        # 2. statistics (raw gradient, state dtype)
+        # 2. statistics (raw gradient, state dtype), one batched update per group of equal blocks
         g32 = [xp.astype(g, xp.float32) if is_low_precision(g.dtype) else g for g in g_leaves]
-        stats = []
-        for p, g, per_leaf in zip(leaves, g32, state["stats"]):
-            plan = self.plan(p.shape)
-            if plan.skipped or t % cfg.statistics_every != 0:
-                stats.append(per_leaf)
-                continue
-            blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
-            stats.append([update_factors(xp, fs, b, plan.mask, cfg.b2) for fs, b in zip(per_leaf, blocks)])
+        plans = [self.plan(p.shape) for p in leaves]
+        tree_plan = self.tree_plan(plans)
+        g_blocks = tree_step.block_gradients(xp, plans, g32)
+        stats = state["stats"] if t % cfg.statistics_every != 0 else \
+            tree_step.statistics(xp, tree_plan, g_blocks, state["stats"], cfg.b2)
         # 3. roots of this step's statistics: now, or installed root_delay steps later
         if self._is_root_step(t) and len(self._flat_factors(stats)) > 0:
             out_dtype = dtype_name(state_dtype(xp, leaves[0].dtype))
@@ -401,48 +412,33 @@ class Shampoo(Optimizer):
                 pending = {"install_at": t + self.delay, "stats_step": t, "result": None}
         active = counters["roots_step"] > 0
         counters["root_staleness"] = t - counters["roots_step"] if active else -1
-        # 4. directions, grafting, momentum, decay
-        new_graft, new_mom, new_moments, updates = [], [], [], []
         b1 = cfg.b1
-        for i, (p, g) in enumerate(zip(leaves, g32)):
-            plan = self.plan(p.shape)
-            low = is_low_precision(p.dtype)
-            acc = state["graft"][i] if cfg.graft.has_state else None
-            kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
-            u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
-            if acc is not None:
-                new_graft.append(acc)
+        # 4. directions by group; graft direction, grafting, momentum, decay (small leaves in one pass)
+        dtypes = [state_dtype(xp, p.dtype) for p in leaves]
+        kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
+        runs = tree_step.runs_for(xp, leaves, dtypes, kind)
+
+        def graft_dir(g, acc):
+            return grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
+
+        u_g, new_graft = tree_step.tail(xp, runs, leaves, [g32, state["graft"] if cfg.graft.has_state else None],
+                                        graft_dir)
+        new_moments = []
+        if cfg.eigenvalue_corrected or active:
+            d_stacks, moments = tree_step.directions(xp, tree_plan, g_blocks, trees, corrected=cfg.eigenvalue_corrected,
+                                                     moment_step=moment_step, moment=moment)
             if cfg.eigenvalue_corrected:
-                d_blocks = None
-                if not plan.skipped:
-                    blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
-                    pairs = [corrected_block(xp, b, qs, dm, plan.mask, moment_step, moment)
-                             for b, qs, dm in zip(blocks, trees["bases"][i], trees["second_moment"][i])]
-                    d_blocks = [d for d, _ in pairs]
-                    new_moments.append([dm for _, dm in pairs])
-                else:
-                    new_moments.append([])
-            if plan.skipped or not active:
-                u = u_g
-            else:
-                if not cfg.eigenvalue_corrected:
-                    blocks = split(xp, xp.reshape(g, plan.shape), plan.blocks)
-                    d_blocks = [precondition_block(xp, b, rs, plan.mask) for b, rs in zip(blocks, trees["roots"][i])]
-                if cfg.graft.type != "none" and cfg.graft.per == "block":
-                    a_blocks = split(xp, xp.reshape(u_g, plan.shape), plan.blocks)
-                    d_blocks = grafting.graft_blocks(xp, d_blocks, a_blocks, per="block")
-                d = xp.reshape(merge(xp, d_blocks, plan.shape, cfg.block_size), tuple(p.shape))
-                if cfg.graft.type == "none" or cfg.graft.per == "block":
-                    u = d
-                else:  # per layer: one norm over all the blocks
-                    u = grafting.graft(xp, d, u_g)
-            p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
-            upd, m = heavy_ball_update(xp, u, state["momentum"][i] if b1 > 0 else None, p32, b1=b1,
-                                       ema=cfg.ema_momentum, nesterov=cfg.nesterov,
-                                       weight_decay=cfg.weight_decay, lr=lr)
-            if b1 > 0:
-                new_mom.append(m)
-            updates.append(xp.astype(upd, p.dtype) if low else upd)
+                new_moments = moments
+            if active:
+                u_pre = tree_step.graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg)
+        u = [u_g[i] if plan.skipped or not active else xp.reshape(u_pre[i], tuple(p.shape))
+             for i, (p, plan) in enumerate(zip(leaves, plans))]
+        p32 = tree_step.low_precision_params(xp, leaves, cfg)
+        upd, new_mom = tree_step.tail(xp, runs, leaves, [u, state["momentum"] if b1 > 0 else None, p32],
+                                      tree_step.momentum_update(xp, cfg, lr))
+        updates = [xp.astype(x, p.dtype) if is_low_precision(p.dtype) else x for x, p in zip(upd, leaves)]
+        if cfg.eigenvalue_corrected and not new_moments:
+            new_moments = trees["second_moment"]
         if ns.library == "numpy":  # NumPy turns 0-d results into scalars
             updates = [np.asarray(u) for u in updates]
             new_graft = [np.asarray(a) for a in new_graft]
