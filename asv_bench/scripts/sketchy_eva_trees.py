@@ -8,7 +8,7 @@ Trees (torch CPU float32 tensors, the shapes of the models' ``named_parameters()
             fc 1000x512 + 1000
   gpt2      148 leaves, 124M params: wte 50257x768, wpe 1024x768, 12 blocks (ln_1, c_attn 768x2304,
             attn c_proj 768x768, ln_2, c_fc 768x3072, mlp c_proj 3072x768, with biases), ln_f
-  tiny N    N 1-D leaves of 16, 32, 64, 128 entries in turn (the fixed cost per leaf: the slope of
+  tiny N    N 1-D leaves of 4 and 8 entries in turn (the fixed cost per leaf: the slope of
             the step time over N)
 
 Contenders: ``ao.sketchy()`` and ``ao.eva(variant="eva_s")`` ``step()``, ``torch.optim.Adam(fused=True)``
@@ -72,7 +72,7 @@ def gpt2_shapes() -> dict:
 
 
 def tiny_shapes(n: int) -> dict:
-    return {f"p{i}": ((16, 32, 64, 128)[i % 4],) for i in range(n)}
+    return {f"p{i}": ((4, 8)[i % 2],) for i in range(n)}
 
 
 def make_tree(shapes: dict, seed: int = 0):
