@@ -22,7 +22,7 @@ import numpy as np
 from .._xp import namespace_of
 
 __all__ = ["kv_linear", "kv_conv2d", "kv_grad", "eva_precondition", "eva_f_precondition", "axis_means",
-           "eva_s_graft_stacked",
+           "eva_s_graft_stacked", "split_stack",
            "eva_s_precondition", "kl_scale", "KL_MODES"]
 
 KL_MODES = ("clip", "rescale", "normalize")
@@ -250,3 +250,8 @@ def eva_s_graft_stacked(G, s, damping):
     ok = pn > 0
     scale = xp.where(ok, gn / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
     return P * xp.reshape(scale, (b,) + (1,) * k)
+
+
+def split_stack(xp, a, n):
+    """The ``n`` items of a stack (views where the namespace gives views)."""
+    return [a[0, ...]] if n == 1 else list(xp.unstack(a))

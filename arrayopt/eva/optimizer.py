@@ -72,7 +72,7 @@ from .._xp import device_of, is_low_precision, state_dtype
 from ..base import Optimizer, write_params
 from .step import EvaStep
 from ..first_order import SGD
-from .math import axis_means, eva_f_precondition, eva_precondition, eva_s_graft_stacked, kl_scale
+from .math import axis_means, eva_f_precondition, eva_precondition, eva_s_graft_stacked, kl_scale, split_stack
 
 #: Eva-s leaves with at most this many entries are stacked with the other leaves of their shape
 STACK_MAX_SIZE = 1 << 16
@@ -467,11 +467,11 @@ class Eva(Optimizer):
                 else:  # a plan refreshes all leaves of two or more axes or none; kept general
                     mask = xp.asarray(fresh, device=device_of(G))[:, None]
                     s = [xp.where(mask, a, b) for a, b in zip(new, s)]
-                per_leaf = [_split(xp, v, n) for v in s]
+                per_leaf = [split_stack(xp, v, n) for v in s]
                 for b, i in enumerate(group):
                     kv["kv_s"][i] = [v[b] for v in per_leaf]
             out = eva_s_graft_stacked(G, s, self.damping)
-            for i, d in zip(group, _split(xp, out, n)):
+            for i, d in zip(group, split_stack(xp, out, n)):
                 dirs[i] = d
 
     def _update(self, ns, leaves, g_leaves, state, paths, stats=None):
@@ -512,11 +512,6 @@ class Eva(Optimizer):
         _, news, new_state = self._compute(ns, leaves, g_leaves, state, paths, stats)
         new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)]
         return write_params(ns, leaves, new_params), new_state
-
-
-def _split(xp, a, n):
-    """The ``n`` items of a stack (views where the namespace gives views)."""
-    return [a[0, ...]] if n == 1 else list(xp.unstack(a))
 
 
 class _Shape:
