@@ -21,7 +21,8 @@ import numpy as np
 
 from .._xp import namespace_of
 
-__all__ = ["kv_linear", "kv_conv2d", "kv_grad", "eva_precondition", "eva_f_precondition",
+__all__ = ["kv_linear", "kv_conv2d", "kv_grad", "eva_precondition", "eva_f_precondition", "axis_means",
+           "eva_s_graft_stacked", "split_stack",
            "eva_s_precondition", "kl_scale", "KL_MODES"]
 
 KL_MODES = ("clip", "rescale", "normalize")
@@ -203,3 +204,54 @@ def kl_scale(inners, learning_rate, kl_clip, mode="clip", *, p_sq=None, g_sq=Non
     s = s * (learning_rate * learning_rate)
     safe = xp.where(s > 0, s, one)
     return xp.where(s > 0, xp.minimum(one, xp.sqrt(kl_clip / safe)), one)
+
+
+def _stack_norm(xp, x):
+    """Overflow-safe ``‖x_b‖₂`` of each item of a stack ``(B, …)`` (as :func:`arrayopt.grafting.norm`)."""
+    axes = tuple(range(1, len(x.shape)))
+    amax = xp.max(xp.abs(x), axis=axes, keepdims=True)
+    scale = xp.where(amax > 0, amax, xp.ones_like(amax))
+    y = x / scale
+    return xp.reshape(amax, (x.shape[0],)) * xp.sqrt(xp.sum(y * y, axis=axes))
+
+
+def axis_means(xp, G):
+    """``[mean_{axes ≠ i}(G_b)]_i`` of a stack ``G`` (B, d_1, …, d_k), each ``(B, d_i)``; for ``k > 2``
+    the axes split in two halves, each half's means taken from the mean over the other half
+    (two reads of ``G`` instead of ``k``)."""
+    k = len(G.shape) - 1
+    if k == 1:
+        return [G]
+    if k == 2:
+        return [xp.mean(G, axis=2), xp.mean(G, axis=1)]
+    h = k // 2
+    left = xp.mean(G, axis=tuple(range(h + 1, k + 1)))
+    right = xp.mean(G, axis=tuple(range(1, h + 1)))
+    return axis_means(xp, left) + axis_means(xp, right)
+
+
+def eva_s_graft_stacked(G, s, damping):
+    """:func:`eva_s_precondition` of a stack ``G`` (B, d_1, …, d_k) with ``s[i]`` (B, d_i), grafted
+    to each item's ``‖G_b‖`` (:func:`arrayopt.grafting.graft`, zero guard included): ``(B, …)``."""
+    xp = namespace_of(G)
+    b = int(G.shape[0])
+    k = len(G.shape) - 1
+    c = G
+    for v in s:  # G ×₁ s₁ ×₂ s₂ … per item: (B, d_i, rest) contracted with s_i
+        c = xp.matmul(v[:, None, :], xp.reshape(c, (b, int(v.shape[1]), -1)))[:, 0, :]
+    c = xp.reshape(c, (b,))
+    norms = xp.prod(xp.stack([xp.sum(v * v, axis=1) for v in s], axis=1), axis=1)
+    coef = c / (damping + norms)
+    outer = xp.reshape(coef[:, None] * s[0], (b, -1) + (1,) * (k - 1))
+    for i, v in enumerate(s[1:], start=1):
+        outer = outer * xp.reshape(v, (b,) + (1,) * i + (-1,) + (1,) * (k - 1 - i))
+    P = G - outer
+    gn, pn = _stack_norm(xp, G), _stack_norm(xp, P)
+    ok = pn > 0
+    scale = xp.where(ok, gn / xp.where(ok, pn, xp.ones_like(pn)), xp.zeros_like(pn))
+    return P * xp.reshape(scale, (b,) + (1,) * k)
+
+
+def split_stack(xp, a, n):
+    """The ``n`` items of a stack (views where the namespace gives views)."""
+    return [a[0, ...]] if n == 1 else list(xp.unstack(a))

@@ -67,12 +67,15 @@ from __future__ import annotations
 import math
 import threading
 
-from .. import _validate, grafting
+from .. import _validate
 from .._xp import device_of, is_low_precision, state_dtype
 from ..base import Optimizer, write_params
 from .step import EvaStep
 from ..first_order import SGD
-from .math import eva_f_precondition, eva_precondition, eva_s_precondition, kl_scale
+from .math import axis_means, eva_f_precondition, eva_precondition, eva_s_graft_stacked, kl_scale, split_stack
+
+#: Eva-s leaves with at most this many entries are stacked with the other leaves of their shape
+STACK_MAX_SIZE = 1 << 16
 
 __all__ = ["eva", "Eva", "VARIANTS"]
 
@@ -127,11 +130,13 @@ class Eva(Optimizer):
                                 variant=variant, update_every=update_every, kl_mode=self.kl_mode,
                                 nesterov=nesterov, weight_layout=weight_layout)
 
-    _TRANSIENT = ("_jitted", "_jit_lock")
+    _TRANSIENT = ("_jitted", "_jit_lock", "_groups")
 
     def _init_transient(self):
-        # jax.jit'ed steps keyed by the plan: filled under the lock, shared by threads
+        # jax.jit'ed steps keyed by the plan and Eva-s's shape groups keyed by the tree's shapes:
+        # filled under the lock, shared by threads
         object.__setattr__(self, "_jitted", {})
+        object.__setattr__(self, "_groups", {})
         object.__setattr__(self, "_jit_lock", threading.Lock())
 
     # ------------------------------------------------------------------ state
@@ -426,18 +431,48 @@ class Eva(Optimizer):
             if b is not None:
                 dirs[b] = P[:, n_in]
 
+    def _eva_s_groups(self, dirs):
+        """Eva-s's leaves of two or more axes grouped by ``(shape, dtype)``: tuples of leaf indices;
+        a leaf above :data:`STACK_MAX_SIZE` entries is a group of its own (cached by the tree's
+        shapes and dtypes)."""
+        key = tuple((tuple(int(d) for d in G.shape), str(G.dtype)) for G in dirs)
+        groups = self._groups.get(key)
+        if groups is None:
+            keyed, alone = {}, []
+            for i, (shape, dt) in enumerate(key):
+                if len(shape) < 2:
+                    continue
+                if math.prod(shape) > STACK_MAX_SIZE:
+                    alone.append((i,))
+                else:
+                    keyed.setdefault((shape, dt), []).append(i)
+            groups = tuple(alone) + tuple(tuple(v) for v in keyed.values())
+            with self._jit_lock:
+                groups = self._groups.setdefault(key, groups)
+        return groups
+
     def _eva_s_directions(self, xp, dirs, kv, refreshed):
+        """Eva-s (E4) on stacks of same-shaped leaves: the vectors' refresh and the grafted direction."""
         w = 1.0 if self.stat_decay == 1.0 else 1.0 - self.stat_decay
-        for i, G in enumerate(dirs):
-            k = len(G.shape)
-            if k < 2:
-                continue
-            s = kv["kv_s"][i]
-            if i in refreshed:
-                s = [s_j * self.stat_decay + xp.mean(G, axis=tuple(ax for ax in range(k) if ax != j)) * w
-                     for j, s_j in enumerate(s)]
-                kv["kv_s"][i] = s
-            dirs[i] = grafting.graft(xp, eva_s_precondition(G, s, self.damping), G)
+        for group in self._eva_s_groups(dirs):
+            n = len(group)
+            G = dirs[group[0]][None, ...] if n == 1 else xp.stack([dirs[i] for i in group])
+            s = [(v[0][None, ...] if n == 1 else xp.stack(list(v))) for v in zip(*[kv["kv_s"][i] for i in group])]
+            fresh = [i in refreshed for i in group]
+            if any(fresh):
+                means = axis_means(xp, G)
+                new = [s_j * self.stat_decay + m_j * w for s_j, m_j in zip(s, means)]
+                if all(fresh):
+                    s = new
+                else:  # a plan refreshes all leaves of two or more axes or none; kept general
+                    mask = xp.asarray(fresh, device=device_of(G))[:, None]
+                    s = [xp.where(mask, a, b) for a, b in zip(new, s)]
+                per_leaf = [split_stack(xp, v, n) for v in s]
+                for b, i in enumerate(group):
+                    kv["kv_s"][i] = [v[b] for v in per_leaf]
+            out = eva_s_graft_stacked(G, s, self.damping)
+            for i, d in zip(group, split_stack(xp, out, n)):
+                dirs[i] = d
 
     def _update(self, ns, leaves, g_leaves, state, paths, stats=None):
         olds, news, new_state = self._compute(ns, leaves, g_leaves, state, paths, stats)

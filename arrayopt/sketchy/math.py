@@ -51,7 +51,8 @@ from typing import NamedTuple
 
 import array_api_compat as compat
 
-__all__ = ["FDSketch", "fd_update", "inverse_factors", "apply_factors", "lowrank_apply", "TAIL_DECAYS"]
+__all__ = ["FDSketch", "fd_update", "fd_update_stacked", "inverse_factors", "apply_factors",
+           "apply_factors_stacked", "lowrank_apply", "TAIL_DECAYS"]
 
 TAIL_DECAYS = ("beta2", "sqrt")
 
@@ -143,26 +144,29 @@ def _gram_route(d: int, c: int, k: int, dtype=None) -> bool:
 
 
 def _left_singular(xp, z, k: int):
-    """``(u, σ)`` of the thin SVD of ``z`` (d × c), σ descending, after a QR pre-reduction.
+    """``(u, σ)`` of the thin SVD of each ``z`` of a stack (``(B, d, c)``), σ descending, after a QR
+    pre-reduction (every LAPACK call batched over ``B``).
 
     Tall ``z`` (c < d): ``z = QR``, ``R = u_R σ v``, ``u = Q u_R`` (an SVD of c × c).
     Wide ``z`` (c > d): ``zᵀ = QR``, so ``z = Rᵀ Qᵀ`` and ``u`` is that of ``Rᵀ`` (d × d).
     JAX runs the same NumPy (LAPACK) code on the host through ``jax.pure_callback``: XLA
     compiles a QR and an SVD in about a second per shape, a callback in a few milliseconds.
     NumPy with a Gram side of at least :data:`GRAM_MIN_ROWS` rows takes
-    :func:`_top_left_singular_host` (only the top ``k + 1`` pairs).
+    :func:`_top_left_singular_host` (only the top ``k + 1`` pairs) on each ``z`` of the stack.
     """
+    b, d, c = (int(n) for n in z.shape)
     if compat.is_jax_namespace(xp):
         import jax
         import numpy as np
 
-        d, c = z.shape
         r = k + 1 if _gram_route(d, c, k, np.dtype(z.dtype)) else min(d, c)
-        shapes = (jax.ShapeDtypeStruct((z.shape[0], r), z.dtype), jax.ShapeDtypeStruct((r,), z.dtype))
+        shapes = (jax.ShapeDtypeStruct((b, d, r), z.dtype), jax.ShapeDtypeStruct((b, r), z.dtype))
         return jax.pure_callback(lambda a: _left_singular(np, np.asarray(a), k), shapes, z)
-    d, c = z.shape
     if compat.is_numpy_namespace(xp) and _gram_route(d, c, k, z.dtype):
-        return _top_left_singular_host(z, k + 1)
+        import numpy as np
+
+        pairs = [_top_left_singular_host(z[i], k + 1) for i in range(b)]
+        return np.stack([u for u, _ in pairs]), np.stack([s for _, s in pairs])
     if c < d:
         q, r = xp.linalg.qr(z)
         ur, s, _ = xp.linalg.svd(r, full_matrices=False)
@@ -187,6 +191,7 @@ def fd_update(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "be
 
     A non-finite ``x`` or state (or a decomposition that overflows) leaves the
     sketch unchanged and returns ``ok = False``; the check costs no host sync.
+    A stack of sketches updates in one call with :func:`fd_update_stacked`.
     """
     _check_beta2(beta2, tail_decay)
     xp = compat.array_namespace(eigvecs, sv, tail, x)
@@ -202,43 +207,68 @@ def fd_update(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "be
         raise ValueError(f"x: expected shape ({d},) or ({d}, m), got {tuple(x.shape)}")
     if x.dtype != eigvecs.dtype or sv.dtype != eigvecs.dtype or tail.dtype != eigvecs.dtype:
         raise TypeError("x, sv, tail: dtypes must equal the dtype of eigvecs")
+    if tuple(tail.shape) not in ((), (1,)):
+        raise ValueError(f"tail: expected shape () or (1,), got {tuple(tail.shape)}")
+    s = fd_update_stacked(eigvecs[None, ...], sv[None, :], xp.reshape(tail, (1, 1)), x[None, ...],
+                          beta2=beta2, tail_decay=tail_decay)
+    tshape = tuple(tail.shape)
+    return FDSketch(eigvecs=s.eigvecs[0, ...], sv=s.sv[0, :], tail=xp.reshape(s.tail, tshape),
+                    undeflated=s.undeflated[0, :], escaped=xp.reshape(s.escaped, ()), ok=xp.reshape(s.ok, ()))
+
+
+def fd_update_stacked(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "beta2") -> FDSketch:
+    """:func:`fd_update` of ``B`` independent sketches of one shape at once (the decompositions
+    batched over the leading axis): ``eigvecs`` (B, d, k), ``sv`` (B, k), ``tail`` (B, 1), ``x``
+    (B, d, m). Returns an :class:`FDSketch` of stacks (``escaped`` and ``tail`` (B, 1), ``ok`` (B,));
+    each sketch's result is the one :func:`fd_update` gives it alone. Shapes are the caller's
+    contract (not checked here)."""
+    _check_beta2(beta2, tail_decay)
+    xp = compat.array_namespace(eigvecs, sv, tail, x)
+    _, d, k = (int(n) for n in eigvecs.shape)
     tau = beta2 if tail_decay == "beta2" else math.sqrt(beta2)
-    z = xp.concat([eigvecs * (sv * math.sqrt(beta2)), x], axis=1)
-    finite_in = xp.all(xp.isfinite(z)) & xp.all(xp.isfinite(tail))
-    z = xp.where(finite_in, z, xp.zeros_like(z))  # never hand non-finite data to the SVD
+    z = xp.concat([eigvecs * (sv * math.sqrt(beta2))[:, None, :], x], axis=2)
+    finite_in = xp.all(xp.isfinite(z), axis=(1, 2)) & xp.all(xp.isfinite(tail), axis=1)
+    z = xp.where(finite_in[:, None, None], z, xp.zeros_like(z))  # never hand non-finite data to the SVD
     u, s = _left_singular(xp, z, k)
-    top = s[:k]
-    cut = s[k] if s.shape[0] > k else xp.zeros((), dtype=s.dtype, device=compat.device(s))
+    top = s[:, :k]
+    cut = s[:, k:k + 1] if s.shape[1] > k else xp.zeros_like(s[:, :1])
     # singular values below the rounding level of the decomposition are numerically 0: their
     # vectors are noise, so they are dropped (σ̄ = 0, and a cut at that level escapes nothing),
     # and each kept vector gets a fixed sign (Σ u³ > 0) so that every LAPACK gives the same state
-    floor = s[0] * (xp.finfo(s.dtype).eps * max(d, z.shape[1]))
+    floor = s[:, :1] * (xp.finfo(s.dtype).eps * max(d, int(z.shape[2])))
     cut = xp.where(cut > floor, cut, xp.zeros_like(cut))
     sv_new = xp.sqrt(xp.clip((top - cut) * (top + cut), min=0.0))
     sv_new = xp.where(sv_new > floor, sv_new, xp.zeros_like(sv_new))
     mask = sv_new > 0
-    uk = u[:, :k]
-    sign = xp.where(xp.sum(uk * uk * uk, axis=0) < 0, -xp.ones_like(top), xp.ones_like(top))
-    u_new = xp.where(mask, uk * sign, xp.zeros_like(uk))
+    uk = u[:, :, :k]
+    sign = xp.where(xp.sum(uk * uk * uk, axis=1) < 0, -xp.ones_like(top), xp.ones_like(top))
+    u_new = xp.where(mask[:, None, :], uk * sign[:, None, :], xp.zeros_like(uk))
     tail_new = tail * tau + cut * cut
     undeflated = top * top + tail * tau
-    ok = finite_in & xp.all(xp.isfinite(u_new)) & xp.all(xp.isfinite(sv_new)) & xp.all(xp.isfinite(tail_new))
+    ok = (finite_in & xp.all(xp.isfinite(u_new), axis=(1, 2)) & xp.all(xp.isfinite(sv_new), axis=1)
+          & xp.all(xp.isfinite(tail_new), axis=1))
     old_mu = sv * sv + tail
+    ok1, ok2 = ok[:, None], ok[:, None, None]
     return FDSketch(
-        eigvecs=xp.where(ok, u_new, eigvecs),
-        sv=xp.where(ok, sv_new, sv),
-        tail=xp.where(ok, tail_new, tail),
-        undeflated=xp.where(ok, undeflated, old_mu),
-        escaped=xp.where(ok, cut * cut, xp.zeros_like(cut)),
+        eigvecs=xp.where(ok2, u_new, eigvecs),
+        sv=xp.where(ok1, sv_new, sv),
+        tail=xp.where(ok1, tail_new, tail),
+        undeflated=xp.where(ok1, undeflated, old_mu),
+        escaped=xp.where(ok1, cut * cut, xp.zeros_like(cut)),
         ok=ok,
     )
 
 
 def inverse_factors(undeflated, tail, *, alpha: float, eps: float = 0.0, relative: bool = False, mask=None):
     """``(ι, ι_ρ)`` of F2: ``ι_j = (μ_j + ε_a)^{-α}`` (0 where the base is 0 or ``mask`` is False),
-    ``ι_ρ = (ρ + ε_a)^{-α}`` if ``ρ > 0`` else 0; ``ε_a = ε·max μ`` when ``relative``."""
+    ``ι_ρ = (ρ + ε_a)^{-α}`` if ``ρ > 0`` else 0; ``ε_a = ε·max μ`` when ``relative``.
+    A stack (``undeflated`` (B, k), ``tail`` (B, 1)) takes one ``ε_a`` per sketch."""
     xp = compat.array_namespace(undeflated, tail)
-    eps_a = eps * xp.max(undeflated) if relative else eps
+    if relative:
+        top = xp.max(undeflated, axis=-1, keepdims=True) if len(undeflated.shape) > 1 else xp.max(undeflated)
+        eps_a = eps * top
+    else:
+        eps_a = eps
     base = undeflated + eps_a
     good = base > 0 if mask is None else (base > 0) & mask
     inv = xp.where(good, xp.where(good, base, xp.ones_like(base)) ** (-alpha), xp.zeros_like(base))
@@ -256,6 +286,13 @@ def apply_factors(xp, eigvecs, inv, inv_tail, v):
     c = xp.matmul(xp.matrix_transpose(eigvecs), v)
     out = xp.matmul(eigvecs, c * (inv - inv_tail)[:, None]) + v * inv_tail
     return out[:, 0] if vec else out
+
+
+def apply_factors_stacked(xp, eigvecs, inv, inv_tail, v):
+    """:func:`apply_factors` of a stack: ``eigvecs`` (B, d, k), ``inv`` (B, k), ``inv_tail`` (B, 1),
+    ``v`` (B, d, c); batched GEMMs."""
+    c = xp.matmul(xp.matrix_transpose(eigvecs), v)
+    return xp.matmul(eigvecs, c * (inv - inv_tail)[:, :, None]) + v * inv_tail[:, :, None]
 
 
 def lowrank_apply(eigvecs, undeflated, tail, v, *, alpha: float, eps: float = 0.0, relative: bool = False):

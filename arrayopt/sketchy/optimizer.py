@@ -51,6 +51,7 @@ import numpy as np
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
 from ..base import Optimizer, apply_leaf, write_params
+from .batched import plan_tree, precondition_groups, sketch_groups
 from .math import apply_factors, fd_update, inverse_factors
 from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
@@ -111,10 +112,18 @@ def leaf_update(g, acc, m, p, eigvecs, inv, inv_tail, t, lr, *, cfg, shape, prec
     """``(Δ, new graft accumulator, new momentum)`` of one leaf: graft direction, Sketchy direction
     (``precondition_on``), grafting, momentum, weight decay (one jitted function on JAX)."""
     xp = compat.array_namespace(g)
-    kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
-    u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
+    d = None
     if precondition_on:
         d = xp.reshape(precondition(xp, xp.reshape(g, shape), list(zip(eigvecs, inv, inv_tail))), tuple(g.shape))
+    return finish_leaf(xp, g, acc, m, p, d, t, lr, cfg=cfg)
+
+
+def finish_leaf(xp, g, acc, m, p, d, t, lr, *, cfg):
+    """``(Δ, new graft accumulator, new momentum)`` of one leaf from its Sketchy direction ``d``
+    (``None``: the graft direction alone): grafting, momentum, weight decay."""
+    kind = "sgd" if cfg.graft.type == "none" else cfg.graft.type
+    u_g, acc = grafting.direction(xp, kind, g, acc, t, b2=cfg.graft.b2, eps=cfg.graft.eps)
+    if d is not None:
         u = d if cfg.graft.type == "none" else grafting.graft(xp, d, u_g)
     else:
         u = u_g
@@ -198,6 +207,26 @@ class Sketchy(Optimizer):
             with self._plans_lock:
                 plan = self._plans.setdefault(key, plan_sketch(key, self.config))
         return plan
+
+    def tree_plan(self, ns, leaves):
+        """The :class:`~arrayopt.sketchy.batched.TreePlan` of these leaves (cached by shapes and dtypes)."""
+        dts = tuple(str(state_dtype(ns.xp, p.dtype)) for p in leaves)
+        key = ("tree", tuple(tuple(int(d) for d in p.shape) for p in leaves), dts)
+        tree = self._plans.get(key)
+        if tree is None:
+            tree = plan_tree([self.plan(p.shape) for p in leaves], dts)
+            with self._plans_lock:
+                tree = self._plans.setdefault(key, tree)
+        return tree
+
+    def _directions(self, ns, leaves, g_leaves, sketches, t):
+        """Per leaf, the Sketchy direction ``D`` (the leaf's shape) or ``None`` (graft step only)."""
+        xp, cfg = ns.xp, self.config
+        if t < cfg.start_preconditioning_step:
+            return [None] * len(leaves)
+        g_leaves = [xp.astype(g, xp.float32) if is_low_precision(p.dtype) else g for p, g in zip(leaves, g_leaves)]
+        found = precondition_groups(xp, self.tree_plan(ns, leaves), g_leaves, sketches)
+        return [found.get(i) for i in range(len(leaves))]
 
     def _init(self, ns, leaves):
         xp, cfg = ns.xp, self.config
@@ -299,14 +328,7 @@ class Sketchy(Optimizer):
         xp, cfg = ns.xp, self.config
         t = state["count"] + 1
         sketches, skipped = self._new_sketches(ns, leaves, g_leaves, state)
-        directions = []
-        for p, g, per_axis in zip(leaves, g_leaves, sketches):
-            plan = self.plan(p.shape)
-            if plan.skipped or t < cfg.start_preconditioning_step:
-                directions.append(None)
-                continue
-            axes = [(a[0], a[2], a[4]) for a in per_axis]
-            directions.append(xp.reshape(precondition(xp, xp.reshape(g, plan.shape), axes), tuple(g.shape)))
+        directions = self._directions(ns, leaves, g_leaves, sketches, t)
         accs = state["graft"] if cfg.graft.has_state else None
         moms = state["momentum"] if cfg.b1 > 0 else None
         backend.run(self.kernel_op, leaves, g_leaves, [accs, moms, directions], step, g_views=views)
@@ -316,6 +338,17 @@ class Sketchy(Optimizer):
         """``(per-leaf per-axis sketch arrays, 1 if an update was not finite else 0)`` of this step."""
         xp, cfg = ns.xp, self.config
         sketch_step = state["count"] % cfg.update_every == 0
+        if ns.library != "jax":  # the groups' stacked updates (JAX: one jitted update per axis)
+            sketches = [[list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])] for i in range(len(leaves))]
+            oks = []
+            if sketch_step:
+                g_leaves = [xp.astype(g, xp.float32) if is_low_precision(p.dtype) else g
+                            for p, g in zip(leaves, g_leaves)]
+                oks = sketch_groups(xp, cfg, self.tree_plan(ns, leaves), g_leaves, sketches)
+            skipped = 0
+            if oks and not bool(xp.all(xp.concat(oks))):
+                skipped = 1  # fd_update kept the old sketch of every axis whose update was not finite
+            return sketches, skipped
         sketches, oks = [], []
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             plan = self.plan(p.shape)
@@ -351,6 +384,7 @@ class Sketchy(Optimizer):
         t = state["count"] + 1
         lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
         sketches, skipped = self._new_sketches(ns, leaves, g_leaves, state)
+        directions = self._directions(ns, leaves, g_leaves, sketches, t) if ns.library != "jax" else None
         new_graft, new_mom, updates = [], [], []
         for i, (p, g, per_axis) in enumerate(zip(leaves, g_leaves, sketches)):
             plan = self.plan(p.shape)
@@ -360,9 +394,12 @@ class Sketchy(Optimizer):
             m = state["momentum"][i] if cfg.b1 > 0 else None
             p32 = (xp.astype(p, xp.float32) if low else p) if cfg.weight_decay != 0.0 else None
             on = not plan.skipped and t >= cfg.start_preconditioning_step
-            upd, acc, m = self._fn(ns, "leaf")(
-                g, acc, m, p32, [a[0] for a in per_axis], [a[2] for a in per_axis], [a[4] for a in per_axis],
-                t, lr, cfg=cfg, shape=plan.shape, precondition_on=on)
+            if directions is not None:
+                upd, acc, m = finish_leaf(xp, g, acc, m, p32, directions[i], t, lr, cfg=cfg)
+            else:
+                upd, acc, m = self._fn(ns, "leaf")(
+                    g, acc, m, p32, [a[0] for a in per_axis], [a[2] for a in per_axis], [a[4] for a in per_axis],
+                    t, lr, cfg=cfg, shape=plan.shape, precondition_on=on)
             if acc is not None:
                 new_graft.append(acc)
             if cfg.b1 > 0:
