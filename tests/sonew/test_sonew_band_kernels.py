@@ -17,7 +17,7 @@ import arrayopt as ao
 
 pytest.importorskip("numba", reason="the Numba backend needs numba")
 
-from arrayopt.backends.numba_cpu.sonew import _gen_band_kernels as sonew_band_kernels  # noqa: E402
+from arrayopt.backends.numba_cpu.sonew import _gen_band_kernels as gen_band_kernels  # noqa: E402
 from arrayopt.backends.numba_cpu.sonew import codegen  # noqa: E402
 from arrayopt.backends.numba_cpu.sonew.whole import CHUNK  # noqa: E402
 
@@ -25,15 +25,15 @@ from arrayopt.backends.numba_cpu.sonew.whole import CHUNK  # noqa: E402
 @contextlib.contextmanager
 def _kernels(unrolled):
     """Run the unrolled band kernels (default) or, with ``unrolled=False``, the generic ones."""
-    saved = dict(sonew_band_kernels.STATS), dict(sonew_band_kernels.FACTOR_APPLY)
+    saved = dict(gen_band_kernels.STATS), dict(gen_band_kernels.FACTOR_APPLY)
     if not unrolled:
-        sonew_band_kernels.STATS.clear()
-        sonew_band_kernels.FACTOR_APPLY.clear()
+        gen_band_kernels.STATS.clear()
+        gen_band_kernels.FACTOR_APPLY.clear()
     try:
         yield
     finally:
-        sonew_band_kernels.STATS.update(saved[0])
-        sonew_band_kernels.FACTOR_APPLY.update(saved[1])
+        gen_band_kernels.STATS.update(saved[0])
+        gen_band_kernels.FACTOR_APPLY.update(saved[1])
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_unrolled_equals_generic_bit_for_bit(b, dtype):
 
 def test_generic_band_kernel_past_the_unrolled_range_matches_reference():
     b = codegen.BANDS[-1] + 1
-    assert b not in sonew_band_kernels.STATS
+    assert b not in gen_band_kernels.STATS
     rng = np.random.default_rng(7)
     n = CHUNK + 123
     opt = ao.sonew(0.01, band=b, eps=1e-2, block_size=None)
