@@ -218,7 +218,12 @@ class AdamKernel:
     finiteness pre-pass that ``opt.step`` runs first (``BACKEND.all_finite`` over the grad)."""
 
     def __init__(self, n: int, check: bool, dtype=DTYPE, seed: int = 0, warmup: int = 2):
-        from arrayopt.backends.numba_cpu import BACKEND, kernels
+        from arrayopt.backends.numba_cpu import BACKEND
+
+        try:
+            from arrayopt.backends.numba_cpu import first_order as kernels
+        except ImportError:  # commits before one module per op
+            from arrayopt.backends.numba_cpu import kernels
 
         self.backend = BACKEND
         try:  # the kernel the backend picks for a leaf of n elements

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a tridiagonal SONew block's time goes: its loops timed one by one, in cache, on one thread.
 
-Each loop of ``tri_block`` (``backends/numba_cpu/sonew_blocks.py``) is copied here with its
+Each loop of ``tri_block`` (``backends/numba_cpu/sonew/block_kernels.py``) is copied here with its
 arithmetic and array shapes, run over one block of ``B = 16384`` float32 entries held in L2,
 ``--reps`` times, and reported in ns per entry; next to them the fused ``tri_block`` and
 ``diag_block`` themselves, our Adam kernel on the same cached block, and our Adam step
@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import arrayopt as ao  # noqa: E402
 from numba import get_num_threads, njit, set_num_threads  # noqa: E402
 
-from arrayopt.backends.numba_cpu.sonew import _max_nonneg, _sum, _sumsq  # noqa: E402
-from arrayopt.backends.numba_cpu.kernels import _SERIAL_K  # noqa: E402
-from arrayopt.backends.numba_cpu.sonew_blocks import TILE, diag_block, run_blocks, tri_block  # noqa: E402
+from arrayopt.backends.numba_cpu._common import max_nonneg, sum_prefix, sumsq  # noqa: E402
+from arrayopt.backends.numba_cpu.first_order import kernel_for  # noqa: E402
+from arrayopt.backends.numba_cpu.sonew.block_kernels import TILE, diag_block, tri_block  # noqa: E402
+from arrayopt.backends.numba_cpu.sonew.blocks import run_blocks  # noqa: E402
 
 K = 16384
 F32 = np.float32
@@ -73,7 +74,7 @@ def adam_graft(mh, hd, wa, reps):
             a, b, o = mh[lo:lo + TILE], hd[lo:lo + TILE], wa[lo:lo + TILE]
             for i in range(TILE):
                 o[i] = a[i] / (np.sqrt(b[i]) + GEPS)
-            acc += _sumsq(o, 0, TILE)
+            acc += sumsq(o, 0, TILE)
     return acc
 
 
@@ -87,7 +88,7 @@ def row_sums_max(hd, he, rows, reps):
             rw[0] = hds[0] + abs(hes[0])
             for x in range(1, TILE):
                 rw[x] = hds[x] + abs(hes[x]) + abs(hes[x - 1])
-            rmax = _max_nonneg(rw, TILE, rmax)
+            rmax = max_nonneg(rw, TILE, rmax)
     return rmax
 
 
@@ -110,7 +111,7 @@ def factor(hd, he, mh, ps, ts, drop, reps):
                 w = w if keep else zero
                 pss[x] = w
                 tss[x] = (mhs[x] - w * mhs[x + 1]) / (s if keep else d0)
-            removed += int(_sum(dr, k))
+            removed += int(sum_prefix(dr, k))
     return removed
 
 
@@ -124,7 +125,7 @@ def l_apply(ps, ts, us, reps):
             uss[0] = tss[0]
             for x in range(1, TILE):
                 uss[x] = tss[x] - pss[x - 1] * tss[x - 1]
-            acc += _sumsq(uss, 0, TILE)
+            acc += sumsq(uss, 0, TILE)
     return acc
 
 
@@ -155,7 +156,7 @@ def diag_blocks(p, g, m, h, scratch, reps):
 
 def _adam_kernel(p, g, m, v, reps):
     """Our Adam kernel (its serial build, the one small leaves run) on the cached block."""
-    adam = _SERIAL_K["adam"]
+    adam = kernel_for("adam", 2, size=1)  # a small leaf: the serial build
     for _ in range(reps):
         adam(p, g, m, v, F32(1e-3), OMB1, B2, OMB2, F32(0.8), GEPS, F32(0), F32(1))
 

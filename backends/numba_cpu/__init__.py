@@ -3,17 +3,29 @@
 Accepted arrays: NumPy arrays that are C-contiguous and float32/float64 (params and
 state writeable), and torch CPU tensors with the same properties, reached zero-copy
 through ``tensor.detach().numpy()``. Everything else takes the reference path.
+
+One module per op, each declaring ``OPS`` and ``run`` (``backends/_optable.py``):
+``first_order.py`` (``sgd``, ``adam``, ``adagrad``), ``sonew/``, ``eva.py``, ``sketchy.py``,
+``shampoo.py`` (``shampoo_corrected``); ``_common.py`` holds the compile flags and reductions
+they share. :data:`TABLE` is collected from them at import: ``ops``, ``capabilities`` and
+``run`` all read it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from types import MappingProxyType
 
 import numpy as np
 
 from ..._xp import library_of
+from .._optable import collect
+from ._common import all_finite
 
-__all__ = ["BACKEND", "NumbaCPU"]
+__all__ = ["BACKEND", "NumbaCPU", "TABLE"]
+
+#: ``{op: OpEntry(module, capabilities)}`` from every op module of this package
+TABLE = collect(__name__, __path__)
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -26,21 +38,9 @@ class NumbaCPU:
     """The ``numba_cpu`` backend (see the module docstring and ``arrayopt.dispatch.Backend``)."""
 
     name = "numba_cpu"
-    ops = frozenset({"sgd", "adam", "adagrad", "sonew", "eva", "sketchy", "shampoo_corrected"})
-    # the one place that says which options of each op's step description the kernels fuse
-    capabilities = {
-        "sgd": {}, "adam": {}, "adagrad": {},
-        "sonew": {
-            # every graft and fallback, any band (b <= 8 unrolled, larger generic), whole-tensor and
-            # block-local (block_size: one pass per block, sonew_blocks.py), flatten orders C and F
-        },
-        # Eva-s preconditions every tensor with one vector per axis: the reference runs it
-        "eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})},
-        # rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n is rare: the reference runs them
-        "sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})},
-        # eigenvalue-corrected Shampoo: the eigenbasis second moment and scaled step, any β (1: running sum)
-        "shampoo_corrected": {},
-    }
+    ops = frozenset(TABLE)
+    # which options of each op's step description the kernels fuse: declared by each op module
+    capabilities = MappingProxyType({op: entry.capabilities for op, entry in TABLE.items()})
 
     def __init__(self):
         self._available = None
@@ -104,56 +104,20 @@ class NumbaCPU:
         return [_numpy_view(a, lib).reshape(-1) for a in arrays]
 
     def all_finite(self, views) -> bool:
-        from .kernels import all_finite
-
+        """True when no view holds NaN/Inf (one read-only pass per leaf)."""
         return all_finite(views)
 
     def run(self, op, params, grads, states, step, g_views=None):
-        """The fused step of ``op`` in place; ``step`` is the op's frozen step description.
+        """The fused step of ``op`` in place: the ``run`` of the module that declares ``op``.
 
-        First-order ops: ``step`` is the tuple of ``step_scalars``, returns ``None``.
-        ``"sonew"``: ``states = [mus, bands]`` (``[mus, bands, graft_nus]`` with
-        ``graft="rmsprop_normalized"``), ``step`` a ``SONewStep``; returns per-leaf
-        ``(removed_edges, fallback_rows)``. ``"eva"``: ``states = [buffers or None, layers]``,
-        ``step`` an ``EvaStep`` (``backends/numba_cpu/eva.py``). ``"sketchy"``: ``states = [graft
-        accumulators or None, momentum or None, per-leaf D or None]``, ``step`` a ``SketchyStep``
-        (``backends/numba_cpu/sketchy.py``). ``"shampoo_corrected"``: ``params`` are the rotated
-        blocks ``Ĝ``, ``grads`` unused, ``states = [second moments D]``, ``step`` a
-        ``CorrectedMomentStep``; returns the scaled blocks ``X`` (``backends/numba_cpu/shampoo.py``).
+        ``step`` is the op's frozen step description; ``states`` and the return value are the
+        op module's (first-order ops: ``step_scalars``, ``None``; ``"sonew"``: per-leaf
+        ``(removed_edges, fallback_rows)``; ``"shampoo_corrected"``: the scaled blocks ``X``).
         """
-        if op == "shampoo_corrected":  # params = rotated blocks Ĝ, states = [second moments D]
-            from .shampoo import run as run_shampoo
-
-            return run_shampoo(self, step, params, states[0])
-        if op == "sonew":
-            return self.run_sonew(step, params, grads, *states, g_views=g_views)
-        if op == "sketchy":  # states = [graft accumulators or None, momentum or None, directions D]
-            from .sketchy import run as run_sketchy
-
-            return run_sketchy(self, step, params, grads, states[0], states[1], states[2], g_views)
-        if op == "eva":  # states = [momentum buffers or None, per-layer (i, b, ā, ḡ)]
-            from .eva import run as run_eva
-
-            return run_eva(self, step, params, grads, states[0], states[1], g_views)
-        from .kernels import kernel_for
-
-        p_views = self.views(params)
-        g_views = g_views if g_views is not None else self.views(grads)
-        s_views = [self.views(s) for s in states]
-        typed_by_dtype: dict = {}
-        for i, (p, g) in enumerate(zip(p_views, g_views)):
-            typed = typed_by_dtype.get(p.dtype)
-            if typed is None:  # float32 scalars for float32 leaves, float64 for float64
-                cast = p.dtype.type
-                typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in step)
-            kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
-        return None
-
-    def run_sonew(self, step, params, grads, mus, bands, nus=None, g_views=None) -> list:
-        """SONew's fused step (``backends/numba_cpu/sonew.py``); returns per-leaf removal counts."""
-        from .sonew import run
-
-        return run(self, step, params, grads, mus, bands, g_views, nus)
+        entry = TABLE.get(op)
+        if entry is None:
+            raise ValueError(f"op {op!r}: numba_cpu has no kernel for it (ops: {', '.join(sorted(TABLE))})")
+        return entry.module.run(self, op, params, grads, states, step, g_views)
 
 
 BACKEND = NumbaCPU()

@@ -17,9 +17,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _OPTS, _SERIAL, SMALL, _renamed, kernel_for
+from ._common import OPTS, SERIAL, SMALL, renamed
+from .first_order import kernel_for
 
-__all__ = ["run"]
+__all__ = ["OPS", "run"]
+
+#: Eva-s preconditions every tensor with one vector per axis: the reference runs it
+OPS = {"eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})}}
 
 
 def eva_reduce(G, a, rowdot, rowsq):
@@ -54,26 +58,28 @@ def eva_apply(p, G, buf, a, coef, scale, lr, mu, wd, nesterov, use_buf):
 
 # reassociation only (no nnan/ninf: NaN and Inf still propagate): the row sums vectorise,
 # rounding differs from the reference's sums within the parity tolerance
-_REDUCE = {True: njit(**dict(_OPTS, fastmath={"reassoc"}))(_renamed(eva_reduce, "_parallel")),
-           False: njit(**dict(_SERIAL, fastmath={"reassoc"}))(_renamed(eva_reduce, "_serial"))}
-_APPLY = {True: njit(**_OPTS)(_renamed(eva_apply, "_parallel")),
-          False: njit(**_SERIAL)(_renamed(eva_apply, "_serial"))}
+_REDUCE = {True: njit(**dict(OPTS, fastmath={"reassoc"}))(renamed(eva_reduce, "_parallel")),
+           False: njit(**dict(SERIAL, fastmath={"reassoc"}))(renamed(eva_reduce, "_serial"))}
+_APPLY = {True: njit(**OPTS)(renamed(eva_apply, "_parallel")),
+          False: njit(**SERIAL)(renamed(eva_apply, "_serial"))}
 
 
 def _as2d(v, rows):
     return v.reshape(rows, -1)
 
 
-def run(backend, step, params, grads, bufs, layers, g_views=None):
-    """Eva's step in place. ``layers``: ``(i, b, ā, ḡ)`` per preconditioned weight (``b`` the
-    bias leaf or ``None``; ``ā`` with the bias entry when ``b`` is set; ``ḡ`` ``None`` for Eva-f),
-    the running vectors already refreshed; ``bufs``: the momentum buffers or ``None``.
+def run(backend, op, params, grads, states, step, g_views=None):
+    """Eva's step in place. ``states = [bufs, layers]``: ``layers`` holds ``(i, b, ā, ḡ)`` per
+    preconditioned weight (``b`` the bias leaf or ``None``; ``ā`` with the bias entry when ``b``
+    is set; ``ḡ`` ``None`` for Eva-f), the running vectors already refreshed; ``bufs``: the
+    momentum buffers or ``None``.
 
     The first pass doubles as the finiteness check of those layers' gradients (``‖G_r‖²`` is
     finite only if the row is): returns ``False``, having written nothing, when one is not.
     The caller checks the other leaves."""
     from arrayopt.eva.math import kl_scale
 
+    bufs, layers = states
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     b_views = backend.views(bufs) if bufs else None

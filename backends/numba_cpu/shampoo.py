@@ -17,9 +17,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _OPTS, _SERIAL, SMALL, _renamed
+from ._common import OPTS, SERIAL, SMALL, renamed
 
-__all__ = ["run"]
+__all__ = ["OPS", "run"]
+
+#: eigenvalue-corrected Shampoo: the eigenbasis second moment and scaled step, any β (1: running sum)
+OPS = {"shampoo_corrected": {}}
 
 
 def corrected_moment(x, d, decay, weight, inv_bias, eps):
@@ -30,8 +33,8 @@ def corrected_moment(x, d, decay, weight, inv_bias, eps):
         x[i] = gi / (np.sqrt(di * inv_bias) + eps)
 
 
-_MOMENT = {True: njit(**_OPTS)(_renamed(corrected_moment, "_parallel")),
-           False: njit(**_SERIAL)(_renamed(corrected_moment, "_serial"))}
+_MOMENT = {True: njit(**OPTS)(renamed(corrected_moment, "_parallel")),
+           False: njit(**SERIAL)(renamed(corrected_moment, "_serial"))}
 
 
 def _contiguous(a):
@@ -41,13 +44,13 @@ def _contiguous(a):
     return a if a.is_contiguous() else a.contiguous()
 
 
-def run(backend, step, rotated, moments) -> list:
-    """``step`` (a ``CorrectedMomentStep``) on each block in place: ``moments[i]`` (``D``, C-contiguous
-    and writeable, as :meth:`refuse_arrays` checked) updated, ``rotated[i]`` (``Ĝ``, a fresh product
-    of the caller's) overwritten with ``X``; returns the ``X`` arrays (``Ĝ`` itself, or its contiguous
-    copy)."""
+def run(backend, op, rotated, grads, states, step, g_views=None) -> list:
+    """``step`` (a ``CorrectedMomentStep``) on each block in place: ``states = [moments]``, ``moments[i]``
+    (``D``, C-contiguous and writeable, as :meth:`refuse_arrays` checked) updated, ``rotated[i]``
+    (``Ĝ``, a fresh product of the caller's, in the params' place) overwritten with ``X``; ``grads``
+    unused. Returns the ``X`` arrays (``Ĝ`` itself, or its contiguous copy)."""
     out = []
-    for gh, d in zip(rotated, moments):
+    for gh, d in zip(rotated, states[0]):
         gh = _contiguous(gh)
         x, dv = backend.views([gh, d])
         cast = x.dtype.type

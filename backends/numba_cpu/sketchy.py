@@ -24,9 +24,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kernels import _OPTS, _SERIAL, SMALL, _renamed
+from ._common import OPTS, SERIAL, SMALL, renamed
 
-__all__ = ["KIND", "run"]
+__all__ = ["KIND", "OPS", "run"]
+
+#: rmsprop_normalized needs ‖g‖ before its accumulator, sqrt_n is rare: the reference runs them
+OPS = {"sketchy": {"graft": frozenset({"none", "sgd", "adagrad", "rmsprop", "adam"})}}
 
 #: graft kind -> the kernels' integer code
 KIND = {"sgd": 0, "adagrad": 1, "rmsprop": 2, "adam": 3}
@@ -90,10 +93,10 @@ def sketchy_write(p, g, acc, d, m, kind, precond, scale, b2, omb2, eps, bc2s, b1
         p[i] = p[i] + v * (-lr)
 
 
-_NORMS = {True: njit(**_OPTS)(_renamed(sketchy_norms, "_parallel")),
-          False: njit(**_SERIAL)(_renamed(sketchy_norms, "_serial"))}
-_WRITE = {True: njit(**_OPTS)(_renamed(sketchy_write, "_parallel")),
-          False: njit(**_SERIAL)(_renamed(sketchy_write, "_serial"))}
+_NORMS = {True: njit(**OPTS)(renamed(sketchy_norms, "_parallel")),
+          False: njit(**SERIAL)(renamed(sketchy_norms, "_serial"))}
+_WRITE = {True: njit(**OPTS)(renamed(sketchy_write, "_parallel")),
+          False: njit(**SERIAL)(renamed(sketchy_write, "_serial"))}
 
 
 def _exact_norms(step, g, acc_new, d, cast):
@@ -109,10 +112,12 @@ def _exact_norms(step, g, acc_new, d, cast):
     return float(grafting.norm(np, a)), float(grafting.norm(np, d))
 
 
-def run(backend, step, params, grads, accs, moms, directions, g_views=None):
-    """Sketchy's step in place. ``directions[i]``: the leaf's ``D`` (any layout, the leaf's shape)
-    or ``None`` for a leaf that takes the graft step only; ``accs``/``moms``: the graft
-    accumulators and momentum buffers, or ``None`` when the config keeps none."""
+def run(backend, op, params, grads, states, step, g_views=None):
+    """Sketchy's step in place. ``states = [accs, moms, directions]``: ``directions[i]`` the leaf's
+    ``D`` (any layout, the leaf's shape) or ``None`` for a leaf that takes the graft step only;
+    ``accs``/``moms`` the graft accumulators and momentum buffers, or ``None`` when the config
+    keeps none."""
+    accs, moms, directions = states
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     a_views = backend.views(accs) if accs else None

@@ -88,6 +88,6 @@ def test_float64_norms_past_float64_squares_take_the_scaled_norm(scale):
     p = np.zeros(50)
     step = SketchyStep(lr=0.1, graft="sgd", graft_b2=0.999, graft_eps=1e-8, graft_bc2=1e-3, b1=0.0, ema=False,
                        nesterov=False, weight_decay=0.0)
-    run(BACKEND, step, [p], [g], None, None, [d])
+    run(BACKEND, "sketchy", [p], [g], [None, None, [d]], step)
     want = -0.1 * (d * (grafting.norm(np, g) / grafting.norm(np, d)))
     np.testing.assert_allclose(p, want, rtol=1e-13, atol=0)

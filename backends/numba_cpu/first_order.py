@@ -9,29 +9,22 @@ scalars for float32 arrays), so no float64 constant promotes the math. No
 Every kernel is compiled twice from the same source: ``parallel=True`` for
 large leaves and serial for leaves under ``SMALL`` elements, where waking the
 thread pool costs more than the pass (elementwise math: identical results).
+
+Op ``sgd``/``adam``/``adagrad``: ``step`` is the tuple of the optimizer's ``step_scalars``,
+``states`` the state arrays shaped like the params (none for SGD without momentum).
 """
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import njit, prange
 
-# error_model="numpy": x/0 gives inf/nan as in the NumPy reference, and no per-division
-# zero check blocks vectorization.
-_OPTS = dict(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
-_SERIAL = dict(_OPTS, parallel=False)
-SMALL = 1 << 15  # elements; below this a leaf is updated by one thread
+from ._common import OPTS, SERIAL, SMALL, renamed
 
+__all__ = ["OPS", "kernel_for", "run"]
 
-def count_nonfinite(x):
-    """Number of NaN/Inf entries: read-only pass (``x - x`` is 0 only for finite x)."""
-    bad = 0
-    for i in prange(x.size):
-        if x[i] - x[i] != 0:
-            bad += 1
-    return bad
+#: the first-order ops, every option fused
+OPS = {"sgd": {}, "adam": {}, "adagrad": {}}
 
 
 def sgd(p, g, lr, mu, wd, nesterov):  # momentum == 0: mu and nesterov are unused
@@ -80,37 +73,28 @@ def adagrad(p, g, s, lr, eps, wd):
         p[i] = p[i] - lr * (gi / (np.sqrt(si) + eps))
 
 
-_PY = {"count_nonfinite": count_nonfinite, "sgd": sgd, "sgd_momentum": sgd_momentum,
-       "adam": adam, "adagrad": adagrad}
-
-
-def _renamed(f, suffix: str):
-    """A copy of ``f`` under another qualified name, so that its Numba cache files differ.
-
-    Numba names cache files after the function's qualname and line and does not key them
-    on ``parallel=``: two variants of one function would load each other's machine code.
-    """
-    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-    g.__qualname__ = f.__qualname__ + suffix
-    g.__doc__ = f.__doc__
-    return g
-
-
-_PARALLEL = {k: njit(**_OPTS)(_renamed(f, "_parallel")) for k, f in _PY.items()}
-_SERIAL_K = {k: njit(**_SERIAL)(_renamed(f, "_serial")) for k, f in _PY.items()}
-
-
-def _pick(name: str, size: int):
-    return (_SERIAL_K if size < SMALL else _PARALLEL)[name]
+_PY = {"sgd": sgd, "sgd_momentum": sgd_momentum, "adam": adam, "adagrad": adagrad}
+_PARALLEL_KERNELS = {k: njit(**OPTS)(renamed(f, "_parallel")) for k, f in _PY.items()}
+_SERIAL_KERNELS = {k: njit(**SERIAL)(renamed(f, "_serial")) for k, f in _PY.items()}
 
 
 def kernel_for(op: str, n_states: int, size: int = SMALL):
-    """The compiled kernel of ``op`` for a leaf of ``size`` elements."""
+    """The compiled kernel of ``op`` for a leaf of ``size`` elements (SGD with momentum: ``n_states = 1``)."""
     if op == "sgd" and n_states:
         op = "sgd_momentum"
-    return _pick(op, size)
+    return (_SERIAL_KERNELS if size < SMALL else _PARALLEL_KERNELS)[op]
 
 
-def all_finite(views) -> bool:
-    """True when no view holds NaN/Inf (one read-only pass per leaf)."""
-    return all(_pick("count_nonfinite", v.size)(v) == 0 for v in views)
+def run(backend, op, params, grads, states, step, g_views=None):
+    """The step of ``op`` on every leaf in place; returns ``None``."""
+    p_views = backend.views(params)
+    g_views = g_views if g_views is not None else backend.views(grads)
+    s_views = [backend.views(s) for s in states]
+    typed_by_dtype: dict = {}
+    for i, (p, g) in enumerate(zip(p_views, g_views)):
+        typed = typed_by_dtype.get(p.dtype)
+        if typed is None:  # float32 scalars for float32 leaves, float64 for float64
+            cast = p.dtype.type
+            typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in step)
+        kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
+    return None

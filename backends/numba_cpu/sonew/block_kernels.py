@@ -1,4 +1,4 @@
-r"""Block-local SONew (``block_size`` of ``arrayopt.sonew``): one pass over memory, blocks in parallel.
+r"""Block-local SONew kernels (``block_size`` of ``arrayopt.sonew``): one pass over memory, blocks in parallel.
 
 With blocks of ``B`` consecutive entries of the flattened tensor the band is cut
 at block edges, ``ε_eff = max(ε·max_{i∈blk} Σ_j |Ĥ_ij|, ε_min)`` and both graft
@@ -35,9 +35,10 @@ amplify it). The tridiagonal block keeps the divisions: its Schur complements an
 a 1-ulp change in ``Ĥ`` or ``m̂`` moved updates by 2e-6 relative, over the float32 1e-6
 parity rule. Parity with the reference: float32 1e-6, float64 1e-12.
 
-Bands ``b >= 2`` use the drivers in ``sonew_block_drivers.py`` (``blocks_step_<kind>``,
-written by ``band_codegen.py`` from one template so that Numba caches each), which call
-the whole-tensor kernels' ``_chunk`` functions on one block through the adapters below:
+Bands ``b >= 2`` use the drivers in ``_gen_block_drivers.py`` (``blocks_step_<kind>``,
+written by ``codegen.py`` from one template so that Numba caches each), which call
+the whole-tensor kernels' ``_chunk`` functions on one block (for the generic band through
+the adapters ``band_stats_block``, ``band_factor_block`` below):
 their arithmetic is the whole-tensor kernels', so the block-local step equals the
 reference's to float rounding of the norms (float64 sums here, overflow-safe scaled
 float32 sums in the reference).
@@ -46,29 +47,30 @@ float32 sums in the reference).
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from .sonew import (_OPTS, _SERIAL, _max_nonneg, _sum, _sumsq, band_factor_lt_chunk, band_l_apply_chunk,
-                    band_rowmax_chunk, band_stats_chunk)
+from .._common import OPTS, SERIAL, max_nonneg, sum_prefix, sumsq
+from .band import band_factor_lt_chunk, band_l_apply_chunk, band_rowmax_chunk, band_stats_chunk
+from .grafts import GRAFT_ADAM, GRAFT_MOMENTUM, GRAFT_NONE, GRAFT_RMSPROP_NORMALIZED, GRAFT_SGD
 
-__all__ = ["run_blocks"]
+__all__ = ["TILE", "band_stats_block", "band_factor_block", "diag_block", "tri_block", "blocks_step_diag",
+           "blocks_step_tri"]
 
-GRAFT_RMSPROP_NORMALIZED = 4
 TILE = 1024  # entries per L1 tile inside a block
 
 
 # ------------------------------------------------ adapters of the chunk kernels (bands >= 2)
 
 
-@njit(**_SERIAL)
-def _band_stats(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
+@njit(**SERIAL)
+def band_stats_block(g, m, bf, saved, omb1, b2, omb2, bc1, bc2, graft_eps, graft, rows_out, norms_out, chunk, bs, c):
     band = bf.reshape((g.size, bf.size // g.size))
     band_stats_chunk(g, m, band, omb1, b2, omb2, bc1, bc2, graft_eps, graft, norms_out, chunk, bs, c)
     band_rowmax_chunk(band, bc2, rows_out, chunk, c)
 
 
-@njit(**_SERIAL)
-def _band_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out,
+@njit(**SERIAL)
+def band_factor_block(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, norms_out, removed_out,
                  fallback_out, chunk, c):
     psi = np.empty((m.size, band.shape[1] - 1), dtype=band.dtype)
     t = np.empty(m.size, dtype=band.dtype)
@@ -80,46 +82,46 @@ def _band_factor(p, m, band, u, bc1, bc2, eps_eff, tau, neg_lr, wd, write_p, nor
 #
 # Each loop below touches few arrays, carries nothing from one entry to the next and mixes
 # no float64 or int64 into float32 arithmetic (that would halve the SIMD width), so LLVM
-# vectorises it at full width; reductions go to ``sonew._sumsq``/``sonew._sum`` (float64
-# SIMD lanes) and ``sonew._max_nonneg`` (bit patterns). The diagonal block multiplies by
+# vectorises it at full width; reductions go to ``_common.sumsq``/``_common.sum_prefix`` (float64
+# SIMD lanes) and ``_common.max_nonneg`` (bit patterns). The diagonal block multiplies by
 # ``1/bc1``, ``1/bc2`` (see the module docstring for why the tridiagonal one divides).
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def _adam_sumsq(mh, hd, graft_eps, k, wa):
     """``Σ float64(a_i)²``, ``a = m̂/(√Ĥ_ii + ε_g)`` (the Adam graft's norm²): ``a`` in a loop of
     the param dtype (full SIMD width; a float64 sum in the same loop would halve it), then summed."""
     for i in range(k):
         wa[i] = mh[i] / (np.sqrt(hd[i]) + graft_eps)
-    return _sumsq(wa, 0, k)
+    return sumsq(wa, 0, k)
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def _graft_partial(gb, mh, hd, lo, hi, graft_eps, graft, wa):
     """``Σ float64(a_i)²`` over entries ``[lo, hi)`` of the block (adam, sgd, momentum grafts)."""
-    if graft == 1:
+    if graft == GRAFT_ADAM:
         return _adam_sumsq(mh[lo:hi], hd[lo:hi], graft_eps, hi - lo, wa[lo:hi])
-    if graft == 2:  # a slice from 0: a sum starting at ``lo`` does not vectorise (10x slower)
-        return _sumsq(gb[lo:hi], 0, hi - lo)
-    if graft == 3:
-        return _sumsq(mh[lo:hi], 0, hi - lo)
+    if graft == GRAFT_SGD:  # a slice from 0: a sum starting at ``lo`` does not vectorise (10x slower)
+        return sumsq(gb[lo:hi], 0, hi - lo)
+    if graft == GRAFT_MOMENTUM:
+        return sumsq(mh[lo:hi], 0, hi - lo)
     return 0.0
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, wa):
     """``‖a‖``: ``ĝ = g/‖g‖_blk``, ``ν ← β₂ν + (1-β₂)ĝ²``, ``a = ĝ/(√ν + ε_g)`` (``ν`` in place)."""
-    gn = wa.dtype.type(np.sqrt(_sumsq(gb, 0, k)))  # one rounding to the param dtype
+    gn = wa.dtype.type(np.sqrt(sumsq(gb, 0, k)))  # one rounding to the param dtype
     gn = gn if gn > 0 else gn - gn + 1
     for i in range(k):
         gh = gb[i] / gn
         v = nub[i] * b2 + (gh * gh) * omb2
         nub[i] = v
         wa[i] = gh / (np.sqrt(v) + graft_eps)
-    return np.sqrt(_sumsq(wa, 0, k))
+    return np.sqrt(sumsq(wa, 0, k))
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_eps, neg_lr, wd):
     """``p ← p - η (c u + λ p)``, ``c = ‖a‖/‖u‖`` (0 when ``‖u‖ = 0``; ``c = 1`` with no graft),
     or the Adam direction ``m̂/(√Ĥ_ii + ε_g)`` for ``small_param_fallback="adam"``."""
@@ -131,7 +133,7 @@ def _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_
                 d = d + wd * pj
             pb[i] = pj + neg_lr * d
         return
-    if graft == 0:
+    if graft == GRAFT_NONE:
         if wd != 0:
             for i in range(k):
                 pj = pb[i]
@@ -151,7 +153,7 @@ def _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_
             pb[i] = pb[i] + neg_lr * (ub[i] * scale)
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def _eps_effective(rmax, eps, eps_min, relative):
     """``max(ε·rowmax, ε_min)`` (relative) or ``ε`` (``SONewStep.eps_effective``)."""
     if not relative:
@@ -160,7 +162,7 @@ def _eps_effective(rmax, eps, eps_min, relative):
     return e if e > eps_min else eps_min
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min, relative,
                neg_lr, wd, adam_fallback):
     """One block of diag-SONew: statistics, ``ε_eff``, ``u = m̂/(Ĥ_ii + ε_eff)``, norms, the write.
@@ -180,21 +182,21 @@ def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps,
             gj = gs[i]
             ms[i] = ms[i] + omb1 * (gj - ms[i])
             hs[i] = hs[i] * b2 + omb2 * (gj * gj)
-        if graft == 1:  # a = m̂/(√Ĥ_ii + ε_g) in a float32 loop (8 lanes), then its float64 norm²
+        if graft == GRAFT_ADAM:  # a = m̂/(√Ĥ_ii + ε_g) in a float32 loop (8 lanes), then its float64 norm²
             was = wa[lo:hi]
             for i in range(hi - lo):
                 was[i] = (ms[i] * ibc1) / (np.sqrt(hs[i] * ibc2) + graft_eps)
-            acc += _sumsq(was, 0, hi - lo)
-        elif graft == 2:
-            acc += _sumsq(gs, 0, hi - lo)
-        if graft == 3 or adam_fallback:
+            acc += sumsq(was, 0, hi - lo)
+        elif graft == GRAFT_SGD:
+            acc += sumsq(gs, 0, hi - lo)
+        if graft == GRAFT_MOMENTUM or adam_fallback:
             hds, mhs = hd[lo:hi], mh[lo:hi]
             for i in range(hi - lo):
                 hds[i] = hs[i] * ibc2
                 mhs[i] = ms[i] * ibc1
-            if graft == 3:
-                acc += _sumsq(mhs, 0, hi - lo)
-        rmax = _max_nonneg(hs, hi - lo, rmax)
+            if graft == GRAFT_MOMENTUM:
+                acc += sumsq(mhs, 0, hi - lo)
+        rmax = max_nonneg(hs, hi - lo, rmax)
     if graft == GRAFT_RMSPROP_NORMALIZED:
         target = _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, wa)
     else:
@@ -206,12 +208,12 @@ def diag_block(pb, gb, mb, hb, nub, k, S, omb1, b2, omb2, ibc1, ibc2, graft_eps,
         us, ms, hs = ub[lo:hi], mb[lo:hi], hb[lo:hi]
         for i in range(hi - lo):
             us[i] = (ms[i] * ibc1) / (hs[i] * ibc2 + eps_eff)
-        unorm2 += _sumsq(us, 0, hi - lo)
+        unorm2 += sumsq(us, 0, hi - lo)
     _write_block(pb, ub, mh, hd, k, target, unorm2, graft, adam_fallback, graft_eps, neg_lr, wd)
     return 0
 
 
-@njit(**_SERIAL)
+@njit(**SERIAL)
 def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, graft, eps, eps_min, relative,
               tau, neg_lr, wd, adam_fallback):
     """One block of tridiagonal SONew (edge removal, (S7)); returns the number of dropped edges.
@@ -252,7 +254,7 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, gr
         rows[0] = hds[0] + abs(hes[0]) + (abs(he[lo - 1]) if lo > 0 else zero)
         for x in range(1, hi - lo):  # row sums: diagonal, upper, lower
             rows[x] = hds[x] + abs(hes[x]) + abs(hes[x - 1])
-        rmax = _max_nonneg(rows, hi - lo, rmax)
+        rmax = max_nonneg(rows, hi - lo, rmax)
     if graft == GRAFT_RMSPROP_NORMALIZED:
         target = _rmsprop_normalized_target(gb, nub, k, b2, omb2, graft_eps, ub)
     else:
@@ -276,7 +278,7 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, gr
             w = w if keep else zero
             ps[x] = w
             ts[x] = (mhs[x] - w * mhs[x + 1]) / (s if keep else d0)
-        removed += int(_sum(drop, h2 - lo))
+        removed += int(sum_prefix(drop, h2 - lo))
         if hi == k:
             psi[kt] = zero
             t[kt] = mh[kt] / (hd[kt] + eps_eff)
@@ -284,16 +286,17 @@ def tri_block(pb, gb, mb, bb, nub, k, S, omb1, b2, omb2, bc1, bc2, graft_eps, gr
         us[0] = ts[0] - (psi[lo - 1] * t[lo - 1] if lo > 0 else zero)
         for x in range(1, hi - lo):
             us[x] = ts[x] - ps[x - 1] * ts[x - 1]
-        unorm2 += _sumsq(us, 0, hi - lo)
+        unorm2 += sumsq(us, 0, hi - lo)
     if not adam_fallback:
-        _write_block(pb, ub, mh, hd, k, target, unorm2 if graft != 0 else 0.0, graft, False, graft_eps, neg_lr, wd)
+        _write_block(pb, ub, mh, hd, k, target, unorm2 if graft != GRAFT_NONE else 0.0, graft, False, graft_eps,
+                     neg_lr, wd)
     return removed
 
 
 # ------------------------------------------------ drivers: blocks in parallel, scratch once per thread
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def blocks_step_diag(p, g, m, h, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, graft_eps, graft, eps, eps_min,
                      relative, tau, neg_lr, wd, adam_fallback, removed_out):
     """Every block of ``bsz`` entries (:func:`diag_block`); thread ``w`` runs a contiguous run of blocks."""
@@ -309,7 +312,7 @@ def blocks_step_diag(p, g, m, h, nu, bsz, nthreads, omb1, b2, omb2, ibc1, ibc2, 
                                         relative, neg_lr, wd, adam_fallback)
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def blocks_step_tri(p, g, m, bf, nu, bsz, nthreads, omb1, b2, omb2, bc1, bc2, graft_eps, graft, eps, eps_min,
                     relative, tau, neg_lr, wd, adam_fallback, removed_out):
     """Every block of ``bsz`` entries (:func:`tri_block`); thread ``w`` runs a contiguous run of blocks."""
@@ -323,50 +326,3 @@ def blocks_step_tri(p, g, m, bf, nu, bsz, nthreads, omb1, b2, omb2, bc1, bc2, gr
             removed_out[c] = tri_block(p[lo:hi], g[lo:hi], m[lo:hi], bf[2 * lo:2 * hi],
                                        nu[lo:hi] if nu.size == n else nu, hi - lo, S, omb1, b2, omb2, bc1, bc2,
                                        graft_eps, graft, eps, eps_min, relative, tau, neg_lr, wd, adam_fallback)
-
-
-# ------------------------------------------------ the one-pass driver
-
-
-def run_blocks(step, p, g, m, band, nu, bsz, small):
-    """Block-local SONew on one flat leaf in place; returns ``(removed_edges, fallback_rows)``.
-
-    ``step``: the frozen ``SONewStep``; ``bsz``: the block size (``n`` for whole-tensor
-    options the parallel-chunk kernels do not fuse); ``small``: the leaf has ``ndim <= 1``.
-    """
-    from . import sonew_band_kernels as unrolled
-    from . import sonew_block_drivers as drivers
-    from .sonew import GRAFT_CODES
-
-    cast = p.dtype.type
-    b = band.shape[1] - 1
-    n = p.size
-    bsz = max(1, min(bsz, n))
-    nblocks = (n + bsz - 1) // bsz
-    graft = GRAFT_RMSPROP_NORMALIZED if step.graft == "rmsprop_normalized" else GRAFT_CODES[step.graft]
-    nu_view = nu if nu is not None else np.zeros(1, p.dtype)
-    removed = np.zeros(nblocks, np.int64)
-    adam_fallback = bool(small and step.small_param_fallback == "adam")
-    if b <= 1:  # the fused diag / tridiagonal blocks
-        nthreads = min(get_num_threads(), nblocks)
-        common = (cast(step.graft_eps), graft, cast(step.eps), cast(step.eps_min), step.relative_eps,
-                  cast(step.tau(p.dtype)), cast(-step.lr), cast(step.weight_decay), adam_fallback, removed)
-        if b == 0:  # no cancellation downstream: multiply by 1/bc1, 1/bc2 (≤ 1 ulp more)
-            blocks_step_diag(p, g, m, band.reshape(-1), nu_view, bsz, nthreads, cast(step.omb1), cast(step.b2),
-                             cast(step.omb2), cast(1.0 / step.bc1), cast(1.0 / step.bc2), *common)
-        else:  # Schur complements cancel: Ĥ and m̂ divided as in the reference, bit for bit
-            blocks_step_tri(p, g, m, band.reshape(-1), nu_view, bsz, nthreads, cast(step.omb1), cast(step.b2),
-                            cast(step.omb2), cast(step.bc1), cast(step.bc2), *common)
-        edges = int(removed.sum())
-        return edges, edges  # a tridiagonal row that falls back drops its one edge
-    if b in unrolled.STATS_CHUNK:
-        kind, saved = str(b), np.zeros((1, b, b + 1), p.dtype)
-    else:
-        kind, saved = "band", np.zeros(1, p.dtype)
-    fallback = np.zeros(nblocks, np.int64)
-    drivers.DRIVERS[kind](p, g, m, band, nu_view, saved, bsz, min(get_num_threads(), nblocks), cast(step.omb1), cast(step.b2),
-                cast(step.omb2), cast(step.bc1), cast(step.bc2), cast(step.graft_eps), graft, cast(step.eps),
-                cast(step.eps_min), step.relative_eps, cast(step.tau(p.dtype)), cast(-step.lr),
-                cast(step.weight_decay), adam_fallback, removed, fallback,
-                np.zeros(nblocks, p.dtype), np.zeros(nblocks), np.zeros(nblocks), np.zeros(nblocks, p.dtype))
-    return int(removed.sum()), int(fallback.sum())
