@@ -334,13 +334,57 @@ class Optimizer(metaclass=_FrozenAfterInit):
         new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
         return new
 
-    def _step(self, ns, leaves, g_leaves, state, paths):
+    def _step(self, ns, leaves, g_leaves, state, paths, **kw):
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None
-        updates, new_state = self._update(ns, leaves, g_leaves, state, paths)
+        return self._reference_step(ns, leaves, g_leaves, state, paths, **kw)
+
+    # ---------------------------------------------------------------- the fused-step template
+
+    def _fused_step(self, ns, leaves, g_leaves, state, paths, **kw):
+        """The fused step, written once for every optimizer with a kernel (``kernel_op``).
+
+        The backend :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
+        :meth:`_kernel_groups`; none: the finiteness check of the gradients, then
+        :meth:`_reference_step`. Else the finiteness pre-pass on the backend's views of the
+        gradients (those :meth:`_prepass_views` selects), then :meth:`_run_kernel`, which runs
+        the kernel in place and collects its per-leaf results into the new state. Returns
+        ``(new leaves, new state)``, or ``None`` when a non-finite step was skipped.
+        """
+        step = self.step_description(state["count"])
+        backend = self._choose(ns, step, leaves, g_leaves, state).backend
+        if backend is None:
+            return Optimizer._step(self, ns, leaves, g_leaves, state, paths, **kw)
+        views = backend.views(g_leaves)
+        plan = self._kernel_plan(ns, leaves, g_leaves, state, paths, **kw)
+        if not backend.all_finite(self._prepass_views(views, plan)):
+            self._handle_nonfinite(ns.xp, g_leaves, paths)
+            return None
+        new_state = self._run_kernel(backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw)
+        if new_state is None:  # the kernel met a non-finite value and wrote nothing
+            self._handle_nonfinite(ns.xp, g_leaves, paths)
+            return None
+        return list(leaves), new_state
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths, **kw):
+        """The step without a kernel, on finite gradients: ``_update``, then the params written."""
+        updates, new_state = self._update(ns, leaves, g_leaves, state, paths, **kw)
         new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]
         return write_params(ns, leaves, new), new_state
+
+    def _kernel_plan(self, ns, leaves, g_leaves, state, paths, **kw):
+        """What the kernel call needs that is decided in Python before the pre-pass (default: nothing)."""
+        return None
+
+    def _prepass_views(self, views, plan) -> list:
+        """The gradient views the finiteness pre-pass reads (default: all of them)."""
+        return views
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw):
+        """Run the fused kernel in place; return the new state (``None``: a non-finite value was met
+        before anything was written)."""
+        raise TypeError(f"{type(self).__name__} must implement _run_kernel()")  # pragma: no cover
 
     # subclasses
     def _init(self, ns: Namespace, leaves) -> dict:
@@ -449,25 +493,16 @@ class ElementwiseOptimizer(Optimizer):
                    for p, o, q in zip(leaves, olds, news)]
         return updates, new_state
 
-    def _step(self, ns, leaves, g_leaves, state, paths):
-        scalars = self.step_description(state["count"])
-        backend = self._choose(ns, scalars, leaves, g_leaves, state).backend
-        if backend is None:
-            if not _validate.all_finite(ns.xp, g_leaves):
-                self._handle_nonfinite(ns.xp, g_leaves, paths)
-                return None
-            _, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
-            new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q
-                          for p, q in zip(leaves, news)]
-            return write_params(ns, leaves, new_params), new_state
-        # fused backend: finiteness pre-pass over the gradients, then one pass in place
-        views = backend.views(g_leaves)
-        if not backend.all_finite(views):
-            self._handle_nonfinite(ns.xp, g_leaves, paths)
-            return None
-        backend.run(self.kernel_op, leaves, g_leaves,
-                    [state[n] for n in self.state_names], scalars, g_views=views)
-        return list(leaves), self._new_state(state, {n: state[n] for n in self.state_names})
+    _step = Optimizer._fused_step
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths):
+        _, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
+        new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)]
+        return write_params(ns, leaves, new_params), new_state
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
+        backend.run(self.kernel_op, leaves, g_leaves, [state[n] for n in self.state_names], step, g_views=views)
+        return self._new_state(state, {n: state[n] for n in self.state_names})
 
     def _reference(self, ns, p, g, states, scalars):
         p_new, new_states = self.reference(ns.xp, p, g, states, scalars)

@@ -459,38 +459,39 @@ class Eva(Optimizer):
                    for p, o, q in zip(leaves, olds, news)]
         return updates, new_state
 
-    def _step(self, ns, leaves, g_leaves, state, paths, stats=None):
-        step = self.step_description(state["count"])
-        backend = self._choose(ns, step, leaves, g_leaves, state).backend
-        if backend is not None:  # fused: finiteness pre-pass, then the kernels in place
-            xp = ns.xp
-            views = backend.views(g_leaves)
-            plan, stat_arrays, updates = self._plan(xp, leaves, state, paths, stats, check_stats=False)
-            covered = {i for i, b, _, _ in plan} | {b for _, b, _, _ in plan if b is not None}
-            # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
-            # before anything is written; the other leaves get the pre-pass. With non-finite
-            # statistics, the full pre-pass first: a non-finite gradient is reported before them.
-            stats_ok = self._check_stats_finite(xp, stats or {}, raise_=False)
-            pre = views if not stats_ok else [v for k, v in enumerate(views) if k not in covered]
-            if not backend.all_finite(pre):
-                self._handle_nonfinite(xp, g_leaves, paths)
-                return None
-            if not stats_ok:
-                self._check_stats_finite(xp, stats)  # raises
-            kv = {name: list(state[name]) for name in self._kv_names()}
-            layers = self._refresh(xp, kv, plan, stat_arrays)
-            bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
-            if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
-                self._handle_nonfinite(xp, g_leaves, paths)  # nothing was written
-                return None
-            kept = {n: state[n] for n in self._sgd.state_names}
-            return list(leaves), self._new_state(state, kept, kv, updates)
-        if not _validate.all_finite(ns.xp, g_leaves):
-            self._handle_nonfinite(ns.xp, g_leaves, paths)
-            return None
+    _step = Optimizer._fused_step
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths, stats=None):
         _, news, new_state = self._compute(ns, leaves, g_leaves, state, paths, stats)
         new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)]
         return write_params(ns, leaves, new_params), new_state
+
+    def _kernel_plan(self, ns, leaves, g_leaves, state, paths, stats=None):
+        """``(plan, stat arrays, new kv_updates, leaves the kernels check, statistics finite)``."""
+        xp = ns.xp
+        plan, stat_arrays, updates = self._plan(xp, leaves, state, paths, stats, check_stats=False)
+        covered = {i for i, b, _, _ in plan} | {b for _, b, _, _ in plan if b is not None}
+        return plan, stat_arrays, updates, covered, self._check_stats_finite(xp, stats or {}, raise_=False)
+
+    def _prepass_views(self, views, plan):
+        # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
+        # before anything is written; the other leaves get the pre-pass. With non-finite
+        # statistics, the full pre-pass first: a non-finite gradient is reported before them.
+        covered, stats_ok = plan[3], plan[4]
+        return views if not stats_ok else [v for k, v in enumerate(views) if k not in covered]
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, stats=None):
+        xp = ns.xp
+        plan, stat_arrays, updates, _, stats_ok = plan
+        if not stats_ok:
+            self._check_stats_finite(xp, stats)  # raises
+        kv = {name: list(state[name]) for name in self._kv_names()}
+        layers = self._refresh(xp, kv, plan, stat_arrays)
+        bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
+        if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
+            return None  # nothing was written
+        kept = {n: state[n] for n in self._sgd.state_names}
+        return self._new_state(state, kept, kv, updates)
 
 
 class _Shape:
