@@ -83,7 +83,7 @@ import threading
 
 from .. import _validate, grafting
 from .._xp import device_of, is_low_precision, state_dtype
-from ..base import Optimizer, write_params
+from ..base import _IN_RANGE, Optimizer
 from .step import EvaStep
 from ..first_order import SGD
 from .math import eva_f_precondition, eva_precondition, eva_s_precondition, kl_scale
@@ -463,33 +463,35 @@ class Eva(Optimizer):
 
     def _reference_step(self, ns, leaves, g_leaves, state, paths, stats=None):
         _, news, new_state = self._compute(ns, leaves, g_leaves, state, paths, stats)
-        new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)]
-        return write_params(ns, leaves, new_params), new_state
+        return [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)], new_state
 
     def _kernel_plan(self, ns, leaves, g_leaves, state, paths, stats=None):
-        """``(plan, stat arrays, new kv_updates, leaves the kernels check, statistics finite)``."""
-        xp = ns.xp
-        plan, stat_arrays, updates = self._plan(xp, leaves, state, paths, stats, check_stats=False)
-        covered = {i for i, b, _, _ in plan} | {b for _, b, _, _ in plan if b is not None}
-        return plan, stat_arrays, updates, covered, self._check_stats_finite(xp, stats or {}, raise_=False)
+        """``(plan, stat arrays, new kv_updates)`` (:meth:`_plan`; the statistics are checked by
+        :meth:`_plan_in_range`)."""
+        return self._plan(ns.xp, leaves, state, paths, stats, check_stats=False)
 
-    def _prepass_views(self, views, plan):
-        # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
-        # before anything is written; the other leaves get the pre-pass. With non-finite
-        # statistics, the full pre-pass first: a non-finite gradient is reported before them.
-        covered, stats_ok = plan[3], plan[4]
-        return views if not stats_ok else [v for k, v in enumerate(views) if k not in covered]
+    def _plan_in_range(self, ns, plan):
+        # statistics that are not finite, or large enough to overflow ‖ā‖²‖ḡ‖², take the reference
+        # step, which reports a non-finite gradient first, then non-finite statistics, then a
+        # non-finite update
+        # (‖ā‖², ‖ḡ‖² and their product below the gradients' bound keep ḡᵀGā and ‖ā‖²‖ḡ‖² in range)
+        xp = ns.xp
+        for a, g in plan[1]:
+            bound = float(xp.finfo(a.dtype).max) * _IN_RANGE
+            sa = float(xp.sum(a * a))
+            sg = float(xp.sum(g * g)) if g is not None else 1.0
+            if not (sa < bound and sg < bound and sa * sg < bound):
+                return False
+        return True
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, stats=None):
         xp = ns.xp
-        plan, stat_arrays, updates, _, stats_ok = plan
-        if not stats_ok:
-            self._check_stats_finite(xp, stats)  # raises
+        plan, stat_arrays, updates = plan
         kv = {name: list(state[name]) for name in self._kv_names()}
         layers = self._refresh(xp, kv, plan, stat_arrays)
         bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
         if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
-            return None  # nothing was written
+            return None  # a non-finite value, nothing written: the reference step decides
         kept = {n: state[n] for n in self._sgd.state_names}
         return self._new_state(state, kept, kv, updates)
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
-from ..base import Optimizer, apply_leaf, write_params
+from ..base import Optimizer, apply_leaf
 from .math import apply_factors, fd_update, inverse_factors
 from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
@@ -267,7 +267,7 @@ class Sketchy(Optimizer):
 
     def _reference_step(self, ns, leaves, g_leaves, state, paths):
         updates, new = self._updates(ns, leaves, g_leaves, state)
-        return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new
+        return [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)], new
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
         """The sketches and the low-rank apply through the namespace, then the graft, momentum,

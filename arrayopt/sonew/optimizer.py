@@ -116,7 +116,7 @@ import threading
 
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
-from ..base import Optimizer, write_params
+from ..base import Optimizer
 from .math import band_outer, band_rowsum_max, band_rowsums, sonew_apply, sonew_factor_guarded
 from .step import SONewStep
 
@@ -446,7 +446,7 @@ class SONew(Optimizer):
                 new_params.append(xp.astype(xp.astype(p, xp.float32) + u, p.dtype))
             else:
                 new_params.append(p + u)
-        return write_params(ns, leaves, new_params), new
+        return new_params, new
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
         """The fused step in place; the per-leaf counts it returns are added to the state's counters."""
