@@ -45,7 +45,7 @@ from typing import Any
 import array_api_compat as compat
 
 from . import _tree, _validate
-from ._state_use import (HEADER, LeafPaths, _check_state_header, _check_state_paths, _copy_state,  # noqa: F401
+from ._state_use import (HEADER, _check_state_header, _check_state_paths, _copy_state,  # noqa: F401
                          _hand_over, _header, _nonfinite_update_error, detached, no_autograd, take)
 from ._xp import Namespace, is_low_precision, state_dtype
 
@@ -248,8 +248,7 @@ class Optimizer(metaclass=_FrozenAfterInit):
             g_leaves = _validate.check_like("grads", grads, treedef, paths, leaves, ns)
         _check_state_paths(state, paths, "params" if params is not None else "grads")
         self._check_state(ns, leaves, paths, state, params is None)
-        # torch: gradients (and params standing in for them) without autograd history; params are
-        # kept (step writes them in place) and every computation runs under no_autograd
+        # torch: gradients without autograd history; params kept (step writes them in place)
         g_leaves = detached(ns, g_leaves)
         return ns, treedef, detached(ns, leaves) if params is None else leaves, g_leaves, paths
 
@@ -321,15 +320,13 @@ class Optimizer(metaclass=_FrozenAfterInit):
     def _fused_step(self, ns, leaves, g_leaves, state, paths, **kw):
         """The fused step, written once for every optimizer with a kernel (``kernel_op``).
 
-        The backend that :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
-        :meth:`_kernel_groups`, if any, runs when the pre-pass on its views of the gradients
-        finds them finite and far from overflow (:func:`gradients_in_range`; Eva also checks its
-        statistics, :meth:`_plan_in_range`): :meth:`_run_kernel` runs the kernel in place and
-        collects its per-leaf results into the new state. Otherwise (no backend, gradients out
-        of range, or a kernel that met a non-finite value before writing) the reference step
-        :meth:`_step` runs, which checks the gradients and then the update exactly before
-        writing. Returns ``(new leaves, new state)``, or ``None`` when a non-finite step was skipped.
-        """
+        The backend :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
+        :meth:`_kernel_groups` runs if the pre-pass on its views finds the gradients finite and
+        far from overflow (:func:`gradients_in_range`; :meth:`_plan_in_range` for other inputs):
+        :meth:`_run_kernel` runs the kernel in place and collects its results into the new state.
+        Otherwise (no backend, inputs out of range, a kernel that met a non-finite value before
+        writing) the reference step :meth:`_step` checks the gradients, then the update, then
+        writes. Returns ``(new leaves, new state)``, or ``None`` for a skipped non-finite step."""
         step = self.step_description(state["count"])
         backend = self._choose(ns, step, leaves, g_leaves, state).backend
         if backend is not None:
@@ -381,14 +378,12 @@ _IN_RANGE = 2.0 ** -48
 
 
 def gradients_in_range(views) -> bool:
-    """The finiteness pre-pass of a fused step, on a backend's views: ``‖g‖² < 2^-48·max`` per leaf.
+    """The finiteness pre-pass of a fused step on a backend's views: ``‖g‖² < 2^-48·max`` per leaf.
 
-    One read of each gradient (a dot product, as cheap as counting non-finite entries), which
-    is false for NaN or Inf and for gradients large enough to overflow the kernels' squares
-    and sums: the updates of the fused kernels are then finite, which is checked nowhere else
-    on that path because their one pass writes in place. Gradients out of range take the
-    reference step, which checks the update exactly before writing (a rejected or skipped step).
-    """
+    One read of each gradient (a dot product), false for NaN or Inf and for gradients large
+    enough to overflow the kernels' squares and sums (kernels write in place in one pass, so
+    their update is not checked before writing). Gradients out of range take the reference
+    step, which checks the update before writing anything."""
     import numpy as np
 
     for v in views:
