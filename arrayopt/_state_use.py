@@ -121,13 +121,6 @@ def _hand_over(old: dict, new: dict) -> dict:
     return new
 
 
-def _nonfinite_update_error(path: str) -> ValueError:
-    return ValueError(
-        f"update leaf {path}: not finite (NaN or Inf) although the gradients are finite (they, or the "
-        f"statistics, are too large for the dtype); the step was rejected and the state is unchanged "
-        f"(pass on_nonfinite='skip' to skip such steps and count them)")
-
-
 def _token(state: dict) -> LeafPaths:
     """The state's token; a state whose paths are a plain tuple (built by hand or by an adapter)
     gets one here, under a lock so that two threads install the same one."""

@@ -46,7 +46,8 @@ import array_api_compat as compat
 
 from . import _tree, _validate
 from ._state_use import (HEADER, _check_state_header, _check_state_paths, _copy_state,  # noqa: F401
-                         _hand_over, _header, _nonfinite_update_error, detached, no_autograd, take)
+                         _hand_over, _header, detached, no_autograd, take)
+from ._overflow import gradients_in_range, nonfinite_update_error
 from ._xp import Namespace, is_low_precision, state_dtype
 
 __all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write_params", "HEADER"]
@@ -296,7 +297,7 @@ class Optimizer(metaclass=_FrozenAfterInit):
         if _validate.all_finite(ns.xp, arrays):
             return True
         if self.on_nonfinite == "raise":
-            raise _nonfinite_update_error(_validate.first_nonfinite(ns.xp, arrays, paths))
+            raise nonfinite_update_error(_validate.first_nonfinite(ns.xp, arrays, paths))
         return False
 
     def _skipped_state(self, state: dict) -> dict:
@@ -320,19 +321,22 @@ class Optimizer(metaclass=_FrozenAfterInit):
     def _fused_step(self, ns, leaves, g_leaves, state, paths, **kw):
         """The fused step, written once for every optimizer with a kernel (``kernel_op``).
 
-        The backend :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
-        :meth:`_kernel_groups` runs if the pre-pass on its views finds the gradients finite and
-        far from overflow (:func:`gradients_in_range`; :meth:`_plan_in_range` for other inputs):
-        :meth:`_run_kernel` runs the kernel in place and collects its results into the new state.
-        Otherwise (no backend, inputs out of range, a kernel that met a non-finite value before
-        writing) the reference step :meth:`_step` checks the gradients, then the update, then
-        writes. Returns ``(new leaves, new state)``, or ``None`` for a skipped non-finite step."""
+        With the backend :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
+        :meth:`_kernel_groups`: the finiteness pre-pass on its views (:meth:`_prepass_views`),
+        then, if :meth:`_in_range` finds the inputs far from overflow, :meth:`_run_kernel` runs
+        the kernel in place and collects its results into the new state. Otherwise (no backend,
+        inputs out of range, a kernel that met a non-finite value before writing) the reference
+        step :meth:`_step` checks the gradients, then the update, then writes. Returns ``(new
+        leaves, new state)``, or ``None`` for a skipped non-finite step."""
         step = self.step_description(state["count"])
         backend = self._choose(ns, step, leaves, g_leaves, state).backend
         if backend is not None:
             views = backend.views(g_leaves)
             plan = self._kernel_plan(ns, leaves, g_leaves, state, paths, **kw)
-            if gradients_in_range(views) and self._plan_in_range(ns, plan):
+            if not backend.all_finite(self._prepass_views(views, plan)):
+                self._handle_nonfinite(ns.xp, g_leaves, paths)
+                return None
+            if self._in_range(ns, views, plan):
                 new_state = self._run_kernel(backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw)
                 if new_state is not None:
                     return list(leaves), new_state
@@ -347,9 +351,14 @@ class Optimizer(metaclass=_FrozenAfterInit):
         """What the kernel call needs that is decided in Python before it runs (default: nothing)."""
         return None
 
-    def _plan_in_range(self, ns, plan) -> bool:
-        """Whether the inputs other than the gradients (Eva's statistics) let the kernel run."""
-        return True
+    def _prepass_views(self, views, plan) -> list:
+        """The gradient views the backend's finiteness pre-pass reads (default: all of them)."""
+        return views
+
+    def _in_range(self, ns, views, plan) -> bool:
+        """Whether the inputs are far enough from overflow for the in-place kernel, whose update is
+        not checked before it is written (default: :func:`gradients_in_range`)."""
+        return gradients_in_range(views)
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw):
         """Run the fused kernel in place; return the new state (``None``: it met a non-finite value
@@ -370,26 +379,6 @@ class Optimizer(metaclass=_FrozenAfterInit):
         hp = getattr(self, "hyperparams", {})
         args = ", ".join(f"{k}={v!r}" for k, v in hp.items())
         return f"{type(self).__name__}({args})"
-
-
-#: the largest ``‖g‖²`` a fused kernel takes, relative to its dtype's largest value: ``|g| < 2^-24·√max``
-#: (float32: 1.1e12), so no square, band product or sum of squares over a leaf can overflow
-_IN_RANGE = 2.0 ** -48
-
-
-def gradients_in_range(views) -> bool:
-    """The finiteness pre-pass of a fused step on a backend's views: ``‖g‖² < 2^-48·max`` per leaf.
-
-    One read of each gradient (a dot product), false for NaN or Inf and for gradients large
-    enough to overflow the kernels' squares and sums (kernels write in place in one pass, so
-    their update is not checked before writing). Gradients out of range take the reference
-    step, which checks the update before writing anything."""
-    import numpy as np
-
-    for v in views:
-        if v.size and not float(v @ v) < float(np.finfo(v.dtype).max) * _IN_RANGE:
-            return False
-    return True
 
 
 def apply_leaf(xp, p, u):
@@ -488,6 +477,16 @@ class ElementwiseOptimizer(Optimizer):
     def _reference_step(self, ns, leaves, g_leaves, state, paths):
         _, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
         return [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)], new_state
+
+    def _in_range(self, ns, views, plan):
+        # no range check: a second read of every gradient before the in-place one-pass kernel
+        # would cost about a fifth of a first-order step. The updates stay finite short of
+        # gradients near the dtype's largest value: Adam's m̂/(√v̂+ε) and AdaGrad's g/(√s+ε) are
+        # bounded (v or s overflowing to Inf gives a zero step; m only overflows for |g| above
+        # half the largest value); SGD's momentum buffer reaches |g|/(1-μ), so gradients above
+        # (1-μ)/2 of the largest value can overflow it on this path (update() and the reference
+        # step check the update)
+        return True
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
         backend.run(self.kernel_op, leaves, g_leaves, [state[n] for n in self.state_names], step, g_views=views)

@@ -83,7 +83,8 @@ import threading
 
 from .. import _validate, grafting
 from .._xp import device_of, is_low_precision, state_dtype
-from ..base import _IN_RANGE, Optimizer
+from .._overflow import IN_RANGE, gradients_in_range
+from ..base import Optimizer
 from .step import EvaStep
 from ..first_order import SGD
 from .math import eva_f_precondition, eva_precondition, eva_s_precondition, kl_scale
@@ -467,17 +468,24 @@ class Eva(Optimizer):
 
     def _kernel_plan(self, ns, leaves, g_leaves, state, paths, stats=None):
         """``(plan, stat arrays, new kv_updates)`` (:meth:`_plan`; the statistics are checked by
-        :meth:`_plan_in_range`)."""
+        :meth:`_in_range`)."""
         return self._plan(ns.xp, leaves, state, paths, stats, check_stats=False)
 
-    def _plan_in_range(self, ns, plan):
-        # statistics that are not finite, or large enough to overflow ‖ā‖²‖ḡ‖², take the reference
-        # step, which reports a non-finite gradient first, then non-finite statistics, then a
-        # non-finite update
-        # (‖ā‖², ‖ḡ‖² and their product below the gradients' bound keep ḡᵀGā and ‖ā‖²‖ḡ‖² in range)
+    def _prepass_views(self, views, plan):
+        # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
+        # before anything is written; the other leaves get the pre-pass
+        covered = {i for i, b, _, _ in plan[0]} | {b for _, b, _, _ in plan[0] if b is not None}
+        return [v for k, v in enumerate(views) if k not in covered]
+
+    def _in_range(self, ns, views, plan):
+        # every gradient, and statistics whose ‖ā‖², ‖ḡ‖² and product stay below the same bound
+        # (so ḡᵀGā and ‖ā‖²‖ḡ‖² cannot overflow); else the reference step, which reports a
+        # non-finite gradient first, then non-finite statistics, then a non-finite update
+        if not gradients_in_range(views):
+            return False
         xp = ns.xp
         for a, g in plan[1]:
-            bound = float(xp.finfo(a.dtype).max) * _IN_RANGE
+            bound = float(xp.finfo(a.dtype).max) * IN_RANGE
             sa = float(xp.sum(a * a))
             sg = float(xp.sum(g * g)) if g is not None else 1.0
             if not (sa < bound and sg < bound and sa * sg < bound):

@@ -57,7 +57,8 @@ import numpy as np
 
 from .. import _validate
 from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
-from ..base import Optimizer, apply_leaf, gradients_in_range, write_params
+from .._overflow import gradients_in_range
+from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
 from .blocking import LeafPlan, merge, plan_leaf, split
 from ..grafting import as_grafting
