@@ -78,12 +78,16 @@ def _check_state_header(state: Any, name: str, where: str = "state") -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{where}[{key!r}]: expected a non-negative int, got {v!r}")
     consumed = state.get("consumed")
-    if consumed is True or (consumed is False and is_consumed(state)):
+    if consumed is True:
         raise ValueError(
             f"{where}: already consumed by an earlier update()/step() (the state passed to them is "
-            f"consumed, and fused kernels reuse its buffers in place; a shallow copy such as dict(state) "
-            f"shares them and is consumed with it); pass the state that call returned, or step from a "
-            f"copy made by arrayopt.copy_state()")
+            f"consumed, and fused kernels reuse its buffers in place); pass the state that call returned")
+    if consumed is False and is_consumed(state):
+        raise ValueError(
+            f"{where}: already consumed by an update()/step() given this state or a shallow copy of it "
+            f"(e.g. dict(state), which shares the arrays fused kernels update in place), finished or "
+            f"running in another thread; pass the state that call returned, or keep a copy made by "
+            f"arrayopt.copy_state()")
     if consumed is not False:
         raise ValueError(f"{where}['consumed']: expected False, got {consumed!r}; "
                          f"was the state made by init() or load_state()?")
