@@ -131,8 +131,9 @@ registry.register("shampoo_ec", lambda **kw: shampoo(**{"learning_rate": 3e-3, "
                                                           "eps": 1e-8, **kw}),
                   "eigenvalue-corrected Shampoo (SOAP-style; block 128, Adam grafting, QR eigenbases every 10 steps)")
 # the main job's MLP computes y = x @ W (weights (d_in, d_out)) and passes its layer statistics
-for _variant, _lr, _what in (("eva", 0.1, "Eva (Kronecker vectors from the backward pass, KL clip 1e-3)"),
-                             ("eva_f", 0.1, "Eva-f (layer-input vectors only, KL clip 1e-3)"),
+# Eva's and Eva-f's rates: the best of asv_bench/scripts/tune_main_job.py's grid on the main job
+for _variant, _lr, _what in (("eva", 3e-4, "Eva (Kronecker vectors from the backward pass, KL clip 1e-3)"),
+                             ("eva_f", 1e-4, "Eva-f (layer-input vectors only, KL clip 1e-3)"),
                              ("eva_s", 0.01, "Eva-s (vectorized Shampoo from the gradients, SGD-norm graft)")):
     registry.register(_variant, lambda _v=_variant, _l=_lr, **kw: eva(
         **{"learning_rate": _l, "variant": _v, "weight_layout": "in_out", **kw}), _what)

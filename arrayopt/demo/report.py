@@ -136,6 +136,19 @@ def _ema(values, smoothing: float) -> np.ndarray:
     return out
 
 
+# tab20's ten dark hues, then their ten light ones: twenty distinct colours
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+            "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+_STYLES = ("-", "--", "-.", ":")
+
+
+def line_style(i: int) -> tuple:
+    """``(colour, line style)`` of the ``i``-th row: distinct colours for the first twenty rows,
+    and no two rows sharing both for the first eighty; the style changes with every row."""
+    return _COLOURS[i % len(_COLOURS)], _STYLES[(i + i // len(_COLOURS)) % len(_STYLES)]
+
+
 def plot(path: str, results, title: str = "", smoothing: float = 0.9):
     """Write the two-panel PNG and return its ``Figure`` (drawn on the Agg canvas directly;
     pyplot's state is left alone)."""
@@ -149,7 +162,7 @@ def plot(path: str, results, title: str = "", smoothing: float = 0.9):
     FigureCanvasAgg(fig)
     ax_step, ax_time = fig.subplots(1, 2, sharey=True)
     for i, r in enumerate(results):
-        color, style = f"C{i % 10}", ("-", "--", "-.", ":")[i % 4]
+        color, style = line_style(i)
         label = r.name + (" (diverged)" if r.diverged else " (failed)" if r.failed else "")
         if r.step_excess:
             steps = np.arange(1, len(r.step_excess) + 1)

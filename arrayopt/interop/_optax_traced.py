@@ -194,17 +194,35 @@ def _root_dtype(xp, name: str):
 
 def _refresh_roots(opt: Shampoo, xp, params, stats, roots):
     """New roots of every factor by :func:`eigh_inverse_pth_root`, one batched ``eigh`` per
-    (size, exponent) (a non-finite root keeps the old one), and the number of such failures."""
+    (size, exponent) (a non-finite root keeps the old one), and the number of such failures.
+
+    The groups' ``eigh`` calls run one at a time: group ``k`` in iteration ``k`` of a
+    ``jax.lax.fori_loop`` whose body selects it with ``jax.lax.switch``. Independent LAPACK
+    custom calls that XLA's CPU runtime runs concurrently can deadlock in its LAPACK
+    kernels; in a loop no two of them are ever in flight, and each group's arithmetic is
+    the same as a direct call's.
+    """
     cfg = opt.config
     dt = _root_dtype(xp, cfg.root_dtype)
     flat, old = opt._flat_factors(stats), opt._flat_factors(roots)
     groups: dict = {}
     for i, (f, p) in enumerate(zip(flat, opt._exponents(params))):
         groups.setdefault((tuple(f.shape), p), []).append(i)
+    order = list(groups.items())
+    stacked = [xp.stack([xp.astype(flat[i], dt) for i in idx]) for _, idx in order]
+
+    def group_root(k):
+        def branch(results):
+            (_, p), _ = order[k]
+            r, ok = eigh_inverse_pth_root(xp, stacked[k], p, cfg.eps, cfg.relative_epsilon)
+            return results[:k] + ((r, ok),) + results[k + 1:]
+        return branch
+
+    empty = tuple((xp.zeros_like(a), xp.zeros(a.shape[:1], dtype=xp.bool)) for a in stacked)
+    branches = [group_root(k) for k in range(len(order))]
+    results = jax.lax.fori_loop(0, len(order), lambda k, res: jax.lax.switch(k, branches, res), empty)
     new, failures = list(old), []
-    for (_, p), idx in groups.items():
-        r, ok = eigh_inverse_pth_root(xp, xp.stack([xp.astype(flat[i], dt) for i in idx]), p, cfg.eps,
-                                      cfg.relative_epsilon)
+    for (_, idx), (r, ok) in zip(order, results):
         for j, i in enumerate(idx):
             new[i] = xp.where(ok[j], xp.astype(r[j], old[i].dtype), old[i])
         failures.append(xp.sum(xp.astype(~ok, xp.int32)))

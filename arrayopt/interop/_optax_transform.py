@@ -19,20 +19,46 @@ So a jitted step traces once and keeps one compiled executable.
 
 Two ways the update runs inside a jitted step:
 
-- **traced** (SGD, Adam/AdamW, AdaGrad, SONew, and Shampoo with synchronous ``eigh`` roots:
-  see :mod:`arrayopt.interop._optax_traced`): the optimizer's array-API reference in JAX,
+- **traced** (SGD, Adam/AdamW, AdaGrad, SONew, ``scale``, ``clip_by_global_norm``, Shampoo
+  with synchronous ``eigh`` roots, and any ``ao.chain`` whose parts all trace: see
+  :func:`arrayopt.interop._optax_traced.traces`): the optimizer's array-API reference in JAX,
   traced into the caller's step, on the caller's device, with no host callback. The step
   count is a traced 0-d array; the learning rate (a float, an ``ao.schedules`` schedule or an
   optax schedule) and the bias corrections are computed from it by array ops in the params'
   compute dtype (which all leaves must share, else the host path runs); Shampoo refreshes its
-  roots under ``jax.lax.cond`` on the count. A non-finite gradient skips the step (state and
-  params unchanged, ``nonfinite_skipped`` counts it), since a traced step cannot raise.
-- **host** (every other optimizer: chains, partitions, transforms, Sketchy, Eva, Shampoo with
-  Newton or QR roots, eigenvalue correction or a communicator; any optimizer with
-  ``host=True``): ``opt.update`` runs on the host through ``jax.pure_callback``, the NumPy
-  path, with the gradients, params and state copied to host memory and the updates and new
-  state copied back. Results are those of the same optimizer on NumPy (errors raise from
-  the callback).
+  roots under ``jax.lax.cond`` on the count, one ``eigh`` group at a time. A non-finite
+  gradient skips the step (state and params unchanged, ``nonfinite_skipped`` counts it),
+  since a traced step cannot raise.
+- **host** (every other optimizer: partitions, masks, Sketchy, Eva, Shampoo with Newton or
+  QR roots, eigenvalue correction or a communicator, a chain with such a part; any optimizer
+  with ``host=True``): ``opt.update`` runs on the host through ``jax.pure_callback``, the NumPy
+  path, with the gradients, params, state (and statistics) copied to host memory and the
+  updates and new state copied back. Results are those of the same optimizer on NumPy
+  (errors raise from the callback).
+
+Eva and Eva-f precondition from per-layer statistics: the transformation is an
+``optax.GradientTransformationExtraArgs`` and takes them as ``update(grads, state, params,
+stats=stats)`` (``optax.chain`` passes the keyword on), e.g. from
+:func:`arrayopt.interop.jax.loss_grads_and_stats`::
+
+    from arrayopt.interop.jax import loss_grads_and_stats
+
+    def loss_fn(params, x, y, capture):
+        h = jnp.tanh(capture("w1", x, x @ params["w1"] + params["b1"], bias="b1"))
+        out = capture("w2", h, h @ params["w2"])
+        return jnp.mean((out - y) ** 2)
+
+    tx = transform(ao.eva(0.1, weight_layout="in_out"))
+
+    @jax.jit
+    def train_step(params, state, x, y):
+        loss, grads, stats = loss_grads_and_stats(loss_fn, params, x, y)
+        updates, state = tx.update(grads, state, params, stats=stats)
+        return optax.apply_updates(params, updates), state, loss
+
+An update of Eva or Eva-f without ``stats`` raises a ``ValueError`` (it would otherwise step as
+SGD with momentum); ``stats`` given to an optimizer that takes none (Eva-s among them) raises a
+``TypeError``.
 
 A Shampoo with an executor or ``root_delay > 0`` is rejected (its pending root job cannot be
 carried from step to step). A schedule that cannot take an array (Python math on its step)
@@ -49,10 +75,10 @@ import numpy as np
 import optax
 
 from .. import _tree
-from ..base import Optimizer
+from ..base import Chain, Optimizer
 from ._optax_traced import check_carriable, needs_params, traced_update, traces
 
-__all__ = ["transform", "TransformState"]
+__all__ = ["needs_stats", "transform", "TransformState"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -185,7 +211,25 @@ def _specs(leaves):
             for x in leaves]
 
 
-def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransformation:
+def needs_stats(opt) -> bool:
+    """Whether ``opt`` (or a part of a chain) steps from per-layer statistics (Eva, Eva-f)."""
+    if isinstance(opt, Chain):
+        return any(needs_stats(part) for part in opt.parts)
+    return bool(getattr(opt, "takes_stats", False)) and getattr(opt, "variant", None) != "eva_s"
+
+
+def _check_stats_given(opt, stats) -> None:
+    """Raise if ``opt`` needs statistics and ``stats`` is None, or takes none and got some."""
+    if stats is None and needs_stats(opt):
+        raise ValueError(
+            f"stats: {opt.name} preconditions from per-layer statistics and got none; pass them to "
+            f"update(grads, state, params, stats=...), e.g. from "
+            f"arrayopt.interop.jax.loss_grads_and_stats (else it would step as SGD with momentum)")
+    if stats is not None and not needs_stats(opt):
+        raise TypeError(f"stats: {opt.name} takes no per-layer statistics; call update() without stats=")
+
+
+def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransformationExtraArgs:
     """``opt`` (any arrayopt optimizer, chains and partitions included) as an optax transformation.
 
     ``host=True`` runs every optimizer on the host (see the module docstring for the two paths).
@@ -215,9 +259,10 @@ def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransforma
                                              zip(init_host(ls, treedef)[0], specs)], specs, *leaves)
         return TransformState(out, skeleton)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, *, stats=None, **extra_args):
         if not isinstance(state, TransformState):
             raise TypeError(f"state: expected the TransformState returned by init(), got {type(state).__name__}")
+        _check_stats_given(opt, stats)
         g_leaves, treedef = jax.tree_util.tree_flatten(updates)
         p_leaves = [] if params is None else jax.tree_util.tree_leaves(params)
         if params is not None and len(p_leaves) != len(g_leaves):
@@ -233,12 +278,15 @@ def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransforma
                 return jax.tree_util.tree_unflatten(treedef, updates), TransformState(out, skeleton)
         u_specs = _specs(g_leaves)
         s_specs = _specs(state.leaves)
+        st_leaves, st_skeleton = _split(stats)
+        m = len(p_leaves) + len(state.leaves)
 
         def on_host(*arrays):
             g = _host_tree(treedef, [np.asarray(x) for x in arrays[:n]])
             p = None if params is None else _host_tree(treedef, [np.asarray(x) for x in arrays[n:2 * n]])
-            s = _join(skeleton, arrays[2 * n if params is not None else n:])
-            u, new = opt.update(g, s, p)
+            s = _join(skeleton, arrays[2 * n if params is not None else n:n + m])
+            kw = {} if stats is None else {"stats": _join(st_skeleton, arrays[n + m:])}
+            u, new = opt.update(g, s, p, **kw)
             flat, new_skeleton = _split(new)
             if new_skeleton != skeleton:
                 raise ValueError(f"state: the structure of {opt.name}'s state changed during the step; "
@@ -247,7 +295,8 @@ def transform(opt: Optimizer, *, host: bool = False) -> optax.GradientTransforma
             return ([np.asarray(x, s.dtype) for x, s in zip(u_flat, u_specs)],
                     [np.asarray(x, s.dtype) for x, s in zip(flat, s_specs)])
 
-        u_out, s_out = jax.pure_callback(on_host, (u_specs, s_specs), *g_leaves, *p_leaves, *state.leaves)
+        u_out, s_out = jax.pure_callback(on_host, (u_specs, s_specs), *g_leaves, *p_leaves, *state.leaves,
+                                         *st_leaves)
         return jax.tree_util.tree_unflatten(treedef, u_out), TransformState(s_out, skeleton)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -239,6 +239,27 @@ def test_table_and_plot_use_one_loss_convention(tmp_path):
     assert (tmp_path / "losses.png").is_file()
 
 
+def test_every_row_of_the_plot_has_its_own_colour(tmp_path):
+    """The plot cycled ten colours over the thirteen registered optimizers; now every row of the
+    main job has its own colour, and neighbouring rows differ in line style too."""
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (the 'demo' extra)")
+    import arrayopt as ao
+    from arrayopt.demo import report, train
+
+    rows = []
+    for name in ao.registry.registered():
+        r = train.RunResult(name=name, steps=2, opt_seconds=0.1, train_seconds=0.2, state_bytes=8,
+                            step_loss=[20.0, 19.0], step_excess=[6.0, 5.0], step_time=[0.1, 0.2])
+        rows.append(r)
+    fig = report.plot(str(tmp_path / "losses.png"), rows)
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() not in ("None", "")]
+    assert len(lines) == len(rows) >= 13
+    colours = [ln.get_color() for ln in lines]
+    styles = [ln.get_linestyle() for ln in lines]
+    assert len(set(colours)) == len(rows)
+    assert all(a != b for a, b in zip(styles, styles[1:]))
+
+
 def test_registered_adamw_differs_from_adam_in_the_demo():
     """The registered ``adamw`` (weight decay 1e-4) equalled ``adam`` to three decimals in the
     demo's table and hid its curve; its decay is now large enough to show."""
@@ -310,3 +331,19 @@ def test_the_eva_rows_precondition_the_mlps_weights():
     d_with, d_without = with_stats["W1"] - params["W1"], without["W1"] - params["W1"]
     assert np.abs(d_with).max() > 0 and not np.allclose(d_with, d_without, rtol=1e-2, atol=0)
     assert train._loss_and_grads(ao.registry.make("eva_s"), params, x)[2] == {}
+
+
+@pytest.mark.slow  # 2 x 440 steps of the main job's MLP
+def test_the_registered_eva_f_rate_beats_the_former_one_on_the_main_job():
+    """Eva-f's registered rate was 0.1, where the KL clip fixes the step size and Eva-f ended ~28
+    nats above the floor; the rate of the main job's grid trains further."""
+    import arrayopt as ao
+    from arrayopt.demo import data, train
+
+    digits = data.load(0)
+    params0 = model.init_params(np.random.default_rng(0))
+    for name in ("eva_f",):
+        runs = [train.train(name, opt, params0, digits.train, digits.test, epochs=10, batch_size=32, seed=0,
+                            warmup=False)
+                for opt in (ao.registry.make(name), ao.registry.make(name, learning_rate=0.1))]
+        assert runs[0].final_train_loss < runs[1].final_train_loss - 0.5, name
