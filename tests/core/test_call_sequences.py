@@ -397,4 +397,4 @@ def test_random_call_sequences_match_a_model_of_the_valid_calls(name, lib, tmp_p
 @pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("name", NAMES)
 def test_long_random_call_sequences_match_a_model_of_the_valid_calls(name, lib, tmp_path):
-    _run(name, lib, tmp_path, max_examples=30, steps=60)
+    _run(name, lib, tmp_path, max_examples=25, steps=50)
