@@ -333,12 +333,14 @@ class Sketchy(Optimizer):
         xp, cfg = ns.xp, self.config
         sketch_step = state["count"] % cfg.update_every == 0
         if ns.library != "jax":  # the groups' stacked updates (JAX: one jitted update per axis)
-            sketches = [[list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])] for i in range(len(leaves))]
+            sketches = [_row_major_eigvecs(ns, [list(a) for a in zip(*[state[k][i] for k in SKETCH_KEYS])])
+                        for i in range(len(leaves))]
             oks = []
             if sketch_step:
                 g_leaves = [xp.astype(g, xp.float32) if is_low_precision(p.dtype) else g
                             for p, g in zip(leaves, g_leaves)]
                 oks = sketch_groups(xp, cfg, self.tree_plan(ns, leaves), g_leaves, sketches)
+                sketches = [_row_major_eigvecs(ns, per_axis) for per_axis in sketches]
             skipped = 0
             if oks and not bool(xp.all(xp.concat(oks))):
                 skipped = 1  # fd_update kept the old sketch of every axis whose update was not finite
