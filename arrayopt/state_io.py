@@ -350,6 +350,32 @@ def _decode(node, like, path, archive):
     return _to_like(host, name, shape, like)
 
 
+class BytesArchive:
+    """The archive interface of :func:`decode` over arrays already in memory: ``{key: uint8
+    array}`` (the torch adapter's ``state_dict``, which ``torch.save`` stores)."""
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+        self.size = sum(int(a.size) for a in arrays.values())
+
+    def read_into(self, key: str, out: np.ndarray, where: str) -> None:
+        data = self.arrays.get(key)
+        if data is None:
+            raise ValueError(f"state{where}: no array {key!r} holds its bytes")
+        data = np.asarray(data).reshape(-1)
+        if data.dtype != np.uint8 or data.size != out.size:
+            raise ValueError(f"state{where}: array {key!r} holds {data.size} {data.dtype} values "
+                             f"({out.size} bytes expected)")
+        out[...] = data
+
+
+def decode(tree, like, archive) -> Any:
+    """A state from its encoded ``tree`` (:func:`_encode`) and the bytes in ``archive`` (an open
+    state file, or a :class:`BytesArchive`), every field checked as :func:`load_state` does; the
+    state gets a use token of its own."""
+    return fresh_tokens(_decode(tree, like, "", archive))
+
+
 def _bad_file(path, problem: str) -> ValueError:
     return ValueError(f"path: {os.fspath(path)!r} {problem}")
 

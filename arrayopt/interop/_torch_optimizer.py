@@ -85,7 +85,7 @@ import torch
 from ..base import Chain
 from ..base import Optimizer as _ArrayoptOptimizer
 from ..groups import Partition
-from ..state_io import _check_not_consumed, _decode, _encode
+from ..state_io import BytesArchive, _check_not_consumed, _encode, decode
 from . import _leaf_state as leaf_state
 from ._rebuild import GroupRate, arguments, hyperparameter_names, own_rates, rebuild, single_rate
 from ._torch_groups import check_lr, check_param_tensors, refuse_torch_only, torch_overrides
@@ -368,9 +368,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict['arrayopt'][{gi}]: expected a state with one step count per param")
             record = self._groups[gi]
             like = record.group_opt.init({k: p.detach() for k, p in zip(_names(group), group["params"])})
-            data = {k: t.numpy() for k, t in entry["arrays"].items()}
+            data = BytesArchive({k: t.numpy() for k, t in entry["arrays"].items()})
             try:
-                state = _decode(entry["tree"], like, "", data)
+                state = decode(entry["tree"], like, data)
             except ValueError as e:
                 raise ValueError(f"state_dict['arrayopt'][{gi}]: {e}") from None
             restored.append((state, [int(c) for c in entry["counts"]], float(entry["scale"])))
