@@ -71,6 +71,7 @@ from .. import _validate
 from .._xp import device_of, is_low_precision, state_dtype
 from .._overflow import IN_RANGE, gradients_in_range
 from ..base import Optimizer
+from .stats import Shape, check_vector, reduce_raw, resolve, unpack
 from .step import EvaStep
 from ..first_order import SGD
 from .math import axis_means, eva_f_precondition, eva_precondition, eva_s_graft_stacked, kl_scale, split_stack
@@ -82,7 +83,6 @@ __all__ = ["eva", "Eva", "VARIANTS"]
 
 VARIANTS = ("eva", "eva_f", "eva_s")
 _KL_MODES = ("clip", "rescale", "normalize", "none")
-_STAT_KEYS = ("a", "g", "bias", "input", "output_grad")
 
 
 LAYOUTS = ("out_in", "in_out")
@@ -196,7 +196,7 @@ class Eva(Optimizer):
                 if not isinstance(arrays, (list, tuple)) or len(arrays) != len(shapes):
                     raise ValueError(f"state[{name!r}] leaf {path}: expected {len(shapes)} vectors")
                 for arr, shape in zip(arrays, shapes):
-                    _validate.check_state_leaves(name, [arr], [path], ns, [_Shape(shape)], [dt])
+                    _validate.check_state_leaves(name, [arr], [path], ns, [Shape(shape)], [dt])
         for n, path in zip(state["kv_updates"], paths):
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"state['kv_updates'] leaf {path}: expected a non-negative int, got {n!r}")
@@ -218,7 +218,7 @@ class Eva(Optimizer):
         index = {path: i for i, path in enumerate(paths)}
         resolved, biases = {}, {}
         for key, value in stats.items():
-            wpath = _resolve(key, index, f"stats[{key!r}]")
+            wpath = resolve(key, index, f"stats[{key!r}]")
             where = f"stats[{key!r}] (leaf {wpath})"
             w = leaves[index[wpath]]
             if len(w.shape) < 2:
@@ -228,11 +228,11 @@ class Eva(Optimizer):
                 raise ValueError(f"{where}: the leaf has zero size {tuple(w.shape)}; give it no statistics")
             if wpath in resolved:
                 raise ValueError(f"{where}: the leaf has statistics under two keys")
-            a, g, bias, raw_in, raw_out = _unpack(value, where)
+            a, g, bias, raw_in, raw_out = unpack(value, where)
             bpath = None
             d_out, d_in = _dims(w.shape, self.weight_layout)
             if bias is not None:
-                bpath = _resolve(bias, index, f"{where}['bias']")
+                bpath = resolve(bias, index, f"{where}['bias']")
                 b = leaves[index[bpath]]
                 if tuple(b.shape) != (d_out,):
                     raise ValueError(f"{where}['bias']: bias leaf {bpath} has shape {tuple(b.shape)}, expected "
@@ -242,12 +242,12 @@ class Eva(Optimizer):
                     raise ValueError(f"{where}['bias']: bias leaf {bpath} is also the bias of {biases[bpath]}")
                 biases[bpath] = wpath
             n_in = d_in + (bpath is not None)
-            a, g = _reduce_raw(ns, where, a, g, raw_in, raw_out, bpath is not None, d_in, d_out)
-            a = _check_vector(ns, f"{where}['a']", a, n_in,
+            a, g = reduce_raw(ns, where, a, g, raw_in, raw_out, bpath is not None, d_in, d_out)
+            a = check_vector(ns, f"{where}['a']", a, n_in,
                               "d_in + 1: the input mean with the appended 1 of the bias" if bpath else
                               "d_in (with a bias partner, name it under 'bias' and append 1 to a)")
             if self.variant == "eva":
-                g = _check_vector(ns, f"{where}['g']", g, d_out, f"d_out (weight_layout={self.weight_layout!r})")
+                g = check_vector(ns, f"{where}['g']", g, d_out, f"d_out (weight_layout={self.weight_layout!r})")
             resolved[wpath] = (a, g if self.variant == "eva" else None, bpath)
         for bpath, wpath in biases.items():
             if bpath in resolved:
@@ -523,83 +523,6 @@ class Eva(Optimizer):
             return None  # a non-finite value, nothing written: the reference step decides
         kept = {n: state[n] for n in self._sgd.state_names}
         return self._new_state(state, kept, kv, updates)
-
-
-class _Shape:
-    def __init__(self, shape):
-        self.shape = shape
-
-
-def _resolve(key, index, where):
-    """The leaf path a stats key names: the path itself, or the key of a top-level dict entry."""
-    if isinstance(key, str) and key in index:
-        return key
-    path = f"[{key!r}]"
-    if path in index:
-        return path
-    known = list(index)
-    raise ValueError(f"{where}: names no params leaf (leaves: {known[:6]}{'...' if len(known) > 6 else ''})")
-
-
-def _unpack(value, where):
-    """``(a, g, bias, input, output_grad)`` of one stats entry."""
-    if isinstance(value, dict):
-        extra = set(value) - set(_STAT_KEYS)
-        if extra:
-            raise ValueError(f"{where}: unknown entries {sorted(extra)}; expected {list(_STAT_KEYS)}")
-        for vec, raw in (("a", "input"), ("g", "output_grad")):
-            if vec in value and raw in value:
-                raise ValueError(f"{where}: give either {vec!r} (the reduced vector) or {raw!r} (the raw "
-                                 f"tensor), not both")
-        return (value.get("a"), value.get("g"), value.get("bias"), value.get("input"),
-                value.get("output_grad"))
-    if isinstance(value, (tuple, list)) and len(value) in (1, 2):
-        return value[0], (value[1] if len(value) == 2 else None), None, None, None
-    raise TypeError(f"{where}: expected {{'a': ..., 'g': ..., 'bias': ...}} or a tuple (a, g), "
-                    f"got {type(value).__name__}")
-
-
-def _reduce_raw(ns, where, a, g, raw_in, raw_out, has_bias, d_in, d_out):
-    """Raw tensors of a linear layer reduced to its Kronecker vectors (E1): ``input`` (``(..., d_in)``)
-    by :func:`~arrayopt.linalg.kv_linear`, ``output_grad`` (``(..., d_out)``) by
-    :func:`~arrayopt.linalg.kv_grad` over every axis but the last. Convolutions pass the vectors of
-    :func:`~arrayopt.linalg.kv_conv2d` instead (the reduction needs the kernel's geometry)."""
-    from .._validate import _leaf_namespace
-    from .math import kv_grad, kv_linear
-
-    for name, raw, n, what in (("input", raw_in, d_in, "d_in"), ("output_grad", raw_out, d_out, "d_out")):
-        if raw is None:
-            continue
-        if _leaf_namespace(f"{where}[{name!r}]", "", raw) is not ns.xp:
-            raise TypeError(f"{where}[{name!r}]: array namespace differs from the params namespace {ns.library}")
-        if len(raw.shape) < 1 or int(raw.shape[-1]) != n:
-            raise ValueError(f"{where}[{name!r}]: shape {tuple(raw.shape)}, expected (..., {n}) with the "
-                             f"feature axis last ({what} of a linear layer; convolutions pass the vectors "
-                             f"of arrayopt.linalg.kv_conv2d / kv_grad)")
-    if raw_in is not None:
-        a = kv_linear(raw_in, has_bias=has_bias)
-    if raw_out is not None:
-        g = kv_grad(raw_out)
-    return a, g
-
-
-def _check_vector(ns, where, v, n, what):
-    from .._validate import _leaf_namespace
-    from .._xp import dtype_name, library_of
-
-    if v is None:
-        raise ValueError(f"{where}: missing")
-    xp = _leaf_namespace(where, "", v)
-    if xp is not ns.xp:
-        raise TypeError(f"{where}: array namespace {library_of(v)} differs from params namespace {ns.library}")
-    if device_of(v) != ns.device:
-        raise ValueError(f"{where}: device {device_of(v)} differs from params device {ns.device}")
-    if dtype_name(v.dtype) not in ("float16", "bfloat16", "float32", "float64"):
-        raise TypeError(f"{where}: dtype {dtype_name(v.dtype)} is not a real floating dtype")
-    if tuple(v.shape) != (n,):
-        raise ValueError(f"{where}: shape {tuple(v.shape)}, expected ({n},) = {what}; raw layer inputs and "
-                         f"output gradients are reduced by arrayopt.linalg.kv_linear / kv_conv2d / kv_grad")
-    return v
 
 
 def eva(learning_rate, momentum=0.9, damping=0.03, kl_clip=0.001, stat_decay=None, weight_decay=0.0,
