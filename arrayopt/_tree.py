@@ -15,7 +15,10 @@ Everything else is a leaf. Each leaf carries a path string such as ``"['layer1']
 
 A second tree (grads, updates) is matched to the params by key (:func:`flatten_like`): a
 mapping with the same keys in another order is the same tree, as in JAX and Python; a real
-mismatch names the missing and the extra keys.
+mismatch names the missing and the extra keys. The params themselves are matched to the leaf
+order their state was made with (:func:`in_order`): params whose mappings list the same keys in
+another order (``jax.tree_util.tree_map`` sorts dict keys) step the same leaves, and the trees
+an optimizer returns list their keys in the state's order.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TreeDef", "flatten", "flatten_like", "unflatten"]
+__all__ = ["TreeDef", "flatten", "flatten_like", "in_order", "unflatten"]
 
 
 @dataclass(frozen=True)
@@ -184,3 +187,42 @@ def unflatten(treedef: TreeDef, leaves: list) -> Any:
         return tuple(kids)
 
     return build(treedef)
+
+
+def _paths(treedef: TreeDef) -> list:
+    out: list = []
+
+    def walk(td: TreeDef, path: str) -> None:
+        if td.kind == "leaf":
+            out.append(path or "<root>")
+            return
+        for i, child in enumerate(td.children):
+            walk(child, _child_path(path, td.kind, td.keys, i))
+
+    walk(treedef, "")
+    return out
+
+
+def in_order(tree: Any, treedef: TreeDef, paths: list, order) -> tuple[list, TreeDef, list] | None:
+    """``(leaves, treedef, paths)`` of ``tree`` with its mappings' keys put in the leaf order
+    ``order`` (a state's ``param_paths``), or ``None`` when no reordering of mapping keys gives
+    that order (other leaves, or lists in another order)."""
+    rank = {p: i for i, p in enumerate(order)}
+    if len(rank) != len(paths) or set(paths) != set(rank):
+        return None
+
+    def walk(td: TreeDef, path: str) -> tuple:
+        if td.kind == "leaf":
+            return td, rank[path or "<root>"]
+        kids = [walk(c, _child_path(path, td.kind, td.keys, i)) for i, c in enumerate(td.children)]
+        first = min((r for _, r in kids), default=len(rank))
+        if td.kind != "dict":
+            return TreeDef(td.kind, td.keys, tuple(k for k, _ in kids), td.node), first
+        idx = sorted(range(len(kids)), key=lambda i: kids[i][1])
+        return TreeDef("dict", tuple(td.keys[i] for i in idx), tuple(kids[i][0] for i in idx), td.node), first
+
+    new = walk(treedef, "")[0]
+    new_paths = _paths(new)
+    if new_paths != list(order):
+        return None
+    return flatten_like(tree, new), new, new_paths

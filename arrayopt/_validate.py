@@ -50,15 +50,21 @@ def _check_dense_with_data(arg: str, path: str, leaf: Any) -> None:
                          f"module first (e.g. module.to_empty(device='cpu') and initialize it)")
 
 
-def check_params(params: Any, arg: str = "params"):
+def check_params(params: Any, arg: str = "params", order=None):
     """Flatten ``params`` and check it; return ``(leaves, treedef, paths, ns)``.
 
     Checks: a non-empty tree; every leaf an array of one namespace and device;
     real floating dtypes only (integer, boolean and complex params are rejected);
     for ``arg="params"``, no array under two paths (:func:`check_untied`).
     Zero-size leaves pass (the optimizer base class leaves them out of the step).
+    ``order``: the leaf paths of the state this call steps; a tree whose mappings list their
+    keys in another order is flattened in that order (:func:`_tree.in_order`).
     """
     leaves, treedef, paths = _tree.flatten(params)
+    if order is not None and list(paths) != list(order):
+        got = _tree.in_order(params, treedef, paths, order)
+        if got is not None:
+            leaves, treedef, paths = got
     if not leaves:
         raise ValueError(f"{arg}: empty tree (no arrays to optimize)")
     ns = None

@@ -29,10 +29,9 @@ A step whose update is not finite although the gradients are (gradients too
 large for the dtype) is treated as a non-finite gradient: rejected with a
 ``ValueError`` naming the leaf, or skipped and counted with ``on_nonfinite="skip"``.
 
-Zero-size leaves are accepted: the optimizer runs on the other leaves, and a
-zero-size leaf gets an empty update and keeps its (empty) state. The per-leaf
-entries of a state are its lists with one entry per params leaf
-(:meth:`Optimizer._per_leaf_keys`).
+Zero-size leaves are accepted: they get an empty update and keep their (empty)
+state. The per-leaf entries of a state are its lists with one entry per params
+leaf (:meth:`Optimizer._per_leaf_keys`), in the state's leaf order (``param_paths``).
 """
 
 from __future__ import annotations
@@ -241,11 +240,12 @@ class Optimizer(metaclass=_FrozenAfterInit):
 
     def _validate_call(self, grads, state, params):
         _check_state_header(state, self.name)
+        order = state.get("param_paths")  # mappings with the keys in another order match the state
         if params is None:
-            leaves, treedef, paths, ns = _validate.check_params(grads, "grads")
+            leaves, treedef, paths, ns = _validate.check_params(grads, "grads", order)
             g_leaves = leaves
         else:
-            leaves, treedef, paths, ns = _validate.check_params(params)
+            leaves, treedef, paths, ns = _validate.check_params(params, order=order)
             g_leaves = _validate.check_like("grads", grads, treedef, paths, leaves, ns)
         _check_state_paths(state, paths, "params" if params is not None else "grads")
         self._check_state(ns, leaves, paths, state, params is None)
@@ -547,7 +547,8 @@ class Chain(Optimizer):
             raise ValueError(f"state['inner']: expected {len(self.parts)} inner states")
         # validate every stage's state before any stage runs, so errors leave nothing half-done
         arg = "params" if params is not None else "grads"
-        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads, arg)
+        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads, arg,
+                                                            state.get("param_paths"))
         _check_state_paths(state, paths, arg)
         for i, (part, s) in enumerate(zip(self.parts, inner)):
             _check_state_header(s, part.name, f"state['inner'][{i}]")
@@ -587,8 +588,8 @@ class Chain(Optimizer):
 
     def step(self, params, grads, state, *, stats=None):
         updates, new_state = self.update(grads, state, params, stats=stats)
-        leaves, treedef, paths, ns = _validate.check_params(params)
-        u_leaves = _tree.flatten(updates)[0]
+        leaves, treedef, paths, ns = _validate.check_params(params, order=new_state.get("param_paths"))
+        u_leaves = _tree.flatten_like(updates, treedef, "updates")
         with no_autograd(ns):
             new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, u_leaves)]
             return _tree.unflatten(treedef, write_params(ns, leaves, new)), new_state

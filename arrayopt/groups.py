@@ -134,7 +134,8 @@ class Partition(Optimizer):
         """Check everything before any group runs, so a rejected call writes nothing."""
         _check_state_header(state, self.name)
         arg = "params" if params is not None else "grads"
-        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads, arg)
+        leaves, treedef, paths, ns = _validate.check_params(params if params is not None else grads, arg,
+                                                            state.get("param_paths"))
         g_leaves = leaves if params is None else _validate.check_like("grads", grads, treedef, paths, leaves, ns)
         _check_state_paths(state, paths, arg)
         groups, inner = state.get("groups"), state.get("inner")
