@@ -48,7 +48,7 @@ def main(argv=None, layer=None, plan=None) -> int:
     else:
         print("running the GPU tests ...", flush=True)
         result["tests"] = gpu_tests.run(args.out, args.tests or gpu_tests.find_tests())
-    for section in (measure.first_order, measure.sonew, measure.shampoo):  # looked up per run
+    for section in (measure.first_order, measure.sonew, measure.shampoo, measure.real_trees):  # looked up per run
         print(f"measuring {section.__name__} ...", flush=True)
         try:
             result["rows"] += section(layer, plan)

@@ -1,4 +1,5 @@
-"""The GPU check's measurements: first-order, SONew and Shampoo steps on one device.
+"""The GPU check's measurements: first-order, SONew and Shampoo steps on one device, and every
+optimizer on the parameter trees of real models (:mod:`.trees`).
 
 Every function takes the device layer and a :class:`Plan` and returns a list of row
 dicts (``section``, ``n``, ``what``, ``ms``, ratios); a contender that cannot run says why
@@ -29,6 +30,7 @@ class Plan:
     rounds: int
     steps: int
     shampoo_steps: int
+    trees: tuple = ("resnet18", "gpt2")
 
     @staticmethod
     def full() -> "Plan":
@@ -38,12 +40,12 @@ class Plan:
     @staticmethod
     def quick() -> "Plan":
         return Plan((1_000_000, 10_000_000), (10_000_000,), ((1024, 1024),),
-                    rounds=5, steps=10, shampoo_steps=10)
+                    rounds=5, steps=10, shampoo_steps=10, trees=("resnet18",))
 
     @staticmethod
     def tiny() -> "Plan":
         """For the command's own tests on a host stand-in."""
-        return Plan((4096,), (4096,), ((8, 12),), rounds=2, steps=2, shampoo_steps=10)
+        return Plan((4096,), (4096,), ((8, 12),), rounds=2, steps=2, shampoo_steps=10, trees=("tiny",))
 
 
 def _fits(layer, n: int, bytes_per_param: int) -> bool:
@@ -170,4 +172,61 @@ def _roots(layer, plan: Plan) -> list:
         err = np.abs(layer.to_host(cases[what]()).astype(np.float64) - ref).max() / np.abs(ref).max()
         rows.append({"section": "root", "n": d * d, "shape": f"{d}x{d}", "what": what, "ms": t,
                      "x_host_eigh": t / host, "max_rel_diff_vs_eigh": float(err)})
+    return rows
+
+
+#: the optimizers timed on real trees; every sample is 10 steps, a whole root cycle for F=10
+TREE_CONTENDERS = (
+    ("ao.adam", lambda: ao.adam(1e-3)),
+    ("ao.sonew (tridiagonal, block-local)", lambda: ao.sonew(1e-3)),
+    ("ao.shampoo F=10", lambda: ao.shampoo(1e-3, precondition_every=10)),
+    ("ao.shampoo F=10 eigenvalue-corrected + QR",
+     lambda: ao.shampoo(1e-3, precondition_every=10, preconditioner="eigenvalue_corrected", root_method="qr")),
+    ("ao.sketchy", lambda: ao.sketchy(1e-3)),
+    ("ao.eva eva_s", lambda: ao.eva(1e-3, variant="eva_s")),
+)
+TREE_STEPS = 10
+
+
+def real_trees(layer, plan: Plan) -> list:
+    """Each optimizer's step on the ResNet-18 and GPT-2 small trees (torch tensors on the device
+    when torch is there, else the device's arrays), against torch's fused Adam on the same tree."""
+    from .trees import SHAPES, tiny_leaves_shapes
+
+    rows = []
+    for tree in plan.trees:
+        shapes = tiny_leaves_shapes(4, 64) | {"w": (16, 8)} if tree == "tiny" else SHAPES[tree]()
+        n = sum(int(np.prod(s)) for s in shapes.values())
+        if not _fits(layer, n, 4 * 24):
+            rows.append({"section": "trees", "tree": tree, "n": n, "what": "skipped",
+                         "note": "not enough free device memory"})
+            continue
+        wrap = layer.to_torch if layer.torch is not None else (lambda a: a)
+        params = {k: wrap(layer.randn(s, 10 + i)) for i, (k, s) in enumerate(shapes.items())}
+        grads = {k: wrap(layer.randn(s, 1000 + i) * 1e-3) for i, (k, s) in enumerate(shapes.items())}
+        contenders = {}
+        if layer.torch is not None:
+            tp = [layer.torch.nn.Parameter(p.clone()) for p in params.values()]
+            for p, g in zip(tp, grads.values()):
+                p.grad = g
+            contenders["torch.optim.Adam(fused=True)"] = layer.torch.optim.Adam(tp, lr=1e-3, fused=True).step
+        for name, make in TREE_CONTENDERS:
+            try:
+                step = _stepper(make(), {k: v.clone() if hasattr(v, "clone") else v.copy()
+                                         for k, v in params.items()}, grads)
+                step()  # compile / first roots outside the timing; a failure is reported, not raised
+            except Exception as e:  # noqa: BLE001 - one optimizer failing must not cost the others
+                rows.append({"section": "trees", "tree": tree, "n": n, "what": name,
+                             "note": f"failed: {type(e).__name__}: {e}"})
+                continue
+            contenders[name] = step
+        ms = interleaved_ms(contenders, layer.sync, rounds=max(2, plan.rounds - 2), steps=TREE_STEPS)
+        torch_ms = ms.get("torch.optim.Adam(fused=True)")
+        for name, t in ms.items():
+            row = {"section": "trees", "tree": tree, "n": n, "what": name, "ms": t}
+            if torch_ms:
+                row["x_torch_fused"] = t / torch_ms
+            rows.append(row)
+        del params, grads, contenders
+        layer.free_pools()
     return rows

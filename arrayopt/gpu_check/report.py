@@ -41,7 +41,7 @@ def markdown(result: dict) -> str:
             ("x_our_adam", "× our Adam"), ("x_host_eigh", "× host eigh"),
             ("max_rel_diff_vs_eigh", "max rel. diff vs eigh")) if k in row]
         what = row["what"] + (f" ({row['note']})" if row.get("note") else "")
-        size = row.get("shape") or _size(row["n"])
+        size = row.get("shape") or (f"{row['tree']} ({_size(row['n'])})" if "tree" in row else _size(row["n"]))
         lines.append(f"| {row['section']} | {size} | {what} | {_fmt(row.get('ms'))} | "
                      f"{', '.join(ratios)} |")
     for err in result["errors"]:

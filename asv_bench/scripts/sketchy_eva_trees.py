@@ -30,45 +30,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
-def resnet18_shapes() -> dict:
-    """``{name: shape}`` of torchvision's ResNet-18 parameters."""
-    out = {"conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "bn1.bias": (64,)}
-    cin = 64
-    for stage, c in enumerate((64, 128, 256, 512), start=1):
-        for block in range(2):
-            pre = f"layer{stage}.{block}."
-            first_in = cin if block == 0 else c
-            out[pre + "conv1.weight"] = (c, first_in, 3, 3)
-            out[pre + "bn1.weight"] = (c,)
-            out[pre + "bn1.bias"] = (c,)
-            out[pre + "conv2.weight"] = (c, c, 3, 3)
-            out[pre + "bn2.weight"] = (c,)
-            out[pre + "bn2.bias"] = (c,)
-            if block == 0 and stage > 1:
-                out[pre + "downsample.0.weight"] = (c, cin, 1, 1)
-                out[pre + "downsample.1.weight"] = (c,)
-                out[pre + "downsample.1.bias"] = (c,)
-        cin = c
-    out["fc.weight"] = (1000, 512)
-    out["fc.bias"] = (1000,)
-    return out
-
-
-def gpt2_shapes() -> dict:
-    """``{name: shape}`` of Hugging Face's GPT-2 small (``transformer.*``; the LM head is tied)."""
-    out = {"wte.weight": (50257, 768), "wpe.weight": (1024, 768)}
-    for i in range(12):
-        p = f"h.{i}."
-        out.update({p + "ln_1.weight": (768,), p + "ln_1.bias": (768,),
-                    p + "attn.c_attn.weight": (768, 2304), p + "attn.c_attn.bias": (2304,),
-                    p + "attn.c_proj.weight": (768, 768), p + "attn.c_proj.bias": (768,),
-                    p + "ln_2.weight": (768,), p + "ln_2.bias": (768,),
-                    p + "mlp.c_fc.weight": (768, 3072), p + "mlp.c_fc.bias": (3072,),
-                    p + "mlp.c_proj.weight": (3072, 768), p + "mlp.c_proj.bias": (768,)})
-    out.update({"ln_f.weight": (768,), "ln_f.bias": (768,)})
-    return out
+from arrayopt.gpu_check.trees import gpt2_shapes, resnet18_shapes  # noqa: E402
 
 
 def tiny_shapes(n: int) -> dict:

@@ -75,8 +75,12 @@ def test_whole_run_on_a_host_stand_in(tmp_path):
     assert result["errors"] == []
     rows = result["rows"]
     sections = {r["section"] for r in rows}
-    assert sections == {"adam", "sonew", "shampoo", "root"}
+    assert sections == {"adam", "sonew", "shampoo", "root", "trees"}
     assert all(r["ms"] > 0 for r in rows)
+    trees = {r["what"]: r for r in rows if r["section"] == "trees"}
+    # every optimizer of the real-tree table ran (no "failed" note) next to torch's fused Adam
+    assert set(trees) == {"torch.optim.Adam(fused=True)"} | {name for name, _ in measure.TREE_CONTENDERS}
+    assert all(r["x_torch_fused"] > 0 and "note" not in r for r in trees.values())
     whats = {(r["section"], r["what"]) for r in rows}
     assert {("adam", "copy"), ("adam", "ao.adam (NumPy)"), ("adam", "ao.adam (torch tensors)"),
             ("adam", "torch.optim.Adam(fused=True)"), ("sonew", "SONew band-4"),
@@ -97,6 +101,7 @@ def test_a_broken_section_is_reported_and_the_others_still_run(tmp_path, monkeyp
 
     monkeypatch.setattr(measure, "sonew", broken)
     monkeypatch.setattr(measure, "shampoo", lambda layer, plan: [])
+    monkeypatch.setattr(measure, "real_trees", lambda layer, plan: [])
     rc = cli.main(["--out", str(tmp_path), "--skip-tests"], layer=HostLayer(),
                   plan=measure.Plan.tiny())
     result = json.loads((tmp_path / "gpu_check.json").read_text())
