@@ -8,6 +8,12 @@
 >>> params, state = opt.step(params, grads, state)
 >>> state["count"]
 1
+
+The state passed to ``update``/``step`` is consumed (fused kernels update its arrays in
+place), and so is every shallow copy of it (``dict(state)``): stepping one of them again
+raises a ``ValueError``, as does stepping one state from two threads at once. To keep a
+state to step from later, take ``ao.copy_state(state)``: a deep copy of its arrays with a
+use token of its own.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
         _sys.meta_path.insert(0, _CheckoutBackends(_checkout_backends))
 
 from . import dispatch, interop, registry, schedules  # noqa: E402
+from ._state_use import copy_state  # noqa: E402
 from .base import Optimizer, apply_updates, chain  # noqa: E402
 from .eva import eva  # noqa: E402
 from .explain import explain  # noqa: E402
@@ -80,6 +87,7 @@ __all__ = [
     "backends_available",
     "chain",
     "clip_by_global_norm",
+    "copy_state",
     "dispatch",
     "eva",
     "explain",

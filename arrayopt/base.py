@@ -18,7 +18,16 @@ the paths of the params leaves it was made for (a renamed or reordered tree is
 rejected), and ``state["consumed"]``, set to ``True`` on the state that a
 successful ``update``/``step`` consumed, so that passing it again raises (on
 the fused path its buffers were reused in place; on the reference path they
-were not, so reusing it would give backend-dependent results).
+were not, so reusing it would give backend-dependent results). The mark is also
+kept on the state's use token (``state["param_paths"]``, see
+:mod:`arrayopt._state_use`), which shallow copies share: a ``dict(state)`` taken
+before a step is refused after it, and a state stepped by two threads at once is
+refused in one of them. ``arrayopt.copy_state`` makes a copy to step from later.
+Torch math runs without autograd: no state array or update records a graph.
+
+A step whose update is not finite although the gradients are (gradients too
+large for the dtype) is treated as a non-finite gradient: rejected with a
+``ValueError`` naming the leaf, or skipped and counted with ``on_nonfinite="skip"``.
 
 Zero-size leaves are accepted: the optimizer runs on the other leaves, and a
 zero-size leaf gets an empty update and keeps its (empty) state. The per-leaf
@@ -28,7 +37,6 @@ entries of a state are its lists with one entry per params leaf
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from types import MappingProxyType
@@ -37,70 +45,14 @@ from typing import Any
 import array_api_compat as compat
 
 from . import _tree, _validate
+from ._state_use import (HEADER, _check_state_header, _check_state_paths, _copy_state,  # noqa: F401
+                         _hand_over, _header, detached, no_autograd, take)
+from ._overflow import gradients_in_range, nonfinite_update_error
 from ._xp import Namespace, is_low_precision, state_dtype
 
 __all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write_params", "HEADER"]
 
 _ON_NONFINITE = ("raise", "skip")
-
-#: keys every optimizer state carries besides its own entries
-HEADER = ("optimizer", "count", "nonfinite_skipped", "param_paths", "consumed")
-
-
-def _header(name: str, paths) -> dict:
-    return {"optimizer": name, "count": 0, "nonfinite_skipped": 0, "param_paths": tuple(paths),
-            "consumed": False}
-
-
-def _check_state_header(state: Any, name: str, where: str = "state") -> None:
-    if not isinstance(state, dict):
-        raise TypeError(f"{where}: expected the dict returned by init(), got {type(state).__name__}")
-    owner = state.get("optimizer")
-    if owner != name:
-        raise ValueError(f"{where}: made by optimizer {owner!r}, but this optimizer is {name!r}")
-    for key in ("count", "nonfinite_skipped"):
-        v = state.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{where}[{key!r}]: expected a non-negative int, got {v!r}")
-    consumed = state.get("consumed")
-    if consumed is True:
-        raise ValueError(
-            f"{where}: already consumed by an earlier update()/step() (the state passed to them is "
-            f"consumed, and fused kernels reuse its buffers in place); pass the state that call returned")
-    if consumed is not False:
-        raise ValueError(f"{where}['consumed']: expected False, got {consumed!r}; "
-                         f"was the state made by init() or load_state()?")
-    pp = state.get("param_paths")
-    if not isinstance(pp, tuple) or not all(isinstance(x, str) for x in pp):
-        raise ValueError(f"{where}['param_paths']: expected a tuple of leaf paths, got {type(pp).__name__}; "
-                         f"was the state made by init() or load_state()?")
-
-
-def _check_state_paths(state: dict, paths, arg: str, where: str = "state") -> None:
-    """The params (or grads) tree has the leaf paths the state was made for."""
-    saved = state["param_paths"]
-    if list(saved) != list(paths):
-        diff = next((i for i, (a, b) in enumerate(zip(saved, paths)) if a != b), min(len(saved), len(paths)))
-        got = paths[diff] if diff < len(paths) else "<none>"
-        want = saved[diff] if diff < len(saved) else "<none>"
-        raise ValueError(
-            f"{arg}: leaf {diff} is {got}, but the state was made by init() for a tree whose leaf {diff} "
-            f"is {want} ({len(saved)} leaves); pass the params tree the state was made for")
-
-
-def _copy_state(state: dict) -> dict:
-    """A shallow copy of the same class that keeps pending work (e.g. an in-flight root job)."""
-    return copy.copy(state)
-
-
-def _hand_over(old: dict, new: dict) -> dict:
-    """Mark ``old`` consumed and return ``new`` as a distinct, unconsumed state."""
-    if new is old:
-        new = _copy_state(old)
-    old["consumed"] = True
-    new["consumed"] = False
-    return new
-
 
 def _size(a) -> int:
     return math.prod(int(d) for d in a.shape)
@@ -218,7 +170,8 @@ class Optimizer(metaclass=_FrozenAfterInit):
         leaves, treedef, paths, ns = _validate.check_params(params)
         _validate.check_no_shared_memory(leaves, paths)
         state = _header(self.name, paths)
-        state.update(self._init(ns, leaves))
+        with no_autograd(ns):
+            state.update(self._init(ns, leaves))
         return state
 
     def update(self, grads: Any, state: dict, params: Any = None, *, stats: Any = None):
@@ -228,16 +181,22 @@ class Optimizer(metaclass=_FrozenAfterInit):
         """
         ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
         update_fn = self._with_stats(self._update, self._check_stats(ns, leaves, paths, stats))
-        if not _validate.all_finite(ns.xp, g_leaves):
-            self._handle_nonfinite(ns.xp, g_leaves, paths)  # raises unless on_nonfinite="skip"
-            zeros = [ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device) for p in leaves]
-            return _tree.unflatten(treedef, zeros), _hand_over(state, self._skipped_state(state))
 
-        def empty_update(p):
+        def zeros_like(p):
             return ns.xp.zeros(p.shape, dtype=p.dtype, device=ns.device)
 
-        updates, new_state = self._on_nonempty(update_fn, empty_update, ns, leaves, g_leaves, state, paths)
-        return _tree.unflatten(treedef, updates), _hand_over(state, new_state)
+        with take(state), no_autograd(ns):
+            if not _validate.all_finite(ns.xp, g_leaves):
+                self._handle_nonfinite(ns.xp, g_leaves, paths)  # raises unless on_nonfinite="skip"
+                updates, new_state = None, None
+            else:
+                updates, new_state = self._on_nonempty(update_fn, zeros_like, ns, leaves, g_leaves, state, paths)
+                if not self._finite_update(ns, updates, paths):  # raises unless on_nonfinite="skip"
+                    updates = None
+            if updates is None:
+                return (_tree.unflatten(treedef, [zeros_like(p) for p in leaves]),
+                        _hand_over(state, self._skipped_state(state)))
+            return _tree.unflatten(treedef, updates), _hand_over(state, new_state)
 
     def step(self, params: Any, grads: Any, state: dict, *, stats: Any = None):
         """Fused step: returns ``(new_params, new_state)``, in place where the params are writeable.
@@ -248,16 +207,17 @@ class Optimizer(metaclass=_FrozenAfterInit):
             raise TypeError("params: step() needs the params")
         ns, treedef, leaves, g_leaves, paths = self._validate_call(grads, state, params)
         checked = self._check_stats(ns, leaves, paths, stats)
-        if all(_size(p) == 0 for p in leaves):  # nothing to write: the pure path keeps the counters right
-            _, new_state = self._on_nonempty(self._with_stats(self._update, checked), None, ns, leaves, g_leaves,
-                                             state, paths)
-            return params, _hand_over(state, new_state)
-        result = self._on_nonempty(self._with_stats(self._step, checked), lambda p: p, ns, leaves, g_leaves,
-                                   state, paths)
-        if result is None:  # non-finite gradient, skipped
-            return params, _hand_over(state, self._skipped_state(state))
-        new_leaves, new_state = result
-        return _tree.unflatten(treedef, new_leaves), _hand_over(state, new_state)
+        with take(state), no_autograd(ns):
+            if all(_size(p) == 0 for p in leaves):  # nothing to write: the pure path keeps the counters right
+                _, new_state = self._on_nonempty(self._with_stats(self._update, checked), None, ns, leaves,
+                                                 g_leaves, state, paths)
+                return params, _hand_over(state, new_state)
+            result = self._on_nonempty(self._with_stats(self._step, checked), lambda p: p, ns, leaves, g_leaves,
+                                       state, paths)
+            if result is None:  # non-finite gradient or update, skipped
+                return params, _hand_over(state, self._skipped_state(state))
+            new_leaves, new_state = result
+            return _tree.unflatten(treedef, new_leaves), _hand_over(state, new_state)
 
     # ---------------------------------------------------------------- machinery
 
@@ -289,7 +249,9 @@ class Optimizer(metaclass=_FrozenAfterInit):
             g_leaves = _validate.check_like("grads", grads, treedef, paths, leaves, ns)
         _check_state_paths(state, paths, "params" if params is not None else "grads")
         self._check_state(ns, leaves, paths, state, params is None)
-        return ns, treedef, leaves, g_leaves, paths
+        # torch: gradients without autograd history; params kept (step writes them in place)
+        g_leaves = detached(ns, g_leaves)
+        return ns, treedef, detached(ns, leaves) if params is None else leaves, g_leaves, paths
 
     def _per_leaf_keys(self, state: dict, n_leaves: int) -> list:
         """The state entries that hold one item per params leaf: by default every list or tuple
@@ -329,18 +291,79 @@ class Optimizer(metaclass=_FrozenAfterInit):
         if self.on_nonfinite == "raise":
             raise _validate.nonfinite_error("grads", _validate.first_nonfinite(xp, g_leaves, paths))
 
+    def _finite_update(self, ns, arrays, paths) -> bool:
+        """``True`` when ``arrays`` (the updates, or the new params before they are written) are
+        finite; else raise (default) or return ``False`` to let the caller skip the step."""
+        if _validate.all_finite(ns.xp, arrays):
+            return True
+        if self.on_nonfinite == "raise":
+            raise nonfinite_update_error(_validate.first_nonfinite(ns.xp, arrays, paths))
+        return False
+
     def _skipped_state(self, state: dict) -> dict:
         new = dict(state)
         new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
         return new
 
-    def _step(self, ns, leaves, g_leaves, state, paths):
+    def _step(self, ns, leaves, g_leaves, state, paths, **kw):
+        """The reference step: the gradients checked, the new params computed (nothing written),
+        checked, then written."""
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None
-        updates, new_state = self._update(ns, leaves, g_leaves, state, paths)
-        new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]
+        new, new_state = self._reference_step(ns, leaves, g_leaves, state, paths, **kw)
+        if not self._finite_update(ns, new, paths):
+            return None
         return write_params(ns, leaves, new), new_state
+
+    # ---------------------------------------------------------------- the fused-step template
+
+    def _fused_step(self, ns, leaves, g_leaves, state, paths, **kw):
+        """The fused step, written once for every optimizer with a kernel (``kernel_op``).
+
+        With the backend :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
+        :meth:`_kernel_groups`: the finiteness pre-pass on its views (:meth:`_prepass_views`),
+        then, if :meth:`_in_range` finds the inputs far from overflow, :meth:`_run_kernel` runs
+        the kernel in place and collects its results into the new state. Otherwise (no backend,
+        inputs out of range, a kernel that met a non-finite value before writing) the reference
+        step :meth:`_step` checks the gradients, then the update, then writes. Returns ``(new
+        leaves, new state)``, or ``None`` for a skipped non-finite step."""
+        step = self.step_description(state["count"])
+        backend = self._choose(ns, step, leaves, g_leaves, state).backend
+        if backend is not None:
+            views = backend.views(g_leaves)
+            plan = self._kernel_plan(ns, leaves, g_leaves, state, paths, **kw)
+            if not backend.all_finite(self._prepass_views(views, plan)):
+                self._handle_nonfinite(ns.xp, g_leaves, paths)
+                return None
+            if self._in_range(ns, views, plan):
+                new_state = self._run_kernel(backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw)
+                if new_state is not None:
+                    return list(leaves), new_state
+        return Optimizer._step(self, ns, leaves, g_leaves, state, paths, **kw)
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths, **kw):
+        """``(new params, new state)`` without a kernel, on finite gradients; nothing written."""
+        updates, new_state = self._update(ns, leaves, g_leaves, state, paths, **kw)
+        return [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)], new_state
+
+    def _kernel_plan(self, ns, leaves, g_leaves, state, paths, **kw):
+        """What the kernel call needs that is decided in Python before it runs (default: nothing)."""
+        return None
+
+    def _prepass_views(self, views, plan) -> list:
+        """The gradient views the backend's finiteness pre-pass reads (default: all of them)."""
+        return views
+
+    def _in_range(self, ns, views, plan) -> bool:
+        """Whether the inputs are far enough from overflow for the in-place kernel, whose update is
+        not checked before it is written (default: :func:`gradients_in_range`)."""
+        return gradients_in_range(views)
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw):
+        """Run the fused kernel in place; return the new state (``None``: it met a non-finite value
+        before anything was written, and the reference step runs instead)."""
+        raise TypeError(f"{type(self).__name__} must implement _run_kernel()")  # pragma: no cover
 
     # subclasses
     def _init(self, ns: Namespace, leaves) -> dict:
@@ -449,25 +472,25 @@ class ElementwiseOptimizer(Optimizer):
                    for p, o, q in zip(leaves, olds, news)]
         return updates, new_state
 
-    def _step(self, ns, leaves, g_leaves, state, paths):
-        scalars = self.step_description(state["count"])
-        backend = self._choose(ns, scalars, leaves, g_leaves, state).backend
-        if backend is None:
-            if not _validate.all_finite(ns.xp, g_leaves):
-                self._handle_nonfinite(ns.xp, g_leaves, paths)
-                return None
-            _, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
-            new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q
-                          for p, q in zip(leaves, news)]
-            return write_params(ns, leaves, new_params), new_state
-        # fused backend: finiteness pre-pass over the gradients, then one pass in place
-        views = backend.views(g_leaves)
-        if not backend.all_finite(views):
-            self._handle_nonfinite(ns.xp, g_leaves, paths)
-            return None
-        backend.run(self.kernel_op, leaves, g_leaves,
-                    [state[n] for n in self.state_names], scalars, g_views=views)
-        return list(leaves), self._new_state(state, {n: state[n] for n in self.state_names})
+    _step = Optimizer._fused_step
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths):
+        _, news, new_state = self._reference_leaves(ns, leaves, g_leaves, state)
+        return [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)], new_state
+
+    def _in_range(self, ns, views, plan):
+        # no range check: a second read of every gradient before the in-place one-pass kernel
+        # would cost about a fifth of a first-order step. The updates stay finite short of
+        # gradients near the dtype's largest value: Adam's m̂/(√v̂+ε) and AdaGrad's g/(√s+ε) are
+        # bounded (v or s overflowing to Inf gives a zero step; m only overflows for |g| above
+        # half the largest value); SGD's momentum buffer reaches |g|/(1-μ), so gradients above
+        # (1-μ)/2 of the largest value can overflow it on this path (update() and the reference
+        # step check the update)
+        return True
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
+        backend.run(self.kernel_op, leaves, g_leaves, [state[n] for n in self.state_names], step, g_views=views)
+        return self._new_state(state, {n: state[n] for n in self.state_names})
 
     def _reference(self, ns, p, g, states, scalars):
         p_new, new_states = self.reference(ns.xp, p, g, states, scalars)
@@ -547,26 +570,28 @@ class Chain(Optimizer):
         new_inner = []
         updates = grads
         skipped = False
-        for part, s, takes in zip(self.parts, inner, takers):
-            if skipped:  # an earlier stage skipped a non-finite step: later stages keep their state
-                new_inner.append(s)
-                continue
-            updates, s2 = part.update(updates, s, params, **({"stats": stats} if takes else {}))
-            skipped = s2["nonfinite_skipped"] != s["nonfinite_skipped"]
-            new_inner.append(s2)
-        new = dict(state, inner=new_inner)
-        if skipped:
-            new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
-        else:
-            new["count"] = state["count"] + 1
-        return updates, _hand_over(state, new)
+        with take(state), no_autograd(ns):
+            for part, s, takes in zip(self.parts, inner, takers):
+                if skipped:  # an earlier stage skipped a non-finite step: later stages keep their state
+                    new_inner.append(s)
+                    continue
+                updates, s2 = part.update(updates, s, params, **({"stats": stats} if takes else {}))
+                skipped = s2["nonfinite_skipped"] != s["nonfinite_skipped"]
+                new_inner.append(s2)
+            new = dict(state, inner=new_inner)
+            if skipped:
+                new["nonfinite_skipped"] = state["nonfinite_skipped"] + 1
+            else:
+                new["count"] = state["count"] + 1
+            return updates, _hand_over(state, new)
 
     def step(self, params, grads, state, *, stats=None):
         updates, new_state = self.update(grads, state, params, stats=stats)
         leaves, treedef, paths, ns = _validate.check_params(params)
         u_leaves = _tree.flatten(updates)[0]
-        new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, u_leaves)]
-        return _tree.unflatten(treedef, write_params(ns, leaves, new)), new_state
+        with no_autograd(ns):
+            new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, u_leaves)]
+            return _tree.unflatten(treedef, write_params(ns, leaves, new)), new_state
 
 
 def chain(*parts: Optimizer) -> Optimizer:

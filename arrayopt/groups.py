@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from . import _tree, _validate
+from ._state_use import no_autograd, take
 from .base import Optimizer, _check_state_header, _check_state_paths, _hand_over, _header
 
 __all__ = ["Partition", "partition", "masked"]
@@ -161,18 +162,20 @@ class Partition(Optimizer):
     def _run(self, call, grads, state, params):
         """Run ``call(part, sub_params, sub_grads, s)`` per group; ``(per-leaf outputs, new state)``."""
         ns, treedef, leaves, g_leaves, paths, groups = self._validate_call(grads, state, params)
-        skipped = self._skip_or_raise(ns, g_leaves, paths, state)
-        if skipped is not None:
-            return ns, treedef, leaves, None, skipped
-        outs = [None] * len(leaves)
-        new_inner = list(state["inner"])
-        for k, sub_g in self._split(treedef, g_leaves, groups):
-            sub_p = None if params is None else _subtree(treedef, leaves, [g == k for g in groups])
-            out, new_inner[k] = call(self.transforms[self.keys[k]], sub_p, sub_g, state["inner"][k])
-            where = [i for i, g in enumerate(groups) if g == k]
-            for i, o in zip(where, _tree.flatten(out)[0]):
-                outs[i] = o
-        return ns, treedef, leaves, outs, dict(state, inner=new_inner, count=state["count"] + 1)
+        # the state's token stays taken (the caller hands the state over) unless this raises
+        with take(state), no_autograd(ns):
+            skipped = self._skip_or_raise(ns, g_leaves, paths, state)
+            if skipped is not None:
+                return ns, treedef, leaves, None, skipped
+            outs = [None] * len(leaves)
+            new_inner = list(state["inner"])
+            for k, sub_g in self._split(treedef, g_leaves, groups):
+                sub_p = None if params is None else _subtree(treedef, leaves, [g == k for g in groups])
+                out, new_inner[k] = call(self.transforms[self.keys[k]], sub_p, sub_g, state["inner"][k])
+                where = [i for i, g in enumerate(groups) if g == k]
+                for i, o in zip(where, _tree.flatten(out)[0]):
+                    outs[i] = o
+            return ns, treedef, leaves, outs, dict(state, inner=new_inner, count=state["count"] + 1)
 
     def update(self, grads, state, params=None):
         ns, treedef, leaves, outs, new = self._run(

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic_file import atomic_write
+from ._state_use import fresh_tokens, is_consumed
 from ._xp import device_of, dtype_name, library_of, namespace_of, to_numpy
 
 __all__ = ["save_state", "load_state", "state_nbytes", "FORMAT", "VERSION", "DTYPES"]
@@ -67,7 +68,7 @@ def _settle(node) -> None:
 def _check_not_consumed(node, path="") -> None:
     """Refuse a state (or a nested one, e.g. in a chain) that update()/step() already consumed."""
     if isinstance(node, dict):
-        if "optimizer" in node and node.get("consumed") is True:
+        if "optimizer" in node and is_consumed(node):  # also a shallow copy of a consumed state
             raise ValueError(
                 f"state{path}: already consumed by update()/step() (fused kernels may have reused its "
                 f"buffers); save the state that call returned")
@@ -425,7 +426,7 @@ def load_state(path, like: Any = None) -> Any:
     arrayopt state file.
     """
     try:
-        return _load(path, like)
+        return fresh_tokens(_load(path, like))  # a use token per state
     except ValueError as e:
         if str(e).startswith("path: ") or "(file " in str(e):
             raise

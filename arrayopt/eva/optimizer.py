@@ -69,7 +69,8 @@ import threading
 
 from .. import _validate
 from .._xp import device_of, is_low_precision, state_dtype
-from ..base import Optimizer, write_params
+from .._overflow import IN_RANGE, gradients_in_range
+from ..base import Optimizer
 from .step import EvaStep
 from ..first_order import SGD
 from .math import axis_means, eva_f_precondition, eva_precondition, eva_s_graft_stacked, kl_scale, split_stack
@@ -480,38 +481,48 @@ class Eva(Optimizer):
                    for p, o, q in zip(leaves, olds, news)]
         return updates, new_state
 
-    def _step(self, ns, leaves, g_leaves, state, paths, stats=None):
-        step = self.step_description(state["count"])
-        backend = self._choose(ns, step, leaves, g_leaves, state).backend
-        if backend is not None:  # fused: finiteness pre-pass, then the kernels in place
-            xp = ns.xp
-            views = backend.views(g_leaves)
-            plan, stat_arrays, updates = self._plan(xp, leaves, state, paths, stats, check_stats=False)
-            covered = {i for i, b, _, _ in plan} | {b for _, b, _, _ in plan if b is not None}
-            # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
-            # before anything is written; the other leaves get the pre-pass. With non-finite
-            # statistics, the full pre-pass first: a non-finite gradient is reported before them.
-            stats_ok = self._check_stats_finite(xp, stats or {}, raise_=False)
-            pre = views if not stats_ok else [v for k, v in enumerate(views) if k not in covered]
-            if not backend.all_finite(pre):
-                self._handle_nonfinite(xp, g_leaves, paths)
-                return None
-            if not stats_ok:
-                self._check_stats_finite(xp, stats)  # raises
-            kv = {name: list(state[name]) for name in self._kv_names()}
-            layers = self._refresh(xp, kv, plan, stat_arrays)
-            bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
-            if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
-                self._handle_nonfinite(xp, g_leaves, paths)  # nothing was written
-                return None
-            kept = {n: state[n] for n in self._sgd.state_names}
-            return list(leaves), self._new_state(state, kept, kv, updates)
-        if not _validate.all_finite(ns.xp, g_leaves):
-            self._handle_nonfinite(ns.xp, g_leaves, paths)
-            return None
+    _step = Optimizer._fused_step
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths, stats=None):
         _, news, new_state = self._compute(ns, leaves, g_leaves, state, paths, stats)
-        new_params = [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)]
-        return write_params(ns, leaves, new_params), new_state
+        return [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)], new_state
+
+    def _kernel_plan(self, ns, leaves, g_leaves, state, paths, stats=None):
+        """``(plan, stat arrays, new kv_updates)`` (:meth:`_plan`; the statistics are checked by
+        :meth:`_in_range`)."""
+        return self._plan(ns.xp, leaves, state, paths, stats, check_stats=False)
+
+    def _prepass_views(self, views, plan):
+        # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
+        # before anything is written; the other leaves get the pre-pass
+        covered = {i for i, b, _, _ in plan[0]} | {b for _, b, _, _ in plan[0] if b is not None}
+        return [v for k, v in enumerate(views) if k not in covered]
+
+    def _in_range(self, ns, views, plan):
+        # every gradient, and statistics whose ‖ā‖², ‖ḡ‖² and product stay below the same bound
+        # (so ḡᵀGā and ‖ā‖²‖ḡ‖² cannot overflow); else the reference step, which reports a
+        # non-finite gradient first, then non-finite statistics, then a non-finite update
+        if not gradients_in_range(views):
+            return False
+        xp = ns.xp
+        for a, g in plan[1]:
+            bound = float(xp.finfo(a.dtype).max) * IN_RANGE
+            sa = float(xp.sum(a * a))
+            sg = float(xp.sum(g * g)) if g is not None else 1.0
+            if not (sa < bound and sg < bound and sa * sg < bound):
+                return False
+        return True
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, stats=None):
+        xp = ns.xp
+        plan, stat_arrays, updates = plan
+        kv = {name: list(state[name]) for name in self._kv_names()}
+        layers = self._refresh(xp, kv, plan, stat_arrays)
+        bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
+        if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
+            return None  # a non-finite value, nothing written: the reference step decides
+        kept = {n: state[n] for n in self._sgd.state_names}
+        return self._new_state(state, kept, kv, updates)
 
 
 class _Shape:

@@ -57,6 +57,7 @@ import numpy as np
 
 from .. import _validate
 from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
+from .._overflow import gradients_in_range
 from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
 from .blocking import LeafPlan, merge, plan_leaf, split
@@ -359,7 +360,8 @@ class Shampoo(Optimizer):
         moment = None
         if self.config.eigenvalue_corrected:
             backend = self._choose(ns, self.step_description(state["count"]), leaves, g_leaves, state).backend
-            if backend is not None:
+            # the kernel updates the second moments in place: only for gradients far from overflow
+            if backend is not None and gradients_in_range(backend.views(g_leaves)):
                 op = self.kernel_op
 
                 def moment(gh, d, step):
@@ -369,7 +371,10 @@ class Shampoo(Optimizer):
                     return backend.run(op, [gh], [], [[d]], step)[0], d
 
         updates, new_state = self._update(ns, leaves, g_leaves, state, paths, moment=moment)
-        return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new_state
+        new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]
+        if not self._finite_update(ns, new, paths):  # nothing written (but fused second moments)
+            return None
+        return write_params(ns, leaves, new), new_state
 
     # ---------------------------------------------------------------- the step
 

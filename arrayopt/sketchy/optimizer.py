@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
-from ..base import Optimizer, apply_leaf, write_params
+from ..base import Optimizer, apply_leaf
 from .batched import plan_tree, precondition_groups, sketch_groups
 from .math import apply_factors, fd_update, inverse_factors
 from ..momentum import heavy_ball_update
@@ -309,30 +309,24 @@ class Sketchy(Optimizer):
         return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
                 *([state["momentum"]] if cfg.b1 > 0 else []))
 
-    def _step(self, ns, leaves, g_leaves, state, paths):
-        # bfloat16/float16 params: the float32 update is added in float32 and rounded once
-        step = self.step_description(state["count"])
-        backend = self._choose(ns, step, leaves, g_leaves, state).backend
-        if backend is None:
-            if not _validate.all_finite(ns.xp, g_leaves):
-                self._handle_nonfinite(ns.xp, g_leaves, paths)
-                return None
-            updates, new = self._updates(ns, leaves, g_leaves, state)
-            return write_params(ns, leaves, [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]), new
-        # fused: finiteness pre-pass, the sketches and the low-rank apply through the namespace,
-        # then the graft, momentum, weight decay and parameter write in place
-        views = backend.views(g_leaves)
-        if not backend.all_finite(views):
-            self._handle_nonfinite(ns.xp, g_leaves, paths)
-            return None
-        xp, cfg = ns.xp, self.config
+    # bfloat16/float16 params: the float32 update is added in float32 and rounded once
+    _step = Optimizer._fused_step
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths):
+        updates, new = self._updates(ns, leaves, g_leaves, state)
+        return [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)], new
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
+        """The sketches and the low-rank apply through the namespace, then the graft, momentum,
+        weight decay and parameter write in place."""
+        cfg = self.config
         t = state["count"] + 1
         sketches, skipped = self._new_sketches(ns, leaves, g_leaves, state)
         directions = self._directions(ns, leaves, g_leaves, sketches, t)
         accs = state["graft"] if cfg.graft.has_state else None
         moms = state["momentum"] if cfg.b1 > 0 else None
         backend.run(self.kernel_op, leaves, g_leaves, [accs, moms, directions], step, g_views=views)
-        return list(leaves), self._new_state(state, sketches, skipped, accs, moms)
+        return self._new_state(state, sketches, skipped, accs, moms)
 
     def _new_sketches(self, ns, leaves, g_leaves, state):
         """``(per-leaf per-axis sketch arrays, 1 if an update was not finite else 0)`` of this step."""

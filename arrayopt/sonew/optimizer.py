@@ -64,7 +64,7 @@ import threading
 
 from .. import _validate, grafting
 from .._xp import is_low_precision, state_dtype
-from ..base import Optimizer, write_params
+from ..base import Optimizer
 from .math import band_outer, band_rowsum_max, band_rowsums, sonew_apply, sonew_factor_guarded
 from .step import SONewStep
 
@@ -391,35 +391,31 @@ class SONew(Optimizer):
         updates = [xp.astype(u, p.dtype) if is_low_precision(p.dtype) else u for u, p in zip(updates, leaves)]
         return updates, new
 
-    def _step(self, ns, leaves, g_leaves, state, paths):
-        step = self.step_description(state["count"])
-        backend = self._choose(ns, step, leaves, g_leaves, state).backend
+    _step = Optimizer._fused_step
+
+    def _reference_step(self, ns, leaves, g_leaves, state, paths):
         xp = ns.xp
-        if backend is None:
-            if not _validate.all_finite(xp, g_leaves):
-                self._handle_nonfinite(xp, g_leaves, paths)
-                return None
-            updates, new = self._reference_all(ns, leaves, g_leaves, state)
-            new_params = []
-            for p, u in zip(leaves, updates):
-                if is_low_precision(p.dtype):
-                    new_params.append(xp.astype(xp.astype(p, xp.float32) + u, p.dtype))
-                else:
-                    new_params.append(p + u)
-            return write_params(ns, leaves, new_params), new
-        views = backend.views(g_leaves)
-        if not backend.all_finite(views):
-            self._handle_nonfinite(xp, g_leaves, paths)
-            return None
+        updates, new = self._reference_all(ns, leaves, g_leaves, state)
+        new_params = []
+        for p, u in zip(leaves, updates):
+            if is_low_precision(p.dtype):
+                new_params.append(xp.astype(xp.astype(p, xp.float32) + u, p.dtype))
+            else:
+                new_params.append(p + u)
+        return new_params, new
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
+        """The fused step in place; the per-leaf counts it returns are added to the state's counters."""
+        xp = ns.xp
         groups = [state["mu"], state["band"]] + ([state["graft_nu"]] if "graft_nu" in state else [])
-        counts = backend.run("sonew", leaves, g_leaves, groups, step, g_views=views)
+        counts = backend.run(self.kernel_op, leaves, g_leaves, groups, step, g_views=views)
         new = dict(state)
         new["count"] = state["count"] + 1
         new["removed_edges"] = [xp.asarray(int(r) + c[0], dtype=xp.int64, device=ns.device) for r, c in
                                 zip(_to_ints(state["removed_edges"]), counts)]
         new["fallback_rows"] = [xp.asarray(int(r) + c[1], dtype=xp.int64, device=ns.device) for r, c in
                                 zip(_to_ints(state["fallback_rows"]), counts)]
-        return list(leaves), new
+        return new
 
 
 class _ShapeOnly:
