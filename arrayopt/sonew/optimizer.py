@@ -167,6 +167,7 @@ class SONew(Optimizer):
         self._init_transient()
 
     kernel_op = "sonew"
+    per_leaf_dispatch = True  # each tensor's step is its own: refused leaves take the reference alone
     _TRANSIENT = ("_jitted", "_jit_lock")
 
     def _init_transient(self):

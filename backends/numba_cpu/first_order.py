@@ -26,6 +26,10 @@ __all__ = ["OPS", "kernel_for", "run"]
 #: the first-order ops, every option fused
 OPS = {"sgd": {}, "adam": {}, "adagrad": {}}
 
+#: elementwise math does not care about order: a dense permuted leaf (``channels_last``) runs over
+#: its storage, provided params, grads and state share its strides
+LAYOUT = "storage"
+
 
 def sgd(p, g, lr, mu, wd, nesterov):  # momentum == 0: mu and nesterov are unused
     for i in prange(p.size):
@@ -87,9 +91,12 @@ def kernel_for(op: str, n_states: int, size: int = SMALL):
 
 def run(backend, op, params, grads, states, step, g_views=None):
     """The step of ``op`` on every leaf in place; returns ``None``."""
-    p_views = backend.views(params)
-    g_views = g_views if g_views is not None else backend.views(grads)
-    s_views = [backend.views(s) for s in states]
+    p_views = backend.storage_views(params)
+    g_views = list(g_views) if g_views is not None else backend.views(grads)
+    s_views = [backend.storage_views(s) for s in states]
+    for i, p in enumerate(params):
+        if not (p.is_contiguous() if hasattr(p, "is_contiguous") else p.flags.c_contiguous):
+            g_views[i] = backend.storage_views([grads[i]])[0]  # a dense permuted leaf: its storage order
     typed_by_dtype: dict = {}
     for i, (p, g) in enumerate(zip(p_views, g_views)):
         typed = typed_by_dtype.get(p.dtype)
