@@ -54,7 +54,10 @@ __all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write
 _ON_NONFINITE = ("raise", "skip")
 
 def _size(a) -> int:
-    return math.prod(int(d) for d in a.shape)
+    n = getattr(a, "size", None)  # NumPy, CuPy, JAX: an int; torch: a method
+    if type(n) is int:
+        return n
+    return a.numel() if hasattr(a, "numel") else math.prod(int(d) for d in a.shape)
 
 
 class _FrozenAfterInit(type):

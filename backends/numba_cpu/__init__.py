@@ -30,7 +30,7 @@ import numpy as np
 
 from ..._xp import library_of
 from .._optable import collect
-from ._common import all_finite
+from ._common import SMALL, all_finite
 
 __all__ = ["BACKEND", "NumbaCPU", "TABLE", "dense_strides"]
 
@@ -42,6 +42,34 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _numpy_view(a, library: str):
     return a.detach().numpy() if library == "torch" else a
+
+
+class LazyViews:
+    """The flat NumPy views of :meth:`NumbaCPU.views` for torch tensors, each made when first read.
+
+    Reads (``[i]``, iteration, ``len``) give what a list of views would; the kernels that take
+    small leaves by address (``_ptrs.py``) read ``tensors`` and never make the views.
+    """
+
+    __slots__ = ("tensors", "_made")
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        self._made = [None] * len(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        v = self._made[i]
+        if v is None:
+            v = self._made[i] = self.tensors[i].detach().numpy().reshape(-1)
+        return v
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _flat(a) -> np.ndarray:
@@ -163,7 +191,9 @@ class NumbaCPU:
         if not arrays:
             return []
         lib = library_of(arrays[0])
-        return [_numpy_view(a, lib).reshape(-1) for a in arrays]
+        if lib == "torch":
+            return LazyViews(arrays)
+        return [a.reshape(-1) for a in arrays]
 
     def storage_views(self, arrays) -> list:
         """Flat writeable NumPy views sharing memory with dense ``arrays``, each over its storage
@@ -174,8 +204,27 @@ class NumbaCPU:
         return [_flat(_numpy_view(a, lib)) for a in arrays]
 
     def all_finite(self, views) -> bool:
-        """True when no view holds NaN/Inf (one read-only pass per leaf)."""
-        return all_finite(views)
+        """True when no view holds NaN/Inf (one read-only pass per leaf; the small contiguous torch
+        tensors of :class:`LazyViews` in one call per dtype, by address)."""
+        if not isinstance(views, LazyViews):
+            return all_finite(views)
+        from ._ptrs import address_table, count_nonfinite_addrs
+
+        by_dtype: dict = {}
+        large = []
+        for i, t in enumerate(views.tensors):
+            if t.numel() < SMALL and t.is_contiguous():
+                by_dtype.setdefault(t.dtype, []).append((t.numel(), t.data_ptr()))
+            else:
+                large.append(i)
+        for dt, rows in by_dtype.items():
+            addrs, sizes = address_table(rows)
+            like = np.float32(0) if str(dt) == "torch.float32" else np.float64(0)
+            if str(dt) not in ("torch.float32", "torch.float64"):  # pragma: no cover - refused upstream
+                return all_finite([views[i] for i in range(len(views))])
+            if count_nonfinite_addrs(addrs[:, 0], sizes, like):
+                return False
+        return all_finite([views[i] for i in large])
 
     def run(self, op, params, grads, states, step, g_views=None):
         """The fused step of ``op`` in place: the ``run`` of the module that declares ``op``.
@@ -192,17 +241,19 @@ class NumbaCPU:
 
 def _refuse_torch_leaf(i, names, arrays, layout, floats):
     """Why ``op`` cannot take leaf ``i`` (``arrays``: its param, grad, state arrays), or ``None``."""
-    p = arrays[0]
-    if p.dtype not in floats:
-        return f"params leaf {i}: dtype {str(p.dtype).replace('torch.', '')} (kernels take float32/float64)"
+    contiguous = True
+    for a in arrays:
+        if a.dtype not in floats or a.is_neg() or a.is_conj():
+            break
+        contiguous = contiguous and a.is_contiguous()
+    else:
+        return None if contiguous else _refuse_layout(i, names, arrays, layout, "torch")
     for name, a in zip(names, arrays):
         if a.dtype not in floats:
             return f"{name} leaf {i}: dtype {str(a.dtype).replace('torch.', '')} (kernels take float32/float64)"
         if a.is_conj() or a.is_neg():
             return f"{name} leaf {i}: a lazy conj/neg view"
-    if all(a.is_contiguous() for a in arrays):
-        return None
-    return _refuse_layout(i, names, arrays, layout, "torch")
+    return None  # pragma: no cover
 
 
 def _refuse_numpy_leaf(i, names, arrays, layout):

@@ -170,3 +170,41 @@ def test_numpy_dense_permuted_leaves_run_over_their_storage():
     # a strided (non-dense) view is refused: its flat view would be a copy
     e = ao.explain(opt, {"v": np.zeros((6, 8), np.float32)[:, ::2]})
     assert e.backend == "reference" and "not a dense permuted layout" in e.leaves[0].reason
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "adagrad"])
+def test_small_torch_leaves_in_one_call_match_the_reference(name, monkeypatch):
+    # many small leaves of two dtypes (one address table each) and one large leaf (its own call)
+    from arrayopt.backends.numba_cpu import first_order
+
+    calls = []
+    for k, fn in list(first_order._ADDR_KERNELS.items()):
+        monkeypatch.setitem(first_order._ADDR_KERNELS, k, lambda addrs, sizes, *s, _fn=fn: (calls.append(len(sizes)),
+                                                                                          _fn(addrs, sizes, *s)))
+    shapes = [(3,), (4, 5), (1,), (2, 3, 2)] * 5
+
+    def tree(seed):
+        gen = torch.Generator().manual_seed(seed)
+        out = {f"s{i}": torch.randn(s, generator=gen, dtype=torch.float32 if i % 3 else torch.float64)
+               for i, s in enumerate(shapes)}
+        out["large"] = torch.randn(40000, generator=gen)
+        return out
+
+    opt = OPTIMIZERS[name]()
+    fused, ref = tree(0), tree(0)
+    s_fused, s_ref = opt.init(fused), opt.init(ref)
+    for t in range(3):
+        grads = tree(10 + t)
+        fused, s_fused = opt.step(fused, grads, s_fused)
+        with dispatch.use_backend("reference"):
+            ref, s_ref = opt.step(ref, grads, s_ref)
+    assert sorted(calls[:2]) == [7, 13]  # float64 leaves, float32 leaves: one call each per step
+    for k in fused:
+        a, b = fused[k].double(), ref[k].double()
+        assert torch.linalg.vector_norm(a - b) <= RTOL[fused[k].dtype] * torch.linalg.vector_norm(b), k
+    bad = tree(20)
+    bad["s7"][0, 1] = float("nan")
+    before = {k: v.clone() for k, v in fused.items()}
+    with pytest.raises(ValueError, match=r"grads leaf \['s7'\]"):
+        opt.step(fused, bad, s_fused)
+    assert all(torch.equal(fused[k], before[k]) for k in fused)

@@ -55,10 +55,10 @@ def run(backend, op, params, grads, states, step, g_views=None) -> list:
     mus, bands = states[0], states[1]
     nus = states[2] if len(states) > 2 else None
     lib = library_of(params[0])
-    p_views = backend.views(params)
-    g_views = list(g_views) if g_views is not None else backend.views(grads)
-    m_views = backend.views(mus)
-    nu_views = backend.views(nus) if nus is not None else [None] * len(p_views)
+    p_views = list(backend.views(params))
+    g_views = list(g_views if g_views is not None else backend.views(grads))
+    m_views = list(backend.views(mus))
+    nu_views = list(backend.views(nus)) if nus is not None else [None] * len(p_views)
     b_views = [(bd.detach().numpy() if lib == "torch" else bd) for bd in bands]
     write_back = []
     for i, leaf in enumerate(params):
