@@ -75,6 +75,12 @@ def run(backend, op, params, grads, states, step, g_views=None) -> list:
         if not band.flags.c_contiguous:
             raise ValueError(_BAND_LAYOUT)
         small = len(tuple(leaf.shape)) <= 1
+        b_eff = step.effective_band(p.size)
+        if b_eff < band.shape[1] - 1:  # a band wider than the leaf (block): the step of band b_eff
+            full, band = band, np.ascontiguousarray(band[:, :b_eff + 1])
+            write_back.append((full[:, :b_eff + 1], band, "C"))
+            rest = full[:, b_eff + 1:]
+            rest *= rest.dtype.type(step.b2)
         if (step.block_size is not None or step.graft == "rmsprop_normalized"
                 or (small and step.small_param_fallback != "sonew")):
             # block-local (or an option only the block driver fuses: one block of n)
