@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any, Callable
 
 from . import _tree
@@ -50,6 +51,95 @@ def _check_dense_with_data(arg: str, path: str, leaf: Any) -> None:
                          f"module first (e.g. module.to_empty(device='cpu') and initialize it)")
 
 
+# ---------------------------------------------------------------- fast paths (NumPy, torch)
+#
+# A tree of plain NumPy arrays or torch tensors is checked with direct attribute reads; anything
+# these do not settle (another library, a subclass, a mismatch) goes through the general checks
+# below, which give the named error. Both accept exactly the same inputs.
+
+_NP_FLOATS: frozenset = frozenset()
+
+
+def _np_floats():
+    global _NP_FLOATS
+    if not _NP_FLOATS:
+        import numpy as np
+
+        names = list(_FLOAT_NAMES)
+        dts = []
+        for n in names:
+            try:
+                dts.append(np.dtype(n))
+            except TypeError:  # bfloat16 without ml_dtypes
+                pass
+        _NP_FLOATS = frozenset(dts)
+    return _NP_FLOATS
+
+
+def _torch_kinds():
+    """``(tensor types taken as they are, strided layout, float dtypes)``, or ``None`` without torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    return (torch.Tensor, torch.nn.Parameter), torch.strided, (torch.float16, torch.bfloat16, torch.float32,
+                                                                torch.float64)
+
+
+def _fast_params(leaves):
+    """``(library, device)`` when every leaf is a plain NumPy array of a float dtype or a strided torch
+    tensor (not on the meta device) of a float dtype on the first leaf's device; else ``None``."""
+    first = leaves[0]
+    import numpy as np
+
+    if type(first) is np.ndarray:
+        floats = _np_floats()
+        for a in leaves:
+            if type(a) is not np.ndarray or a.dtype not in floats:
+                return None
+        return "numpy", "cpu"
+    kinds = _torch_kinds()
+    if kinds is None or type(first) not in kinds[0]:
+        return None
+    types_, strided, floats = kinds
+    dev = first.device
+    if dev.type == "meta":
+        return None
+    for a in leaves:
+        if type(a) not in types_ or a.layout is not strided or a.dtype not in floats or a.device != dev:
+            return None
+    return "torch", dev
+
+
+def _fast_like(leaves, shapes, dtypes, ns) -> bool:
+    """Whether every leaf is a plain array of the call's library and device with the given shapes and
+    dtypes (the checks of :func:`_check_leaf`, read directly)."""
+    import numpy as np
+
+    if ns.library == "numpy":
+        for a, shape, dt in zip(leaves, shapes, dtypes):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dt:
+                return False
+        return True
+    if ns.library != "torch":
+        return False
+    kinds = _torch_kinds()
+    if kinds is None:
+        return False
+    types_, strided, _ = kinds
+    dev = ns.device
+    if getattr(dev, "type", None) == "cpu":  # is_cpu: one attribute read, no device object made
+        for a, shape, dt in zip(leaves, shapes, dtypes):
+            if type(a) not in types_ or a.dtype is not dt or not a.is_cpu or a.layout is not strided \
+                    or a.shape != shape:
+                return False
+        return True
+    for a, shape, dt in zip(leaves, shapes, dtypes):
+        if (type(a) not in types_ or a.layout is not strided or a.dtype is not dt or a.device != dev
+                or a.shape != shape):
+            return False
+    return True
+
+
 def check_params(params: Any, arg: str = "params", order=None):
     """Flatten ``params`` and check it; return ``(leaves, treedef, paths, ns)``.
 
@@ -67,6 +157,13 @@ def check_params(params: Any, arg: str = "params", order=None):
             leaves, treedef, paths = got
     if not leaves:
         raise ValueError(f"{arg}: empty tree (no arrays to optimize)")
+    fast = _fast_params(leaves)
+    if fast is not None:
+        first = leaves[0]
+        ns = Namespace(namespace_of(first), device_of(first) if fast[0] == "numpy" else fast[1], fast[0])
+        if arg == "params":
+            check_untied(leaves, paths)
+        return leaves, treedef, paths, ns
     ns = None
     for leaf, path in zip(leaves, paths):
         _check_dense_with_data(arg, path, leaf)
@@ -143,9 +240,14 @@ def _tied_message(arg, first, second, what) -> str:
 def check_like(arg: str, tree: Any, treedef, paths, ref_leaves, ns: Namespace, ref_arg="params"):
     """Check that ``tree`` has the structure, shapes, dtypes, namespace and device of the params;
     return its leaves in the params' leaf order (mappings are matched by key, :func:`_tree.flatten_like`)."""
-    if not _tree.flatten(tree)[0]:
-        raise ValueError(f"{arg}: empty tree, but {ref_arg} has {len(paths)} leaves")
-    leaves = _tree.flatten_like(tree, treedef, arg, ref_arg)
+    try:
+        leaves = _tree.flatten_like(tree, treedef, arg, ref_arg)
+    except ValueError:
+        if not _tree.flatten(tree)[0]:
+            raise ValueError(f"{arg}: empty tree, but {ref_arg} has {len(paths)} leaves") from None
+        raise
+    if _fast_like(leaves, [r.shape for r in ref_leaves], [r.dtype for r in ref_leaves], ns):
+        return leaves
     for leaf, ref, path in zip(leaves, ref_leaves, paths):
         _check_leaf(arg, path, leaf, ref.shape, ref.dtype, ns, ref_arg)
     return leaves
@@ -159,6 +261,8 @@ def check_state_leaves(name: str, arrays, paths, ns: Namespace, params_leaves, d
             f"state[{name!r}]: holds {n} entries but params have {len(paths)} leaves; "
             f"was the state made by init() for these params?"
         )
+    if _fast_like(arrays, [p.shape for p in params_leaves], dtypes, ns):
+        return
     for a, p, path, dt in zip(arrays, params_leaves, paths, dtypes):
         _check_leaf(f"state[{name!r}]", path, a, p.shape, dt, ns, "expected")
 

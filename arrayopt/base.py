@@ -41,11 +41,10 @@ import math
 from types import MappingProxyType
 from typing import Any
 
-import array_api_compat as compat
-
 from . import _tree, _validate
 from ._state_use import (HEADER, _check_state_header, _check_state_paths, _copy_state,  # noqa: F401
                          _hand_over, _header, detached, no_autograd, take)
+from ._fused import split_step, write_params
 from ._overflow import gradients_in_range, nonfinite_update_error
 from ._xp import Namespace, is_low_precision, state_dtype
 
@@ -54,29 +53,10 @@ __all__ = ["Optimizer", "ElementwiseOptimizer", "chain", "apply_updates", "write
 _ON_NONFINITE = ("raise", "skip")
 
 def _size(a) -> int:
-    return math.prod(int(d) for d in a.shape)
-
-
-def _writeable_inplace(ns: Namespace, leaves) -> bool:
-    if ns.library not in ("numpy", "torch", "cupy"):
-        return False
-    return all(compat.is_writeable_array(p) for p in leaves)
-
-
-def write_params(ns: Namespace, leaves, new_leaves):
-    """Write ``new_leaves`` into ``leaves`` in place when writeable; return the leaves to hand back."""
-    if not _writeable_inplace(ns, leaves):
-        return list(new_leaves)
-    if ns.library == "torch":
-        import torch
-
-        with torch.no_grad():
-            for p, q in zip(leaves, new_leaves):
-                p.copy_(q)
-    else:
-        for p, q in zip(leaves, new_leaves):
-            p[...] = q
-    return list(leaves)
+    n = getattr(a, "size", None)  # NumPy, CuPy, JAX: an int; torch: a method
+    if type(n) is int:
+        return n
+    return a.numel() if hasattr(a, "numel") else math.prod(int(d) for d in a.shape)
 
 
 class _FrozenAfterInit(type):
@@ -111,6 +91,9 @@ class Optimizer(metaclass=_FrozenAfterInit):
     #: whether ``update``/``step`` take per-layer statistics (``stats=``); see :meth:`_check_stats`
     takes_stats: bool = False
     kernel_op: str = ""  # the backend op of the fused step ("": the reference only)
+    #: whether each leaf's step is independent of the others', so that the leaves a backend takes
+    #: run its kernel while the others take the reference (:mod:`arrayopt._fused`)
+    per_leaf_dispatch: bool = False
     #: what ``ao.explain`` says when ``kernel_op`` is empty
     no_kernel_reason: str = "no fused kernel exists for this optimizer (its step is pure array-API code)"
 
@@ -162,6 +145,12 @@ class Optimizer(metaclass=_FrozenAfterInit):
         from . import dispatch
 
         return dispatch.choose(self.kernel_op, ns, step, *self._kernel_groups(leaves, g_leaves, state))
+
+    def _choose_leaves(self, ns, step, leaves, g_leaves, state):
+        """:func:`arrayopt.dispatch.choose_leaves` for this optimizer's op: ``(backend, reason, refusals)``."""
+        from . import dispatch
+
+        return dispatch.choose_leaves(self.kernel_op, ns, step, *self._kernel_groups(leaves, g_leaves, state))
 
     # ---------------------------------------------------------------- public API
 
@@ -326,10 +315,17 @@ class Optimizer(metaclass=_FrozenAfterInit):
         then, if :meth:`_in_range` finds the inputs far from overflow, :meth:`_run_kernel` runs
         the kernel in place and collects its results into the new state. Otherwise (no backend,
         inputs out of range, a kernel that met a non-finite value before writing) the reference
-        step :meth:`_step` checks the gradients, then the update, then writes. Returns ``(new
-        leaves, new state)``, or ``None`` for a skipped non-finite step."""
+        step :meth:`_step` checks the gradients, then the update, then writes. With
+        ``per_leaf_dispatch`` the leaves the backend refuses take the reference alone
+        (:func:`arrayopt._fused.split_step`). Returns ``(new leaves, new state)``, or ``None``
+        for a skipped non-finite step."""
         step = self.step_description(state["count"])
-        backend = self._choose(ns, step, leaves, g_leaves, state).backend
+        if self.per_leaf_dispatch:
+            backend, _, refusals = self._choose_leaves(ns, step, leaves, g_leaves, state)
+            if backend is not None and any(r is not None for r in refusals):
+                return split_step(self, backend, step, refusals, ns, leaves, g_leaves, state, paths, **kw)
+        else:
+            backend = self._choose(ns, step, leaves, g_leaves, state).backend
         if backend is not None:
             views = backend.views(g_leaves)
             plan = self._kernel_plan(ns, leaves, g_leaves, state, paths, **kw)
@@ -401,6 +397,7 @@ class ElementwiseOptimizer(Optimizer):
 
     state_names: tuple = ()
     kernel_op: str = ""
+    per_leaf_dispatch = True
 
     def __init__(self, learning_rate, *, on_nonfinite: str = "raise"):
         super().__init__(on_nonfinite=on_nonfinite)
@@ -413,10 +410,14 @@ class ElementwiseOptimizer(Optimizer):
         return 0.0
 
     def _init(self, ns, leaves):
+        """Each state array ``full(p.shape, init_value)``; NumPy and torch state keeps the param's
+        memory layout (a ``channels_last`` weight gets ``channels_last`` state)."""
         out = {}
+        full_like = ns.xp.full_like if ns.library in ("numpy", "torch") else None
         for name in self.state_names:
             v = self.init_value(name)
             out[name] = [
+                full_like(p, v, dtype=state_dtype(ns.xp, p.dtype)) if full_like is not None else
                 ns.xp.full(p.shape, v, dtype=state_dtype(ns.xp, p.dtype), device=ns.device)
                 for p in leaves
             ]

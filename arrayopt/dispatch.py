@@ -25,8 +25,8 @@ import os
 import threading
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["Backend", "Choice", "register_backend", "choose", "select", "use_backend", "backends",
-           "forced_backend", "check_capabilities", "status", "available"]
+__all__ = ["Backend", "Choice", "LeafChoice", "register_backend", "choose", "choose_leaves", "select",
+           "use_backend", "backends", "forced_backend", "check_capabilities", "status", "available"]
 
 
 @runtime_checkable
@@ -44,6 +44,9 @@ class Backend(Protocol):
       state groups, one list of leaves each), else why not (dtype, device, layout, ...);
     - ``refuse_options(op, step)``: ``None`` if it fuses this step's options, else why not;
     - ``views(arrays)``, ``all_finite(views)``: the finiteness pre-pass on its own views;
+    - optionally ``refuse_leaves(op, ns, *groups)``: one reason (or ``None``) per leaf, for the
+      optimizers whose step splits its leaves (:func:`choose_leaves`); a backend without it
+      takes all the leaves of a call or none (``refuse_arrays``);
     - ``run(op, params, grads, states, step, g_views=None)``: the fused step in place.
       ``step`` is the op's frozen step description (the first-order ops: the tuple of
       ``step_scalars``; SONew: :class:`arrayopt.sonew.step.SONewStep`), never the
@@ -207,6 +210,60 @@ def choose(op: str, ns, step, *groups) -> Choice:
     if forced is not None and not refusals:
         refusals.append(f"{forced} is forced but not registered")
     return Choice(None, "; ".join(refusals) or "no backend is registered")
+
+
+class LeafChoice(NamedTuple):
+    """The outcome of :func:`choose_leaves`: ``backend`` (``None``: every leaf takes the reference),
+    why (for the whole call) and, per leaf, ``None`` (the backend takes it) or why not."""
+
+    backend: Any
+    reason: str
+    refusals: tuple
+
+
+def choose_leaves(op: str, ns, step, *groups) -> LeafChoice:
+    """The backend that runs ``op`` on the leaves it takes, the others taking the reference.
+
+    The first backend (in priority order) that fuses this step's options and takes at least one
+    leaf (``refuse_leaves``; a backend without it: ``refuse_arrays`` for all of them at once).
+    """
+    n = len(groups[0]) if groups else 0
+    forced = forced_backend()
+    if not op:
+        return LeafChoice(None, "no fused kernel exists for this optimizer", ("no fused kernel",) * n)
+    if forced == "reference":
+        why = "the reference is forced (use_backend('reference') or ARRAYOPT_BACKEND=reference)"
+        return LeafChoice(None, why, (why,) * n)
+    refusals, per_leaf = [], None
+    for b in backends():
+        if forced is not None and b.name != forced:
+            continue
+        if op not in b.ops:
+            refusals.append(f"{b.name}: no {op!r} kernel")
+            continue
+        why = b.refuse_options(op, step)
+        if why is None and not b.available():
+            why = b.reason()
+        if why is not None:
+            refusals.append(f"{b.name}: {why}")
+            continue
+        refuse_leaves = getattr(b, "refuse_leaves", None)
+        if refuse_leaves is not None:
+            leaves = tuple(refuse_leaves(op, ns, *groups))
+        else:
+            whole = b.refuse_arrays(ns, *groups)
+            leaves = (whole,) * n
+        if any(r is None for r in leaves):
+            taken = sum(r is None for r in leaves)
+            what = "fused kernel" if taken == n else f"fused kernel for {taken} of {n} leaves (the others: the reference)"
+            return LeafChoice(b, f"{b.name}: {what}", tuple(None if r is None else f"{b.name}: {r}" for r in leaves))
+        refusals.append(f"{b.name}: {leaves[0] if leaves and all(r == leaves[0] for r in leaves) else 'no leaf taken'}")
+        if per_leaf is None:
+            per_leaf = tuple(f"{b.name}: {r}" for r in leaves)
+    if forced is not None and not refusals:
+        refusals.append(f"{forced} is forced but not registered")
+    why = "; ".join(refusals) or "no backend is registered"
+    return LeafChoice(None, why, per_leaf if per_leaf is not None else (why,) * n)
 
 
 def select(op: str, ns, *groups, step=None):

@@ -1,11 +1,13 @@
 """``explain(opt, params)``: which path each leaf's step takes (a fused kernel or the reference) and why.
 
-A step runs on one path for all its leaves: the first backend (in priority
-order) that fuses the optimizer's options and accepts every array, else the
-pure array-API reference. :func:`explain` asks the same question
-:meth:`Optimizer.step` asks (``arrayopt.dispatch.choose``), for the whole call and
-for each leaf on its own, so a user who sees a slow step learns, e.g., that a
-bfloat16 leaf sends the step to the reference.
+For the optimizers whose leaves step independently (``per_leaf_dispatch``: the
+first-order optimizers and SONew) each leaf takes its own path: the first backend (in
+priority order) that fuses the optimizer's options runs the leaves it accepts, and the
+others (a bfloat16 leaf, a layout the kernels do not read) take the pure array-API
+reference alone (``arrayopt.dispatch.choose_leaves``). For the others a step runs on one
+path for all its leaves (``arrayopt.dispatch.choose``), and :func:`explain` also asks for
+each leaf on its own, so a user learns, e.g., that a bfloat16 leaf sends the step to the
+reference. The call's ``backend`` is ``"mixed"`` when its leaves take different paths.
 
 >>> import numpy as np, ml_dtypes, arrayopt as ao
 >>> print(ao.explain(ao.sonew(1e-3), {"w": np.zeros((4, 3), ml_dtypes.bfloat16)}))
@@ -75,6 +77,8 @@ def explain(opt, params, grads=None, state=None) -> Explanation:
     op = opt.kernel_op
     count = state.get("count", 0) if isinstance(state, dict) else 0
     step = opt.step_description(count) if op else None
+    if op and opt.per_leaf_dispatch:
+        return _explain_per_leaf(opt, ns, step, paths, leaves, g_leaves, state)
     whole = opt._choose(ns, step, leaves, g_leaves, state) if op else None
     if whole is None:
         name, reason = "reference", opt.no_kernel_reason
@@ -92,6 +96,21 @@ def explain(opt, params, grads=None, state=None) -> Explanation:
             why = reason
         out.append(LeafPath(_tree_path(path), tuple(int(d) for d in p.shape), _dtype(p), name, why))
     return Explanation(getattr(opt, "name", type(opt).__name__), op or "", name, reason, tuple(out))
+
+
+def _explain_per_leaf(opt, ns, step, paths, leaves, g_leaves, state) -> Explanation:
+    """Each leaf's own path (``arrayopt.dispatch.choose_leaves``, as the step splits them)."""
+    backend, reason, refusals = opt._choose_leaves(ns, step, leaves, g_leaves, state)
+    name = backend.name if backend is not None else "reference"
+    out = []
+    for p, path, why in zip(leaves, paths, refusals):
+        leaf_backend = name if why is None else "reference"
+        leaf_why = f"{name}: fused kernel" if why is None else _name_leaves(why, paths)
+        out.append(LeafPath(_tree_path(path), tuple(int(d) for d in p.shape), _dtype(p), leaf_backend, leaf_why))
+    if backend is not None and any(r is not None for r in refusals):
+        name = "mixed"
+    return Explanation(getattr(opt, "name", type(opt).__name__), opt.kernel_op, name, _name_leaves(reason, paths),
+                       tuple(out))
 
 
 def _explain_groups(opt, treedef, paths, leaves, g_leaves, state) -> Explanation:

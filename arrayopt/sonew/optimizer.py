@@ -59,6 +59,7 @@ never the optimizer; ``ao.explain(opt, params)`` shows the path each leaf takes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -167,6 +168,7 @@ class SONew(Optimizer):
         self._init_transient()
 
     kernel_op = "sonew"
+    per_leaf_dispatch = True  # each tensor's step is its own: refused leaves take the reference alone
     _TRANSIENT = ("_jitted", "_jit_lock")
 
     def _init_transient(self):
@@ -240,10 +242,18 @@ class SONew(Optimizer):
         n = math.prod(shape)
         flat = [_vec(xp, x, order) if x is not None else None for x in (p, g, m, nu)]
         small = len(shape) <= 1
+        b_eff = step.effective_band(n)
+        rest = None
+        if b_eff < step.band:  # pairs beyond the tensor (block) hold zeros: the step of band b_eff
+            rest = band[:, b_eff + 1:] * step.b2
+            band = band[:, :b_eff + 1]
+            step = dataclasses.replace(step, band=b_eff)
         if jit:  # one XLA compile per (size bucket, options), not per op and shape
             u, m2, band, nu2, removed, fallback = self._jax_flat(xp, *flat, band, step, small, n)
         else:
             u, m2, band, nu2, removed, fallback = self.flat_leaf(xp, *flat, band, step, small, n)
+        if rest is not None:
+            band = xp.concat([band, rest], axis=1)
         unv = [_unvec(xp, x, shape, order) if x is not None else None for x in (u, m2, nu2)]
         return unv[0], unv[1], band, unv[2], removed, fallback
 
@@ -323,10 +333,10 @@ class SONew(Optimizer):
         """
         import jax
 
-        key = (xp, small)
+        key = (xp, small, step.band)
         fn = self._jitted.get(key)
         if fn is None:
-            template = self._template
+            template = dataclasses.replace(self._template, band=step.band)
 
             def leaf(p, g, m, nu, band, lr, bc1, bc2, n_real):
                 return SONew.flat_leaf(xp, p, g, m, nu, band, template.with_scalars(lr, bc1, bc2), small,

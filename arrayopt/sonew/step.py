@@ -73,6 +73,14 @@ class SONewStep:
         """``1 - β₂`` (the statistics' gradient weight)."""
         return 1.0 - self.b2
 
+    def effective_band(self, n: int) -> int:
+        """The half-bandwidth a tensor of ``n`` entries steps with: ``band`` capped at ``span - 1``
+        (``span``: its block, ``min(block_size, n)``, or ``n``), and at least ``min(band, 1)``. Pairs
+        farther apart are never in one block, so their statistics stay zero (decayed by ``β₂``) and
+        the step equals the step of that band; the reference and the kernels both run that one."""
+        span = n if self.block_size is None else min(self.block_size, n)
+        return max(min(self.band, span - 1), min(self.band, 1))
+
     def tau(self, dtype) -> float:
         """The Schur-complement threshold factor ``τ`` for compute dtype ``dtype``."""
         from .._xp import dtype_name

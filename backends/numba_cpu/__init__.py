@@ -1,8 +1,18 @@
 """Numba CPU backend: fused in-place kernels for NumPy arrays and torch CPU tensors.
 
-Accepted arrays: NumPy arrays that are C-contiguous and float32/float64 (params and
-state writeable), and torch CPU tensors with the same properties, reached zero-copy
-through ``tensor.detach().numpy()``. Everything else takes the reference path.
+Accepted arrays: NumPy arrays and torch CPU tensors, float32/float64 (params and state
+writeable), reached zero-copy (torch through ``tensor.detach().numpy()``). Each op module
+declares the memory layouts its kernels take (``LAYOUT``, default ``"contiguous"``):
+
+- ``"contiguous"``: every array C-contiguous;
+- ``"storage"`` (elementwise math, order-free): also a *dense permuted* leaf (its strides a
+  permutation of a contiguous layout, e.g. a ``channels_last`` conv weight), provided every
+  array shaped like the param has the param's strides: the kernels run over the storage;
+- ``"copy"`` (math that follows the logical C order of the shape, SONew's band): also a dense
+  permuted leaf in any mix of strides; the op copies it to C order and back.
+
+:meth:`NumbaCPU.refuse_leaves` says which leaves of a call an op takes (the others take the
+reference); :meth:`NumbaCPU.refuse_arrays` is the all-or-nothing ``"contiguous"`` question.
 
 One module per op, each declaring ``OPS`` and ``run`` (``backends/_optable.py``):
 ``first_order.py`` (``sgd``, ``adam``, ``adagrad``), ``sonew/``, ``eva.py``, ``sketchy.py``,
@@ -20,9 +30,9 @@ import numpy as np
 
 from ..._xp import library_of
 from .._optable import collect
-from ._common import all_finite
+from ._common import SMALL, all_finite
 
-__all__ = ["BACKEND", "NumbaCPU", "TABLE"]
+__all__ = ["BACKEND", "NumbaCPU", "TABLE", "dense_strides"]
 
 #: ``{op: OpEntry(module, capabilities)}`` from every op module of this package
 TABLE = collect(__name__, __path__)
@@ -32,6 +42,64 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _numpy_view(a, library: str):
     return a.detach().numpy() if library == "torch" else a
+
+
+class LazyViews:
+    """The flat NumPy views of :meth:`NumbaCPU.views` for torch tensors, each made when first read.
+
+    Reads (``[i]``, iteration, ``len``) give what a list of views would; the kernels that take
+    small leaves by address (``_ptrs.py``) read ``tensors`` and never make the views.
+    """
+
+    __slots__ = ("tensors", "_made")
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        self._made = [None] * len(self.tensors)
+
+    def __len__(self):
+        return len(self.tensors)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        v = self._made[i]
+        if v is None:
+            v = self._made[i] = self.tensors[i].detach().numpy().reshape(-1)
+        return v
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _flat(a) -> np.ndarray:
+    """The flat view of a NumPy array over its storage order (C order when C-contiguous; a dense
+    permuted array is transposed to its storage order first: still a view)."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1)
+    order = sorted(range(a.ndim), key=lambda d: -abs(a.strides[d]))
+    flat = a.transpose(order).reshape(-1)
+    if not np.shares_memory(flat, a):  # pragma: no cover - refuse_leaves lets no such array through
+        raise ValueError("numba_cpu: a flat view of a non-dense array would be a copy")
+    return flat
+
+
+def dense_strides(shape, strides) -> bool:
+    """Whether ``strides`` (in elements) are a permutation of a contiguous layout of ``shape``:
+    the array covers ``prod(shape)`` consecutive elements, each once (size-1 axes ignored)."""
+    expect = 1
+    for st, n in sorted((st, n) for n, st in zip(shape, strides) if n != 1):
+        if st != expect:
+            return False
+        expect *= n
+    return True
+
+
+def _strides(a, lib):
+    """Strides in elements (NumPy: bytes / itemsize)."""
+    if lib == "torch":
+        return tuple(a.stride())
+    return tuple(s // a.itemsize for s in a.strides)
 
 
 class NumbaCPU:
@@ -96,16 +164,67 @@ class NumbaCPU:
         """``refuse_arrays(ns, *groups) is None``."""
         return self.refuse_arrays(ns, *groups) is None
 
+    def refuse_leaves(self, op, ns, *groups) -> list:
+        """Per leaf: ``None`` if ``op``'s kernels take its arrays (params, grads, state groups), else
+        why not. The layouts an op takes are its module's ``LAYOUT`` (see the module docstring)."""
+        lib = ns.library
+        if lib not in ("numpy", "torch"):
+            why = f"{lib} arrays are not taken (NumPy arrays and torch CPU tensors only)"
+            return [why] * len(groups[0])
+        entry = TABLE.get(op)
+        layout = getattr(entry.module, "LAYOUT", "contiguous") if entry is not None else "contiguous"
+        names = ("params", "grads") + ("state",) * max(0, len(groups) - 2)
+        if lib == "torch":
+            import torch
+
+            if getattr(ns.device, "type", "cpu") != "cpu":
+                return [f"params leaf {i}: on device {ns.device} (numba_cpu takes CPU tensors)"
+                        for i in range(len(groups[0]))]
+            floats = (torch.float32, torch.float64)
+            return [_refuse_torch_leaf(i, names, [grp[i] for grp in groups], layout, floats)
+                    for i in range(len(groups[0]))]
+        return [_refuse_numpy_leaf(i, names, [grp[i] for grp in groups], layout) for i in range(len(groups[0]))]
+
     def views(self, arrays) -> list:
-        """Flat writeable NumPy views sharing memory with ``arrays``."""
+        """Flat NumPy vectors of ``arrays`` in C order: views sharing memory with C-contiguous
+        arrays (writeable ones for writeable arrays), copies of the others."""
         if not arrays:
             return []
         lib = library_of(arrays[0])
-        return [_numpy_view(a, lib).reshape(-1) for a in arrays]
+        if lib == "torch":
+            return LazyViews(arrays)
+        return [a.reshape(-1) for a in arrays]
+
+    def storage_views(self, arrays) -> list:
+        """Flat writeable NumPy views sharing memory with dense ``arrays``, each over its storage
+        order (C order for C-contiguous arrays; see :meth:`refuse_leaves` for the others)."""
+        if not arrays:
+            return []
+        lib = library_of(arrays[0])
+        return [_flat(_numpy_view(a, lib)) for a in arrays]
 
     def all_finite(self, views) -> bool:
-        """True when no view holds NaN/Inf (one read-only pass per leaf)."""
-        return all_finite(views)
+        """True when no view holds NaN/Inf (one read-only pass per leaf; the small contiguous torch
+        tensors of :class:`LazyViews` in one call per dtype, by address)."""
+        if not isinstance(views, LazyViews):
+            return all_finite(views)
+        from ._ptrs import address_table, count_nonfinite_addrs
+
+        by_dtype: dict = {}
+        large = []
+        for i, t in enumerate(views.tensors):
+            if t.numel() < SMALL and t.is_contiguous():
+                by_dtype.setdefault(t.dtype, []).append((t.numel(), t.data_ptr()))
+            else:
+                large.append(i)
+        for dt, rows in by_dtype.items():
+            addrs, sizes = address_table(rows)
+            like = np.float32(0) if str(dt) == "torch.float32" else np.float64(0)
+            if str(dt) not in ("torch.float32", "torch.float64"):  # pragma: no cover - refused upstream
+                return all_finite([views[i] for i in range(len(views))])
+            if count_nonfinite_addrs(addrs[:, 0], sizes, like):
+                return False
+        return all_finite([views[i] for i in large])
 
     def run(self, op, params, grads, states, step, g_views=None):
         """The fused step of ``op`` in place: the ``run`` of the module that declares ``op``.
@@ -118,6 +237,58 @@ class NumbaCPU:
         if entry is None:
             raise ValueError(f"op {op!r}: numba_cpu has no kernel for it (ops: {', '.join(sorted(TABLE))})")
         return entry.module.run(self, op, params, grads, states, step, g_views)
+
+
+def _refuse_torch_leaf(i, names, arrays, layout, floats):
+    """Why ``op`` cannot take leaf ``i`` (``arrays``: its param, grad, state arrays), or ``None``."""
+    contiguous = True
+    for a in arrays:
+        if a.dtype not in floats or a.is_neg() or a.is_conj():
+            break
+        contiguous = contiguous and a.is_contiguous()
+    else:
+        return None if contiguous else _refuse_layout(i, names, arrays, layout, "torch")
+    for name, a in zip(names, arrays):
+        if a.dtype not in floats:
+            return f"{name} leaf {i}: dtype {str(a.dtype).replace('torch.', '')} (kernels take float32/float64)"
+        if a.is_conj() or a.is_neg():
+            return f"{name} leaf {i}: a lazy conj/neg view"
+    return None  # pragma: no cover
+
+
+def _refuse_numpy_leaf(i, names, arrays, layout):
+    for name, a in zip(names, arrays):
+        if a.dtype not in _FLOATS:
+            return f"{name} leaf {i}: dtype {a.dtype} (kernels take float32/float64)"
+        if name != "grads" and not a.flags.writeable:
+            return f"{name} leaf {i}: read-only (kernels update in place)"
+    if all(a.flags.c_contiguous for a in arrays):
+        return None
+    return _refuse_layout(i, names, arrays, layout, "numpy")
+
+
+def _refuse_layout(i, names, arrays, layout, lib):
+    """The layout rule of ``layout`` for a leaf with a non-C-contiguous array."""
+    contiguous = "not contiguous" if lib == "torch" else "not C-contiguous"
+    shape = tuple(arrays[0].shape)
+    p_strides = _strides(arrays[0], lib)
+    for name, a in zip(names, arrays):
+        c = a.is_contiguous() if lib == "torch" else a.flags.c_contiguous
+        if c:
+            continue
+        if layout == "contiguous":
+            return f"{name} leaf {i}: {contiguous}"
+        st = _strides(a, lib)
+        if not dense_strides(tuple(a.shape), st):
+            return f"{name} leaf {i}: {contiguous} and not a dense permuted layout"
+        if tuple(a.shape) != shape:  # e.g. SONew's band state
+            return f"{name} leaf {i}: {contiguous}"
+    if layout == "storage":
+        for name, a in zip(names, arrays):
+            if tuple(a.shape) == shape and _strides(a, lib) != p_strides:
+                return (f"{name} leaf {i}: strides {_strides(a, lib)} differ from the params' {p_strides} "
+                        f"(the elementwise kernels run over the storage of arrays of one layout)")
+    return None
 
 
 BACKEND = NumbaCPU()

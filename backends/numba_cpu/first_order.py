@@ -20,11 +20,16 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import OPTS, SERIAL, SMALL, renamed
+from ._ptrs import address_table, vector
 
 __all__ = ["OPS", "kernel_for", "run"]
 
 #: the first-order ops, every option fused
 OPS = {"sgd": {}, "adam": {}, "adagrad": {}}
+
+#: elementwise math does not care about order: a dense permuted leaf (``channels_last``) runs over
+#: its storage, provided params, grads and state share its strides
+LAYOUT = "storage"
 
 
 def sgd(p, g, lr, mu, wd, nesterov):  # momentum == 0: mu and nesterov are unused
@@ -77,6 +82,47 @@ _PY = {"sgd": sgd, "sgd_momentum": sgd_momentum, "adam": adam, "adagrad": adagra
 _PARALLEL_KERNELS = {k: njit(**OPTS)(renamed(f, "_parallel")) for k, f in _PY.items()}
 _SERIAL_KERNELS = {k: njit(**SERIAL)(renamed(f, "_serial")) for k, f in _PY.items()}
 
+# ---------------------------------------------------------------- small leaves, one call (``_ptrs.py``)
+# ``addrs[j] = (p, g, states...)`` of leaf ``j``; each leaf runs the serial kernel above, unchanged.
+
+_sgd_1 = _SERIAL_KERNELS["sgd"]
+_sgd_momentum_1 = _SERIAL_KERNELS["sgd_momentum"]
+_adam_1 = _SERIAL_KERNELS["adam"]
+_adagrad_1 = _SERIAL_KERNELS["adagrad"]
+
+
+@njit(**SERIAL)
+def sgd_addrs(addrs, sizes, lr, mu, wd, nesterov):
+    for j in range(sizes.size):
+        n = sizes[j]
+        _sgd_1(vector(addrs[j, 0], n, lr), vector(addrs[j, 1], n, lr), lr, mu, wd, nesterov)
+
+
+@njit(**SERIAL)
+def sgd_momentum_addrs(addrs, sizes, lr, mu, wd, nesterov):
+    for j in range(sizes.size):
+        n = sizes[j]
+        _sgd_momentum_1(vector(addrs[j, 0], n, lr), vector(addrs[j, 1], n, lr), vector(addrs[j, 2], n, lr), lr, mu,
+                        wd, nesterov)
+
+
+@njit(**SERIAL)
+def adam_addrs(addrs, sizes, step_size, omb1, b2, omb2, bc2_sqrt, eps, l2, decay):
+    for j in range(sizes.size):
+        n = sizes[j]
+        _adam_1(vector(addrs[j, 0], n, eps), vector(addrs[j, 1], n, eps), vector(addrs[j, 2], n, eps),
+                vector(addrs[j, 3], n, eps), step_size, omb1, b2, omb2, bc2_sqrt, eps, l2, decay)
+
+
+@njit(**SERIAL)
+def adagrad_addrs(addrs, sizes, lr, eps, wd):
+    for j in range(sizes.size):
+        n = sizes[j]
+        _adagrad_1(vector(addrs[j, 0], n, eps), vector(addrs[j, 1], n, eps), vector(addrs[j, 2], n, eps), lr, eps, wd)
+
+
+_ADDR_KERNELS = {"sgd": sgd_addrs, "sgd_momentum": sgd_momentum_addrs, "adam": adam_addrs, "adagrad": adagrad_addrs}
+
 
 def kernel_for(op: str, n_states: int, size: int = SMALL):
     """The compiled kernel of ``op`` for a leaf of ``size`` elements (SGD with momentum: ``n_states = 1``)."""
@@ -86,15 +132,45 @@ def kernel_for(op: str, n_states: int, size: int = SMALL):
 
 
 def run(backend, op, params, grads, states, step, g_views=None):
-    """The step of ``op`` on every leaf in place; returns ``None``."""
-    p_views = backend.views(params)
-    g_views = g_views if g_views is not None else backend.views(grads)
-    s_views = [backend.views(s) for s in states]
+    """The step of ``op`` on every leaf in place; returns ``None``.
+
+    Torch leaves under ``SMALL`` elements go to one call per dtype by address (``_ptrs.py``), each
+    over its storage (params, grads and state share their strides, ``LAYOUT``); the others one
+    call each, on their storage views.
+    """
     typed_by_dtype: dict = {}
-    for i, (p, g) in enumerate(zip(p_views, g_views)):
-        typed = typed_by_dtype.get(p.dtype)
-        if typed is None:  # float32 scalars for float32 leaves, float64 for float64
-            cast = p.dtype.type
-            typed = typed_by_dtype[p.dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in step)
-        kernel_for(op, len(states), p.size)(p, g, *[sv[i] for sv in s_views], *typed)
+
+    def typed(dtype):
+        t = typed_by_dtype.get(dtype)
+        if t is None:  # float32 scalars for float32 leaves, float64 for float64
+            cast = dtype.type
+            t = typed_by_dtype[dtype] = tuple(s if isinstance(s, bool) else cast(s) for s in step)
+        return t
+
+    large = range(len(params))
+    if params and hasattr(params[0], "data_ptr"):  # torch
+        rows_by_dtype: dict = {}
+        large = []
+        for i, p in enumerate(params):
+            n = p.numel()
+            if n < SMALL:
+                rows_by_dtype.setdefault(p.dtype, []).append(
+                    (n, p.data_ptr(), grads[i].data_ptr(), *[s[i].data_ptr() for s in states]))
+            else:
+                large.append(i)
+        name = "sgd_momentum" if op == "sgd" and states else op
+        for dt, rows in rows_by_dtype.items():
+            addrs, sizes = address_table(rows)
+            _ADDR_KERNELS[name](addrs, sizes, *typed(np.dtype(np.float32 if str(dt) == "torch.float32" else np.float64)))
+        if not large:
+            return None
+    for i in large:
+        p = backend.storage_views([params[i]])[0]
+        contiguous = params[i].is_contiguous() if hasattr(params[i], "is_contiguous") else params[i].flags.c_contiguous
+        if g_views is not None and contiguous:
+            g = g_views[i]
+        else:  # a dense permuted leaf: its storage order
+            g = backend.storage_views([grads[i]])[0]
+        sv = [backend.storage_views([s[i]])[0] for s in states]
+        kernel_for(op, len(states), p.size)(p, g, *sv, *typed(p.dtype))
     return None

@@ -137,10 +137,13 @@ def test_explain_says_which_path_and_why():
     e = ao.explain(ao.sonew(1e-3), f32)
     assert e.backend == "numba_cpu" and [lp.backend for lp in e.leaves] == ["numba_cpu"]
     e = ao.explain(ao.sonew(1e-3), {"w": torch.zeros(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16)})
-    assert e.backend == "reference"
+    assert e.backend == "mixed"  # SONew's leaves step on their own paths
     by_path = {lp.path: lp for lp in e.leaves}
-    assert "dtype bfloat16" in by_path["['b']"].reason
-    assert "would take numba_cpu" in by_path["['w']"].reason
+    assert "dtype bfloat16" in by_path["['b']"].reason and by_path["['b']"].backend == "reference"
+    assert by_path["['w']"].backend == "numba_cpu"
+    e = ao.explain(ao.registry.make("sketchy"), {"w": torch.zeros(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16)})
+    assert e.backend == "reference"  # one path for all the leaves of an optimizer without per-leaf dispatch
+    assert "would take numba_cpu" in {lp.path: lp for lp in e.leaves}["['w']"].reason
     assert "bfloat16" in str(e) and "['b']" in str(e)
     e = ao.explain(ao.sonew(1e-3, graft="rmsprop_normalized"), f32)
     assert e.backend == "numba_cpu"  # fused by the block driver (one block of n)

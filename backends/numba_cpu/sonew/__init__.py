@@ -10,7 +10,7 @@ tensor with ``ndim <= 1``): then the block driver (``blocks.py``; one block of `
 
 Modules, each importing only those listed after it:
 
-- ``__init__``: ``OPS`` and :func:`run` (views, the F-order copies, the choice per leaf);
+- ``__init__``: ``OPS`` and :func:`run` (views, the F-order and C-order copies, the choice per leaf);
 - ``whole.py``: the whole-tensor step of one leaf; ``blocks.py``: the block-local step;
 - ``_gen_block_drivers.py`` (generated): block drivers for bands ``b >= 2``;
 - ``block_kernels.py``: the fused diagonal/tridiagonal blocks and the generic band's adapters;
@@ -36,6 +36,11 @@ __all__ = ["OPS", "run"]
 #: every option of the step description is fused (bands ``b <= 8`` unrolled, larger generic)
 OPS = {"sonew": {}}
 
+#: the band couples neighbours in the logical C order of the shape (``flatten_order="F"``: the
+#: first axis fastest), whatever the memory layout: a leaf laid out otherwise (a ``channels_last``
+#: conv weight) is copied to that order for the kernels and its params and state copied back
+LAYOUT = "copy"
+
 _BAND_LAYOUT = "SONew band state: expected a C-contiguous (n, b+1) array"
 
 
@@ -49,30 +54,33 @@ def run(backend, op, params, grads, states, step, g_views=None) -> list:
     """
     mus, bands = states[0], states[1]
     nus = states[2] if len(states) > 2 else None
-    p_views = backend.views(params)
-    g_views = list(g_views) if g_views is not None else backend.views(grads)
-    m_views = backend.views(mus)
-    nu_views = backend.views(nus) if nus is not None else [None] * len(p_views)
-    b_views = [(bd.detach().numpy() if library_of(bd) == "torch" else bd) for bd in bands]
+    lib = library_of(params[0])
+    p_views = list(backend.views(params))
+    g_views = list(g_views if g_views is not None else backend.views(grads))
+    m_views = list(backend.views(mus))
+    nu_views = list(backend.views(nus)) if nus is not None else [None] * len(p_views)
+    b_views = [(bd.detach().numpy() if lib == "torch" else bd) for bd in bands]
     write_back = []
-    if step.order == "F":  # flatten_order="F": the band runs over the first axis fastest
-        for i, leaf in enumerate(params):
-            shape = tuple(leaf.shape)
-            if len(shape) > 1:
-                p_nd, m_nd = p_views[i].reshape(shape), m_views[i].reshape(shape)
-                p_views[i], m_views[i] = np.ravel(p_nd, order="F"), np.ravel(m_nd, order="F")
-                g_views[i] = np.ravel(g_views[i].reshape(shape), order="F")
-                write_back.append((p_nd, p_views[i]))
-                write_back.append((m_nd, m_views[i]))
-                if nu_views[i] is not None:
-                    nu_nd = nu_views[i].reshape(shape)
-                    nu_views[i] = np.ravel(nu_nd, order="F")
-                    write_back.append((nu_nd, nu_views[i]))
+    for i, leaf in enumerate(params):
+        order = _band_order(step, [leaf, grads[i], mus[i]] + ([nus[i]] if nus is not None else []), lib)
+        if order is None:
+            continue
+        p_views[i] = _logical(leaf, lib, order, write_back)
+        g_views[i] = _logical(grads[i], lib, order, None)
+        m_views[i] = _logical(mus[i], lib, order, write_back)
+        if nus is not None:
+            nu_views[i] = _logical(nus[i], lib, order, write_back)
     out = []
     for leaf, p, g, m, band, nu in zip(params, p_views, g_views, m_views, b_views, nu_views):
         if not band.flags.c_contiguous:
             raise ValueError(_BAND_LAYOUT)
         small = len(tuple(leaf.shape)) <= 1
+        b_eff = step.effective_band(p.size)
+        if b_eff < band.shape[1] - 1:  # a band wider than the leaf (block): the step of band b_eff
+            full, band = band, np.ascontiguousarray(band[:, :b_eff + 1])
+            write_back.append((full[:, :b_eff + 1], band, "C"))
+            rest = full[:, b_eff + 1:]
+            rest *= rest.dtype.type(step.b2)
         if (step.block_size is not None or step.graft == "rmsprop_normalized"
                 or (small and step.small_param_fallback != "sonew")):
             # block-local (or an option only the block driver fuses: one block of n)
@@ -80,6 +88,30 @@ def run(backend, op, params, grads, states, step, g_views=None) -> list:
             out.append(run_blocks(step, p, g, m, band, nu, bsz, small))
         else:
             out.append(step_leaf(step, p, g, m, band))
-    for x_nd, x_f in write_back:
-        x_nd[...] = x_f.reshape(x_nd.shape, order="F")
+    for x_nd, x_f, order in write_back:
+        x_nd[...] = x_f.reshape(x_nd.shape, order=order)
     return out
+
+
+def _nd(a, lib):
+    return a.detach().numpy() if lib == "torch" else a
+
+
+def _band_order(step, arrays, lib):
+    """``None`` when the flat storage views of a leaf's ``arrays`` (param, grad, state) are in the
+    band's order (all C-contiguous, order C); else the order (``"C"`` or ``"F"``) they are read in."""
+    if step.order == "F" and len(tuple(arrays[0].shape)) > 1:
+        return "F"
+    if lib == "torch":
+        return None if all(a.is_contiguous() for a in arrays) else "C"
+    return None if all(a.flags.c_contiguous for a in arrays) else "C"
+
+
+def _logical(a, lib, order, write_back):
+    """The flat vector of ``a`` in the band's order: a view when ``a`` is laid out so, else a copy
+    (recorded in ``write_back`` to be copied back after the step)."""
+    nd = _nd(a, lib)
+    flat = np.ravel(nd, order=order)
+    if write_back is not None and not np.shares_memory(flat, nd):
+        write_back.append((nd, flat, order))
+    return flat
