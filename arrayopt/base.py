@@ -14,8 +14,8 @@ in the state or in per-call buffers. State is a ``dict`` of arrays, lists of arr
 header (:data:`HEADER`): ``state["optimizer"]`` the optimizer's name,
 ``state["count"]`` the number of steps taken, ``state["nonfinite_skipped"]``
 the number of steps skipped for non-finite gradients, ``state["param_paths"]``
-the paths of the params leaves it was made for (a renamed or reordered tree is
-rejected), and ``state["consumed"]``, set to ``True`` on the state that a
+the paths of the params leaves it was made for (a renamed tree is rejected; mapping
+keys may come in any order), and ``state["consumed"]``, set to ``True`` on the state that a
 successful ``update``/``step`` consumed, so that passing it again raises (on
 the fused path its buffers were reused in place; on the reference path they
 were not, so reusing it would give backend-dependent results). The mark is also
@@ -29,9 +29,8 @@ A step whose update is not finite although the gradients are (gradients too
 large for the dtype) is treated as a non-finite gradient: rejected with a
 ``ValueError`` naming the leaf, or skipped and counted with ``on_nonfinite="skip"``.
 
-Zero-size leaves are accepted: they get an empty update and keep their (empty)
-state. The per-leaf entries of a state are its lists with one entry per params
-leaf (:meth:`Optimizer._per_leaf_keys`), in the state's leaf order (``param_paths``).
+Zero-size leaves get an empty update and keep their (empty) state. The per-leaf entries
+of a state are its lists with one entry per leaf, in ``param_paths`` order.
 """
 
 from __future__ import annotations
