@@ -483,9 +483,8 @@ class ElementwiseOptimizer(Optimizer):
         # would cost about a fifth of a first-order step. The updates stay finite short of
         # gradients near the dtype's largest value: Adam's m̂/(√v̂+ε) and AdaGrad's g/(√s+ε) are
         # bounded (v or s overflowing to Inf gives a zero step; m only overflows for |g| above
-        # half the largest value); SGD's momentum buffer reaches |g|/(1-μ), so gradients above
-        # (1-μ)/2 of the largest value can overflow it on this path (update() and the reference
-        # step check the update)
+        # half the largest value); SGD with momentum, whose buffer reaches |g|/(1-μ), overrides
+        # this with the range check (update() and the reference step check the update)
         return True
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):

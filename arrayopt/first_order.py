@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from . import _validate
+from ._overflow import gradients_in_range
 from .base import ElementwiseOptimizer
 
 __all__ = ["sgd", "adam", "adamw", "adagrad", "SGD", "Adam", "AdaGrad"]
@@ -57,6 +58,12 @@ class SGD(ElementwiseOptimizer):
 
     def step_scalars(self, t, lr):
         return (lr, self.momentum, self.weight_decay, self.nesterov)
+
+    def _in_range(self, ns, views, plan):
+        # the momentum buffer grows to |g|/(1-μ) and can overflow from finite gradients: with
+        # momentum, the in-place kernel takes only gradients far from overflow (one more read of
+        # the gradients); the others take the reference step, which checks the update
+        return not self.state_names or gradients_in_range(views)
 
     def array_step_scalars(self, xp, t, lr):
         """:meth:`step_scalars` with ``t`` and ``lr`` 0-d arrays (array ops only; a traced step)."""
