@@ -20,7 +20,8 @@ from typing import Any
 
 from ._xp import namespace_of
 
-__all__ = ["LeafPaths", "HEADER", "copy_state", "fresh_tokens", "take", "no_autograd", "detached"]
+__all__ = ["LeafPaths", "HEADER", "copy_state", "fresh_tokens", "take", "no_autograd", "detached", "settle",
+           "is_array"]
 
 _install_lock = threading.Lock()  # makes "give a plain-tuple state a token" one step
 
@@ -185,7 +186,8 @@ def _copy_array(a):
     return compat.array_namespace(a).asarray(a, copy=True)
 
 
-def _is_array(x) -> bool:
+def is_array(x) -> bool:
+    """Whether ``x`` is an array of a namespace array-api-compat knows (not a Python scalar or container)."""
     if isinstance(x, (bool, int, float, str, type(None), dict, list, tuple)):
         return False
     try:
@@ -218,7 +220,7 @@ def _deep(node):
         return [_deep(v) for v in node]
     if isinstance(node, tuple):
         return tuple(_deep(v) for v in node)
-    if _is_array(node):
+    if is_array(node):
         return _copy_array(node)
     return node
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic_file import atomic_write
-from ._state_use import fresh_tokens, is_consumed
+from ._state_use import fresh_tokens, is_array as _is_array, is_consumed, settle as _settle
 from ._xp import device_of, dtype_name, library_of, namespace_of, to_numpy
 
 __all__ = ["save_state", "load_state", "state_nbytes", "FORMAT", "VERSION", "DTYPES"]
@@ -40,29 +40,6 @@ __all__ = ["save_state", "load_state", "state_nbytes", "FORMAT", "VERSION", "DTY
 FORMAT = "arrayopt-state"
 VERSION = 2
 _SCALARS = (bool, int, float, str, type(None))
-
-
-def _is_array(x) -> bool:
-    if isinstance(x, _SCALARS) or isinstance(x, (dict, list, tuple)):
-        return False
-    try:
-        namespace_of(x)
-        return True
-    except TypeError:
-        return False
-
-
-def _settle(node) -> None:
-    """Let every object in the tree with pending work (asynchronous roots) finish before saving."""
-    if isinstance(node, dict):
-        settle = getattr(node, "settle", None)
-        if callable(settle):
-            settle()
-        for v in node.values():
-            _settle(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _settle(v)
 
 
 def _check_not_consumed(node, path="") -> None:

@@ -90,7 +90,7 @@ def set_count(opt: _ArrayoptOptimizer, state: dict, count: int) -> dict:
 
 def settle(state: dict) -> None:
     """Finish pending asynchronous work (Shampoo's root job) of ``state`` and its inner states."""
-    from ..state_io import _settle
+    from .._state_use import settle as _settle
 
     _settle(state)
 
