@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import arrayopt as ao
+from _arrays import step_tree_and_each_leaf_alone
 from arrayopt import grafting
 from arrayopt.eva.math import axis_means, eva_s_graft_stacked, eva_s_precondition
 
@@ -38,18 +39,7 @@ def test_stacked_direction_equals_each_tensor_alone(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_a_tree_of_same_shaped_leaves_steps_as_each_leaf_alone(dtype):
-    rng = np.random.default_rng(2)
     shapes = [(6, 4), (6, 4), (5,), (6, 4), (3, 2, 2), (3, 2, 2)]
-    opt = ao.eva(learning_rate=0.1, variant="eva_s")
-    params = {f"p{i}": rng.normal(size=s).astype(dtype) for i, s in enumerate(shapes)}
-    alone = {k: v.copy() for k, v in params.items()}
-    state = opt.init(params)
-    states = {k: opt.init({k: v}) for k, v in alone.items()}
-    for _ in range(3):
-        grads = {k: rng.normal(size=v.shape).astype(dtype) for k, v in params.items()}
-        params, state = opt.step(params, grads, state)
-        for k in alone:
-            one, states[k] = opt.step({k: alone[k]}, {k: grads[k]}, states[k])
-            alone[k] = one[k]
+    params, alone = step_tree_and_each_leaf_alone(ao.eva(learning_rate=0.1, variant="eva_s"), shapes, dtype, seed=2)
     for k in params:
         assert _rel(params[k], alone[k]) <= TOL[dtype], k

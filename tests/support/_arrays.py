@@ -114,3 +114,20 @@ def float_array_dtypes(tree) -> set:
             if "float" in name:
                 out.add(name)
     return out
+
+
+def step_tree_and_each_leaf_alone(opt, shapes, dtype, seed, steps=3):
+    """``(params, alone)``: a tree of leaves of ``shapes`` stepped together by ``opt``, and each
+    leaf stepped alone in a tree of its own on the same gradients (NumPy)."""
+    rng = np.random.default_rng(seed)
+    params = {f"p{i}": rng.normal(size=s).astype(dtype) for i, s in enumerate(shapes)}
+    alone = {k: v.copy() for k, v in params.items()}
+    state = opt.init(params)
+    states = {k: opt.init({k: v}) for k, v in alone.items()}
+    for _ in range(steps):
+        grads = {k: rng.normal(size=v.shape).astype(dtype) for k, v in params.items()}
+        params, state = opt.step(params, grads, state)
+        for k in alone:
+            one, states[k] = opt.step({k: alone[k]}, {k: grads[k]}, states[k])
+            alone[k] = one[k]
+    return params, alone
