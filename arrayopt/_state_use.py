@@ -21,7 +21,7 @@ from typing import Any
 from ._xp import namespace_of
 
 __all__ = ["LeafPaths", "HEADER", "copy_state", "fresh_tokens", "take", "no_autograd", "detached", "settle",
-           "is_array"]
+           "is_array", "refuse_consumed"]
 
 _install_lock = threading.Lock()  # makes "give a plain-tuple state a token" one step
 
@@ -225,16 +225,17 @@ def _deep(node):
     return node
 
 
-def _check_fresh(node, path="") -> None:
+def refuse_consumed(node, remedy: str, path: str = "") -> None:
+    """Raise ``ValueError`` if ``node`` holds a state (nested ones too, e.g. in a chain) that an
+    ``update()``/``step()`` consumed, or a shallow copy of one; ``remedy`` ends the message."""
     if isinstance(node, dict):
         if "optimizer" in node and is_consumed(node):
-            raise ValueError(f"state{path}: already consumed by update()/step() (its arrays may have been "
-                             f"reused in place); copy the state that call returned, before stepping it")
+            raise ValueError(f"state{path}: already consumed by update()/step() {remedy}")
         for k, v in node.items():
-            _check_fresh(v, f"{path}[{k!r}]")
+            refuse_consumed(v, remedy, f"{path}[{k!r}]")
     elif isinstance(node, (list, tuple)):
         for i, v in enumerate(node):
-            _check_fresh(v, f"{path}[{i}]")
+            refuse_consumed(v, remedy, f"{path}[{i}]")
 
 
 def copy_state(state: Any) -> Any:
@@ -243,7 +244,8 @@ def copy_state(state: Any) -> Any:
     stepping ``state`` leaves ``backup`` as it was (``dict(state)`` would share the arrays that a
     fused step updates in place, and is refused once ``state`` has been stepped). Raises a
     ``ValueError`` for a state that ``update``/``step`` already consumed."""
-    _check_fresh(state)
+    refuse_consumed(state, "(its arrays may have been reused in place); copy the state that call "
+                           "returned, before stepping it")
     settle(state)
     return _deep(state)
 

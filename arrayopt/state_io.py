@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic_file import atomic_write
-from ._state_use import fresh_tokens, is_array as _is_array, is_consumed, settle as _settle
+from ._state_use import fresh_tokens, is_array as _is_array, refuse_consumed, settle as _settle
 from ._xp import device_of, dtype_name, library_of, namespace_of, to_numpy
 
 __all__ = ["save_state", "load_state", "state_nbytes", "FORMAT", "VERSION", "DTYPES"]
@@ -42,18 +42,9 @@ VERSION = 2
 _SCALARS = (bool, int, float, str, type(None))
 
 
-def _check_not_consumed(node, path="") -> None:
+def _check_not_consumed(state) -> None:
     """Refuse a state (or a nested one, e.g. in a chain) that update()/step() already consumed."""
-    if isinstance(node, dict):
-        if "optimizer" in node and is_consumed(node):  # also a shallow copy of a consumed state
-            raise ValueError(
-                f"state{path}: already consumed by update()/step() (fused kernels may have reused its "
-                f"buffers); save the state that call returned")
-        for k, v in node.items():
-            _check_not_consumed(v, f"{path}[{k!r}]")
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            _check_not_consumed(v, f"{path}[{i}]")
+    refuse_consumed(state, "(fused kernels may have reused its buffers); save the state that call returned")
 
 
 def _param_paths(state) -> list | None:

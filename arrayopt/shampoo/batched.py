@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import math
+
 __all__ = ["BlockGroup", "TreePlan", "group_blocks", "stack", "unstack", "contraction", "update_factors",
            "precondition", "rotate"]
 
@@ -83,16 +85,7 @@ def contraction(xp, g, axis: int):
 
 def update_factors(xp, factors, g, mask, b2: float):
     """New stacked factors (one ``(n, d, d)`` per preconditioned axis) of stack ``g``."""
-    w1, w2 = (1.0, 1.0) if b2 == 1.0 else (b2, 1.0 - b2)
-    out, j = [], 0
-    for axis, m in enumerate(mask):
-        if not m:
-            continue
-        c = contraction(xp, g, axis)
-        f = factors[j]
-        out.append(f + c if w1 == 1.0 and w2 == 1.0 else f * w1 + c * w2)
-        j += 1
-    return out
+    return math.update_factors(xp, factors, g, mask, b2, contract=contraction)
 
 
 def _contract_first(xp, g, mat, *, transpose: bool):

@@ -32,15 +32,17 @@ def contraction(xp, g, axis: int):
     return xp.matmul(m, xp.matrix_transpose(m))
 
 
-def update_factors(xp, factors, g, mask, b2: float):
-    """New factors of one block (a new list; the old arrays are not written)."""
+def update_factors(xp, factors, g, mask, b2: float, contract=None):
+    """New factors of one block (a new list; the old arrays are not written). ``contract``: the
+    per-axis contraction ``G_(i) G_(i)ᵀ`` (default :func:`contraction`; stacked blocks pass theirs)."""
+    contract = contract or contraction
     w1, w2 = (1.0, 1.0) if b2 == 1.0 else (b2, 1.0 - b2)
     out = []
     j = 0
     for axis, m in enumerate(mask):
         if not m:
             continue
-        c = contraction(xp, g, axis)
+        c = contract(xp, g, axis)
         f = factors[j]
         out.append(f + c if w1 == 1.0 and w2 == 1.0 else f * w1 + c * w2)
         j += 1
