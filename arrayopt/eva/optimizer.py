@@ -262,7 +262,7 @@ class Eva(Optimizer):
         return EvaStep(lr=_validate.learning_rate_at(self.learning_rate, count), momentum=sgd.momentum,
                        weight_decay=sgd.weight_decay, nesterov=sgd.nesterov, damping=self.damping,
                        variant=self.variant, kl_mode=self.kl_mode, kl_clip=self.kl_clip,
-                       weight_layout=self.weight_layout)
+                       weight_layout=self.weight_layout, stat_decay=self.stat_decay)
 
     def _kernel_groups(self, leaves, g_leaves, state):
         return (leaves, g_leaves, *[state[n] for n in self._sgd.state_names])
@@ -488,20 +488,29 @@ class Eva(Optimizer):
         return [ns.xp.astype(q, p.dtype) if is_low_precision(p.dtype) else q for p, q in zip(leaves, news)], new_state
 
     def _kernel_plan(self, ns, leaves, g_leaves, state, paths, stats=None):
-        """``(plan, stat arrays, new kv_updates)`` (:meth:`_plan`; the statistics are checked by
-        :meth:`_in_range`)."""
-        return self._plan(ns.xp, leaves, state, paths, stats, check_stats=False)
+        """``(plan, stat arrays, new kv_updates, covered)`` (:meth:`_plan`; the statistics are checked
+        by :meth:`_in_range`); ``covered``: the leaves whose gradients the kernel's first pass checks
+        (Eva/Eva-f: the weights with statistics and their biases; Eva-s: every leaf of 2 or more
+        axes, whose first passes also check the range)."""
+        plan, stat_arrays, updates = self._plan(ns.xp, leaves, state, paths, stats, check_stats=False)
+        if self.variant == "eva_s":
+            covered = frozenset(i for i, p in enumerate(leaves) if len(p.shape) >= 2)
+        else:
+            covered = frozenset(i for i, _, _, _ in plan) | frozenset(b for _, b, _, _ in plan if b is not None)
+        return plan, stat_arrays, updates, covered
 
     def _prepass_views(self, views, plan):
         # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
         # before anything is written; the other leaves get the pre-pass
-        covered = {i for i, b, _, _ in plan[0]} | {b for _, b, _, _ in plan[0] if b is not None}
-        return [v for k, v in enumerate(views) if k not in covered]
+        return [v for k, v in enumerate(views) if k not in plan[3]]
 
     def _in_range(self, ns, views, plan):
         # every gradient, and statistics whose ‖ā‖², ‖ḡ‖² and product stay below the same bound
         # (so ḡᵀGā and ‖ā‖²‖ḡ‖² cannot overflow); else the reference step, which reports a
-        # non-finite gradient first, then non-finite statistics, then a non-finite update
+        # non-finite gradient first, then non-finite statistics, then a non-finite update.
+        # Eva-s's kernel checks the range of the leaves it preconditions in its first passes
+        if self.variant == "eva_s":
+            return gradients_in_range(self._prepass_views(views, plan))
         if not gradients_in_range(views):
             return False
         xp = ns.xp
@@ -515,9 +524,10 @@ class Eva(Optimizer):
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, stats=None):
         xp = ns.xp
-        plan, stat_arrays, updates = plan
+        plan, stat_arrays, updates, _ = plan
         kv = {name: list(state[name]) for name in self._kv_names()}
-        layers = self._refresh(xp, kv, plan, stat_arrays)
+        # Eva-s: the kernel refreshes the vectors of the plan in place
+        layers = (plan, kv["kv_s"]) if self.variant == "eva_s" else self._refresh(xp, kv, plan, stat_arrays)
         bufs = state[self._sgd.state_names[0]] if self._sgd.state_names else None
         if backend.run(self.kernel_op, leaves, g_leaves, [bufs, layers], step, g_views=views) is False:
             return None  # a non-finite value, nothing written: the reference step decides

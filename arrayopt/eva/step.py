@@ -15,8 +15,9 @@ __all__ = ["EvaStep"]
 @dataclass(frozen=True)
 class EvaStep:
     """One Eva step: ``lr`` resolved for this step, the SGD-momentum options, ``damping`` (γ),
-    ``variant``, ``kl_mode``, ``kl_clip`` (κ) and ``weight_layout`` (``"out_in"``: a weight is read as
-    ``(d_out, d_in, …)``; ``"in_out"``: as ``(…, d_in, d_out)``)."""
+    ``variant``, ``kl_mode``, ``kl_clip`` (κ), ``weight_layout`` (``"out_in"``: a weight is read as
+    ``(d_out, d_in, …)``; ``"in_out"``: as ``(…, d_in, d_out)``) and ``stat_decay`` (ξ, the weight
+    of the running vectors)."""
 
     lr: float
     momentum: float
@@ -27,3 +28,4 @@ class EvaStep:
     kl_mode: str
     kl_clip: float
     weight_layout: str = "out_in"
+    stat_decay: float = 0.05

@@ -9,7 +9,7 @@ step of ``arrayopt.first_order.SGD``, in the reference's order of operations:
 ``d = (G - c_r ā_c)·(ν/γ) (+ λθ)``, ``b = μb + d``, ``θ -= η(d + μb`` if Nesterov else ``b)``.
 Leaves without statistics take the fused SGD kernel. The first pass is also the finiteness
 check of the preconditioned gradients, so a step reads each of them twice, not three times.
-Scalars arrive typed as the leaf.
+Scalars arrive typed as the leaf. Eva-s has its own passes: ``_eva_s.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import OPTS, SERIAL, SMALL, renamed
+from ._eva_s import run_eva_s
 from .first_order import kernel_for
 
 __all__ = ["OPS", "run"]
 
-#: Eva-s preconditions every tensor with one vector per axis: the reference runs it
-OPS = {"eva": {"variant": frozenset({"eva", "eva_f"}), "weight_layout": frozenset({"out_in"})}}
+#: Eva and Eva-f in the ``"out_in"`` layout; Eva-s (``_eva_s.py``) reads every tensor in its own
+#: axis order, and is fused with the default layout
+OPS = {"eva": {"variant": frozenset({"eva", "eva_f", "eva_s"}), "weight_layout": frozenset({"out_in"})}}
 
 
 def eva_reduce(G, a, rowdot, rowsq):
@@ -79,6 +81,8 @@ def run(backend, op, params, grads, states, step, g_views=None):
     The caller checks the other leaves."""
     from arrayopt.eva.math import kl_scale
 
+    if step.variant == "eva_s":
+        return run_eva_s(backend, params, grads, states, step, g_views)
     bufs, layers = states
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
