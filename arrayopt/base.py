@@ -310,8 +310,9 @@ class Optimizer(metaclass=_FrozenAfterInit):
         """The fused step, written once for every optimizer with a kernel (``kernel_op``).
 
         With the backend :func:`arrayopt.dispatch.choose` picks for :meth:`step_description` and
-        :meth:`_kernel_groups`: the finiteness pre-pass on its views (:meth:`_prepass_views`),
-        then, if :meth:`_in_range` finds the inputs far from overflow, :meth:`_run_kernel` runs
+        :meth:`_kernel_groups`: the finiteness pre-pass on its views (:meth:`_prepass_views`; none
+        when :meth:`_range_check_finds_nonfinite`), then, if :meth:`_in_range` finds the inputs
+        far from overflow, :meth:`_run_kernel` runs
         the kernel in place and collects its results into the new state. Otherwise (no backend,
         inputs out of range, a kernel that met a non-finite value before writing) the reference
         step :meth:`_step` checks the gradients, then the update, then writes. With
@@ -328,7 +329,9 @@ class Optimizer(metaclass=_FrozenAfterInit):
         if backend is not None:
             views = backend.views(g_leaves)
             plan = self._kernel_plan(ns, leaves, g_leaves, state, paths, **kw)
-            if not backend.all_finite(self._prepass_views(views, plan)):
+            # a range check that reads every pre-pass view fails on NaN/Inf, and the reference step
+            # then reports it: one read of the gradients instead of two
+            if not self._range_check_finds_nonfinite() and not backend.all_finite(self._prepass_views(views, plan)):
                 self._handle_nonfinite(ns.xp, g_leaves, paths)
                 return None
             if self._in_range(ns, views, plan):
@@ -354,6 +357,11 @@ class Optimizer(metaclass=_FrozenAfterInit):
         """Whether the inputs are far enough from overflow for the in-place kernel, whose update is
         not checked before it is written (default: :func:`gradients_in_range`)."""
         return gradients_in_range(views)
+
+    def _range_check_finds_nonfinite(self) -> bool:
+        """Whether :meth:`_in_range` reads every view of :meth:`_prepass_views` and is false on a
+        NaN/Inf (default: yes, ``‖g‖²`` of every view), so that no separate pre-pass runs."""
+        return True
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths, **kw):
         """Run the fused kernel in place; return the new state (``None``: it met a non-finite value
@@ -486,6 +494,9 @@ class ElementwiseOptimizer(Optimizer):
         # half the largest value); SGD with momentum, whose buffer reaches |g|/(1-μ), overrides
         # this with the range check (update() and the reference step check the update)
         return True
+
+    def _range_check_finds_nonfinite(self) -> bool:
+        return False  # no range check: the finiteness pre-pass runs
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
         backend.run(self.kernel_op, leaves, g_leaves, [state[n] for n in self.state_names], step, g_views=views)

@@ -65,6 +65,9 @@ class SGD(ElementwiseOptimizer):
         # the gradients); the others take the reference step, which checks the update
         return not self.state_names or gradients_in_range(views)
 
+    def _range_check_finds_nonfinite(self) -> bool:
+        return bool(self.state_names)  # with momentum, ‖g‖² of every gradient
+
     def array_step_scalars(self, xp, t, lr):
         """:meth:`step_scalars` with ``t`` and ``lr`` 0-d arrays (array ops only; a traced step)."""
         return (lr, self.momentum, self.weight_decay, self.nesterov)
