@@ -11,13 +11,14 @@ with SGD-norm grafting and the SGD-momentum step is
     P = G - \frac{c}{γ + Π_i‖s_i‖²}\, s_1 u^T,\quad
     d = P·‖G‖/‖P‖,
 
-then ``b = μb + (d + λθ)``, ``θ -= η(…)`` (:mod:`arrayopt.first_order`). Four passes over
-``G``, each a Numba kernel over chunks of rows:
+then ``b = μb + (d + λθ)``, ``θ -= η(…)`` (:mod:`arrayopt.first_order`). Three or four passes
+over ``G``, each a Numba kernel over chunks of rows:
 
 1. (refresh steps) the row sums (``s₁``), the column sums (the other axes' sums come from
    them: ``C`` entries, not ``R·C``) and ``‖G‖²``;
-2. the contraction ``c`` (and ``‖G‖²`` when 1 did not run);
-3. ``‖P‖²``;
+2. the contraction ``c`` with the rows of ``G u`` (and ``‖G‖²`` when 1 did not run);
+3. ``‖P‖²``, only where ``‖G‖² - 2 o₁ᵀ(G u) + ‖o₁‖²‖u‖²`` (``o₁ = c s₁/(γ + Π‖s_i‖²)``) cancels
+   below ``‖G‖²/16``;
 4. the write of ``θ`` and the momentum buffer.
 
 Passes 1–2 of every leaf run before anything is written: their ``‖G‖²`` (float64) is the
@@ -71,9 +72,9 @@ def sums(G, rowsum, colpart, sqpart):
         sqpart[h] = q
 
 
-def contract(G, s1, u, cpart, sqpart):
-    """Pass 2: ``cpart[h] = Σ_{r ∈ h} s1[r]·Σ_c G[r, c]·u[c]`` and ``sqpart[h] = Σ_{r ∈ h} Σ_c G²``
-    (float64)."""
+def contract(G, s1, u, rowdot, cpart, sqpart):
+    """Pass 2: ``rowdot[r] = Σ_c G[r, c]·u[c]``, ``cpart[h] = Σ_{r ∈ h} s1[r]·rowdot[r]`` and
+    ``sqpart[h] = Σ_{r ∈ h} Σ_c G²`` (float64)."""
     R, C = G.shape
     nch = cpart.shape[0]
     for h in prange(nch):
@@ -87,6 +88,7 @@ def contract(G, s1, u, cpart, sqpart):
                 x = float(G[r, c])
                 t += x * u[c]
                 q += x * x
+            rowdot[r] = t
             acc += s1[r] * t
         cpart[h] = acc
         sqpart[h] = q
@@ -144,7 +146,7 @@ def _kron_tail(vectors, dtype):
 
 
 def _first_passes(G, s, refresh, decay, w):
-    """Passes 1–2 of one leaf: ``(new vectors, c, ‖G‖²)`` (float64 scalars); writes nothing."""
+    """Passes 1–2 of one leaf: ``(new vectors, c, ‖G‖², G u)`` (float64); writes nothing."""
     R, C = G.shape
     par = G.size >= SMALL
     nch = _chunks(R, C)
@@ -165,10 +167,27 @@ def _first_passes(G, s, refresh, decay, w):
     u = _kron_tail(s[1:], np.float64)
     cpart = np.empty(nch)
     sqpart2 = np.empty(nch)
-    _CONTRACT[par](G, s[0].astype(np.float64), u, cpart, sqpart2)
+    rowdot = np.empty(R)
+    _CONTRACT[par](G, s[0].astype(np.float64), u, rowdot, cpart, sqpart2)
     if not refresh:
         sq = float(sqpart2.sum())
-    return s, float(cpart.sum()), sq
+    return s, float(cpart.sum()), sq, rowdot
+
+
+def _p_sumsq(G, o1, u, sq, rowdot):
+    """``‖P‖²`` of ``P = G - o1 uᵀ``: ``‖G‖² - 2 o1ᵀ(G u) + ‖o1‖²‖u‖²`` (float64) when that is at
+    least ``‖G‖²/16`` (its rounding, a few float64 ulps of ``‖G‖²``, then moves ``‖P‖`` by under
+    1e-14 relative; float32's ``u`` against the float64 one of ``G u``: under 4e-6), else the
+    exact pass 3."""
+    o = o1.astype(np.float64)
+    uu = u.astype(np.float64)
+    analytic = sq - 2.0 * float(o @ rowdot) + float(o @ o) * float(uu @ uu)
+    if analytic >= sq / 16:
+        return analytic
+    R, C = G.shape
+    part = np.empty(_chunks(R, C))
+    _P_SUMSQ[G.size >= SMALL](G, o1, u, part)
+    return float(part.sum())
 
 
 def run_eva_s(backend, params, grads, states, step, g_views):
@@ -194,13 +213,13 @@ def run_eva_s(backend, params, grads, states, step, g_views):
         G = g_views[i].reshape(rows, -1)
         dt = G.dtype.type
         s_old = [backend.views([v])[0] for v in kv_s[i]]
-        s, c, sq = _first_passes(G, s_old, i in refreshed, decay, w)
+        s, c, sq, rowdot = _first_passes(G, s_old, i in refreshed, decay, w)
         if not sq < float(np.finfo(G.dtype).max) * IN_RANGE:
             return False  # NaN/Inf, or squares near the dtype's range: the reference step decides
-        plans.append((i, G, s_old, s, dt(c), sq))
+        plans.append((i, G, s_old, s, dt(c), sq, rowdot))
     lr, mu, wd = step.lr, step.momentum, step.weight_decay
     done = set()
-    for i, G, s_old, s, c, sq in plans:
+    for i, G, s_old, s, c, sq, rowdot in plans:
         dt = G.dtype.type
         if i in refreshed:
             for old, new in zip(s_old, s):
@@ -211,9 +230,7 @@ def run_eva_s(backend, params, grads, states, step, g_views):
         u = _kron_tail(s[1:], G.dtype)
         R, C = G.shape
         par = G.size >= SMALL
-        part = np.empty(_chunks(R, C))
-        _P_SUMSQ[par](G, o1, u, part)
-        gn, pn = dt(math.sqrt(sq)), dt(math.sqrt(float(part.sum())))
+        gn, pn = dt(math.sqrt(sq)), dt(math.sqrt(max(_p_sumsq(G, o1, u, sq, rowdot), 0.0)))
         scale = gn / pn if pn > 0 else dt(0)
         buf = b_views[i].reshape(R, C) if b_views is not None else np.empty((1, 1), G.dtype)
         _APPLY[par](p_views[i].reshape(R, C), G, buf, o1, u, scale, dt(lr), dt(mu), dt(wd), step.nesterov,

@@ -104,3 +104,22 @@ def test_the_fused_step_does_not_depend_on_the_thread_count():
         numba.set_num_threads(old)
     for k in one:
         np.testing.assert_array_equal(one[k], many[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_norm_of_p_is_exact_where_the_expansion_cancels(dtype):
+    """``‖G - o₁uᵀ‖²`` from the expansion where it keeps 1/16 of ``‖G‖²``, from the exact pass where
+    ``G`` is nearly ``o₁uᵀ`` (the rank-one direction removed): both within float rounding of NumPy."""
+    from arrayopt.backends.numba_cpu import _eva_s
+
+    rng = np.random.default_rng(5)
+    o1, u = rng.normal(size=300).astype(dtype), rng.normal(size=70).astype(dtype)
+    for G, rel in [(rng.normal(size=(300, 70)).astype(dtype), 1e-6 if dtype == np.float32 else 1e-13),
+                   ((np.outer(o1, u) * (1 + 1e-3) + 1e-6 * rng.normal(size=(300, 70))).astype(dtype), 1e-5)]:
+        G = np.ascontiguousarray(G)
+        G64 = G.astype(np.float64)
+        sq = float(np.sum(G64 * G64))
+        rowdot = G64 @ u.astype(np.float64)
+        want = float(np.sum((G - np.outer(o1, u).astype(dtype)).astype(np.float64) ** 2))
+        got = _eva_s._p_sumsq(G, o1, u, sq, rowdot)
+        assert abs(got - want) <= rel * want, (got, want)
