@@ -196,7 +196,7 @@ def run_eva_s(backend, params, grads, states, step, g_views):
     of every leaf (``kv_s[i]``: one vector per axis, updated in place). Leaves of fewer than 2
     axes take the fused SGD kernel. Returns ``False``, having written nothing, when a
     preconditioned gradient is not finite or too large for the in-place step."""
-    from .first_order import kernel_for
+    from .first_order import sgd_leaves
 
     bufs, (refreshed, kv_s) = states
     p_views = backend.views(params)
@@ -236,13 +236,7 @@ def run_eva_s(backend, params, grads, states, step, g_views):
         _APPLY[par](p_views[i].reshape(R, C), G, buf, o1, u, scale, dt(lr), dt(mu), dt(wd), step.nesterov,
                     b_views is not None)
         done.add(i)
-    scalars = (lr, mu, wd, step.nesterov)
-    for k, (p, g) in enumerate(zip(p_views, g_views)):
-        if k in done:
-            continue
-        st = [b_views[k]] if b_views is not None else []
-        cast = p.dtype.type
-        kernel_for("sgd", len(st), p.size)(p, g, *st, *tuple(x if isinstance(x, bool) else cast(x) for x in scalars))
+    sgd_leaves(backend, params, grads, bufs, done, (lr, mu, wd, step.nesterov))
     return True
 
 

@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from ._common import OPTS, SERIAL, SMALL, renamed
 from ._eva_s import run_eva_s
-from .first_order import kernel_for
+from .first_order import sgd_leaves
 
 __all__ = ["OPS", "run"]
 
@@ -145,11 +145,4 @@ def run(backend, op, params, grads, states, step, g_views=None):
                                     np.ascontiguousarray(a[col]), coef.astype(G.dtype, copy=False), scale, lr, mu,
                                     wd, step.nesterov, b_views is not None)
             done.add(leaf)
-    scalars = (lr, mu, wd, step.nesterov)
-    for k, (p, g) in enumerate(zip(p_views, g_views)):
-        if k in done:
-            continue
-        states = [b_views[k]] if b_views is not None else []
-        cast = p.dtype.type
-        typed = tuple(s if isinstance(s, bool) else cast(s) for s in scalars)
-        kernel_for("sgd", len(states), p.size)(p, g, *states, *typed)
+    sgd_leaves(backend, params, grads, bufs, done, (step.lr, step.momentum, step.weight_decay, step.nesterov))

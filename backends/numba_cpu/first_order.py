@@ -22,7 +22,7 @@ from numba import njit, prange
 from ._common import OPTS, SERIAL, SMALL, renamed
 from ._ptrs import address_table, vector
 
-__all__ = ["OPS", "kernel_for", "run"]
+__all__ = ["OPS", "kernel_for", "run", "sgd_leaves"]
 
 #: the first-order ops, every option fused
 OPS = {"sgd": {}, "adam": {}, "adagrad": {}}
@@ -174,3 +174,12 @@ def run(backend, op, params, grads, states, step, g_views=None):
         sv = [backend.storage_views([s[i]])[0] for s in states]
         kernel_for(op, len(states), p.size)(p, g, *sv, *typed(p.dtype))
     return None
+
+
+def sgd_leaves(backend, params, grads, bufs, skip, scalars):
+    """The SGD(-momentum) step of every leaf not in ``skip`` (:func:`run`: small torch leaves in one
+    call); ``bufs``: the momentum buffers of every leaf, or ``None``; ``scalars``: ``(lr, μ, λ, nesterov)``."""
+    rest = [k for k in range(len(params)) if k not in skip]
+    if rest:
+        states = [[bufs[k] for k in rest]] if bufs else []
+        run(backend, "sgd", [params[k] for k in rest], [grads[k] for k in rest], states, scalars)

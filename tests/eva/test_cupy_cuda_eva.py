@@ -115,7 +115,9 @@ def test_emulated_device_steps_match_the_reference(emulated, dtype, rtol, kw):
         with dispatch.use_backend("reference"):
             ref, ref_state = opt.step(ref, g, ref_state, stats=stats)
     kernels = {e.split("<")[0] for e, _, _ in emulated}
-    assert {"arrayopt::eva_row_reduce", "arrayopt::eva_apply", "arrayopt::count_nonfinite"} <= kernels
+    assert {"arrayopt::eva_row_reduce", "arrayopt::eva_apply"} <= kernels
+    # the range check (‖g‖² of every gradient) also finds NaN/Inf: no separate finiteness pre-pass
+    assert "arrayopt::count_nonfinite" not in kernels
     for k in shapes:
         np.testing.assert_allclose(np.asarray(dev[k]), ref[k], rtol=rtol, atol=rtol * 1e-2, err_msg=k)
     for name in ("kv_a", "kv_g") if opt.variant == "eva" else ("kv_a",):
