@@ -59,7 +59,8 @@ if not _os.path.isdir(_os.path.join(_here, "backends")) and _os.path.isfile(
 
 from . import dispatch, interop, registry, schedules  # noqa: E402
 from ._state_use import copy_state  # noqa: E402
-from .base import Optimizer, apply_updates, chain  # noqa: E402
+from .base import Optimizer  # noqa: E402
+from .chain import apply_updates, chain  # noqa: E402
 from .eva import eva  # noqa: E402
 from .explain import explain  # noqa: E402
 from .first_order import adagrad, adam, adamw, sgd  # noqa: E402

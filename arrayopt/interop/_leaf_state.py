@@ -11,7 +11,8 @@ one leaf by name, torch's names where the math is torch's (what ``optimizer.stat
 
 from __future__ import annotations
 
-from ..base import HEADER, Chain
+from ..base import HEADER
+from ..chain import Chain
 from ..base import Optimizer as _ArrayoptOptimizer
 from ..groups import Partition
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import _validate, grafting
 from .._xp import Namespace, is_low_precision, namespace_of, state_dtype
-from ..base import HEADER, Chain, ElementwiseOptimizer
+from ..base import HEADER, ElementwiseOptimizer
+from ..chain import Chain
 from ..linalg.roots import eigh_inverse_pth_root
 from ..momentum import heavy_ball_update
 from ..schedules import array_value

@@ -75,7 +75,8 @@ import numpy as np
 import optax
 
 from .. import _tree
-from ..base import Chain, Optimizer
+from ..base import Optimizer
+from ..chain import Chain
 from ._optax_traced import check_carriable, needs_params, traced_update, traces
 
 __all__ = ["needs_stats", "transform", "TransformState"]

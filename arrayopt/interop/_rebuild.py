@@ -12,7 +12,8 @@ import dataclasses
 import inspect
 
 from .. import _validate
-from ..base import Chain, Optimizer
+from ..base import Optimizer
+from ..chain import Chain
 from ..groups import Partition
 
 

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Chain
+from ..chain import Chain
 from ..base import Optimizer as _ArrayoptOptimizer
 from ..groups import Partition
 from ..state_io import BytesArchive, _check_not_consumed, _encode, decode

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Chain
+from ..chain import Chain
 from ..groups import Partition
 
 __all__ = ["GroupStats", "needs_stats", "takes_stats"]

@@ -11,6 +11,7 @@ tensor with ``ndim <= 1``): then the block driver (``blocks.py``; one block of `
 Modules, each importing only those listed after it:
 
 - ``__init__``: ``OPS`` and :func:`run` (views, the F-order and C-order copies, the choice per leaf);
+- ``small_leaves.py``: the small diagonal/tridiagonal leaves of one block, one call per dtype;
 - ``whole.py``: the whole-tensor step of one leaf; ``blocks.py``: the block-local step;
 - ``_gen_block_drivers.py`` (generated): block drivers for bands ``b >= 2``;
 - ``block_kernels.py``: the fused diagonal/tridiagonal blocks and the generic band's adapters;
@@ -29,6 +30,7 @@ import numpy as np
 from arrayopt._xp import library_of
 
 from .blocks import run_blocks
+from .small_leaves import run_small, takes
 from .whole import step_leaf
 
 __all__ = ["OPS", "run"]
@@ -55,8 +57,14 @@ def run(backend, op, params, grads, states, step, g_views=None) -> list:
     mus, bands = states[0], states[1]
     nus = states[2] if len(states) > 2 else None
     lib = library_of(params[0])
+    done = _small_leaves(step, lib, params, grads, mus, bands) if nus is None else {}
+    rest = [i for i in range(len(params)) if i not in done]
+    if not rest:
+        return [done[i] for i in range(len(params))]
+    params, grads, mus = [params[i] for i in rest], [grads[i] for i in rest], [mus[i] for i in rest]
+    bands = [bands[i] for i in rest]
     p_views = list(backend.views(params))
-    g_views = list(g_views if g_views is not None else backend.views(grads))
+    g_views = list(backend.views(grads)) if done or g_views is None else list(g_views)
     m_views = list(backend.views(mus))
     nu_views = list(backend.views(nus)) if nus is not None else [None] * len(p_views)
     b_views = [(bd.detach().numpy() if lib == "torch" else bd) for bd in bands]
@@ -90,7 +98,21 @@ def run(backend, op, params, grads, states, step, g_views=None) -> list:
             out.append(step_leaf(step, p, g, m, band))
     for x_nd, x_f, order in write_back:
         x_nd[...] = x_f.reshape(x_nd.shape, order=order)
-    return out
+    if not done:
+        return out
+    done.update(zip(rest, out))
+    return [done[i] for i in range(len(done))]
+
+
+def _small_leaves(step, lib, params, grads, mus, bands) -> dict:
+    """The leaves :func:`small_leaves.takes` in one call per dtype: ``{leaf index: counts}``."""
+    table: dict = {}
+    for i, leaf in enumerate(params):
+        arrays = (leaf, grads[i], mus[i], bands[i])
+        if takes(step, leaf, arrays, bands[i], lib):
+            dt = np.dtype(np.float32 if str(leaf.dtype) in ("float32", "torch.float32") else np.float64)
+            table.setdefault(dt, []).append((i, *arrays[:1], *arrays))
+    return run_small(step, lib, table) if table else {}
 
 
 def _nd(a, lib):
