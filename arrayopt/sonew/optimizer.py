@@ -421,10 +421,9 @@ class SONew(Optimizer):
         counts = backend.run(self.kernel_op, leaves, g_leaves, groups, step, g_views=views)
         new = dict(state)
         new["count"] = state["count"] + 1
-        new["removed_edges"] = [xp.asarray(int(r) + c[0], dtype=xp.int64, device=ns.device) for r, c in
-                                zip(_to_ints(state["removed_edges"]), counts)]
-        new["fallback_rows"] = [xp.asarray(int(r) + c[1], dtype=xp.int64, device=ns.device) for r, c in
-                                zip(_to_ints(state["fallback_rows"]), counts)]
+        for k, name in enumerate(("removed_edges", "fallback_rows")):  # a counter that did not move is kept
+            new[name] = [old if c[k] == 0 else xp.asarray(_to_ints([old])[0] + c[k], dtype=xp.int64, device=ns.device)
+                         for old, c in zip(state[name], counts)]
         return new
 
 
