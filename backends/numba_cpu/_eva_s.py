@@ -179,9 +179,10 @@ def _p_sumsq(G, o1, u, sq, rowdot):
     least ``‖G‖²/16`` (its rounding, a few float64 ulps of ``‖G‖²``, then moves ``‖P‖`` by under
     1e-14 relative; float32's ``u`` against the float64 one of ``G u``: under 4e-6), else the
     exact pass 3."""
+    # sums, not BLAS dot products: OpenBLAS threads spin after a call and slow the next kernel
     o = o1.astype(np.float64)
     uu = u.astype(np.float64)
-    analytic = sq - 2.0 * float(o @ rowdot) + float(o @ o) * float(uu @ uu)
+    analytic = sq - 2.0 * float(np.sum(o * rowdot)) + float(np.sum(o * o)) * float(np.sum(uu * uu))
     if analytic >= sq / 16:
         return analytic
     R, C = G.shape
