@@ -15,7 +15,7 @@ then ``b = μb + (d + λθ)``, ``θ -= η(…)`` (:mod:`arrayopt.first_order`). 
 over ``G``, each a Numba kernel over chunks of rows:
 
 1. (refresh steps) the row sums (``s₁``), the column sums (the other axes' sums come from
-   them: ``C`` entries, not ``R·C``) and ``‖G‖²``;
+   them: ``C`` entries, not ``R·C``) and ``‖G‖²``, four rows at a time;
 2. the contraction ``c`` with the rows of ``G u`` (and ``‖G‖²`` when 1 did not run);
 3. ``‖P‖²``, only where ``‖G‖² - 2 o₁ᵀ(G u) + ‖o₁‖²‖u‖²`` (``o₁ = c s₁/(γ + Π‖s_i‖²)``) cancels
    below ``‖G‖²/16``;
@@ -52,7 +52,8 @@ def _chunks(rows: int, cols: int) -> int:
 
 def sums(G, rowsum, colpart, sqpart):
     """Pass 1: ``rowsum[r] = Σ_c G[r, c]``, ``colpart[h, c]`` the column sums of chunk ``h``,
-    ``sqpart[h]`` its ``Σ G²`` (all float64)."""
+    ``sqpart[h]`` its ``Σ G²`` (all float64). Four rows at a time: one update of the column sums
+    per four entries."""
     R, C = G.shape
     nch = colpart.shape[0]
     for h in prange(nch):
@@ -61,7 +62,29 @@ def sums(G, rowsum, colpart, sqpart):
         q = 0.0
         for c in range(C):
             colpart[h, c] = 0.0
-        for r in range(lo, hi):
+        r = lo
+        while r + 4 <= hi:
+            t0 = 0.0
+            t1 = 0.0
+            t2 = 0.0
+            t3 = 0.0
+            for c in range(C):
+                x0 = float(G[r, c])
+                x1 = float(G[r + 1, c])
+                x2 = float(G[r + 2, c])
+                x3 = float(G[r + 3, c])
+                t0 += x0
+                t1 += x1
+                t2 += x2
+                t3 += x3
+                q += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
+                colpart[h, c] += (x0 + x1) + (x2 + x3)
+            rowsum[r] = t0
+            rowsum[r + 1] = t1
+            rowsum[r + 2] = t2
+            rowsum[r + 3] = t3
+            r += 4
+        while r < hi:
             t = 0.0
             for c in range(C):
                 x = float(G[r, c])
@@ -69,12 +92,13 @@ def sums(G, rowsum, colpart, sqpart):
                 q += x * x
                 colpart[h, c] += x
             rowsum[r] = t
+            r += 1
         sqpart[h] = q
 
 
 def contract(G, s1, u, rowdot, cpart, sqpart):
     """Pass 2: ``rowdot[r] = Σ_c G[r, c]·u[c]``, ``cpart[h] = Σ_{r ∈ h} s1[r]·rowdot[r]`` and
-    ``sqpart[h] = Σ_{r ∈ h} Σ_c G²`` (float64)."""
+    ``sqpart[h] = Σ_{r ∈ h} Σ_c G²`` (float64). Four rows at a time (independent sums)."""
     R, C = G.shape
     nch = cpart.shape[0]
     for h in prange(nch):
@@ -82,7 +106,30 @@ def contract(G, s1, u, rowdot, cpart, sqpart):
         hi = (h + 1) * R // nch
         acc = 0.0
         q = 0.0
-        for r in range(lo, hi):
+        r = lo
+        while r + 4 <= hi:
+            t0 = 0.0
+            t1 = 0.0
+            t2 = 0.0
+            t3 = 0.0
+            for c in range(C):
+                x0 = float(G[r, c])
+                x1 = float(G[r + 1, c])
+                x2 = float(G[r + 2, c])
+                x3 = float(G[r + 3, c])
+                uc = u[c]
+                t0 += x0 * uc
+                t1 += x1 * uc
+                t2 += x2 * uc
+                t3 += x3 * uc
+                q += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
+            rowdot[r] = t0
+            rowdot[r + 1] = t1
+            rowdot[r + 2] = t2
+            rowdot[r + 3] = t3
+            acc += ((s1[r] * t0 + s1[r + 1] * t1) + (s1[r + 2] * t2 + s1[r + 3] * t3))
+            r += 4
+        while r < hi:
             t = 0.0
             for c in range(C):
                 x = float(G[r, c])
@@ -90,6 +137,7 @@ def contract(G, s1, u, rowdot, cpart, sqpart):
                 q += x * x
             rowdot[r] = t
             acc += s1[r] * t
+            r += 1
         cpart[h] = acc
         sqpart[h] = q
 
