@@ -72,8 +72,23 @@ def _jax_children(node):
     return tu.tree_leaves(node, is_leaf=lambda x: x is not node), structure
 
 
+#: array types already seen as leaves (NumPy, torch, JAX, CuPy, array-api-strict arrays are never
+#: containers): their leaves skip the container checks
+_ARRAY_TYPES: set = set()
+_ARRAY_MODULES = frozenset({"numpy", "torch", "jax", "jaxlib", "cupy", "array_api_strict"})
+
+
 def _node(node: Any):
     """``(kind, keys, children, class or structure)`` of a container, or ``None`` for a leaf."""
+    if type(node) in _ARRAY_TYPES:
+        return None
+    got = _container(node)
+    if got is None and type(node).__module__.partition(".")[0] in _ARRAY_MODULES:
+        _ARRAY_TYPES.add(type(node))
+    return got
+
+
+def _container(node: Any):
     if isinstance(node, Mapping):
         keys = tuple(node.keys())
         return "dict", keys, [node[k] for k in keys], None if type(node) is dict else type(node)
