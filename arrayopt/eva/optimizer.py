@@ -262,7 +262,8 @@ class Eva(Optimizer):
         return EvaStep(lr=_validate.learning_rate_at(self.learning_rate, count), momentum=sgd.momentum,
                        weight_decay=sgd.weight_decay, nesterov=sgd.nesterov, damping=self.damping,
                        variant=self.variant, kl_mode=self.kl_mode, kl_clip=self.kl_clip,
-                       weight_layout=self.weight_layout, stat_decay=self.stat_decay)
+                       weight_layout=None if self.variant == "eva_s" else self.weight_layout,
+                       stat_decay=self.stat_decay)
 
     def _kernel_groups(self, leaves, g_leaves, state):
         return (leaves, g_leaves, *[state[n] for n in self._sgd.state_names])

@@ -16,8 +16,8 @@ __all__ = ["EvaStep"]
 class EvaStep:
     """One Eva step: ``lr`` resolved for this step, the SGD-momentum options, ``damping`` (γ),
     ``variant``, ``kl_mode``, ``kl_clip`` (κ), ``weight_layout`` (``"out_in"``: a weight is read as
-    ``(d_out, d_in, …)``; ``"in_out"``: as ``(…, d_in, d_out)``) and ``stat_decay`` (ξ, the weight
-    of the running vectors)."""
+    ``(d_out, d_in, …)``; ``"in_out"``: as ``(…, d_in, d_out)``; ``None`` for Eva-s, which reads
+    every tensor in its own axis order) and ``stat_decay`` (ξ, the weight of the running vectors)."""
 
     lr: float
     momentum: float
@@ -27,5 +27,5 @@ class EvaStep:
     variant: str
     kl_mode: str
     kl_clip: float
-    weight_layout: str = "out_in"
+    weight_layout: str | None = "out_in"
     stat_decay: float = 0.05

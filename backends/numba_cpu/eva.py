@@ -24,8 +24,8 @@ from .first_order import sgd_leaves
 __all__ = ["OPS", "run"]
 
 #: Eva and Eva-f in the ``"out_in"`` layout; Eva-s (``_eva_s.py``) reads every tensor in its own
-#: axis order, and is fused with the default layout
-OPS = {"eva": {"variant": frozenset({"eva", "eva_f", "eva_s"}), "weight_layout": frozenset({"out_in"})}}
+#: axis order (its step has no layout: ``None``)
+OPS = {"eva": {"variant": frozenset({"eva", "eva_f", "eva_s"}), "weight_layout": frozenset({"out_in", None})}}
 
 
 def eva_reduce(G, a, rowdot, rowsq):
