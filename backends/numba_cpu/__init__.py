@@ -241,9 +241,10 @@ class NumbaCPU:
 
 def _refuse_torch_leaf(i, names, arrays, layout, floats):
     """Why ``op`` cannot take leaf ``i`` (``arrays``: its param, grad, state arrays), or ``None``."""
+    # a float32/float64 tensor has no conjugate bit (only complex ones do): only the negative bit
     contiguous = True
     for a in arrays:
-        if a.dtype not in floats or a.is_neg() or a.is_conj():
+        if a.dtype not in floats or a.is_neg():
             break
         contiguous = contiguous and a.is_contiguous()
     else:
@@ -251,7 +252,7 @@ def _refuse_torch_leaf(i, names, arrays, layout, floats):
     for name, a in zip(names, arrays):
         if a.dtype not in floats:
             return f"{name} leaf {i}: dtype {str(a.dtype).replace('torch.', '')} (kernels take float32/float64)"
-        if a.is_conj() or a.is_neg():
+        if a.is_neg():
             return f"{name} leaf {i}: a lazy conj/neg view"
     return None  # pragma: no cover
 

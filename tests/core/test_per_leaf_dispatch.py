@@ -208,3 +208,21 @@ def test_small_torch_leaves_in_one_call_match_the_reference(name, monkeypatch):
     with pytest.raises(ValueError, match=r"grads leaf \['s7'\]"):
         opt.step(fused, bad, s_fused)
     assert all(torch.equal(fused[k], before[k]) for k in fused)
+
+
+def test_a_lazy_negative_view_gradient_takes_the_reference_and_gives_its_result():
+    """A float tensor with torch's negative bit (``torch._neg_view``) has no zero-copy NumPy view: its
+    leaf takes the reference, the others keep the kernel, and the step equals the materialized one."""
+    g = torch.randn(6, dtype=torch.float64)
+    neg = torch._neg_view(-g)
+    assert neg.is_neg()
+    opt = ao.adam(0.1)
+    a = {"w": torch.ones(6, dtype=torch.float64), "v": torch.ones(40000, dtype=torch.float64)}
+    b = {k: v.clone() for k, v in a.items()}
+    gv = torch.randn(40000, dtype=torch.float64)
+    why = str(ao.explain(opt, a, {"w": neg, "v": gv}, opt.init(a)))
+    assert "['w']" in why and "a lazy conj/neg view" in why
+    a, _ = opt.step(a, {"w": neg, "v": gv}, opt.init(a))
+    b, _ = opt.step(b, {"w": g.clone(), "v": gv}, opt.init(b))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
