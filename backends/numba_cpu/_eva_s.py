@@ -39,7 +39,7 @@ from numba import njit, prange
 from ..._overflow import IN_RANGE
 from ._common import OPTS, SERIAL, SMALL, renamed
 
-__all__ = ["run_eva_s"]
+__all__ = ["run_eva_s", "APPLY"]
 
 _FLAGS = {True: dict(OPTS, fastmath={"reassoc", "nsz"}), False: dict(SERIAL, fastmath={"reassoc", "nsz"})}
 _PARTIAL_MAX = 1 << 22  # float64 entries of the per-chunk column sums
@@ -182,7 +182,8 @@ def apply(p, G, buf, o1, u, scale, lr, mu, wd, nesterov, use_buf):
 _SUMS = {par: njit(**_FLAGS[par])(renamed(sums, "_parallel" if par else "_serial")) for par in (True, False)}
 _CONTRACT = {par: njit(**_FLAGS[par])(renamed(contract, "_parallel" if par else "_serial")) for par in (True, False)}
 _P_SUMSQ = {par: njit(**_FLAGS[par])(renamed(p_sumsq, "_parallel" if par else "_serial")) for par in (True, False)}
-_APPLY = {True: njit(**OPTS)(renamed(apply, "_parallel")), False: njit(**SERIAL)(renamed(apply, "_serial"))}
+#: pass 4, also Eva and Eva-f's write (``eva.py``: the row coefficients and ``ā``)
+APPLY = {True: njit(**OPTS)(renamed(apply, "_parallel")), False: njit(**SERIAL)(renamed(apply, "_serial"))}
 
 
 def _kron_tail(vectors, dtype):
@@ -282,7 +283,7 @@ def run_eva_s(backend, params, grads, states, step, g_views):
         gn, pn = dt(math.sqrt(sq)), dt(math.sqrt(max(_p_sumsq(G, o1, u, sq, rowdot), 0.0)))
         scale = gn / pn if pn > 0 else dt(0)
         buf = b_views[i].reshape(R, C) if b_views is not None else np.empty((1, 1), G.dtype)
-        _APPLY[par](p_views[i].reshape(R, C), G, buf, o1, u, scale, dt(lr), dt(mu), dt(wd), step.nesterov,
+        APPLY[par](p_views[i].reshape(R, C), G, buf, o1, u, scale, dt(lr), dt(mu), dt(wd), step.nesterov,
                     b_views is not None)
         done.add(i)
     sgd_leaves(backend, params, grads, bufs, done, (lr, mu, wd, step.nesterov))

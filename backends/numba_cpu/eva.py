@@ -3,8 +3,8 @@
 Pass 1 (:func:`eva_reduce`, one read of ``G``): per output row ``r`` the mat-vec entry
 ``(Gā)_r`` and ``‖G_r‖²``, from which the driver forms ``β`` (or Eva-f's ``1/(γ + ‖ā‖²)``),
 ``⟨P, G⟩`` and, over all layers, the KL factor ``ν`` (``arrayopt.linalg.kl_scale``).
-Pass 2 (:func:`eva_apply`, one read of ``G``, read-write of the param and its momentum
-buffer): the rank-one correction fused into the write of ``P``, then the SGD-momentum
+Pass 2 (``_eva_s.apply``, shared with Eva-s; one read of ``G``, read-write of the param and its
+momentum buffer): the rank-one correction fused into the write of ``P``, then the SGD-momentum
 step of ``arrayopt.first_order.SGD``, in the reference's order of operations:
 ``d = (G - c_r ā_c)·(ν/γ) (+ λθ)``, ``b = μb + d``, ``θ -= η(d + μb`` if Nesterov else ``b)``.
 Leaves without statistics take the fused SGD kernel. The first pass is also the finiteness
@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import OPTS, SERIAL, SMALL, renamed
-from ._eva_s import run_eva_s
+from ._eva_s import APPLY, run_eva_s
 from .first_order import sgd_leaves
 
 __all__ = ["OPS", "run"]
@@ -40,30 +40,10 @@ def eva_reduce(G, a, rowdot, rowsq):
         rowsq[r] = q
 
 
-def eva_apply(p, G, buf, a, coef, scale, lr, mu, wd, nesterov, use_buf):
-    for r in prange(G.shape[0]):
-        cr = coef[r]
-        for c in range(G.shape[1]):
-            d = (G[r, c] - cr * a[c]) * scale
-            if wd != 0:
-                d = d + wd * p[r, c]
-            if use_buf:
-                b = buf[r, c] * mu + d
-                buf[r, c] = b
-                if nesterov:
-                    p[r, c] = p[r, c] - lr * (d + mu * b)
-                else:
-                    p[r, c] = p[r, c] - lr * b
-            else:
-                p[r, c] = p[r, c] - lr * d
-
-
 # reassociation only (no nnan/ninf: NaN and Inf still propagate): the row sums vectorise,
 # rounding differs from the reference's sums within the parity tolerance
 _REDUCE = {True: njit(**dict(OPTS, fastmath={"reassoc"}))(renamed(eva_reduce, "_parallel")),
            False: njit(**dict(SERIAL, fastmath={"reassoc"}))(renamed(eva_reduce, "_serial"))}
-_APPLY = {True: njit(**OPTS)(renamed(eva_apply, "_parallel")),
-          False: njit(**SERIAL)(renamed(eva_apply, "_serial"))}
 
 
 def _as2d(v, rows):
@@ -141,8 +121,9 @@ def run(backend, op, params, grads, states, step, g_views=None):
             if leaf is None:
                 continue
             buf = _as2d(b_views[leaf], rows) if b_views is not None else dummy
-            _APPLY[G.size >= SMALL](_as2d(p_views[leaf], rows), _as2d(g_views[leaf], rows), buf,
-                                    np.ascontiguousarray(a[col]), coef.astype(G.dtype, copy=False), scale, lr, mu,
-                                    wd, step.nesterov, b_views is not None)
+            # the row coefficients c_r and the columns ā: Eva-s's pass 4, d = (G - c āᵀ)·ν/γ
+            APPLY[G.size >= SMALL](_as2d(p_views[leaf], rows), _as2d(g_views[leaf], rows), buf,
+                                   coef.astype(G.dtype, copy=False), np.ascontiguousarray(a[col]), scale, lr, mu,
+                                   wd, step.nesterov, b_views is not None)
             done.add(leaf)
     sgd_leaves(backend, params, grads, bufs, done, (step.lr, step.momentum, step.weight_decay, step.nesterov))
