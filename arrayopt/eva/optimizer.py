@@ -133,6 +133,12 @@ class Eva(Optimizer):
 
     _TRANSIENT = ("_jitted", "_jit_lock", "_groups")
 
+    @property
+    def per_leaf_dispatch(self) -> bool:
+        """Eva-s steps each tensor on its own (no KL factor across layers, no weight-bias pairs): a
+        leaf the kernel refuses takes the reference alone. Eva and Eva-f share ``ν`` over layers."""
+        return self.variant == "eva_s"
+
     def _init_transient(self):
         # jax.jit'ed steps keyed by the plan and Eva-s's shape groups keyed by the tree's shapes:
         # filled under the lock, shared by threads

@@ -123,3 +123,33 @@ def test_norm_of_p_is_exact_where_the_expansion_cancels(dtype):
         want = float(np.sum((G - np.outer(o1, u).astype(dtype)).astype(np.float64) ** 2))
         got = _eva_s._p_sumsq(G, o1, u, sq, rowdot)
         assert abs(got - want) <= rel * want, (got, want)
+
+
+def test_a_channels_last_weight_takes_the_reference_alone_and_the_others_keep_the_kernel():
+    """Eva-s steps each tensor on its own, so its dispatch is per leaf: a ``channels_last`` conv weight
+    (not contiguous) takes the reference, the other leaves the kernel, and the step equals the
+    reference's. Eva shares the KL factor ``ν`` over its layers: its dispatch stays all-or-nothing."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+
+    def tree():
+        return {"conv": torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last), "fc": torch.randn(10, 40),
+                "b": torch.randn(10), "big": torch.randn(300, 200)}
+
+    out = {}
+    for backend in ("numba_cpu", "reference"):
+        torch.manual_seed(1)
+        params = tree()
+        opt = ao.eva(0.1, variant="eva_s", weight_decay=0.01)
+        state = opt.init(params)
+        with ao.dispatch.use_backend(backend):
+            if backend == "numba_cpu":
+                why = str(ao.explain(opt, params, params, state)).splitlines()
+                assert "fused kernel for 3 of 4 leaves" in why[0]
+                assert "['conv']" in why[1] and "reference" in why[1]
+            for _ in range(3):
+                params, state = opt.step(params, {k: torch.randn_like(v) for k, v in params.items()}, state)
+        out[backend] = (params, state)
+    for k, want in out["reference"][0].items():
+        assert float((out["numba_cpu"][0][k] - want).norm()) <= 1e-5 * float(want.norm()), k
+    assert out["numba_cpu"][1]["kv_updates"] == out["reference"][1]["kv_updates"]
+    assert ao.eva(0.1, variant="eva_s").per_leaf_dispatch and not ao.eva(0.1).per_leaf_dispatch
