@@ -73,18 +73,21 @@ def _jax_children(node):
 
 
 #: array types already seen as leaves (NumPy, torch, JAX, CuPy, array-api-strict arrays are never
-#: containers): their leaves skip the container checks
-_ARRAY_TYPES: set = set()
+#: containers): their leaves skip the container checks. An immutable set, replaced whole when a
+#: type is added (one atomic rebinding): threads flattening at once read one set or the next
+_ARRAY_TYPES: frozenset = frozenset()
 _ARRAY_MODULES = frozenset({"numpy", "torch", "jax", "jaxlib", "cupy", "array_api_strict"})
 
 
 def _node(node: Any):
     """``(kind, keys, children, class or structure)`` of a container, or ``None`` for a leaf."""
-    if type(node) in _ARRAY_TYPES:
+    global _ARRAY_TYPES
+    t = type(node)
+    if t in _ARRAY_TYPES:
         return None
     got = _container(node)
-    if got is None and type(node).__module__.partition(".")[0] in _ARRAY_MODULES:
-        _ARRAY_TYPES.add(type(node))
+    if got is None and t.__module__.partition(".")[0] in _ARRAY_MODULES:
+        _ARRAY_TYPES = _ARRAY_TYPES | {t}  # a lost race only drops a memo entry, re-added next time
     return got
 
 
