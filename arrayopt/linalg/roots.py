@@ -11,8 +11,9 @@ ridge has no scale: its root is defined as the identity.
 
 Two methods:
 
-- ``method="eigh"`` (default): ``A = Q diag(λ) Qᵀ`` on the host with NumPy
-  (LAPACK ``syevd``, which releases the GIL) in ``compute_dtype`` (float64 by
+- ``method="eigh"`` (default): ``A = Q diag(λ) Qᵀ`` on the host (LAPACK ``syevd``,
+  which releases the GIL: NumPy's, or torch's for torch tensors, see
+  :mod:`arrayopt.linalg.host_lapack`) in ``compute_dtype`` (float64 by
   default, float32 allowed); eigenvalues below 0 (round-off) are clipped to 0;
   ``root = Q diag((λ + ridge)^{-1/p}) Qᵀ`` is symmetric by construction.
 - ``method="newton"``: the coupled Newton (Schur–Newton) iteration of Guo &
@@ -46,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from .._xp import Namespace, device_of, dtype_name, library_of, namespace_of, to_numpy
+from . import host_lapack
 
 __all__ = ["inverse_pth_root", "inverse_pth_root_info", "power_iteration", "host_inverse_pth_roots",
            "eigh_inverse_pth_root"]
@@ -71,22 +73,23 @@ def _check_args(p, ridge_epsilon, method, compute_dtype):
 # ---------------------------------------------------------------- host eigh (NumPy, releases the GIL)
 
 
-def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
-    """Root of a host array ``(..., n, n)``; returns ``(root, ok)`` with ``ok`` per matrix."""
+def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool, lapack: str = "numpy"):
+    """Root of a host array ``(..., n, n)`` with ``lapack``'s ``eigh``; returns ``(root, ok)`` with
+    ``ok`` per matrix."""
     a = 0.5 * (a + np.swapaxes(a, -1, -2))
     batch = a.shape[:-2]
     ok = np.isfinite(a).all(axis=(-1, -2))
     if not ok.all():
         a = np.where(ok[..., None, None], a, np.eye(a.shape[-1], dtype=a.dtype))
     try:
-        w, q = np.linalg.eigh(a)
+        w, q = host_lapack.eigh(a, lapack)
     except np.linalg.LinAlgError:
         # retry matrix by matrix so one bad matrix does not fail the batch
         flat = a.reshape((-1,) + a.shape[-2:])
         ws, qs, oks = [], [], ok.reshape(-1).copy()
         for i, m in enumerate(flat):
             try:
-                wi, qi = np.linalg.eigh(m)
+                wi, qi = host_lapack.eigh(m, lapack)
             except np.linalg.LinAlgError:
                 wi, qi = np.ones(m.shape[-1], m.dtype), np.eye(m.shape[-1], dtype=m.dtype)
                 oks[i] = False
@@ -95,12 +98,13 @@ def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool):
         w = np.stack(ws).reshape(batch + (a.shape[-1],))
         q = np.stack(qs).reshape(a.shape)
         ok = oks.reshape(batch)
-    root = root_from_eigenpairs(w, q, p, eps, relative)
+    root = root_from_eigenpairs(w, q, p, eps, relative, lapack)
     ok = ok & np.isfinite(root).all(axis=(-1, -2))
     return root, ok
 
 
-def root_from_eigenpairs(w: np.ndarray, q: np.ndarray, p: float, eps: float, relative: bool) -> np.ndarray:
+def root_from_eigenpairs(w: np.ndarray, q: np.ndarray, p: float, eps: float, relative: bool,
+                         lapack: str = "numpy") -> np.ndarray:
     """``Q diag((λ + ridge)^{-1/p}) Qᵀ`` from eigenpairs (host; ``λ`` in any order, negatives clipped to 0)."""
     w = np.maximum(w, 0)
     lmax = w.max(axis=-1, keepdims=True)
@@ -112,14 +116,13 @@ def root_from_eigenpairs(w: np.ndarray, q: np.ndarray, p: float, eps: float, rel
         w_r = w + eps
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         half = w_r ** (-0.5 / p)  # Q diag(λ^(-1/p)) Qᵀ = B Bᵀ with B = Q diag(λ^(-1/(2p)))
-    bq = q * half[..., None, :]
-    # B @ Bᵀ of one 2-D array is a symmetric rank-k update (half the flops of a GEMM, exactly symmetric)
-    return np.stack([m @ m.T for m in bq.reshape((-1,) + bq.shape[-2:])]).reshape(bq.shape)
+    # Q diag(λ^(-1/p)) Qᵀ = B Bᵀ, exactly symmetric
+    return host_lapack.gram(q * half[..., None, :], lapack)
 
 
 def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, method="eigh",
                            compute_dtype="float64", error_tolerance=1e-6, max_iterations=100,
-                           failure_threshold=0.1, ridge_retries=0):
+                           failure_threshold=0.1, ridge_retries=0, lapack="numpy"):
     """Roots of a list of host (NumPy) matrices of any sizes, each with its own exponent.
 
     Returns ``(roots, ok, fallbacks)``: ``roots[i]`` in ``compute_dtype`` (``None``
@@ -127,7 +130,8 @@ def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, met
     and ``fallbacks`` the number of Newton roots that fell back to eigh (after the
     ridge escalation ``ε·10^i``, ``i = 1..ridge_retries``). Never
     raises for numerical failures. This is the job the optimizer runs on the
-    host, synchronously or on an executor; NumPy's LAPACK calls release the GIL.
+    host, synchronously or on an executor; LAPACK calls release the GIL. ``lapack``: whose
+    ``eigh`` and products (:mod:`arrayopt.linalg.host_lapack`).
     """
     dt = np.dtype(compute_dtype)
     mats = [np.asarray(m, dtype=dt) for m in mats]
@@ -144,13 +148,13 @@ def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, met
             if not ok.all():
                 bad = np.flatnonzero(~ok)
                 fallbacks += int(bad.size)
-                r_e, ok_e = _eigh_root_host(a[bad], p, ridge_epsilon, relative)
+                r_e, ok_e = _eigh_root_host(a[bad], p, ridge_epsilon, relative, lapack)
                 r = np.array(r, copy=True)
                 r[bad] = r_e
                 ok = ok.copy()
                 ok[bad] = ok_e
         else:
-            r, ok = _eigh_root_host(a, p, ridge_epsilon, relative)
+            r, ok = _eigh_root_host(a, p, ridge_epsilon, relative, lapack)
         for k, i in enumerate(idx):
             good = bool(ok[k])
             roots[i] = r[k] if good else None
@@ -351,7 +355,8 @@ def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "e
         fallbacks = int((~ok_h).sum())
         if fallbacks:
             hostA = _to_host(A, compute_dtype)
-            r_e, ok_e = _eigh_root_host(hostA, p, float(ridge_epsilon), relative)
+            r_e, ok_e = _eigh_root_host(hostA, p, float(ridge_epsilon), relative,
+                                        host_lapack.lapack_for(library_of(A)))
             H_h = to_numpy(H).astype(compute_dtype).reshape(hostA.shape)
             H_h = np.where(ok_h[..., None, None], H_h, r_e)
             methods = np.where(ok_h, methods, "eigh")
@@ -364,7 +369,7 @@ def inverse_pth_root_info(A, p, *, ridge_epsilon: float = 1e-6, method: str = "e
         info = {"method": methods, "ok": ok_h, "fallbacks": fallbacks, "error": err_h, "retries": retries}
         return root, info
     hostA = _to_host(A, compute_dtype)
-    r, ok = _eigh_root_host(hostA, p, float(ridge_epsilon), relative)
+    r, ok = _eigh_root_host(hostA, p, float(ridge_epsilon), relative, host_lapack.lapack_for(library_of(A)))
     r = np.where(ok[..., None, None], r, np.eye(A.shape[-1], dtype=r.dtype))
     info = {"method": np.full(batch, "eigh", dtype=object), "ok": ok, "fallbacks": 0,
             "error": np.zeros(batch), "retries": np.zeros(batch, dtype=np.int64)}
@@ -381,7 +386,7 @@ def inverse_pth_root(A: Any, p, *, ridge_epsilon: float = 1e-6, method: str = "e
       A: ``(..., n, n)`` symmetric positive semi-definite, any array-API namespace.
       p: the root (``-1/p`` is the exponent); an integer for ``method="newton"``.
       ridge_epsilon: ``ε``; relative to ``λmax`` unless ``relative=False``.
-      method: ``"eigh"`` (host NumPy, ``compute_dtype``) or ``"newton"`` (coupled
+      method: ``"eigh"`` (host LAPACK, ``compute_dtype``) or ``"newton"`` (coupled
         Newton in ``A``'s namespace, falling back to eigh when its error check fails).
       compute_dtype: ``"float64"`` (default) or ``"float32"``.
       ridge_retries: ``method="newton"`` only: a matrix whose iteration fails at ``ε``

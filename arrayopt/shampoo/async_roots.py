@@ -1,8 +1,8 @@
 """Root jobs: computed inline, or asynchronously on any ``concurrent.futures.Executor``.
 
 A root job takes host copies of the statistics (NumPy), computes every inverse
-root with :func:`arrayopt.linalg.roots.host_inverse_pth_roots` (NumPy/LAPACK,
-which releases the GIL, so a thread pool really runs roots beside the training
+root with :func:`arrayopt.linalg.roots.host_inverse_pth_roots` (host LAPACK:
+NumPy's, or torch's for torch leaves; it releases the GIL, so a thread pool really runs roots beside the training
 step), spreads the factors over the ranks of a communicator and all-gathers
 the results. Numerical failures never raise: a failed factor's root is
 ``None`` (the optimizer keeps the previous one) and is counted.
@@ -47,7 +47,7 @@ class RootJob:
 
     def __init__(self, mats, exponents, index, total, owner, rank, *, eps, relative, method,
                  compute_dtype, threshold, out_dtype, ridge_retries=0, preconditioner="root_inverse",
-                 prev=None, qr_iterations=1, qr_tolerance=0.01):
+                 prev=None, qr_iterations=1, qr_tolerance=0.01, lapack="numpy"):
         self.mats = mats            # host copies of the factors this rank owns
         self.exponents = exponents  # their exponents
         self.index = index          # their global factor indices
@@ -65,6 +65,7 @@ class RootJob:
         self.prev = prev                    # previous bases of the owned factors (None: first refresh)
         self.qr_iterations = qr_iterations
         self.qr_tolerance = qr_tolerance
+        self.lapack = lapack                # whose host eigh and products (arrayopt.linalg.host_lapack)
 
     @property
     def uses_bases(self) -> bool:
@@ -78,7 +79,8 @@ def _out(job, r):
 def _local_roots(job: RootJob) -> dict:
     roots, ok, fallbacks = host_inverse_pth_roots(
         job.mats, job.exponents, ridge_epsilon=job.eps, relative=job.relative, method=job.method,
-        compute_dtype=job.compute_dtype, failure_threshold=job.threshold, ridge_retries=job.ridge_retries)
+        compute_dtype=job.compute_dtype, failure_threshold=job.threshold, ridge_retries=job.ridge_retries,
+        lapack=job.lapack)
     return {"roots": {i: _out(job, r) for i, r in zip(job.index, roots)},
             "failures": int(sum(1 for g in ok if not g)), "fallbacks": int(fallbacks), "skips": 0}
 
@@ -91,13 +93,14 @@ def _local_bases(job: RootJob) -> dict:
     prev = job.prev if job.prev is not None else [None] * len(job.mats)
     for i, m, q0, p in zip(job.index, job.mats, prev, job.exponents):
         r = refresh_eigenbasis(m, q0, method=method, iterations=job.qr_iterations, tolerance=job.qr_tolerance,
-                               compute_dtype=job.compute_dtype, eigenvalues=job.preconditioner == "root_inverse")
+                               compute_dtype=job.compute_dtype, eigenvalues=job.preconditioner == "root_inverse",
+                               lapack=job.lapack)
         failures += r.status == "failed"
         skips += r.status == "skipped"
         bases[i] = _out(job, r.basis)
         perms[i] = r.perm
         if job.preconditioner == "root_inverse":
-            root = None if r.basis is None else root_from_eigenpairs(r.eigenvalues, r.basis, p, job.eps, job.relative)
+            root = None if r.basis is None else root_from_eigenpairs(r.eigenvalues, r.basis, p, job.eps, job.relative, job.lapack)
             if root is not None and not np.isfinite(root).all():
                 root, bases[i], perms[i] = None, None, None
                 failures += 1

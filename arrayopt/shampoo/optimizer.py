@@ -60,6 +60,7 @@ from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
 from .._overflow import gradients_in_range
 from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
+from ..linalg.host_lapack import lapack_for
 from .blocking import LeafPlan, merge, plan_leaf, split
 from ..grafting import as_grafting
 from .config import ShampooConfig
@@ -268,7 +269,7 @@ class Shampoo(Optimizer):
             out += [plan.exponent] * sum(len(b) for b in plan.factor_shapes())
         return out
 
-    def _make_job(self, leaves, stats, bases, warm, out_dtype):
+    def _make_job(self, ns, leaves, stats, bases, warm, out_dtype):
         cfg = self.config
         flat = self._flat_factors(stats)
         expo = self._exponents(leaves)
@@ -283,7 +284,8 @@ class Shampoo(Optimizer):
                        eps=cfg.eps, relative=cfg.relative_epsilon, method=cfg.root_method,
                        compute_dtype=cfg.root_dtype, threshold=cfg.inverse_failure_threshold,
                        out_dtype=out_dtype, ridge_retries=cfg.ridge_retries, preconditioner=cfg.preconditioner,
-                       prev=prev, qr_iterations=cfg.qr_iterations, qr_tolerance=cfg.qr_tolerance)
+                       prev=prev, qr_iterations=cfg.qr_iterations, qr_tolerance=cfg.qr_tolerance,
+                       lapack=lapack_for(ns.library))
 
     def _replace(self, ns, tree, flat_new):
         """``tree`` (per leaf, per block, per factor) with the new host matrices (``None``: keep the old)."""
@@ -404,7 +406,7 @@ class Shampoo(Optimizer):
         # 3. roots of this step's statistics: now, or installed root_delay steps later
         if self._is_root_step(t) and len(self._flat_factors(stats)) > 0:
             out_dtype = dtype_name(state_dtype(xp, leaves[0].dtype))
-            job = self._make_job(leaves, stats, trees.get("bases"), counters["roots_step"] > 0, out_dtype)
+            job = self._make_job(ns, leaves, stats, trees.get("bases"), counters["roots_step"] > 0, out_dtype)
             counters["root_jobs"] += 1
             if self.delay == 0:
                 res = run_root_job(job, self.comm) if self.executor is None else \

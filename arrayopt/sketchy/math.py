@@ -131,6 +131,32 @@ def _top_left_singular_host(z, r: int):
     return u, s.astype(np.float32)
 
 
+def _top_left_singular_stacked(xp, z, r: int):
+    """:func:`_top_left_singular_host` of each ``z`` of a stack (``(B, d, c)``) in ``xp`` (torch): the
+    same Gram, Rayleigh–Ritz and dtype rules, with a full batched ``eigh`` of which the top ``r``
+    pairs are kept (torch has no subset ``eigh``). On 2 cores, float32, top 129 pairs: 25 ms against
+    86 ms for a QR of ``zᵀ`` and an SVD of its ``R`` (512 × 4736), 7 against 36 ms (256 × 2432)."""
+    def top(a):
+        w, v = xp.linalg.eigh(a)
+        return xp.flip(w[..., -r:], axis=-1), xp.flip(v[..., -r:], axis=-1)
+
+    zt = xp.matrix_transpose(z)
+    if z.dtype != xp.float32:
+        z64 = xp.astype(z, xp.float64)
+        w, v = top(xp.matmul(z64, xp.matrix_transpose(z64)))
+        return xp.astype(v, z.dtype), xp.astype(xp.sqrt(xp.clip(w, min=0.0)), z.dtype)
+    if z.shape[2] >= z.shape[1]:
+        _, q = top(xp.matmul(z, zt))
+    else:
+        _, v = top(xp.matmul(zt, z))
+        q, _ = xp.linalg.qr(xp.matmul(z, v))
+    m = xp.astype(xp.matmul(zt, q), xp.float64)
+    w, rot = xp.linalg.eigh(xp.matmul(xp.matrix_transpose(m), m))
+    s = xp.sqrt(xp.clip(xp.flip(w, axis=-1), min=0.0))
+    u = xp.matmul(q, xp.astype(xp.flip(rot, axis=-1), xp.float32))
+    return u, xp.astype(s, xp.float32)
+
+
 def _gram_route(d: int, c: int, k: int, dtype=None) -> bool:
     """Whether NumPy takes :func:`_top_left_singular_host`: a wide ``z`` with ``d ≥`` :data:`GRAM_MIN_ROWS`,
     or (float32) a tall one with ``c ≥`` :data:`GRAM_MIN_ROWS` (its Gram is ``c × c``)."""
@@ -167,6 +193,11 @@ def _left_singular(xp, z, k: int):
 
         pairs = [_top_left_singular_host(z[i], k + 1) for i in range(b)]
         return np.stack([u for u, _ in pairs]), np.stack([s for _, s in pairs])
+    if compat.is_torch_namespace(xp):
+        import numpy as np
+
+        if _gram_route(d, c, k, np.dtype("float32") if z.dtype == xp.float32 else None):
+            return _top_left_singular_stacked(xp, z, k + 1)
     if c < d:
         q, r = xp.linalg.qr(z)
         ur, s, _ = xp.linalg.svd(r, full_matrices=False)

@@ -19,10 +19,12 @@ RECORDS = (
             {"learning_rate": ao.schedules.cosine_decay(0.05, 400, alpha=0.1), "block_size": 16,
              "graft": "rmsprop", "preconditioner_type": "input"},
             # ε well above the rounding noise of the rotation: early factors are rank-deficient, and on a
-            # null direction Ĝ is exactly 0 in one namespace and ~1e-8·‖G‖ in another, which
-            # Ĝ/(√D + ε) with ε = 1e-8 turns into an O(1) difference (Adam in a rotated basis, SOAP alike)
+            # null direction Ĝ is exactly 0 in one namespace and up to k·u₃₂·‖G‖ ≈ 2e-6 (float32, k = 3,
+            # ‖G‖ ≈ 10) in another, which Ĝ/(√D + ε) turns into 2e-6/ε: an O(1) difference at ε = 1e-8,
+            # 0.0027 at ε = 1e-4 (hypothesis found it: (3, 6) float32, seed 2131), under the 2e-3
+            # tolerance at ε = 1e-2 (Adam in a rotated basis, SOAP alike)
             {"learning_rate": 0.05, "block_size": 3, "preconditioner": "eigenvalue_corrected", "root_method": "qr",
-             "b2": 0.95, "eps": 1e-4, "precondition_every": 2, "weight_decay": 1e-3},
+             "b2": 0.95, "eps": 1e-2, "precondition_every": 2, "weight_decay": 1e-3},
         ),
         invalid=_BAD_LR + (
             ({"block_size": 0}, ValueError, "block_size: must be >= 1"),

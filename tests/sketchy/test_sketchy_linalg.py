@@ -210,30 +210,42 @@ def test_bad_arguments_are_named():
         lowrank_apply(U, sv, tail, np.ones(3), alpha=0.5)
 
 
+def _gram_lib(lib):
+    """``(to, back)``: arrays of ``lib`` (the Gram routes: NumPy's host route, torch's batched one)."""
+    if lib == "numpy":
+        return np.asarray, np.asarray
+    torch = pytest.importorskip("torch", reason="torch runs its own Gram route (batched eigh)")
+    return torch.from_numpy, lambda t: t.numpy()
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype, d", [("float64", 256), ("float32", 256), ("float32", 264)],
                          ids=["float64-wide", "float32-wide", "float32-tall"])
-def test_numpy_gram_route_matches_the_qr_svd_route(dtype, d):
-    """The NumPy Gram routes (float64: ``zzᵀ`` of a wide ``z``; float32: ``zzᵀ`` or, tall, ``zᵀz``, then a
-    Rayleigh–Ritz step; only the top k+1 pairs) give the sketch of the QR + SVD route (array-api-strict
-    runs the latter) to float rounding, on a spectrum the float32 Gram resolves (σ² ∝ i⁻²)."""
+def test_gram_routes_match_the_qr_svd_route(dtype, d, lib):
+    """The Gram routes (float64: ``zzᵀ`` of a wide ``z``; float32: ``zzᵀ`` or, tall, ``zᵀz``, then a
+    Rayleigh–Ritz step; only the top k+1 pairs; NumPy by ``syevr`` per matrix, torch by a batched full
+    ``eigh``) give the sketch of the QR + SVD route (array-api-strict runs the latter) to float
+    rounding, on a spectrum the float32 Gram resolves (σ² ∝ i⁻²)."""
     xps = pytest.importorskip("array_api_strict", reason="array-api-strict runs the QR + SVD route")
+    to, back = _gram_lib(lib)
     sketch = __import__("importlib").import_module("arrayopt.sketchy.math")
     rng = np.random.default_rng(5)
     k, m = 8, 256
     state = [np.zeros((d, k), dtype), np.zeros(k, dtype), np.zeros(1, dtype)]
     for _ in range(2):
         x = (rng.normal(size=(d, m)) * np.arange(1, d + 1)[:, None] ** -1.0).astype(dtype)
-        a = fd_update(*state, x, beta2=0.99)
+        a = [back(v) for v in fd_update(*[to(v) for v in state], to(x), beta2=0.99)[:4]]
         b = fd_update(*[xps.asarray(v) for v in state], xps.asarray(x), beta2=0.99)
         rtol = 1e-9 if dtype == "float64" else 2e-4
-        for got, want in zip(a[:4], b[:4]):
+        for got, want in zip(a, b[:4]):
             np.testing.assert_allclose(got, np.asarray(want), rtol=rtol, atol=rtol * np.abs(np.asarray(want)).max())
-        state = [a.eigvecs, a.sv, a.tail]
+        state = a[:3]
     assert sketch._gram_route(d, m + k, k, np.dtype(dtype))
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
 @pytest.mark.parametrize("d, m", [(256, 256), (264, 240)], ids=["wide", "tall"])
-def test_float32_gram_routes_are_normwise_accurate_on_steep_spectra(d, m):
+def test_float32_gram_routes_are_normwise_accurate_on_steep_spectra(d, m, lib):
     """A float32 Gram resolves eigenvalues only down to ``u₃₂‖Z‖²`` (a float32 SVD: ``u₃₂σ₁σ_j``): on a
     spectrum σ_j² ∝ j⁻⁴ the sketch Ḡ', the tail ρ' and the FD sandwich still hold normwise at float32
     tolerance, ``‖Ḡ'₃₂ − Ḡ'₆₄‖ ≤ 1e-5‖Z‖²`` (F1a in docs/sketchy.md)."""
@@ -243,9 +255,12 @@ def test_float32_gram_routes_are_normwise_accurate_on_steep_spectra(d, m):
     s32 = [np.zeros((d, k), np.float32), np.zeros(k, np.float32), np.zeros(1, np.float32)]
     s64 = [np.zeros((d, k)), np.zeros(k), np.zeros(1)]
     G = np.zeros((d, d))
+    to, back = _gram_lib(lib)
     for _ in range(2):
         x = (rng.normal(size=(d, m)) * scales).astype(np.float32)
-        a, b = fd_update(*s32, x, beta2=0.99), fd_update(*s64, x.astype(np.float64), beta2=0.99)
+        a = fd_update(*[to(v) for v in s32], to(x), beta2=0.99)
+        a = a._replace(**{f: back(getattr(a, f)) for f in ("eigvecs", "sv", "tail")})
+        b = fd_update(*s64, x.astype(np.float64), beta2=0.99)
         s32, s64 = [a.eigvecs, a.sv, a.tail], [b.eigvecs, b.sv, b.tail]
         G = 0.99 * G + x.astype(np.float64) @ x.T.astype(np.float64)
         scale = np.linalg.norm(G, 2)
