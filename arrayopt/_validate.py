@@ -299,7 +299,8 @@ def all_finite(xp, leaves) -> bool:
     floats = [g for g in leaves if xp.isdtype(g.dtype, "real floating")]
     if floats:
         with np.errstate(all="ignore"):  # an overflowing sum is expected here, not an error
-            sums = [xp.astype(xp.sum(g), xp.float32) for g in floats]
+            sums = [xp.sum(g) for g in floats]
+            sums = [x if x.dtype == xp.float32 else xp.astype(x, xp.float32) for x in sums]
             total = sums[0] if len(sums) == 1 else xp.sum(xp.stack(sums))
             if bool(xp.isfinite(total)):
                 return True

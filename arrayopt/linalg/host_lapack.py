@@ -32,9 +32,12 @@ def lapack_for(library: str) -> str:
 
 
 def _torch_view(a: np.ndarray):
+    """A torch tensor sharing ``a``'s memory (any layout torch takes: no copy unless a stride is negative)."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(a))
+    if any(st < 0 for st in a.strides):
+        a = np.ascontiguousarray(a)
+    return torch.from_numpy(a)
 
 
 def eigh(a: np.ndarray, lapack: str = "numpy"):

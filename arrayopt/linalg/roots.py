@@ -76,10 +76,13 @@ def _check_args(p, ridge_epsilon, method, compute_dtype):
 def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool, lapack: str = "numpy"):
     """Root of a host array ``(..., n, n)`` with ``lapack``'s ``eigh``; returns ``(root, ok)`` with
     ``ok`` per matrix."""
-    a = 0.5 * (a + np.swapaxes(a, -1, -2))
+    a = a + np.swapaxes(a, -1, -2)
+    a *= 0.5
     batch = a.shape[:-2]
-    ok = np.isfinite(a).all(axis=(-1, -2))
+    with np.errstate(all="ignore"):  # a finite sum proves a finite matrix (see _validate.all_finite)
+        ok = np.isfinite(np.sum(a, axis=(-1, -2)))
     if not ok.all():
+        ok = np.isfinite(a).all(axis=(-1, -2))
         a = np.where(ok[..., None, None], a, np.eye(a.shape[-1], dtype=a.dtype))
     try:
         w, q = host_lapack.eigh(a, lapack)
@@ -134,13 +137,14 @@ def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, met
     ``eigh`` and products (:mod:`arrayopt.linalg.host_lapack`).
     """
     dt = np.dtype(compute_dtype)
-    mats = [np.asarray(m, dtype=dt) for m in mats]
     roots, oks, fallbacks = [None] * len(mats), [False] * len(mats), 0
     groups: dict = {}
     for i, (m, p) in enumerate(zip(mats, exponents)):  # equal shapes and exponents: one batched call
-        groups.setdefault((m.shape, p), []).append(i)
-    for (_, p), idx in groups.items():
-        a = mats[idx[0]][None] if len(idx) == 1 else np.stack([mats[i] for i in idx])
+        groups.setdefault((tuple(m.shape), p), []).append(i)
+    for (shape, p), idx in groups.items():
+        a = np.empty((len(idx),) + shape, dt)  # one casting copy per matrix into the stack
+        for k, i in enumerate(idx):
+            a[k] = mats[i]
         if method == "newton":
             r, _, ok, _ = _newton_escalated(np, a, int(p), ridge_epsilon, relative, error_tolerance,
                                             max_iterations, failure_threshold, ridge_retries)

@@ -130,6 +130,9 @@ CONTENDERS = {
     "ao sonew band-4": ("ours", lambda d: Ours(ao.sonew(learning_rate=LR, band=4), d), 1),
     # F=1: pytorch_optimizer.Shampoo's settings (running sum, no momentum, no grafting)
     "ao shampoo F=1": ("ours", lambda d: Ours(_shampoo(1, b1=0.0, b2=1.0, eps=1e-6, graft="none"), d), 1),
+    # and its precision and factors: float32 roots (po: float32 SVD), one factor per dim (po merges none)
+    "ao shampoo F=1 f32 per-dim": ("ours", lambda d: Ours(_shampoo(
+        1, b1=0.0, b2=1.0, eps=1e-6, graft="none", root_dtype="float32", merge_small_dims=1), d), 1),
     "ao shampoo F=10": ("ours", lambda d: Ours(_shampoo(10), d, 10), 10),
     "ao shampoo EC-QR F=10": ("ours", lambda d: Ours(_shampoo(
         10, b2=0.95, preconditioner="eigenvalue_corrected", root_method="qr", root_dtype="float32"), d, 10), 10),
