@@ -217,6 +217,7 @@ class Shampoo(Optimizer):
             tree = state[name]
             if not isinstance(tree, list) or len(tree) != len(leaves):
                 raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
+            arrays, where, kinds = [], [], []  # every factor of the tree, checked in one call
             for p, path, dt, per_leaf in zip(leaves, paths, dtypes, tree):
                 want = layout(p)
                 if name == "second_moment" and isinstance(per_leaf, list):
@@ -229,10 +230,14 @@ class Shampoo(Optimizer):
                 for blk in per_leaf:
                     for f in blk:
                         if ns.library != "numpy" or not isinstance(f, np.ndarray):
-                            _validate.check_state_leaves(name, [f], [path], ns, [f], [dt])
+                            arrays.append(f)
+                            where.append(path)
+                            kinds.append(dt)
                         elif f.dtype != dt:
                             raise TypeError(f"state[{name!r}] leaf {path}: dtype {dtype_name(f.dtype)}, "
                                             f"expected {dtype_name(dt)}")
+            if arrays:
+                _validate.check_state_leaves(name, arrays, where, ns, arrays, kinds)
         for k in self._counters:
             v = state[k]
             if isinstance(v, bool) or not isinstance(v, int):
@@ -438,7 +443,7 @@ class Shampoo(Optimizer):
                 new_moments = moments
             if active:
                 u_pre = tree_step.graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg)
-        u = [u_g[i] if plan.skipped or not active else xp.reshape(u_pre[i], tuple(p.shape))
+        u = [u_g[i] if plan.skipped or not active else tree_step.reshape(xp, u_pre[i], tuple(p.shape))
              for i, (p, plan) in enumerate(zip(leaves, plans))]
         p32 = tree_step.low_precision_params(xp, leaves, cfg)
         upd, new_mom = tree_step.tail(xp, runs, leaves, [u, state["momentum"] if b1 > 0 else None, p32],

@@ -13,6 +13,8 @@ elementwise tail (graft direction, grafting, momentum, decay) of the small leave
 
 from __future__ import annotations
 
+from array_api_compat import is_torch_array
+
 from .. import grafting
 from .._xp import is_low_precision
 from ..momentum import heavy_ball_update
@@ -26,8 +28,17 @@ __all__ = ["SMALL", "statistics", "directions", "tail"]
 SMALL = 1 << 16
 
 
+def reshape(xp, x, shape):
+    """``x`` in ``shape`` (``x`` itself when it has that shape: a reshape costs a call per leaf)."""
+    return x if tuple(x.shape) == tuple(shape) else xp.reshape(x, shape)
+
+
+def _ravel(xp, x):
+    return x if len(x.shape) == 1 else xp.reshape(x, (-1,))
+
+
 def _blocks(xp, g, plan):
-    return split(xp, xp.reshape(g, plan.shape), plan.blocks)
+    return split(xp, reshape(xp, g, plan.shape), plan.blocks)
 
 
 def _gather(xp, group, g_blocks):
@@ -119,16 +130,18 @@ def graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg):
         blocks = [x for x, _ in d_blocks[i]]
         u = merge(xp, blocks, plan.shape, cfg.block_size)
         if not all(done for _, done in d_blocks[i]):  # several blocks grafted per layer
-            u = grafting.graft(xp, u, xp.reshape(u_g[i], plan.shape))
+            u = grafting.graft(xp, u, reshape(xp, u_g[i], plan.shape))
         out[i] = u
     return out
 
 
 def _flat(xp, arrays):
-    return xp.concat([xp.reshape(a, (-1,)) for a in arrays]) if len(arrays) > 1 else xp.reshape(arrays[0], (-1,))
+    return xp.concat([_ravel(xp, a) for a in arrays]) if len(arrays) > 1 else _ravel(xp, arrays[0])
 
 
 def _split(flat, shapes, sizes):
+    if is_torch_array(flat):  # the views in one call
+        return list(flat.split(sizes))
     out, o = [], 0
     for n in sizes:
         out.append(flat[o:o + n])
@@ -159,15 +172,14 @@ def tail(xp, runs, leaves, arrays, fn, n_out: int = 2):
     for run in runs:
         shapes = [tuple(leaves[i].shape) for i in run]
         sizes = [max(1, _size(s)) for s in shapes]
-        ins = [None if arr is None or arr[run[0]] is None else
-               (xp.reshape(arr[run[0]], (-1,)) if len(run) == 1 else _flat(xp, [arr[i] for i in run]))
+        ins = [None if arr is None or arr[run[0]] is None else _flat(xp, [arr[i] for i in run])
                for arr in arrays]
         res = fn(*ins)
         for j, r in enumerate(res):
             if r is None:
                 continue
-            parts = [xp.reshape(r, shapes[0])] if len(run) == 1 else \
-                [xp.reshape(x, s) for x, s in zip(_split(r, shapes, sizes), shapes)]
+            parts = [reshape(xp, r, shapes[0])] if len(run) == 1 else \
+                [reshape(xp, x, s) for x, s in zip(_split(r, shapes, sizes), shapes)]
             for i, x in zip(run, parts):
                 outs[j][i] = x
     return outs
