@@ -264,12 +264,18 @@ class Sketchy(Optimizer):
             tree = state[name]
             if not isinstance(tree, list) or len(tree) != len(leaves):
                 raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
+            arrays, shapes, kinds, where = [], [], [], []  # the whole tree checked in one call
             for p, path, dt, per_leaf in zip(leaves, paths, dtypes, tree):
                 want = [s[j] for s in self.plan(p.shape).sketch_shapes()]
                 if not isinstance(per_leaf, list) or len(per_leaf) != len(want):
                     raise ValueError(f"state[{name!r}] leaf {path}: expected a list of {len(want)} arrays "
                                      f"(one per preconditioned axis of params shape {tuple(p.shape)})")
-                for a, s in zip(per_leaf, want):
+                arrays += per_leaf
+                shapes += [tuple(s) for s in want]
+                kinds += [dt] * len(want)
+                where += [path] * len(want)
+            if not _validate._fast_like(arrays, shapes, kinds, ns):
+                for a, s, dt, path in zip(arrays, shapes, kinds, where):
                     _validate._check_leaf(f"state[{name!r}]", path, a, s, dt, ns, "expected")
         v = state["sketch_skipped"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
