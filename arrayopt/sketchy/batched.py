@@ -92,7 +92,8 @@ def sketch_groups(xp, cfg, tree: TreePlan, g_leaves, per_leaf_axes):
         n = len(group.leaves)
         for axis in range(len(group.shape)):
             u, sv, tail = (_stack(xp, [per_leaf_axes[i][axis][j] for i in group.leaves]) for j in (0, 1, 3))
-            s = fd_update_stacked(u, sv, tail, _unfold(xp, g, axis), beta2=cfg.b2, tail_decay=cfg.tail_decay)
+            s = fd_update_stacked(u, sv, tail, _unfold(xp, g, axis), beta2=cfg.b2, tail_decay=cfg.tail_decay,
+                                  x_finite=True)  # the step checked its gradients first
             inv, inv_tail = inverse_factors(s.undeflated, s.tail, alpha=group.alpha, eps=cfg.eps,
                                             relative=cfg.relative_eps, mask=s.sv > 0)
             cols = [_unstack(xp, a, n) for a in (s.eigvecs, s.sv, inv, s.tail, inv_tail)]

@@ -247,19 +247,26 @@ def fd_update(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "be
                     undeflated=s.undeflated[0, :], escaped=xp.reshape(s.escaped, ()), ok=xp.reshape(s.ok, ()))
 
 
-def fd_update_stacked(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "beta2") -> FDSketch:
+def fd_update_stacked(eigvecs, sv, tail, x, *, beta2: float = 1.0, tail_decay: str = "beta2",
+                      x_finite: bool = False) -> FDSketch:
     """:func:`fd_update` of ``B`` independent sketches of one shape at once (the decompositions
     batched over the leading axis): ``eigvecs`` (B, d, k), ``sv`` (B, k), ``tail`` (B, 1), ``x``
     (B, d, m). Returns an :class:`FDSketch` of stacks (``escaped`` and ``tail`` (B, 1), ``ok`` (B,));
     each sketch's result is the one :func:`fd_update` gives it alone. Shapes are the caller's
-    contract (not checked here)."""
+    contract (not checked here). ``x_finite=True``: the caller has checked ``x`` (the optimizer's
+    gradients), so only the old sketch is checked (two passes over ``x`` saved)."""
     _check_beta2(beta2, tail_decay)
     xp = compat.array_namespace(eigvecs, sv, tail, x)
     _, d, k = (int(n) for n in eigvecs.shape)
     tau = beta2 if tail_decay == "beta2" else math.sqrt(beta2)
-    z = xp.concat([eigvecs * (sv * math.sqrt(beta2))[:, None, :], x], axis=2)
-    finite_in = xp.all(xp.isfinite(z), axis=(1, 2)) & xp.all(xp.isfinite(tail), axis=1)
-    z = xp.where(finite_in[:, None, None], z, xp.zeros_like(z))  # never hand non-finite data to the SVD
+    scaled = eigvecs * (sv * math.sqrt(beta2))[:, None, :]
+    finite_in = xp.all(xp.isfinite(scaled), axis=(1, 2)) & xp.all(xp.isfinite(tail), axis=1)
+    if x_finite:  # never hand non-finite data to the decomposition
+        z = xp.concat([xp.where(finite_in[:, None, None], scaled, xp.zeros_like(scaled)), x], axis=2)
+    else:
+        z = xp.concat([scaled, x], axis=2)
+        finite_in = finite_in & xp.all(xp.isfinite(x), axis=(1, 2))
+        z = xp.where(finite_in[:, None, None], z, xp.zeros_like(z))
     u, s = _left_singular(xp, z, k)
     top = s[:, :k]
     cut = s[:, k:k + 1] if s.shape[1] > k else xp.zeros_like(s[:, :1])
