@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LAPACKS", "lapack_for", "eigh", "gram"]
+__all__ = ["LAPACKS", "lapack_for", "eigh", "symmetrized", "scaled_gram", "finite_matrices"]
 
 #: the host libraries a root job can call
 LAPACKS = ("numpy", "torch")
@@ -53,17 +53,40 @@ def eigh(a: np.ndarray, lapack: str = "numpy"):
     return w.numpy(), q.numpy()
 
 
-def gram(b: np.ndarray, lapack: str = "numpy") -> np.ndarray:
-    """``B Bᵀ`` of each matrix of ``b`` (``(..., n, k)``), exactly symmetric.
+def symmetrized(a: np.ndarray, lapack: str = "numpy") -> np.ndarray:
+    """``(A + Aᵀ)/2`` of each matrix of ``a`` (a new array)."""
+    if lapack == "numpy":
+        s = a + np.swapaxes(a, -1, -2)
+    else:
+        t = _torch_view(a)
+        s = (t + t.mT).numpy()  # multi-threaded: a transposed read of a large stack is slow in one thread
+    s *= 0.5
+    return s
 
-    NumPy: one symmetric rank-k update per matrix (half a GEMM's flops). torch: one batched
-    GEMM, then ``(C + Cᵀ)/2`` (exactly symmetric, since floating-point addition commutes).
+
+def scaled_gram(q: np.ndarray, h: np.ndarray, lapack: str = "numpy") -> np.ndarray:
+    """``B Bᵀ`` with ``B = Q diag(h)`` for each matrix of ``q`` (``(..., n, k)``, ``h`` ``(..., k)``).
+
+    NumPy: one symmetric rank-k update per matrix (half a GEMM's flops, exactly symmetric).
+    torch: one batched GEMM (symmetric to rounding: a symmetrizing pass over a GPT-2-sized set of
+    roots costs seconds).
     """
     if lapack == "numpy":
+        b = q * h[..., None, :]
         flat = b.reshape((-1,) + b.shape[-2:])
         return np.stack([m @ m.T for m in flat]).reshape(b.shape[:-1] + b.shape[-2:-1])
     import torch
 
-    t = _torch_view(b)
-    c = torch.matmul(t, t.mT)
-    return ((c + c.mT) * 0.5).numpy()
+    b = _torch_view(q) * _torch_view(h)[..., None, :]
+    return torch.matmul(b, b.mT).numpy()
+
+
+def finite_matrices(a: np.ndarray) -> np.ndarray:
+    """Per matrix of ``a`` (``(..., n, n)``), whether every entry is finite: a finite sum proves it
+    (NaN and ±Inf propagate through addition); only the matrices whose sum is not finite are read
+    again entry by entry."""
+    with np.errstate(all="ignore"):
+        ok = np.isfinite(np.sum(a, axis=(-1, -2)))
+    if not ok.all():
+        ok = np.isfinite(a).all(axis=(-1, -2))
+    return ok

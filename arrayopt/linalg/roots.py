@@ -76,13 +76,10 @@ def _check_args(p, ridge_epsilon, method, compute_dtype):
 def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool, lapack: str = "numpy"):
     """Root of a host array ``(..., n, n)`` with ``lapack``'s ``eigh``; returns ``(root, ok)`` with
     ``ok`` per matrix."""
-    a = a + np.swapaxes(a, -1, -2)
-    a *= 0.5
+    a = host_lapack.symmetrized(a, lapack)
     batch = a.shape[:-2]
-    with np.errstate(all="ignore"):  # a finite sum proves a finite matrix (see _validate.all_finite)
-        ok = np.isfinite(np.sum(a, axis=(-1, -2)))
+    ok = host_lapack.finite_matrices(a)
     if not ok.all():
-        ok = np.isfinite(a).all(axis=(-1, -2))
         a = np.where(ok[..., None, None], a, np.eye(a.shape[-1], dtype=a.dtype))
     try:
         w, q = host_lapack.eigh(a, lapack)
@@ -102,7 +99,7 @@ def _eigh_root_host(a: np.ndarray, p: float, eps: float, relative: bool, lapack:
         q = np.stack(qs).reshape(a.shape)
         ok = oks.reshape(batch)
     root = root_from_eigenpairs(w, q, p, eps, relative, lapack)
-    ok = ok & np.isfinite(root).all(axis=(-1, -2))
+    ok = ok & host_lapack.finite_matrices(root)
     return root, ok
 
 
@@ -119,8 +116,7 @@ def root_from_eigenpairs(w: np.ndarray, q: np.ndarray, p: float, eps: float, rel
         w_r = w + eps
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         half = w_r ** (-0.5 / p)  # Q diag(λ^(-1/p)) Qᵀ = B Bᵀ with B = Q diag(λ^(-1/(2p)))
-    # Q diag(λ^(-1/p)) Qᵀ = B Bᵀ, exactly symmetric
-    return host_lapack.gram(q * half[..., None, :], lapack)
+    return host_lapack.scaled_gram(q, half, lapack)
 
 
 def host_inverse_pth_roots(mats, exponents, *, ridge_epsilon, relative=True, method="eigh",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import math
 
 __all__ = ["BlockGroup", "TreePlan", "group_blocks", "stack", "unstack", "contraction", "update_factors",
@@ -58,6 +60,39 @@ def group_blocks(plans) -> TreePlan:
 def stack(xp, arrays):
     """``(n, ...)`` from ``n`` arrays of one shape (a view-free copy; one array gets a new axis)."""
     return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
+
+
+def stack_readonly(xp, arrays):
+    """:func:`stack` for a stack that is only read: arrays that are exactly the members of one stack,
+    in order (what :func:`unstack` gave the last step's factors), give that stack back, no copy."""
+    base = _stack_of(arrays) if len(arrays) > 1 else None
+    return base if base is not None else stack(xp, arrays)
+
+
+def _stack_of(arrays):
+    """The stack whose members (``base[k]``, in order) ``arrays`` are, else ``None`` (NumPy and torch)."""
+    first = arrays[0]
+    base = getattr(first, "_base", None)  # torch
+    if base is not None and hasattr(first, "storage_offset"):
+        if base.shape[0] != len(arrays) or tuple(base.shape[1:]) != tuple(first.shape) or base.dtype != first.dtype \
+                or not base.is_contiguous() or base.storage_offset() != 0:
+            return None
+        step = base.stride(0)
+        for k, a in enumerate(arrays):
+            if a._base is not base or a.storage_offset() != k * step or a.stride() != base.stride()[1:]:
+                return None
+        return base
+    base = getattr(first, "base", None)  # NumPy
+    if isinstance(base, np.ndarray) and type(first) is np.ndarray:
+        if base.shape[0] != len(arrays) or base.shape[1:] != first.shape or base.dtype != first.dtype \
+                or not base.flags.c_contiguous:
+            return None
+        start, step = base.__array_interface__["data"][0], base.strides[0]
+        for k, a in enumerate(arrays):
+            if a.base is not base or a.__array_interface__["data"][0] != start + k * step or a.strides != base.strides[1:]:
+                return None
+        return base
+    return None
 
 
 def unstack(x) -> list:

@@ -42,9 +42,13 @@ def update_factors(xp, factors, g, mask, b2: float, contract=None):
     for axis, m in enumerate(mask):
         if not m:
             continue
-        c = contract(xp, g, axis)
+        c = contract(xp, g, axis)  # a new array: updated in place (the values of f·w₁ + c·w₂)
         f = factors[j]
-        out.append(f + c if w1 == 1.0 and w2 == 1.0 else f * w1 + c * w2)
+        if not (w1 == 1.0 and w2 == 1.0):
+            c *= w2
+            f = f * w1
+        c += f
+        out.append(c)
         j += 1
     return out
 

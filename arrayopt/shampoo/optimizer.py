@@ -327,9 +327,11 @@ class Shampoo(Optimizer):
     def _install(self, ns, leaves, trees, result, counters, stats_step):
         """New ``trees`` (roots/bases/second moment) with the job's results (failed factors keep theirs)."""
         trees = dict(trees)
+        tree_plan = self.tree_plan([self.plan(p.shape) for p in leaves])
         for k in ("roots", "bases"):
             if k in trees and k in result:
-                trees[k] = self._replace(ns, trees[k], result[k])
+                # one stack per group, kept as views: every step until the next install reads it as is
+                trees[k] = tree_step.restack(ns.xp, tree_plan, self._replace(ns, trees[k], result[k]))
         if "second_moment" in trees and any(p is not None for p in result["perms"]):
             trees["second_moment"] = self._permute_moments(ns, leaves, trees["second_moment"], result["perms"])
         counters["roots_step"] = stats_step

@@ -47,9 +47,10 @@ def _gather(xp, group, g_blocks):
 
 
 def _factor_stacks(xp, per_leaf_tree, group):
-    """The stacked factors of a group (one ``(n, d, d)`` per preconditioned axis)."""
+    """The stacked factors of a group (one ``(n, d, d)`` per preconditioned axis; read only: the last
+    step's stack itself when the factors are still its members)."""
     k = len(per_leaf_tree[group.members[0][0]][group.members[0][1]])
-    return [batched.stack(xp, [per_leaf_tree[i][b][j] for i, b in group.members]) for j in range(k)]
+    return [batched.stack_readonly(xp, [per_leaf_tree[i][b][j] for i, b in group.members]) for j in range(k)]
 
 
 def _scatter(out, group, stacks):
@@ -57,6 +58,18 @@ def _scatter(out, group, stacks):
     parts = [batched.unstack(s) for s in stacks]
     for k, (i, b) in enumerate(group.members):
         out[i][b] = [p[k] for p in parts]
+
+
+def restack(xp, tree_plan, per_leaf_tree):
+    """``per_leaf_tree`` (per leaf, block, factor) with each group's factors as views of one new stack
+    per factor axis (what :func:`_factor_stacks` then reads without a copy)."""
+    out = [[list(blk) for blk in per_leaf] for per_leaf in per_leaf_tree]
+    for group in tree_plan.groups:
+        i0, b0 = group.members[0]
+        stacks = [batched.stack(xp, [per_leaf_tree[i][b][j] for i, b in group.members])
+                  for j in range(len(per_leaf_tree[i0][b0]))]
+        _scatter(out, group, stacks)
+    return out
 
 
 def block_gradients(xp, plans, g32):
