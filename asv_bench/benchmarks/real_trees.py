@@ -142,6 +142,11 @@ CONTENDERS = {
 
 REFERENCE = "torch Adam fused"
 
+#: our contender -> the peer its target names (the script prints their ratio per round)
+PEER = {"ao shampoo F=1": "po Shampoo F=1", "ao shampoo F=1 f32 per-dim": "po Shampoo F=1",
+        "ao shampoo F=10": "po ScalableShampoo F=10", "ao shampoo EC-QR F=10": "po SOAP F=10",
+        "ao sketchy": "po Shampoo F=1"}
+
 #: contenders of the per-leaf fixed-cost fit
 FIT_CONTENDERS = ("torch Adam fused", "ao adam", "ao sonew tri", "ao shampoo F=1", "ao shampoo F=10",
                   "ao sketchy", "ao eva_s")

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import env_info, set_threads  # noqa: E402
 from benchmarks.real_trees import (  # noqa: E402
-    CONTENDERS, FIT_CONTENDERS, REFERENCE, SHAPES, TreeData, build, tiny_leaves_shapes,
+    CONTENDERS, FIT_CONTENDERS, PEER, REFERENCE, SHAPES, TreeData, build, tiny_leaves_shapes,
 )
 
 #: --quick: what runs (GPT-2 keeps the rows whose step is under a few seconds)
@@ -82,6 +82,7 @@ def tree_table(tree, names, rounds, group, absent):
     print("|---|---:|---:|---|")
     others = [n for n in names if n != REFERENCE]
     groups = [others[i:i + group] for i in range(0, len(others), group)] or [[]]
+    against = []
     for g in groups:
         rows = run_group(data, g, rounds, absent)
         for n, (s, r) in rows.items():
@@ -89,6 +90,13 @@ def tree_table(tree, names, rounds, group, absent):
                 continue
             print(f"| {n} | {1e3 * statistics.median(s):.2f} | {statistics.median(r):.2f} | "
                   f"{min(r):.2f}–{max(r):.2f} |", flush=True)
+        against += [(n, PEER[n], [a / b for a, b in zip(rows[n][0], rows[PEER[n]][0])])
+                    for n in rows if n in PEER and PEER[n] in rows]
+    if against:  # the same rounds: each ratio from one pass over the contenders
+        print("\n| contender | x its peer (median of rounds) | min–max | peer |")
+        print("|---|---:|---|---|")
+        for n, peer, r in against:
+            print(f"| {n} | {statistics.median(r):.2f} | {min(r):.2f}–{max(r):.2f} | {peer} |", flush=True)
 
 
 def lstsq3(rows):
