@@ -86,15 +86,19 @@ def _local_roots(job: RootJob) -> dict:
 
 
 def _local_bases(job: RootJob) -> dict:
-    """Eigenbases (eigh, or QR warm-started from ``job.prev``) and, for root-inverse, roots from them."""
+    """Eigenbases (eigh, or QR warm-started from ``job.prev``) and, for root-inverse, roots from them.
+
+    The bases always come from NumPy's LAPACK: within a repeated eigenvalue (a rank-deficient
+    early factor has a whole null space) each LAPACK picks its own basis, and the eigenvalue-
+    corrected step and the QR warm starts depend on that choice (torch's ``eigh`` moved params by
+    0.19 after 3 steps on a 5-entry leaf). A root ``Q f(Λ) Qᵀ`` does not, so roots use ``job.lapack``."""
     method = "eigh" if job.method == "eigh" else "qr"
     bases, perms, roots = {}, {}, {}
     failures = skips = 0
     prev = job.prev if job.prev is not None else [None] * len(job.mats)
     for i, m, q0, p in zip(job.index, job.mats, prev, job.exponents):
         r = refresh_eigenbasis(m, q0, method=method, iterations=job.qr_iterations, tolerance=job.qr_tolerance,
-                               compute_dtype=job.compute_dtype, eigenvalues=job.preconditioner == "root_inverse",
-                               lapack=job.lapack)
+                               compute_dtype=job.compute_dtype, eigenvalues=job.preconditioner == "root_inverse")
         failures += r.status == "failed"
         skips += r.status == "skipped"
         bases[i] = _out(job, r.basis)

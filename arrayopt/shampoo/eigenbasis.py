@@ -34,8 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..linalg import host_lapack
-
 __all__ = ["EigenbasisResult", "refresh_eigenbasis", "off_diagonal_ratio"]
 
 
@@ -69,13 +67,9 @@ def _off_diagonal_ratio_orthogonal(a_fro2: float, diag: np.ndarray) -> float:
     return float(np.sqrt(max(a_fro2 - float(np.sum(diag * diag)), 0.0) / a_fro2))
 
 
-def _eigh_descending(a: np.ndarray, lapack: str = "numpy"):
-    """Eigenpairs in decreasing order, each vector's sign fixed (``Σ q³ ≥ 0``), so that every LAPACK
-    gives the same basis (the preconditioner does not depend on the signs; the stored basis does)."""
-    w, q = host_lapack.eigh(a, lapack)
-    q = np.ascontiguousarray(q[:, ::-1])
-    q *= np.where(np.einsum("ij,ij,ij->j", q, q, q) < 0, -1, 1).astype(q.dtype)
-    return w[::-1].copy(), q
+def _eigh_descending(a: np.ndarray):
+    w, q = np.linalg.eigh(a)
+    return w[::-1].copy(), np.ascontiguousarray(q[:, ::-1])
 
 
 def _qr_positive(m: np.ndarray) -> np.ndarray:
@@ -150,13 +144,11 @@ def orthonormalize(w: np.ndarray) -> np.ndarray:
 
 
 def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tolerance: float = 0.01,
-                       compute_dtype: str = "float64", eigenvalues: bool = True,
-                       lapack: str = "numpy") -> EigenbasisResult:
+                       compute_dtype: str = "float64", eigenvalues: bool = True) -> EigenbasisResult:
     """A new eigenbasis of symmetric PSD ``a`` (host array), warm-started from ``prev`` for ``"qr"``.
 
     ``eigenvalues=False`` skips the final ``diag(QᵀAQ)`` after the last QR step (the
     eigenvalue-corrected preconditioner needs only the basis; ``eigenvalues`` is then ``None``).
-    ``lapack``: whose ``eigh`` (:mod:`arrayopt.linalg.host_lapack`); the QR steps use NumPy.
     """
     dt = np.dtype(compute_dtype)
     a = np.asarray(a, dtype=dt)  # symmetric: eigh reads one triangle, the QR step only multiplies by it
@@ -164,7 +156,7 @@ def refresh_eigenbasis(a, prev, *, method: str = "qr", iterations: int = 1, tole
         return EigenbasisResult(None, None, None, "failed")
     try:
         if method == "eigh" or prev is None:
-            w, q = _eigh_descending(a, lapack)
+            w, q = _eigh_descending(a)
             perm, status = None, "ok"
         else:
             q = np.asarray(prev, dtype=dt)
