@@ -288,6 +288,8 @@ def _check_leaf(arg, path, leaf, shape, dtype, ns: Namespace, ref_arg):
 
 
 _FLOAT_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
+#: 1-D leaves of at most this many entries share one sum in :func:`all_finite`
+_SMALL = 1 << 14
 
 
 def all_finite(xp, leaves) -> bool:
@@ -301,8 +303,15 @@ def all_finite(xp, leaves) -> bool:
     """
     floats = [g for g in leaves if dtype_name(g.dtype) in _FLOAT_NAMES]
     if floats:
+        big, small = [], {}  # small 1-D leaves (biases, norms) are summed as one concatenation per dtype
+        for g in floats:
+            if len(g.shape) == 1 and g.shape[0] <= _SMALL:
+                small.setdefault(dtype_name(g.dtype), []).append(g)
+            else:
+                big.append(g)
         with np.errstate(all="ignore"):  # an overflowing sum is expected here, not an error
-            sums = [xp.sum(g) for g in floats]
+            sums = [xp.sum(g) for g in big] + [xp.sum(xp.concat(gs) if len(gs) > 1 else gs[0])
+                                                for gs in small.values()]
             sums = [x if x.dtype == xp.float32 else xp.astype(x, xp.float32) for x in sums]
             total = sums[0] if len(sums) == 1 else xp.sum(xp.stack(sums))
             if bool(xp.isfinite(total)):

@@ -128,7 +128,7 @@ class Shampoo(Optimizer):
         self._init_transient()
         self.hyperparams = {k: getattr(config, k) for k in config.__dataclass_fields__}
 
-    _TRANSIENT = ("_plans", "_tree_plans", "_plans_lock")
+    _TRANSIENT = ("_plans", "_tree_plans", "_plans_lock", "_layouts")
 
     @property
     def _counters(self) -> tuple:
@@ -146,10 +146,15 @@ class Shampoo(Optimizer):
         # tuple of leaf shapes -> TreePlan (the block groups of a tree), filled under the same lock
         object.__setattr__(self, "_tree_plans", {})
         object.__setattr__(self, "_plans_lock", threading.Lock())
+        # (id of a LeafPlan kept in _plans, corrected) -> its factor layout (_layout)
+        object.__setattr__(self, "_layouts", {})
 
     # ---------------------------------------------------------------- layout
 
     def plan(self, shape) -> LeafPlan:
+        plan = self._plans.get(shape)  # NumPy, torch and JAX shapes hash as tuples of ints
+        if plan is not None:
+            return plan
         key = tuple(int(d) for d in shape)
         plan = self._plans.get(key)
         if plan is None:
@@ -196,6 +201,37 @@ class Shampoo(Optimizer):
 
     # ---------------------------------------------------------------- validation
 
+    def _layout(self, plan, corrected: bool):
+        """``(factors per block, flat factor shapes)`` of a leaf plan (per block one second moment
+        when ``corrected``), cached per plan."""
+        key = (id(plan), corrected)
+        out = self._layouts.get(key)
+        if out is None:
+            per_block = [[s] for s in plan.block_shapes()] if corrected else plan.factor_shapes()
+            out = self._layouts.setdefault(key, (tuple(len(b) for b in per_block),
+                                                 tuple(tuple(s) for b in per_block for s in b)))
+        return out
+
+    def _factors_fast(self, ns, corrected, tree, plans, dtypes) -> bool:
+        """Whether every array of a per-leaf factor tree is a plain array of the call's library and
+        device with its plan's layout, shape and dtype, read in one pass (``False``: the detailed
+        checks of :meth:`_check_state` run and name what is wrong)."""
+        arrays, shapes, kinds = [], [], []
+        for plan, dt, per_leaf in zip(plans, dtypes, tree):
+            counts, flat = self._layout(plan, corrected)
+            if type(per_leaf) is not list or len(per_leaf) != len(counts):
+                return False
+            if corrected:
+                arrays += per_leaf
+            else:
+                for blk, n in zip(per_leaf, counts):
+                    if type(blk) is not list or len(blk) != n:
+                        return False
+                    arrays += blk
+            shapes += flat
+            kinds += [dt] * len(flat)
+        return len(arrays) == len(shapes) and _validate._fast_like(arrays, shapes, kinds, ns)
+
     def _check_state(self, ns, leaves, paths, state, params_missing):
         cfg = self.config
         if params_missing and cfg.weight_decay != 0.0:
@@ -210,16 +246,19 @@ class Shampoo(Optimizer):
         for name in ("graft", "momentum"):
             if name in keys:
                 _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
-        trees = [(n, lambda p: self.plan(p.shape).factor_shapes()) for n in self._factor_trees]
+        plans = [self.plan(p.shape) for p in leaves]
+        trees = [(n, lambda plan: plan.factor_shapes()) for n in self._factor_trees]
         if cfg.eigenvalue_corrected:
-            trees.append(("second_moment", lambda p: [[s] for s in self.plan(p.shape).block_shapes()]))
+            trees.append(("second_moment", lambda plan: [[s] for s in plan.block_shapes()]))
         for name, layout in trees:
             tree = state[name]
             if not isinstance(tree, list) or len(tree) != len(leaves):
                 raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
+            if self._factors_fast(ns, name == "second_moment", tree, plans, dtypes):
+                continue
             arrays, where, kinds = [], [], []  # every factor of the tree, checked in one call
-            for p, path, dt, per_leaf in zip(leaves, paths, dtypes, tree):
-                want = layout(p)
+            for p, plan, path, dt, per_leaf in zip(leaves, plans, paths, dtypes, tree):
+                want = layout(plan)
                 if name == "second_moment" and isinstance(per_leaf, list):
                     per_leaf = [[b] for b in per_leaf]
                 got = [[tuple(f.shape) for f in blk] if isinstance(blk, list) else None for blk in per_leaf] \
