@@ -20,7 +20,6 @@ imported once, under a lock, before any thread looks at the registry.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import threading
 from typing import Any, NamedTuple, Protocol, runtime_checkable

@@ -17,7 +17,7 @@ an unpreconditioned axis is just rotated). For a matrix this is ``R_L G R_R``.
 
 from __future__ import annotations
 
-__all__ = ["contraction", "update_factors", "precondition_block", "rotate_block", "corrected_moment", "corrected_block"]
+__all__ = ["contraction", "update_factors", "precondition_block", "rotate_block", "corrected_moment"]
 
 
 def contraction(xp, g, axis: int):
@@ -100,20 +100,3 @@ def corrected_moment(xp, gh, second_moment, step):
     ``D_new = w₁ D + w₂ Ĝ²``, ``X = Ĝ / (√(c D_new) + ε)`` (the reference of the fused kernels)."""
     d_new = second_moment * step.decay + (gh * gh) * step.weight
     return gh / (xp.sqrt(d_new * step.inv_bias) + step.eps), d_new
-
-
-def corrected_block(xp, g, bases, second_moment, mask, step, moment=None):
-    r"""Eigenvalue-corrected direction of one block and its new second moment.
-
-    .. math::
-        Ĝ = G ×_j Q_j^\top,\quad D ← β_2 D + (1-β_2) Ĝ^{∘2}\ (D + Ĝ^{∘2} \text{ if } β_2 = 1),\quad
-        d = \Big(\frac{Ĝ}{\sqrt{D / (1-β_2^t)} + ε}\Big) ×_j Q_j
-
-    (no bias correction when ``β₂ = 1``); ``step`` is the
-    :class:`~arrayopt.shampoo.step.CorrectedMomentStep` of this step. ``moment(gh, D, step)``
-    computes ``(X, D_new)`` (default :func:`corrected_moment`; a backend's fused kernel may
-    write both in place).
-    """
-    gh = rotate_block(xp, g, bases, mask)
-    x, d_new = (moment or (lambda a, d, s: corrected_moment(xp, a, d, s)))(gh, second_moment, step)
-    return rotate_block(xp, x, bases, mask, back=True), d_new

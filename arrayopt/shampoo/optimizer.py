@@ -61,13 +61,12 @@ from .._overflow import gradients_in_range
 from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
 from ..linalg.host_lapack import lapack_for
-from .blocking import LeafPlan, merge, plan_leaf, split
+from .blocking import LeafPlan, plan_leaf
 from ..grafting import as_grafting
 from .config import ShampooConfig
 from .distributed import as_comm
 from .. import grafting
-from ..momentum import heavy_ball_update
-from .math import corrected_block, corrected_moment, precondition_block, update_factors
+from .math import corrected_moment
 from .step import corrected_moment_step
 from . import tree_step
 from .batched import TreePlan, group_blocks
