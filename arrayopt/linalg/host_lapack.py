@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LAPACKS", "lapack_for", "eigh", "symmetrized", "scaled_gram", "finite_matrices"]
-
-#: the host libraries a root job can call
-LAPACKS = ("numpy", "torch")
+__all__ = ["lapack_for", "eigh", "symmetrized", "scaled_gram", "finite_matrices"]
 
 
 def lapack_for(library: str) -> str:
@@ -57,11 +54,10 @@ def symmetrized(a: np.ndarray, lapack: str = "numpy") -> np.ndarray:
     """``(A + Aᵀ)/2`` of each matrix of ``a`` (a new array)."""
     if lapack == "numpy":
         s = a + np.swapaxes(a, -1, -2)
-    else:
-        t = _torch_view(a)
-        s = (t + t.mT).numpy()  # multi-threaded: a transposed read of a large stack is slow in one thread
-    s *= 0.5
-    return s
+        s *= 0.5
+        return s
+    t = _torch_view(a)  # multi-threaded: a transposed read of a large stack is slow in one thread
+    return (t + t.mT).mul_(0.5).numpy()
 
 
 def scaled_gram(q: np.ndarray, h: np.ndarray, lapack: str = "numpy") -> np.ndarray:
