@@ -24,6 +24,7 @@ they share. :data:`TABLE` is collected from them at import: ``ops``, ``capabilit
 from __future__ import annotations
 
 import importlib.util
+import math
 from types import MappingProxyType
 
 import numpy as np
@@ -208,7 +209,7 @@ class NumbaCPU:
         tensors of :class:`LazyViews` in one call per dtype, by address)."""
         if not isinstance(views, LazyViews):
             return all_finite(views)
-        from ._ptrs import address_table, count_nonfinite_addrs
+        from ._ptrs import address_table, count_nonfinite_addrs, sum_addrs
 
         by_dtype: dict = {}
         large = []
@@ -222,7 +223,8 @@ class NumbaCPU:
             like = np.float32(0) if str(dt) == "torch.float32" else np.float64(0)
             if str(dt) not in ("torch.float32", "torch.float64"):  # pragma: no cover - refused upstream
                 return all_finite([views[i] for i in range(len(views))])
-            if count_nonfinite_addrs(addrs[:, 0], sizes, like):
+            if not math.isfinite(sum_addrs(addrs[:, 0], sizes, like)) and count_nonfinite_addrs(
+                    addrs[:, 0], sizes, like):
                 return False
         return all_finite([views[i] for i in large])
 

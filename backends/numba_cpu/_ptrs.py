@@ -17,9 +17,9 @@ import numpy as np
 from numba import carray, njit, types
 from numba.extending import intrinsic
 
-from ._common import SERIAL
+from ._common import REDUCE, SERIAL
 
-__all__ = ["vector", "count_nonfinite_addrs", "address_table"]
+__all__ = ["vector", "sum_addrs", "count_nonfinite_addrs", "address_table"]
 
 
 @intrinsic
@@ -37,6 +37,20 @@ def _pointer(typingctx, addr, like):
 def vector(addr, n, like):
     """The ``n`` elements at ``addr`` as a flat array of ``like``'s dtype (no copy)."""
     return carray(_pointer(addr, like), n)
+
+
+@njit(**REDUCE)
+def sum_addrs(addrs, sizes, like):
+    """``Σ`` of every entry of every vector of the table (``addrs``: one column), in float64 from
+    per-vector sums in ``like``'s dtype: finite only if every entry is."""
+    total = 0.0
+    for j in range(sizes.size):
+        x = vector(addrs[j], sizes[j], like)
+        s = like - like
+        for i in range(x.size):
+            s += x[i]
+        total += s
+    return total
 
 
 @njit(**SERIAL)
