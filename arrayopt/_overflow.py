@@ -18,9 +18,15 @@ IN_RANGE = 2.0 ** -48
 
 
 def gradients_in_range(views) -> bool:
-    """``‖g‖² < 2^-48·max`` on every view (one read each, a dot product); false for NaN or Inf."""
+    """``‖g‖² < 2^-48·max`` on every view (one read each); false for NaN or Inf.
+
+    ``‖g‖²`` is ``views.sum_squares(v)`` where the backend's views provide it (``numba_cpu``: a
+    vectorised parallel sum), else the dot product ``v @ v``.
+    """
+    squares = getattr(views, "sum_squares", None)
     for v in views:
-        if v.size and not float(v @ v) < float(np.finfo(v.dtype).max) * IN_RANGE:
+        if v.size and not float(squares(v) if squares is not None else v @ v) < float(
+                np.finfo(v.dtype).max) * IN_RANGE:
             return False
     return True
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..._xp import library_of
 from .._optable import collect
-from ._common import SMALL, all_finite
+from ._common import SMALL, all_finite, sum_squares
 
 __all__ = ["BACKEND", "NumbaCPU", "TABLE", "dense_strides"]
 
@@ -45,6 +45,14 @@ def _numpy_view(a, library: str):
     return a.detach().numpy() if library == "torch" else a
 
 
+class Views(list):
+    """The flat NumPy views of :meth:`NumbaCPU.views` for NumPy arrays: a list, with the range
+    check's vectorised ``‖v‖²``."""
+
+    __slots__ = ()
+    sum_squares = staticmethod(sum_squares)
+
+
 class LazyViews:
     """The flat NumPy views of :meth:`NumbaCPU.views` for torch tensors, each made when first read.
 
@@ -53,6 +61,9 @@ class LazyViews:
     """
 
     __slots__ = ("tensors", "_made")
+
+    #: ``‖v‖²`` of one view, read by ``arrayopt._overflow.gradients_in_range``
+    sum_squares = staticmethod(sum_squares)
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
@@ -194,7 +205,7 @@ class NumbaCPU:
         lib = library_of(arrays[0])
         if lib == "torch":
             return LazyViews(arrays)
-        return [a.reshape(-1) for a in arrays]
+        return Views(a.reshape(-1) for a in arrays)
 
     def storage_views(self, arrays) -> list:
         """Flat writeable NumPy views sharing memory with dense ``arrays``, each over its storage
