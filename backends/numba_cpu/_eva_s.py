@@ -46,8 +46,10 @@ _PARTIAL_MAX = 1 << 22  # float64 entries of the per-chunk column sums
 
 
 def _chunks(rows: int, cols: int) -> int:
-    """Chunks of rows of a pass: at most 64, and at most ``_PARTIAL_MAX`` partial column sums."""
-    return max(1, min(rows, 64, _PARTIAL_MAX // max(cols, 1)))
+    """Chunks of rows of a pass: at most 16 (the threads of a 16-core host), and at most
+    ``_PARTIAL_MAX`` partial column sums. Pass 1 writes ``chunks × C`` partial column sums and
+    NumPy adds them: at 64 chunks that was 16 MB a step on ResNet-18, and the step 1.2x slower."""
+    return max(1, min(rows, 16, _PARTIAL_MAX // max(cols, 1)))
 
 
 def sums(G, rowsum, colpart, sqpart):
