@@ -20,13 +20,15 @@ IN_RANGE = 2.0 ** -48
 def gradients_in_range(views) -> bool:
     """``‖g‖² < 2^-48·max`` on every view (one read each); false for NaN or Inf.
 
-    ``‖g‖²`` is ``views.sum_squares(v)`` where the backend's views provide it (``numba_cpu``: a
-    vectorised parallel sum), else the dot product ``v @ v``.
+    Where the backend's views answer it themselves (``views.squares_below(IN_RANGE)``;
+    ``numba_cpu``: vectorised sums, the small torch leaves in one call), they do; else ``‖g‖²`` is
+    the dot product ``v @ v``.
     """
-    squares = getattr(views, "sum_squares", None)
+    below = getattr(views, "squares_below", None)
+    if below is not None:
+        return bool(below(IN_RANGE))
     for v in views:
-        if v.size and not float(squares(v) if squares is not None else v @ v) < float(
-                np.finfo(v.dtype).max) * IN_RANGE:
+        if v.size and not float(v @ v) < float(np.finfo(v.dtype).max) * IN_RANGE:
             return False
     return True
 

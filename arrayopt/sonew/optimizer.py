@@ -211,10 +211,13 @@ class SONew(Optimizer):
         b = self.band
         band_like = [_ShapeOnly((math.prod(p.shape), b + 1)) for p in leaves]
         _validate.check_state_leaves("band", state["band"], paths, ns, band_like, dtypes)
+        n = len(paths)
         for name in ("removed_edges", "fallback_rows"):
             arrs = state[name]
-            if not isinstance(arrs, (list, tuple)) or len(arrs) != len(paths):
-                raise ValueError(f"state[{name!r}]: expected {len(paths)} entries, one per params leaf")
+            if not isinstance(arrs, (list, tuple)) or len(arrs) != n:
+                raise ValueError(f"state[{name!r}]: expected {n} entries, one per params leaf")
+            if _validate._fast_like(arrs, [()] * n, [ns.xp.int64] * n, ns):  # as init() makes them
+                continue
             for a, path in zip(arrs, paths):
                 if ns.xp is not _ns_of(f"state[{name!r}]", path, a) or tuple(a.shape) != ():
                     raise ValueError(f"state[{name!r}] leaf {path}: expected a 0-d integer array "

@@ -45,12 +45,23 @@ def _numpy_view(a, library: str):
     return a.detach().numpy() if library == "torch" else a
 
 
+def _squares_below(views, fraction) -> bool:
+    """Whether every view has ``‖v‖² < fraction·max(dtype)`` (vectorised sums, :func:`sum_squares`)."""
+    for v in views:
+        if v.size and not sum_squares(v) < float(np.finfo(v.dtype).max) * fraction:
+            return False
+    return True
+
+
 class Views(list):
     """The flat NumPy views of :meth:`NumbaCPU.views` for NumPy arrays: a list, with the range
-    check's vectorised ``‖v‖²``."""
+    check ``arrayopt._overflow.gradients_in_range`` reads (:meth:`squares_below`)."""
 
     __slots__ = ()
-    sum_squares = staticmethod(sum_squares)
+
+    def squares_below(self, fraction) -> bool:
+        """Whether every view has ``‖v‖² < fraction·max(dtype)``."""
+        return _squares_below(self, fraction)
 
 
 class LazyViews:
@@ -61,9 +72,6 @@ class LazyViews:
     """
 
     __slots__ = ("tensors", "_made")
-
-    #: ``‖v‖²`` of one view, read by ``arrayopt._overflow.gradients_in_range``
-    sum_squares = staticmethod(sum_squares)
 
     def __init__(self, tensors):
         self.tensors = list(tensors)
@@ -82,6 +90,35 @@ class LazyViews:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def small_tables(self):
+        """``({dtype: (addrs, sizes)}, large)``: the small contiguous float32/float64 tensors as one
+        address table per dtype (``_ptrs.py``), and the indices of the others."""
+        from ._ptrs import address_table
+
+        import torch
+
+        floats = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+        by_dtype: dict = {}
+        large = []
+        for i, t in enumerate(self.tensors):
+            dt = floats.get(t.dtype)
+            if dt is not None and t.numel() < SMALL and t.is_contiguous():
+                by_dtype.setdefault(dt, []).append((t.numel(), t.data_ptr()))
+            else:
+                large.append(i)
+        return {dt: address_table(rows) for dt, rows in by_dtype.items()}, large
+
+    def squares_below(self, fraction) -> bool:
+        """Whether every view has ``‖v‖² < fraction·max(dtype)``: the small tensors in one call per
+        dtype, by address; the others per view."""
+        from ._ptrs import squares_below_addrs
+
+        tables, large = self.small_tables()
+        for dt, (addrs, sizes) in tables.items():
+            if not squares_below_addrs(addrs[:, 0], sizes, dt.type(0), dt.type(float(np.finfo(dt).max) * fraction)):
+                return False
+        return _squares_below([self[i] for i in large], fraction)
 
 
 def _flat(a) -> np.ndarray:
@@ -220,20 +257,11 @@ class NumbaCPU:
         tensors of :class:`LazyViews` in one call per dtype, by address)."""
         if not isinstance(views, LazyViews):
             return all_finite(views)
-        from ._ptrs import address_table, count_nonfinite_addrs, sum_addrs
+        from ._ptrs import count_nonfinite_addrs, sum_addrs
 
-        by_dtype: dict = {}
-        large = []
-        for i, t in enumerate(views.tensors):
-            if t.numel() < SMALL and t.is_contiguous():
-                by_dtype.setdefault(t.dtype, []).append((t.numel(), t.data_ptr()))
-            else:
-                large.append(i)
-        for dt, rows in by_dtype.items():
-            addrs, sizes = address_table(rows)
-            like = np.float32(0) if str(dt) == "torch.float32" else np.float64(0)
-            if str(dt) not in ("torch.float32", "torch.float64"):  # pragma: no cover - refused upstream
-                return all_finite([views[i] for i in range(len(views))])
+        tables, large = views.small_tables()
+        for dt, (addrs, sizes) in tables.items():
+            like = dt.type(0)
             if not math.isfinite(sum_addrs(addrs[:, 0], sizes, like)) and count_nonfinite_addrs(
                     addrs[:, 0], sizes, like):
                 return False

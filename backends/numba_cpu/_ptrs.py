@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from ._common import REDUCE, SERIAL
 
-__all__ = ["vector", "sum_addrs", "count_nonfinite_addrs", "address_table"]
+__all__ = ["vector", "sum_addrs", "squares_below_addrs", "count_nonfinite_addrs", "address_table"]
 
 
 @intrinsic
@@ -51,6 +51,20 @@ def sum_addrs(addrs, sizes, like):
             s += x[i]
         total += s
     return total
+
+
+@njit(**REDUCE)
+def squares_below_addrs(addrs, sizes, like, bound):
+    """Whether every vector of the table has ``Σ x_i² < bound`` (in ``like``'s dtype: false on
+    NaN/Inf and on overflow), as ``arrayopt._overflow.gradients_in_range`` asks of each leaf."""
+    for j in range(sizes.size):
+        x = vector(addrs[j], sizes[j], like)
+        s = like - like
+        for i in range(x.size):
+            s += x[i] * x[i]
+        if not s < bound:
+            return False
+    return True
 
 
 @njit(**SERIAL)

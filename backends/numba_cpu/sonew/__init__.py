@@ -44,6 +44,7 @@ OPS = {"sonew": {}}
 LAYOUT = "copy"
 
 _BAND_LAYOUT = "SONew band state: expected a C-contiguous (n, b+1) array"
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 def run(backend, op, params, grads, states, step, g_views=None) -> list:
@@ -110,7 +111,7 @@ def _small_leaves(step, lib, params, grads, mus, bands) -> dict:
     for i, leaf in enumerate(params):
         arrays = (leaf, grads[i], mus[i], bands[i])
         if takes(step, leaf, arrays, bands[i], lib):
-            dt = np.dtype(np.float32 if str(leaf.dtype) in ("float32", "torch.float32") else np.float64)
+            dt = _F32 if leaf.itemsize == 4 else _F64  # float32/float64 (the backend refuses others)
             table.setdefault(dt, []).append((i, *arrays[:1], *arrays))
     return run_small(step, lib, table) if table else {}
 

@@ -67,9 +67,10 @@ def takes(step, leaf, arrays, band, lib) -> bool:
         return False  # the whole-tensor kernels take it
     if step.block_size is not None and n > step.block_size:
         return False
-    if lib == "torch":
-        return all(a.is_contiguous() for a in arrays)
-    return all(a.flags.c_contiguous for a in arrays)
+    for a in arrays:  # a loop: all() over a generator costs a leaf more
+        if not (a.is_contiguous() if lib == "torch" else a.flags.c_contiguous):
+            return False
+    return True
 
 
 def run_small(step, lib, rows_by_dtype) -> dict:
