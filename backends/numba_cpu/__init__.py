@@ -230,8 +230,13 @@ class NumbaCPU:
                 return [f"params leaf {i}: on device {ns.device} (numba_cpu takes CPU tensors)"
                         for i in range(len(groups[0]))]
             floats = (torch.float32, torch.float64)
-            return [_refuse_torch_leaf(i, names, [grp[i] for grp in groups], layout, floats)
-                    for i in range(len(groups[0]))]
+            out = [None] * len(groups[0])
+            for i, arrays in enumerate(zip(*groups)):  # the common case read inline: a call per leaf costs
+                for a in arrays:
+                    if a.dtype not in floats or a.is_neg() or not a.is_contiguous():
+                        out[i] = _refuse_torch_leaf(i, names, list(arrays), layout, floats)
+                        break
+            return out
         return [_refuse_numpy_leaf(i, names, [grp[i] for grp in groups], layout) for i in range(len(groups[0]))]
 
     def views(self, arrays) -> list:

@@ -149,13 +149,15 @@ def run(backend, op, params, grads, states, step, g_views=None):
 
     large = range(len(params))
     if params and hasattr(params[0], "data_ptr"):  # torch
+        import torch
+
+        data_ptr = torch.Tensor.data_ptr
         rows_by_dtype: dict = {}
         large = []
-        for i, p in enumerate(params):
-            n = p.numel()
+        for i, arrays in enumerate(zip(params, grads, *states)):
+            n = arrays[0].numel()
             if n < SMALL:
-                rows_by_dtype.setdefault(p.dtype, []).append(
-                    (n, p.data_ptr(), grads[i].data_ptr(), *[s[i].data_ptr() for s in states]))
+                rows_by_dtype.setdefault(arrays[0].dtype, []).append((n, *map(data_ptr, arrays)))
             else:
                 large.append(i)
         name = "sgd_momentum" if op == "sgd" and states else op
