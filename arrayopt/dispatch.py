@@ -42,7 +42,10 @@ class Backend(Protocol):
     - ``refuse_arrays(ns, *groups)``: ``None`` if it takes these arrays (params, grads,
       state groups, one list of leaves each), else why not (dtype, device, layout, ...);
     - ``refuse_options(op, step)``: ``None`` if it fuses this step's options, else why not;
-    - ``views(arrays)``, ``all_finite(views)``: the finiteness pre-pass on its own views;
+    - ``views(arrays)``, ``all_finite(views)``: the finiteness pre-pass on its own views; the
+      views may also answer the range check before in-place kernels themselves
+      (``views.squares_below(fraction)``: every ``‖v‖² < fraction·max(dtype)``; else
+      :func:`arrayopt._overflow.gradients_in_range` takes ``v @ v`` of each);
     - optionally ``refuse_leaves(op, ns, *groups)``: one reason (or ``None``) per leaf, for the
       optimizers whose step splits its leaves (:func:`choose_leaves`); a backend without it
       takes all the leaves of a call or none (``refuse_arrays``);

@@ -12,8 +12,8 @@ Reductions: ``sum_prefix`` (``Σ buf[:k]``), ``sumsq`` (``Σ float64(x_i)²``), 
 lanes; ``max_nonneg`` (the exact max of non-negative values on their bit patterns, with
 ``max_bits`` and ``nonneg_from_bits``); ``all_finite`` (one read-only ``sum_values`` pass per
 leaf, and the exact ``count_nonfinite`` only when a sum is not finite); ``sum_squares`` (the
-range check's ``‖v‖²``, in the view's dtype). Call a reduction on a slice that starts at 0: ``sumsq(x, lo, hi)`` with
-``lo > 0`` does not vectorise.
+range check's ``‖v‖²``, in the view's dtype). Call a reduction on a slice that starts at 0:
+``sumsq(x, lo, hi)`` with ``lo > 0`` does not vectorise.
 """
 
 from __future__ import annotations
