@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["IN_RANGE", "gradients_in_range", "nonfinite_update_error"]
+__all__ = ["IN_RANGE", "gradients_in_range", "squares_below", "nonfinite_update_error"]
 
 #: the largest ``‖g‖²`` a fused kernel takes, relative to the dtype's largest value:
 #: ``|g| < 2^-24·√max`` (float32: 1.1e12)
@@ -21,14 +21,19 @@ def gradients_in_range(views) -> bool:
     """``‖g‖² < 2^-48·max`` on every view (one read each); false for NaN or Inf.
 
     Where the backend's views answer it themselves (``views.squares_below(IN_RANGE)``;
-    ``numba_cpu``: vectorised sums, the small torch leaves in one call), they do; else ``‖g‖²`` is
-    the dot product ``v @ v``.
+    ``numba_cpu``: vectorised sums, the small torch leaves in one call), they do; else
+    :func:`squares_below` with the dot product ``v @ v``.
     """
     below = getattr(views, "squares_below", None)
-    if below is not None:
-        return bool(below(IN_RANGE))
+    return bool(below(IN_RANGE)) if below is not None else squares_below(views, IN_RANGE)
+
+
+def squares_below(views, fraction: float, sum_squares=None) -> bool:
+    """Whether every view has ``‖v‖² < fraction·max(dtype)`` (``sum_squares(v)``, default ``v @ v``);
+    false for NaN or Inf."""
     for v in views:
-        if v.size and not float(v @ v) < float(np.finfo(v.dtype).max) * IN_RANGE:
+        if v.size and not float(sum_squares(v) if sum_squares is not None else v @ v) < float(
+                np.finfo(v.dtype).max) * fraction:
             return False
     return True
 

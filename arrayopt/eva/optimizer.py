@@ -508,8 +508,11 @@ class Eva(Optimizer):
 
     def _prepass_views(self, views, plan):
         # the kernels' first pass reads the preconditioned gradients and reports a non-finite one
-        # before anything is written; the other leaves get the pre-pass
-        return [v for k, v in enumerate(views) if k not in plan[3]]
+        # before anything is written; the other leaves get the pre-pass (a backend's views keep
+        # their kind, and with it their batched pre-pass and range check)
+        keep = [k for k in range(len(views)) if k not in plan[3]]
+        take = getattr(views, "take", None)
+        return take(keep) if take is not None else [views[k] for k in keep]
 
     def _in_range(self, ns, views, plan):
         # every gradient, and statistics whose ‖ā‖², ‖ḡ‖² and product stay below the same bound

@@ -260,13 +260,14 @@ class Sketchy(Optimizer):
         for name in ("graft", "momentum"):
             if name in keys:
                 _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
+        per_axis = [self.plan(p.shape).sketch_shapes() for p in leaves]  # once for every sketch key
         for j, name in enumerate(SKETCH_KEYS):
             tree = state[name]
             if not isinstance(tree, list) or len(tree) != len(leaves):
                 raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
             arrays, shapes, kinds, where = [], [], [], []  # the whole tree checked in one call
-            for p, path, dt, per_leaf in zip(leaves, paths, dtypes, tree):
-                want = [s[j] for s in self.plan(p.shape).sketch_shapes()]
+            for p, path, dt, per_leaf, axes in zip(leaves, paths, dtypes, tree, per_axis):
+                want = [s[j] for s in axes]
                 if not isinstance(per_leaf, list) or len(per_leaf) != len(want):
                     raise ValueError(f"state[{name!r}] leaf {path}: expected a list of {len(want)} arrays "
                                      f"(one per preconditioned axis of params shape {tuple(p.shape)})")

@@ -29,6 +29,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ..._overflow import squares_below
 from ..._xp import library_of
 from .._optable import collect
 from ._common import SMALL, all_finite, sum_squares
@@ -45,23 +46,19 @@ def _numpy_view(a, library: str):
     return a.detach().numpy() if library == "torch" else a
 
 
-def _squares_below(views, fraction) -> bool:
-    """Whether every view has ``‖v‖² < fraction·max(dtype)`` (vectorised sums, :func:`sum_squares`)."""
-    for v in views:
-        if v.size and not sum_squares(v) < float(np.finfo(v.dtype).max) * fraction:
-            return False
-    return True
-
-
 class Views(list):
     """The flat NumPy views of :meth:`NumbaCPU.views` for NumPy arrays: a list, with the range
     check ``arrayopt._overflow.gradients_in_range`` reads (:meth:`squares_below`)."""
 
     __slots__ = ()
 
+    def take(self, indices) -> "Views":
+        """The views at ``indices``, as views of this kind."""
+        return Views(self[i] for i in indices)
+
     def squares_below(self, fraction) -> bool:
         """Whether every view has ``‖v‖² < fraction·max(dtype)``."""
-        return _squares_below(self, fraction)
+        return squares_below(self, fraction, sum_squares)
 
 
 class LazyViews:
@@ -91,6 +88,10 @@ class LazyViews:
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def take(self, indices) -> "LazyViews":
+        """The views at ``indices``, still lazy (none is made)."""
+        return LazyViews([self.tensors[i] for i in indices])
+
     def small_tables(self):
         """``({dtype: (addrs, sizes)}, large)``: the small contiguous float32/float64 tensors as one
         address table per dtype (``_ptrs.py``), and the indices of the others."""
@@ -118,7 +119,7 @@ class LazyViews:
         for dt, (addrs, sizes) in tables.items():
             if not squares_below_addrs(addrs[:, 0], sizes, dt.type(0), dt.type(float(np.finfo(dt).max) * fraction)):
                 return False
-        return _squares_below([self[i] for i in large], fraction)
+        return squares_below([self[i] for i in large], fraction, sum_squares)
 
 
 def _flat(a) -> np.ndarray:
