@@ -12,7 +12,8 @@ from .blocking import merge_small_dims
 from ..grafting import GraftingConfig
 from .config import ShampooConfig
 from .distributed import LocalComm, MPIComm, TorchDistributedComm
-from .optimizer import Shampoo, ShampooState, shampoo
+from .factory import shampoo
+from .optimizer import Shampoo, ShampooState
 
 __all__ = ["shampoo", "Shampoo", "ShampooState", "ShampooConfig", "GraftingConfig", "InlineExecutor",
            "LocalComm", "MPIComm", "TorchDistributedComm", "merge_small_dims"]

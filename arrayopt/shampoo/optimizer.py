@@ -51,7 +51,6 @@ over data-parallel ranks (:mod:`arrayopt.shampoo.distributed`).
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import numpy as np
 
@@ -62,16 +61,16 @@ from ..base import Optimizer, apply_leaf, write_params
 from .async_roots import RootJob, owners, run_root_job
 from ..linalg.host_lapack import lapack_for
 from .blocking import LeafPlan, plan_leaf
-from ..grafting import as_grafting
 from .config import ShampooConfig
 from .distributed import as_comm
 from .. import grafting
 from .math import corrected_moment
 from .step import corrected_moment_step
+from ..sketchy.step import SketchyStep
 from . import tree_step
 from .batched import TreePlan, group_blocks
 
-__all__ = ["Shampoo", "ShampooState", "shampoo"]
+__all__ = ["Shampoo", "ShampooState"]
 
 _COUNTERS = ("roots_step", "root_staleness", "root_jobs", "root_failures", "root_fallbacks")
 #: with eigenbases: refreshes whose skip criterion held (basis kept)
@@ -383,39 +382,64 @@ class Shampoo(Optimizer):
 
     @property
     def kernel_op(self) -> str:
-        """``"shampoo_corrected"`` (the eigenbasis moment and scaled step) with eigenvalue correction."""
-        return "shampoo_corrected" if self.config.eigenvalue_corrected else ""
-
-    no_kernel_reason = "no fused kernel: root-inverse Shampoo is matrix products through the namespace"
+        """``"shampoo_corrected"`` (the eigenbasis moment and scaled step) with eigenvalue correction;
+        else ``"sketchy"``, the step after the preconditioned direction (graft, momentum, weight
+        decay, param write), which root-inverse Shampoo shares with Sketchy."""
+        return "shampoo_corrected" if self.config.eigenvalue_corrected else "sketchy"
 
     def step_description(self, count: int):
-        """The :class:`~arrayopt.shampoo.step.CorrectedMomentStep` of step ``count + 1`` (``None``
-        for root-inverse Shampoo)."""
+        """Step ``count + 1``: the :class:`~arrayopt.shampoo.step.CorrectedMomentStep` with eigenvalue
+        correction, else the :class:`~arrayopt.sketchy.step.SketchyStep` of the tail."""
         cfg = self.config
-        return corrected_moment_step(cfg.corrected_b2, count + 1, cfg.eps) if cfg.eigenvalue_corrected else None
+        if cfg.eigenvalue_corrected:
+            return corrected_moment_step(cfg.corrected_b2, count + 1, cfg.eps)
+        return SketchyStep(lr=_validate.learning_rate_at(cfg.learning_rate, count), graft=cfg.graft.type,
+                           graft_b2=cfg.graft.b2, graft_eps=cfg.graft.eps, graft_bc2=1.0 - cfg.graft.b2 ** (count + 1),
+                           b1=cfg.b1, ema=cfg.ema_momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
     def _kernel_groups(self, leaves, g_leaves, state):
-        # the second moments are block-shaped: each block's (Ĝ, D) pair is checked where it is fused
-        return (leaves, g_leaves)
+        # eigenvalue correction: the second moments are block-shaped, each block's (Ĝ, D) pair is
+        # checked where it is fused; the tail: the params, grads, graft accumulators and momentum
+        cfg = self.config
+        if cfg.eigenvalue_corrected:
+            return (leaves, g_leaves)
+        return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
+                *([state["momentum"]] if cfg.b1 > 0 else []))
+
+    def _graft_per_block(self, leaves) -> bool:
+        """Whether a preconditioned leaf of several blocks takes one graft norm per block (the tail
+        kernel takes one norm per leaf: such a step runs the reference)."""
+        g = self.config.graft
+        if g.type == "none" or g.per != "block":
+            return False
+        return any(not pl.skipped and len(pl.blocks) > 1 for pl in (self.plan(p.shape) for p in leaves))
 
     def _step(self, ns, leaves, g_leaves, state, paths):
-        """The step with the eigenbasis moments fused where a backend takes them (updated in place:
-        the state is consumed), else the reference; then the params written."""
+        """Root-inverse: the fused template (:meth:`_run_kernel`; the reference where no backend takes
+        the tail). Eigenvalue correction: :meth:`_corrected_step`."""
+        if self.config.eigenvalue_corrected:
+            return self._corrected_step(ns, leaves, g_leaves, state, paths)
+        if self._graft_per_block(leaves):
+            return Optimizer._step(self, ns, leaves, g_leaves, state, paths)
+        return Optimizer._fused_step(self, ns, leaves, g_leaves, state, paths)
+
+    def _corrected_step(self, ns, leaves, g_leaves, state, paths):
+        """The eigenvalue-corrected step with the eigenbasis moments fused where a backend takes them
+        (updated in place: the state is consumed), else the reference; then the params written."""
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None
         moment = None
-        if self.config.eigenvalue_corrected:
-            backend = self._choose(ns, self.step_description(state["count"]), leaves, g_leaves, state).backend
-            # the kernel updates the second moments in place: only for gradients far from overflow
-            if backend is not None and gradients_in_range(backend.views(g_leaves)):
-                op = self.kernel_op
+        backend = self._choose(ns, self.step_description(state["count"]), leaves, g_leaves, state).backend
+        # the kernel updates the second moments in place: only for gradients far from overflow
+        if backend is not None and gradients_in_range(backend.views(g_leaves)):
+            op = self.kernel_op
 
-                def moment(gh, d, step):
-                    # a block the kernel cannot take in place (layout, dtype, read-only D): the reference
-                    if gh.dtype != d.dtype or backend.refuse_arrays(ns, [gh], [gh], [d]) is not None:
-                        return corrected_moment(ns.xp, gh, d, step)
-                    return backend.run(op, [gh], [], [[d]], step)[0], d
+            def moment(gh, d, step):
+                # a block the kernel cannot take in place (layout, dtype, read-only D): the reference
+                if gh.dtype != d.dtype or backend.refuse_arrays(ns, [gh], [gh], [d]) is not None:
+                    return corrected_moment(ns.xp, gh, d, step)
+                return backend.run(op, [gh], [], [[d]], step)[0], d
 
         updates, new_state = self._update(ns, leaves, g_leaves, state, paths, moment=moment)
         new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]
@@ -425,13 +449,11 @@ class Shampoo(Optimizer):
 
     # ---------------------------------------------------------------- the step
 
-    def _update(self, ns, leaves, g_leaves, state, paths, moment=None):
-        """The step (pure array-API); ``moment``: a backend's fused eigenbasis-moment kernel
-        (:meth:`_step`), which may write the second moments in place."""
+    def _prepare(self, ns, leaves, g_leaves, state) -> dict:
+        """Steps 1-3 of :meth:`_update`: roots installed when due, the statistics updated, a root job
+        run or queued; returns what the directions and the tail need (nothing is written)."""
         xp, cfg = ns.xp, self.config
         t = state["count"] + 1
-        moment_step = corrected_moment_step(cfg.corrected_b2, t, cfg.eps) if cfg.eigenvalue_corrected else None
-        lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
         counters = {k: state[k] for k in self._counters}
         trees = {k: state[k] for k in ("roots", "bases", "second_moment") if k in state}
         pending = state["pending"]
@@ -464,6 +486,61 @@ class Shampoo(Optimizer):
                 pending = {"install_at": t + self.delay, "stats_step": t, "result": None}
         active = counters["roots_step"] > 0
         counters["root_staleness"] = t - counters["roots_step"] if active else -1
+        return {"t": t, "counters": counters, "trees": trees, "pending": pending, "future": future, "g32": g32,
+                "plans": plans, "tree_plan": tree_plan, "g_blocks": g_blocks, "stats": stats, "active": active}
+
+    def _new_state(self, state, c, new_graft, new_mom, new_moments=None):
+        """The state after step ``c["t"]`` (``c``: :meth:`_prepare`'s context)."""
+        cfg = self.config
+        new = dict(state)
+        new["count"] = c["t"]
+        new["stats"] = c["stats"]
+        new.update(c["trees"])
+        if cfg.eigenvalue_corrected:
+            new["second_moment"] = new_moments
+        if cfg.graft.has_state:
+            new["graft"] = new_graft
+        if cfg.b1 > 0:
+            new["momentum"] = new_mom
+        new.update(c["counters"])
+        new["pending"] = c["pending"]
+        out = ShampooState(new)
+        out._future = c["future"]
+        return out
+
+    def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
+        """Root-inverse Shampoo with the backend's tail: statistics, roots and the directions
+        ``d = R_L G R_R`` through the namespace (:meth:`_prepare`), then per leaf the graft, momentum,
+        weight decay and the param write in place, in one norms pass and one write pass (the
+        ``sketchy`` op: the same step after a preconditioned direction). ``None`` (nothing written,
+        the reference runs) when a direction is not finite."""
+        cfg = self.config
+        c = self._prepare(ns, leaves, g_leaves, state)
+        directions = [None] * len(leaves)
+        if c["active"]:
+            d_stacks, _ = tree_step.directions(ns.xp, c["tree_plan"], c["g_blocks"], c["trees"], corrected=False,
+                                               moment_step=None, moment=None)
+            directions = tree_step.merged_directions(ns.xp, c["tree_plan"], c["plans"], d_stacks,
+                                                     [tuple(p.shape) for p in leaves], cfg.block_size)
+            ds = [d for d in directions if d is not None]
+            if ds and not backend.all_finite(backend.views(ds)):
+                return None
+        accs = state["graft"] if cfg.graft.has_state else None
+        moms = state["momentum"] if cfg.b1 > 0 else None
+        backend.run(self.kernel_op, leaves, g_leaves, [accs, moms, directions], step, g_views=views)
+        return self._new_state(state, c, list(accs) if accs is not None else None,
+                               list(moms) if moms is not None else None)
+
+    def _update(self, ns, leaves, g_leaves, state, paths, moment=None):
+        """The step (pure array-API); ``moment``: a backend's fused eigenbasis-moment kernel
+        (:meth:`_step`), which may write the second moments in place."""
+        xp, cfg = ns.xp, self.config
+        moment_step = corrected_moment_step(cfg.corrected_b2, state["count"] + 1, cfg.eps) \
+            if cfg.eigenvalue_corrected else None
+        lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
+        c = self._prepare(ns, leaves, g_leaves, state)
+        t, trees, active, g32 = c["t"], c["trees"], c["active"], c["g32"]
+        plans, tree_plan, g_blocks = c["plans"], c["tree_plan"], c["g_blocks"]
         b1 = cfg.b1
         # 4. directions by group; graft direction, grafting, momentum, decay (small leaves in one pass)
         dtypes = [state_dtype(xp, p.dtype) for p in leaves]
@@ -495,22 +572,9 @@ class Shampoo(Optimizer):
             updates = [np.asarray(u) for u in updates]
             new_graft = [np.asarray(a) for a in new_graft]
             new_mom = [np.asarray(a) for a in new_mom]
-        new = dict(state)
-        new["count"] = t
-        new["stats"] = stats
-        new.update(trees)
-        if cfg.eigenvalue_corrected:
-            new["second_moment"] = [[np.asarray(a) for a in m] for m in new_moments] \
-                if ns.library == "numpy" else new_moments
-        if cfg.graft.has_state:
-            new["graft"] = new_graft
-        if b1 > 0:
-            new["momentum"] = new_mom
-        new.update(counters)
-        new["pending"] = pending
-        out = ShampooState(new)
-        out._future = future
-        return updates, out
+        if cfg.eigenvalue_corrected and ns.library == "numpy":
+            new_moments = [[np.asarray(a) for a in m] for m in new_moments]
+        return updates, self._new_state(state, c, new_graft, new_mom, new_moments)
 
 
 def _from_host(ns, h: np.ndarray, like):
@@ -523,72 +587,3 @@ def _from_host(ns, h: np.ndarray, like):
         return torch.from_numpy(np.ascontiguousarray(h)).to(device=like.device, dtype=like.dtype)
     out = ns.xp.asarray(h, device=ns.device)
     return out if out.dtype == like.dtype else ns.xp.astype(out, like.dtype)
-
-
-def shampoo(learning_rate=1e-3, block_size: int = 1024, b1: float = 0.9, b2: float = 0.999,
-            eps: float = 1e-6, exponent_override: int = 0, precondition_every: int = 1,
-            statistics_every: int = 1, start_preconditioning_step: int = 1, root_method: str = "eigh",
-            graft: Any = "adam", executor=None, *, graft_b2: float | None = None,
-            graft_eps: float = 1e-8, graft_per: str = "layer", nesterov: bool = True, ema_momentum: bool = False,
-            weight_decay: float = 0.0, root_dtype: str = "float64", merge_small_dims: int | None = None,
-            skip_preconditioning_dim_size_gt: int | None = 4096, skip_preconditioning_rank_lt: int = 1,
-            preconditioner_type: str = "all", relative_epsilon: bool = True,
-            inverse_failure_threshold: float = 0.1, ridge_retries: int = 0, root_delay: int | None = None, comm=None,
-            on_nonfinite: str = "raise", preconditioner: str = "root_inverse", eigen_b2: float | None = None,
-            qr_iterations: int = 1, qr_tolerance: float = 0.01) -> Shampoo:
-    """Shampoo (see the module docstring for the math).
-
-    Args:
-      learning_rate: float or schedule ``count -> float``.
-      block_size: dims longer than this are cut into blocks of this size.
-      b1: momentum (heavy-ball; EMA with ``ema_momentum=True``); 0 disables it.
-      b2: factor statistics decay; ``1.0`` is the AdaGrad-style running sum.
-      eps: ridge of the roots (> 0), relative to ``λmax`` (absolute if ``relative_epsilon=False``).
-      exponent_override: ``p`` of every root (``-1/p``); 0 means ``2 × #preconditioned dims``.
-      precondition_every: roots every this many steps (``F``).
-      statistics_every: the factor statistics take the gradient only on steps ``t`` with
-        ``t % statistics_every == 0`` (JAX's ``statistics_compute_steps``); untouched otherwise.
-      start_preconditioning_step: first step (1-based) that computes roots; before
-        the first roots are installed the grafting direction is used alone.
-      root_method: ``"eigh"`` (host, ``root_dtype``), ``"newton"`` (coupled Newton,
-        falling back to eigh, then to the previous root) or ``"qr"`` (eigenbases by
-        ``qr_iterations`` QR iterations warm-started from the previous basis, skipped when
-        ``‖B − diag(B)‖_F ≤ qr_tolerance·‖B‖_F`` for ``B = QᵀFQ``; the first refresh is exact eigh;
-        root-inverse roots are ``Q diag((λ + ridge)^{-1/p}) Qᵀ`` with ``λ = diag(B)``).
-      preconditioner: ``"root_inverse"`` (the roots above) or ``"eigenvalue_corrected"``
-        (SOAP-style: only the eigenbases ``Q_j`` of the factors are refreshed; every step
-        ``Ĝ = G ×_j Q_jᵀ``, ``D ← β D + (1-β) Ĝ²`` with ``β = eigen_b2`` (default ``b2``; a running
-        sum when 1), and the direction is ``(Ĝ / (√(D/(1-β^t)) + eps)) ×_j Q_j``; ``eps`` is then
-        this additive ε).
-      ridge_retries: with ``root_method="newton"``, a failed root is retried at ridge
-        ``eps·10^i`` for ``i = 1..ridge_retries`` before the eigh fallback (JAX's escalation).
-      graft: ``"none"``, ``"sgd"``, ``"adagrad"``, ``"rmsprop"``, ``"rmsprop_normalized"``,
-        ``"adam"``, ``"sqrt_n"`` or a :class:`GraftingConfig` (``graft_b2``/``graft_eps``).
-      graft_per: ``"layer"`` (one graft norm per parameter) or ``"block"`` (per block, as
-        Meta's ``distributed_shampoo``); see :mod:`arrayopt.grafting`.
-      executor: a ``concurrent.futures.Executor`` for asynchronous host roots.
-      comm: a communicator (:mod:`arrayopt.shampoo.distributed`) to spread roots over ranks.
-      root_delay: steps from a root job's statistics to the step that uses its roots
-        (default 0 synchronous, 1 with an executor).
-      merge_small_dims: merge threshold (default ``block_size``).
-      skip_preconditioning_dim_size_gt: params with a dim above this use the grafting
-        direction only (None: never).
-      preconditioner_type: ``"all"``, ``"input"`` (all but the last dim) or ``"output"`` (last dim).
-    """
-    if graft_b2 is None:
-        graft_b2 = b2 if isinstance(b2, (int, float)) and 0.0 <= b2 < 1.0 else 0.999
-    g = as_grafting(graft, graft_b2, graft_eps, graft_per)
-    cfg = ShampooConfig(
-        learning_rate=learning_rate, block_size=block_size, b1=b1, b2=b2, eps=eps,
-        exponent_override=exponent_override, precondition_every=precondition_every,
-        statistics_every=statistics_every, start_preconditioning_step=start_preconditioning_step,
-        root_method=root_method,
-        root_dtype=root_dtype, graft=g, nesterov=nesterov, ema_momentum=ema_momentum,
-        weight_decay=weight_decay, merge_small_dims=merge_small_dims,
-        skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
-        skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
-        preconditioner_type=preconditioner_type, relative_epsilon=relative_epsilon,
-        inverse_failure_threshold=inverse_failure_threshold, ridge_retries=ridge_retries, root_delay=root_delay,
-        preconditioner=preconditioner, eigen_b2=eigen_b2, qr_iterations=qr_iterations, qr_tolerance=qr_tolerance)
-    return Shampoo(cfg, executor=executor, comm=comm, on_nonfinite=on_nonfinite)
-

@@ -22,7 +22,7 @@ from . import batched
 from .blocking import merge, split
 from .math import corrected_moment
 
-__all__ = ["SMALL", "statistics", "directions", "tail"]
+__all__ = ["SMALL", "statistics", "directions", "merged_directions", "tail"]
 
 #: leaves with at most this many entries share one flat elementwise pass
 SMALL = 1 << 16
@@ -146,6 +146,17 @@ def graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg):
             u = grafting.graft(xp, u, reshape(xp, u_g[i], plan.shape))
         out[i] = u
     return out
+
+
+def merged_directions(xp, tree_plan, plans, d_stacks, shapes, block_size: int):
+    """Per leaf, its direction ``d`` (its groups' members merged back, in the leaf's ``shapes``, not
+    grafted), ``None`` for a skipped leaf."""
+    parts = [None if plan.skipped else [None] * len(plan.blocks) for plan in plans]
+    for group, d in zip(tree_plan.groups, d_stacks):
+        for k, (i, b) in enumerate(group.members):
+            parts[i][b] = d[k, ...]
+    return [None if blocks is None else reshape(xp, merge(xp, blocks, plan.shape, block_size), shape)
+            for plan, blocks, shape in zip(plans, parts, shapes)]
 
 
 def _flat(xp, arrays):

@@ -1,4 +1,5 @@
-r"""Sketchy's fused step on the Numba backend: everything after the low-rank apply.
+r"""Sketchy's fused step on the Numba backend: everything after the low-rank apply (root-inverse
+Shampoo runs the same op after its directions ``d = R_L G R_R``).
 
 The direction ``D = L̃^{-1/4} G R̃^{-1/4}`` (or its order-k analogue) is two skinny
 products per axis through the namespace (BLAS); then per leaf, with the reference's
