@@ -145,3 +145,13 @@ def factor_costs(shapes) -> list:
 
 def owners(shapes, size: int) -> list:
     return assign_lpt(factor_costs(shapes), size) if size > 1 else [0] * len(shapes)
+
+
+def job_result(future, stats_step):
+    """The result of a root job's future; a failed job raises ``RuntimeError`` naming its step."""
+    try:
+        return future.result()
+    except Exception as e:
+        raise RuntimeError(
+            f"shampoo: the asynchronous root job for the statistics of step {stats_step} failed "
+            f"with {type(e).__name__}: {e}; the state is unchanged (this call was rejected)") from e

@@ -54,14 +54,15 @@ import threading
 
 import numpy as np
 
-from .. import _validate
+from .. import _validate, dispatch
 from .._xp import dtype_name, is_low_precision, state_dtype, to_numpy
 from .._overflow import gradients_in_range
 from ..base import Optimizer, apply_leaf, write_params
-from .async_roots import RootJob, owners, run_root_job
+from .async_roots import RootJob, job_result, owners, run_root_job
 from ..linalg.host_lapack import lapack_for
 from .blocking import LeafPlan, plan_leaf
 from .config import ShampooConfig
+from .state_check import check_state
 from .distributed import as_comm
 from .. import grafting
 from .math import corrected_moment
@@ -77,6 +78,10 @@ _COUNTERS = ("roots_step", "root_staleness", "root_jobs", "root_failures", "root
 _BASIS_COUNTERS = ("refresh_skips",)
 
 
+#: what :meth:`Shampoo._fused_tail` returns for a step rejected (and skipped) after its moments were written
+REJECTED = object()
+
+
 class ShampooState(dict):
     """Shampoo's state: a plain dict of arrays, lists and scalars, plus a pending root job.
 
@@ -88,7 +93,7 @@ class ShampooState(dict):
 
     def settle(self) -> None:
         if self._future is not None:
-            res = _job_result(self._future, self["pending"]["stats_step"])
+            res = job_result(self._future, self["pending"]["stats_step"])
             self["pending"] = {**self["pending"], "result": res}
             self._future = None
 
@@ -96,15 +101,6 @@ class ShampooState(dict):
         out = ShampooState(new)
         out._future = self._future if isinstance(self, ShampooState) else None
         return out
-
-
-def _job_result(future, stats_step):
-    try:
-        return future.result()
-    except Exception as e:
-        raise RuntimeError(
-            f"shampoo: the asynchronous root job for the statistics of step {stats_step} failed "
-            f"with {type(e).__name__}: {e}; the state is unchanged (this call was rejected)") from e
 
 
 class Shampoo(Optimizer):
@@ -199,97 +195,8 @@ class Shampoo(Optimizer):
 
     # ---------------------------------------------------------------- validation
 
-    def _layout(self, plan, corrected: bool):
-        """``(factors per block, flat factor shapes)`` of a leaf plan (per block one second moment
-        when ``corrected``), cached per plan."""
-        key = (id(plan), corrected)
-        out = self._layouts.get(key)
-        if out is None:
-            per_block = [[s] for s in plan.block_shapes()] if corrected else plan.factor_shapes()
-            out = self._layouts.setdefault(key, (tuple(len(b) for b in per_block),
-                                                 tuple(tuple(s) for b in per_block for s in b)))
-        return out
-
-    def _factors_fast(self, ns, corrected, tree, plans, dtypes) -> bool:
-        """Whether every array of a per-leaf factor tree is a plain array of the call's library and
-        device with its plan's layout, shape and dtype, read in one pass (``False``: the detailed
-        checks of :meth:`_check_state` run and name what is wrong)."""
-        arrays, shapes, kinds = [], [], []
-        for plan, dt, per_leaf in zip(plans, dtypes, tree):
-            counts, flat = self._layout(plan, corrected)
-            if type(per_leaf) is not list or len(per_leaf) != len(counts):
-                return False
-            if corrected:
-                arrays += per_leaf
-            else:
-                for blk, n in zip(per_leaf, counts):
-                    if type(blk) is not list or len(blk) != n:
-                        return False
-                    arrays += blk
-            shapes += flat
-            kinds += [dt] * len(flat)
-        return len(arrays) == len(shapes) and _validate._fast_like(arrays, shapes, kinds, ns)
-
     def _check_state(self, ns, leaves, paths, state, params_missing):
-        cfg = self.config
-        if params_missing and cfg.weight_decay != 0.0:
-            raise ValueError("params: shampoo with weight decay needs the params in update()")
-        keys = list(self._factor_trees) + (["second_moment"] if cfg.eigenvalue_corrected else []) + \
-            (["graft"] if cfg.graft.has_state else []) + \
-            (["momentum"] if cfg.b1 > 0 else []) + list(self._counters) + ["pending"]
-        for k in keys:
-            if k not in state:
-                raise ValueError(f"state: missing entry {k!r}; was it made by this optimizer's init()?")
-        dtypes = [state_dtype(ns.xp, p.dtype) for p in leaves]
-        for name in ("graft", "momentum"):
-            if name in keys:
-                _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
-        plans = [self.plan(p.shape) for p in leaves]
-        trees = [(n, lambda plan: plan.factor_shapes()) for n in self._factor_trees]
-        if cfg.eigenvalue_corrected:
-            trees.append(("second_moment", lambda plan: [[s] for s in plan.block_shapes()]))
-        for name, layout in trees:
-            tree = state[name]
-            if not isinstance(tree, list) or len(tree) != len(leaves):
-                raise ValueError(f"state[{name!r}]: expected a list of {len(leaves)} entries (one per leaf)")
-            if self._factors_fast(ns, name == "second_moment", tree, plans, dtypes):
-                continue
-            arrays, where, kinds = [], [], []  # every factor of the tree, checked in one call
-            for p, plan, path, dt, per_leaf in zip(leaves, plans, paths, dtypes, tree):
-                want = layout(plan)
-                if name == "second_moment" and isinstance(per_leaf, list):
-                    per_leaf = [[b] for b in per_leaf]
-                got = [[tuple(f.shape) for f in blk] if isinstance(blk, list) else None for blk in per_leaf] \
-                    if isinstance(per_leaf, list) else None
-                if got != [[tuple(s) for s in blk] for blk in want]:
-                    raise ValueError(f"state[{name!r}] leaf {path}: shapes {got} do not match "
-                                     f"the blocks of params shape {tuple(p.shape)} ({want})")
-                for blk in per_leaf:
-                    for f in blk:
-                        if ns.library != "numpy" or not isinstance(f, np.ndarray):
-                            arrays.append(f)
-                            where.append(path)
-                            kinds.append(dt)
-                        elif f.dtype != dt:
-                            raise TypeError(f"state[{name!r}] leaf {path}: dtype {dtype_name(f.dtype)}, "
-                                            f"expected {dtype_name(dt)}")
-            if arrays:
-                _validate.check_state_leaves(name, arrays, where, ns, arrays, kinds)
-        for k in self._counters:
-            v = state[k]
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"state[{k!r}]: expected an int, got {v!r}")
-        pend = state["pending"]
-        if pend is not None:
-            if not isinstance(pend, dict) or set(pend) != {"install_at", "stats_step", "result"}:
-                raise ValueError("state['pending']: expected None or the dict of a pending root job")
-            if pend["result"] is None and getattr(state, "_future", None) is None:
-                raise ValueError("state['pending']: a root job is in flight but its future was lost "
-                                 "(the state was copied into a plain dict); use the state returned by "
-                                 "update()/step(), or save_state() it to settle the job")
-            fut = getattr(state, "_future", None)
-            if fut is not None and fut.done() and fut.exception() is not None:
-                _job_result(fut, pend["stats_step"])  # raises with a clear message
+        check_state(self, ns, leaves, paths, state, params_missing)
 
     def _skipped_state(self, state):
         new = super()._skipped_state(state)
@@ -389,26 +296,34 @@ class Shampoo(Optimizer):
 
     def step_description(self, count: int):
         """Step ``count + 1``: the :class:`~arrayopt.shampoo.step.CorrectedMomentStep` with eigenvalue
-        correction, else the :class:`~arrayopt.sketchy.step.SketchyStep` of the tail."""
+        correction, else the tail's (:meth:`tail_description`)."""
         cfg = self.config
         if cfg.eigenvalue_corrected:
             return corrected_moment_step(cfg.corrected_b2, count + 1, cfg.eps)
+        return self.tail_description(count)
+
+    def tail_description(self, count: int) -> SketchyStep:
+        """The :class:`~arrayopt.sketchy.step.SketchyStep` of step ``count + 1``'s tail (the backend's
+        ``sketchy`` op, after the directions, with either preconditioner)."""
+        cfg = self.config
         return SketchyStep(lr=_validate.learning_rate_at(cfg.learning_rate, count), graft=cfg.graft.type,
                            graft_b2=cfg.graft.b2, graft_eps=cfg.graft.eps, graft_bc2=1.0 - cfg.graft.b2 ** (count + 1),
                            b1=cfg.b1, ema=cfg.ema_momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
-    def _kernel_groups(self, leaves, g_leaves, state):
-        # eigenvalue correction: the second moments are block-shaped, each block's (Ĝ, D) pair is
-        # checked where it is fused; the tail: the params, grads, graft accumulators and momentum
+    def _tail_groups(self, leaves, g_leaves, state):
+        """The arrays the tail writes or reads per leaf: params, grads, graft accumulators, momentum."""
         cfg = self.config
-        if cfg.eigenvalue_corrected:
-            return (leaves, g_leaves)
         return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
                 *([state["momentum"]] if cfg.b1 > 0 else []))
 
+    def _kernel_groups(self, leaves, g_leaves, state):
+        # eigenvalue correction: the second moments are block-shaped, each block's (Ĝ, D) pair is
+        # checked where it is fused
+        return (leaves, g_leaves) if self.config.eigenvalue_corrected else self._tail_groups(leaves, g_leaves, state)
+
     def _graft_per_block(self, leaves) -> bool:
         """Whether a preconditioned leaf of several blocks takes one graft norm per block (the tail
-        kernel takes one norm per leaf: such a step runs the reference)."""
+        kernel takes one norm per leaf: such a step runs the reference tail)."""
         g = self.config.graft
         if g.type == "none" or g.per != "block":
             return False
@@ -424,15 +339,17 @@ class Shampoo(Optimizer):
         return Optimizer._fused_step(self, ns, leaves, g_leaves, state, paths)
 
     def _corrected_step(self, ns, leaves, g_leaves, state, paths):
-        """The eigenvalue-corrected step with the eigenbasis moments fused where a backend takes them
-        (updated in place: the state is consumed), else the reference; then the params written."""
+        """The eigenvalue-corrected step: the eigenbasis moments fused where a backend takes them
+        (updated in place: the state is consumed), then the backend's tail (:meth:`_fused_tail`)
+        where one takes it; else the reference, then the params written."""
         if not _validate.all_finite(ns.xp, g_leaves):
             self._handle_nonfinite(ns.xp, g_leaves, paths)
             return None
         moment = None
         backend = self._choose(ns, self.step_description(state["count"]), leaves, g_leaves, state).backend
-        # the kernel updates the second moments in place: only for gradients far from overflow
-        if backend is not None and gradients_in_range(backend.views(g_leaves)):
+        # the kernels update state in place: only for gradients far from overflow
+        views = backend.views(g_leaves) if backend is not None else None
+        if backend is not None and gradients_in_range(views):
             op = self.kernel_op
 
             def moment(gh, d, step):
@@ -441,6 +358,14 @@ class Shampoo(Optimizer):
                     return corrected_moment(ns.xp, gh, d, step)
                 return backend.run(op, [gh], [], [[d]], step)[0], d
 
+            if not self._graft_per_block(leaves):
+                step = self.tail_description(state["count"])
+                tail = dispatch.choose("sketchy", ns, step, *self._tail_groups(leaves, g_leaves, state)).backend
+                if tail is backend:
+                    new_state = self._fused_tail(backend, step, views, ns, leaves, g_leaves, state, paths, moment)
+                    if new_state is REJECTED:
+                        return None
+                    return list(leaves), new_state
         updates, new_state = self._update(ns, leaves, g_leaves, state, paths, moment=moment)
         new = [apply_leaf(ns.xp, p, u) for p, u in zip(leaves, updates)]
         if not self._finite_update(ns, new, paths):  # nothing written (but fused second moments)
@@ -460,7 +385,7 @@ class Shampoo(Optimizer):
         future = getattr(state, "_future", None)
         # 1. install roots that are due (waits for an in-flight job)
         if pending is not None and (pending["install_at"] <= t or self._is_root_step(t)):
-            result = pending["result"] if pending["result"] is not None else _job_result(future, pending["stats_step"])
+            result = pending["result"] if pending["result"] is not None else job_result(future, pending["stats_step"])
             trees = self._install(ns, leaves, trees, result, counters, pending["stats_step"])
             pending, future = None, None
         # 2. statistics (raw gradient, state dtype), one batched update per group of equal blocks
@@ -477,7 +402,7 @@ class Shampoo(Optimizer):
             counters["root_jobs"] += 1
             if self.delay == 0:
                 res = run_root_job(job, self.comm) if self.executor is None else \
-                    _job_result(self.executor.submit(run_root_job, job, self.comm), t)
+                    job_result(self.executor.submit(run_root_job, job, self.comm), t)
                 trees = self._install(ns, leaves, trees, res, counters, t)
             elif self.executor is None:
                 pending = {"install_at": t + self.delay, "stats_step": t, "result": run_root_job(job, self.comm)}
@@ -509,27 +434,46 @@ class Shampoo(Optimizer):
         return out
 
     def _run_kernel(self, backend, step, views, plan, ns, leaves, g_leaves, state, paths):
-        """Root-inverse Shampoo with the backend's tail: statistics, roots and the directions
-        ``d = R_L G R_R`` through the namespace (:meth:`_prepare`), then per leaf the graft, momentum,
-        weight decay and the param write in place, in one norms pass and one write pass (the
-        ``sketchy`` op: the same step after a preconditioned direction). ``None`` (nothing written,
-        the reference runs) when a direction is not finite."""
+        """Root-inverse Shampoo in the fused template: :meth:`_fused_tail`."""
+        return self._fused_tail(backend, step, views, ns, leaves, g_leaves, state, paths)
+
+    def _fused_tail(self, backend, step, views, ns, leaves, g_leaves, state, paths, moment=None):
+        """Statistics, roots and the directions ``d`` through the namespace (:meth:`_prepare`; with
+        eigenvalue correction, the eigenbasis moments by ``moment``), then per leaf the graft,
+        momentum, weight decay and the param write in place, in one norms pass and one write pass
+        (the backend's ``sketchy`` op: the same step after a preconditioned direction). ``None``
+        (no param, graft accumulator or momentum written; the reference runs) when a direction is
+        not finite; with eigenvalue correction, whose moments are then already updated, the
+        update is reported at once (raised, or :data:`REJECTED` for a skipped step)."""
         cfg = self.config
         c = self._prepare(ns, leaves, g_leaves, state)
         directions = [None] * len(leaves)
+        new_moments = c["trees"].get("second_moment")
+        if cfg.eigenvalue_corrected or c["active"]:
+            moment_step = corrected_moment_step(cfg.corrected_b2, c["t"], cfg.eps) if cfg.eigenvalue_corrected else None
+            d_stacks, moments = tree_step.directions(ns.xp, c["tree_plan"], c["g_blocks"], c["trees"],
+                                                     corrected=cfg.eigenvalue_corrected, moment_step=moment_step,
+                                                     moment=moment)
+            if cfg.eigenvalue_corrected:
+                new_moments = moments  # (updated from step 1; the directions used once roots are active)
         if c["active"]:
-            d_stacks, _ = tree_step.directions(ns.xp, c["tree_plan"], c["g_blocks"], c["trees"], corrected=False,
-                                               moment_step=None, moment=None)
             directions = tree_step.merged_directions(ns.xp, c["tree_plan"], c["plans"], d_stacks,
                                                      [tuple(p.shape) for p in leaves], cfg.block_size)
             ds = [d for d in directions if d is not None]
-            if ds and not backend.all_finite(backend.views(ds)):
-                return None
+            if ds and not _validate.all_finite(ns.xp, ds):
+                if not cfg.eigenvalue_corrected:
+                    return None  # nothing written: the reference runs, and reports the update
+                # the moments were updated in place (as in the reference step): the update is reported
+                # here, params, graft accumulators and momentum unwritten
+                self._finite_update(ns, ds, [q for q, d in zip(paths, directions) if d is not None])
+                return REJECTED
         accs = state["graft"] if cfg.graft.has_state else None
         moms = state["momentum"] if cfg.b1 > 0 else None
-        backend.run(self.kernel_op, leaves, g_leaves, [accs, moms, directions], step, g_views=views)
+        backend.run("sketchy", leaves, g_leaves, [accs, moms, directions], step, g_views=views)
+        if cfg.eigenvalue_corrected and ns.library == "numpy":
+            new_moments = [[np.asarray(a) for a in m] for m in new_moments]
         return self._new_state(state, c, list(accs) if accs is not None else None,
-                               list(moms) if moms is not None else None)
+                               list(moms) if moms is not None else None, new_moments)
 
     def _update(self, ns, leaves, g_leaves, state, paths, moment=None):
         """The step (pure array-API); ``moment``: a backend's fused eigenbasis-moment kernel

@@ -1,5 +1,6 @@
 """Eigenvalue-corrected Shampoo's fused eigenbasis moment (``backends/numba_cpu/shampoo.py``) against the
-reference (:func:`arrayopt.shampoo.math.corrected_moment`), bit for bit."""
+reference (:func:`arrayopt.shampoo.math.corrected_moment`), bit for bit; the whole fused step (moment
+and tail) within the kernel rule (float64 1e-12, float32 1e-5 normwise)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _run(kw, dtype, backend, steps=4):
 @pytest.mark.parametrize("kw", [dict(b2=0.95, root_method="qr", block_size=16, eps=1e-8),
                                 dict(b2=1.0, eigen_b2=0.9, b1=0.0, graft="sgd", precondition_every=2),
                                 dict(b2=1.0, graft="none", weight_decay=1e-2, start_preconditioning_step=2)])
-def test_fused_step_equals_the_reference_bit_for_bit(kw, dtype, monkeypatch):
+def test_fused_step_matches_the_reference(kw, dtype, monkeypatch):
     from arrayopt.backends.numba_cpu import shampoo as kernels
 
     want_p, want_s = _run(kw, dtype, "reference")
@@ -42,8 +43,11 @@ def test_fused_step_equals_the_reference_bit_for_bit(kw, dtype, monkeypatch):
     monkeypatch.setattr(kernels, "run", lambda *a: calls.append(len(a[2])) or run(*a))
     got_p, got_s = _run(kw, dtype, "numba_cpu")
     assert len(calls) >= 4 * 3  # every step, every block
+    # the params through the fused tail (graft norms as float64 sums in SIMD lanes): the kernel rule,
+    # normwise per leaf; the second moments bit for bit
+    tol = 1e-12 if dtype == np.float64 else 1e-5
     for k in PARAMS:
-        np.testing.assert_array_equal(got_p[k], want_p[k])
+        assert np.linalg.norm(got_p[k] - want_p[k]) <= tol * np.linalg.norm(want_p[k]), k
     for a, b in zip(got_s["second_moment"], want_s["second_moment"]):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
@@ -89,8 +93,11 @@ def test_a_read_only_second_moment_takes_the_reference():
         for _ in range(2):
             grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in PARAMS.items()}
             params, state = opt.step(params, grads, state)
-    for k in PARAMS:
-        np.testing.assert_array_equal(params[k], want_p[k])
+    for k in PARAMS:  # the tail still fused: the kernel rule
+        assert np.linalg.norm(params[k] - want_p[k]) <= 1e-5 * np.linalg.norm(want_p[k]), k
+    for a, b in zip(state["second_moment"], want_s["second_moment"]):
+        for x, y in zip(a, b):  # the reference's moments (the read-only arrays were not written)
+            np.testing.assert_array_equal(x, y)
 
 
 # ---------------------------------------------------------------- the CUDA kernel (shampoo.cu)
@@ -128,16 +135,18 @@ def test_host_cuda_arithmetic_equals_corrected_moment(shampoo_harness, dtype, b2
 
 @needs_nvcc
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_factory, monkeypatch, dtype):
-    """The CUDA driver (``backends/cupy_cuda/shampoo.py``) on a fake ``cupy`` whose kernels are the host
-    build of ``shampoo.cu``: whole steps equal the reference bit for bit."""
+def test_emulated_device_steps_match_the_reference(shampoo_harness, tmp_path_factory, monkeypatch, dtype):
+    """The CUDA drivers (``backends/cupy_cuda/shampoo.py``, and ``sketchy.py`` for the tail) on a fake
+    ``cupy`` whose kernels are the host builds of their ``.cu`` files: whole steps match the reference
+    (float64 1e-12, float32 1e-5 normwise: the graft norms are sums in another order)."""
     import sys
 
-    from arrayopt.backends.cupy_cuda import first_order
+    from arrayopt.backends.cupy_cuda import first_order, sketchy
 
     launches = []
     fo = hh.shared_harness(first_order.KERNELS.path, tmp_path_factory)
-    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(shampoo_harness, fo), launches))
+    sk = hh.shared_harness(sketchy.KERNELS.path, tmp_path_factory)
+    monkeypatch.setitem(sys.modules, "cupy", hh.fake_cupy(hh.JoinedHarness(shampoo_harness, fo, sk), launches))
     hh.fresh_loader(monkeypatch)
     backend = hh.emulated_backend()
     monkeypatch.setattr(dispatch, "backends", lambda: [backend])
@@ -153,8 +162,10 @@ def test_emulated_device_steps_equal_the_reference(shampoo_harness, tmp_path_fac
         with dispatch.use_backend("reference"):
             host, ref_state = opt.step(host, g, ref_state)
     assert sum("shampoo_corrected_moment" in e for e, _, _ in launches) >= 3 * 3
+    assert sum("sketchy_write" in e for e, _, _ in launches) >= 3 * len(PARAMS)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
     for k in PARAMS:
-        np.testing.assert_array_equal(np.asarray(dev[k]), host[k])
+        assert np.linalg.norm(np.asarray(dev[k]) - host[k]) <= tol * np.linalg.norm(host[k]), k
 
 
 @pytest.mark.gpu

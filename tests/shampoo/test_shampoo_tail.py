@@ -1,5 +1,5 @@
-"""Root-inverse Shampoo's fused tail (the backend's ``sketchy`` op after the directions
-``d = R_L G R_R``: graft norms, momentum, weight decay, param write) against the reference step.
+"""Shampoo's fused tail (the backend's ``sketchy`` op after the directions, ``d = R_L G R_R`` or the
+eigenvalue-corrected one: graft norms, momentum, weight decay, param write) against the reference step.
 
 Float64 within 1e-12 and float32 within 1e-5 of the reference, normwise per leaf, for params and
 state; a step the kernel cannot take (per-block grafting of a leaf of several blocks, a graft
@@ -70,10 +70,11 @@ CONFIGS = st.fixed_dictionaries({
     "precondition_every": st.sampled_from([1, 3]),
     "start_preconditioning_step": st.sampled_from([1, 3]),
     "b2": st.sampled_from([0.99, 1.0]),
+    "preconditioner": st.sampled_from(["root_inverse", "eigenvalue_corrected"]),
 })
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(kw=CONFIGS, dtype=st.sampled_from([np.float64, np.float32]), lib=st.sampled_from(["numpy", "torch"]))
 def test_fused_tail_matches_the_reference(kw, dtype, lib):
     from arrayopt.backends.numba_cpu import sketchy as kernels
@@ -92,6 +93,9 @@ def test_fused_tail_matches_the_reference(kw, dtype, lib):
     for name in ("graft", "momentum"):
         for i, (a, b) in enumerate(zip(got_s.get(name, []), want_s.get(name, []))):
             _close(_np(a), _np(b), tol, f"{name}[{i}]")
+    for a, b in zip(got_s.get("second_moment", []), want_s.get("second_moment", [])):
+        for x, y in zip(a, b):  # the eigenbasis moments: the same kernel or reference in both runs
+            _close(_np(x), _np(y), tol, "second_moment")
     for a, b in zip(got_s["stats"], want_s["stats"]):
         for x, y in zip(a, b):
             for u, v in zip(x, y):
@@ -129,12 +133,14 @@ def test_a_graft_without_a_kernel_code_takes_the_reference(monkeypatch):
     assert ex.backend == "reference" and "graft" in ex.reason
 
 
+@pytest.mark.parametrize("preconditioner", ["root_inverse", "eigenvalue_corrected"])
 @pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
-def test_a_nonfinite_direction_writes_nothing(monkeypatch, on_nonfinite):
-    """A direction with NaN (finite gradients): the kernel does not run, the reference reports the
-    non-finite update, and params, graft accumulators and momentum keep their bits."""
+def test_a_nonfinite_direction_writes_nothing(monkeypatch, on_nonfinite, preconditioner):
+    """A direction with NaN (finite gradients): the tail kernel does not run, the non-finite update
+    is reported (raised, or the step skipped and counted), and params, graft accumulators and
+    momentum keep their bits."""
     calls = _count_tail_calls(monkeypatch)
-    opt = ao.shampoo(learning_rate=0.1, block_size=128, on_nonfinite=on_nonfinite)
+    opt = ao.shampoo(learning_rate=0.1, block_size=128, on_nonfinite=on_nonfinite, preconditioner=preconditioner)
     params = _tree("numpy", 0, np.float32)
     state = opt.init(params)
     with dispatch.use_backend("numba_cpu"):
