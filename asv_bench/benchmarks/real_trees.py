@@ -152,9 +152,38 @@ FIT_CONTENDERS = ("torch Adam fused", "ao adam", "ao sonew tri", "ao shampoo F=1
                   "ao sketchy", "ao eva_s")
 
 
+#: ``"<ours> (reference)"``: that contender of ours with the reference forced (``use_backend``), to time
+#: a kernel against the pure array-API step in the same rounds
+REF_SUFFIX = " (reference)"
+
+
+class _ReferenceForced:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self):
+        with ao.dispatch.use_backend("reference"):
+            self.fn()
+
+
+def spec(name: str):
+    """``(kind, builder, steps per call)`` of a contender, its ``(reference)`` twin included (``KeyError``
+    for an unknown name)."""
+    base = name[:-len(REF_SUFFIX)] if name.endswith(REF_SUFFIX) else None
+    if base is not None and CONTENDERS.get(base, ("",))[0] == "ours":
+        kind, make, every = CONTENDERS[base]
+        return kind, (lambda d: _ReferenceForced(make(d))), every
+    return CONTENDERS[name]
+
+
+def peer_of(name: str):
+    """The peer a contender (or its ``(reference)`` twin) is compared with, or ``None``."""
+    return PEER.get(name[:-len(REF_SUFFIX)] if name.endswith(REF_SUFFIX) else name)
+
+
 def build(name: str, data: TreeData, warmup: int = 1):
     """The contender's callable, warmed up (``None`` when its peer library is not installed)."""
-    kind, make, _ = CONTENDERS[name]
+    kind, make, _ = spec(name)
     try:
         fn = make(data)
     except ImportError:

@@ -18,6 +18,10 @@ and fits ``time = a + b·leaves + c·params`` by least squares: ``b`` is the fix
     python asv_bench/scripts/real_trees.py --trees resnet18 --rounds 7
     python asv_bench/scripts/real_trees.py --trees gpt2 --contenders "ao shampoo F=10" --rounds 3
     python asv_bench/scripts/real_trees.py --fit-only
+    python asv_bench/scripts/real_trees.py --trees resnet18 --contenders "po SOAP F=10,ao shampoo EC-QR F=10,ao shampoo EC-QR F=10 (reference)"
+
+``"<ours> (reference)"`` is that contender with the reference forced (no kernel): the kernels' gain
+in the same rounds.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import env_info, set_threads  # noqa: E402
 from benchmarks.real_trees import (  # noqa: E402
-    CONTENDERS, FIT_CONTENDERS, PEER, REFERENCE, SHAPES, TreeData, build, tiny_leaves_shapes,
+    CONTENDERS, FIT_CONTENDERS, REFERENCE, SHAPES, TreeData, build, peer_of, spec, tiny_leaves_shapes,
 )
 
 #: --quick: what runs (GPT-2 keeps the rows whose step is under a few seconds)
@@ -43,6 +47,14 @@ QUICK = {
              "po ScalableShampoo F=10", "ao eva_s"],
 }
 FIT_TREES = [(8, 8), (64, 8), (256, 8), (8, 64), (64, 64), (256, 64)]
+
+
+def _known(name: str) -> bool:
+    try:
+        spec(name)
+    except KeyError:
+        return False
+    return True
 
 
 def rounds_of(fns: dict, rounds: int) -> dict:
@@ -55,7 +67,7 @@ def rounds_of(fns: dict, rounds: int) -> dict:
             fn = fns[name]
             t0 = time.perf_counter()
             fn()
-            out[name].append((time.perf_counter() - t0) / CONTENDERS[name][2])
+            out[name].append((time.perf_counter() - t0) / spec(name)[2])
     return out
 
 
@@ -90,8 +102,8 @@ def tree_table(tree, names, rounds, group, absent):
                 continue
             print(f"| {n} | {1e3 * statistics.median(s):.2f} | {statistics.median(r):.2f} | "
                   f"{min(r):.2f}–{max(r):.2f} |", flush=True)
-        against += [(n, PEER[n], [a / b for a, b in zip(rows[n][0], rows[PEER[n]][0])])
-                    for n in rows if n in PEER and PEER[n] in rows]
+        against += [(n, peer_of(n), [a / b for a, b in zip(rows[n][0], rows[peer_of(n)][0])])
+                    for n in rows if peer_of(n) in rows]
     if against:  # the same rounds: each ratio from one pass over the contenders
         print("\n| contender | x its peer (median of rounds) | min–max | peer |")
         print("|---|---:|---|---|")
@@ -152,7 +164,7 @@ def main(argv=None):
         for tree in args.trees.split(","):
             if args.contenders:
                 names = [n.strip() for n in args.contenders.split(",")]
-                unknown = [n for n in names if n not in CONTENDERS]
+                unknown = [n for n in names if not _known(n)]
                 if unknown:
                     raise SystemExit(f"--contenders: unknown {unknown}; known: {list(CONTENDERS)}")
             else:
