@@ -67,7 +67,7 @@ from .distributed import as_comm
 from .. import grafting
 from .math import corrected_moment
 from .step import corrected_moment_step
-from ..sketchy.step import SketchyStep
+from ..sketchy.step import SketchyStep, tail_groups, tail_step
 from . import tree_step
 from .batched import TreePlan, group_blocks
 
@@ -305,16 +305,11 @@ class Shampoo(Optimizer):
     def tail_description(self, count: int) -> SketchyStep:
         """The :class:`~arrayopt.sketchy.step.SketchyStep` of step ``count + 1``'s tail (the backend's
         ``sketchy`` op, after the directions, with either preconditioner)."""
-        cfg = self.config
-        return SketchyStep(lr=_validate.learning_rate_at(cfg.learning_rate, count), graft=cfg.graft.type,
-                           graft_b2=cfg.graft.b2, graft_eps=cfg.graft.eps, graft_bc2=1.0 - cfg.graft.b2 ** (count + 1),
-                           b1=cfg.b1, ema=cfg.ema_momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return tail_step(self.config, count)
 
     def _tail_groups(self, leaves, g_leaves, state):
         """The arrays the tail writes or reads per leaf: params, grads, graft accumulators, momentum."""
-        cfg = self.config
-        return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
-                *([state["momentum"]] if cfg.b1 > 0 else []))
+        return tail_groups(self.config, leaves, g_leaves, state)
 
     def _kernel_groups(self, leaves, g_leaves, state):
         # eigenvalue correction: the second moments are block-shaped, each block's (Ĝ, D) pair is

@@ -57,7 +57,7 @@ from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
 from ..grafting import as_grafting
 from .config import SketchyConfig
-from .step import SketchyStep
+from .step import SketchyStep, tail_groups, tail_step
 
 __all__ = ["Sketchy", "sketchy", "SketchPlan"]
 
@@ -306,15 +306,10 @@ class Sketchy(Optimizer):
 
     def step_description(self, count: int) -> SketchyStep:
         """The frozen :class:`SketchyStep` of step ``count + 1`` (what backends receive)."""
-        cfg = self.config
-        return SketchyStep(lr=_validate.learning_rate_at(cfg.learning_rate, count), graft=cfg.graft.type,
-                           graft_b2=cfg.graft.b2, graft_eps=cfg.graft.eps, graft_bc2=1.0 - cfg.graft.b2 ** (count + 1),
-                           b1=cfg.b1, ema=cfg.ema_momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return tail_step(self.config, count)
 
     def _kernel_groups(self, leaves, g_leaves, state):
-        cfg = self.config
-        return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
-                *([state["momentum"]] if cfg.b1 > 0 else []))
+        return tail_groups(self.config, leaves, g_leaves, state)
 
     # bfloat16/float16 params: the float32 update is added in float32 and rounded once
     _step = Optimizer._fused_step

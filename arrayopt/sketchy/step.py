@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SketchyStep", "GRAFT_CODES"]
+from .. import _validate
+
+__all__ = ["SketchyStep", "GRAFT_CODES", "tail_step", "tail_groups"]
 
 #: the integer code of each graft direction, as every kernel (Numba and CUDA) reads it:
 #: ``sgd`` ``a = g``; ``adagrad`` ``A ← A + g²``; ``rmsprop`` ``A ← β₂A + (1-β₂)g²``; ``adam`` the
@@ -44,3 +46,19 @@ class SketchyStep:
             return GRAFT_CODES[direction]
         except KeyError:
             raise ValueError(f"graft={self.graft!r} has no kernel code (codes: {sorted(GRAFT_CODES)})") from None
+
+
+def tail_step(cfg, count: int) -> SketchyStep:
+    """The :class:`SketchyStep` of step ``count + 1`` for a config with ``learning_rate``, ``graft``, ``b1``,
+    ``ema_momentum``, ``nesterov`` and ``weight_decay`` (Sketchy's, and Shampoo's for its tail)."""
+    g = cfg.graft
+    return SketchyStep(lr=_validate.learning_rate_at(cfg.learning_rate, count), graft=g.type, graft_b2=g.b2,
+                       graft_eps=g.eps, graft_bc2=1.0 - g.b2 ** (count + 1), b1=cfg.b1, ema=cfg.ema_momentum,
+                       nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def tail_groups(cfg, leaves, g_leaves, state) -> tuple:
+    """The per-leaf arrays the step's kernel reads or writes: params, grads, then the graft
+    accumulators and momentum buffers where the config keeps them."""
+    return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
+            *([state["momentum"]] if cfg.b1 > 0 else []))

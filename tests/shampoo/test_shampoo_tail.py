@@ -103,14 +103,19 @@ def test_fused_tail_matches_the_reference(kw, dtype, lib):
     assert got_s["count"] == want_s["count"] == 4
 
 
-def test_per_block_grafting_of_a_leaf_of_several_blocks_takes_the_reference(monkeypatch):
+def _takes_the_reference(monkeypatch, kw, dtype):
+    """``kw``'s steps never call the tail kernel and equal the reference's bit for bit."""
     calls = _count_tail_calls(monkeypatch)
-    kw = dict(learning_rate=0.1, graft_per="block")
-    want_p, _ = _run("numpy", "reference", kw, np.float64)
-    got_p, _ = _run("numpy", "numba_cpu", kw, np.float64)
+    want_p, _ = _run("numpy", "reference", kw, dtype)
+    got_p, _ = _run("numpy", "numba_cpu", kw, dtype)
     assert calls == []
     for k in SHAPES:
         np.testing.assert_array_equal(got_p[k], want_p[k])
+    return calls
+
+
+def test_per_block_grafting_of_a_leaf_of_several_blocks_takes_the_reference(monkeypatch):
+    calls = _takes_the_reference(monkeypatch, dict(learning_rate=0.1, graft_per="block"), np.float64)
     # one block per preconditioned leaf: one norm per block is one per leaf, and the kernel runs
     opt = ao.shampoo(learning_rate=0.1, graft_per="block", block_size=128)
     p = {"w": np.ones((40, 30))}
@@ -121,13 +126,7 @@ def test_per_block_grafting_of_a_leaf_of_several_blocks_takes_the_reference(monk
 
 
 def test_a_graft_without_a_kernel_code_takes_the_reference(monkeypatch):
-    calls = _count_tail_calls(monkeypatch)
-    kw = dict(learning_rate=0.1, graft="rmsprop_normalized")
-    want_p, _ = _run("numpy", "reference", kw, np.float32)
-    got_p, _ = _run("numpy", "numba_cpu", kw, np.float32)
-    assert calls == []
-    for k in SHAPES:
-        np.testing.assert_array_equal(got_p[k], want_p[k])
+    _takes_the_reference(monkeypatch, dict(learning_rate=0.1, graft="rmsprop_normalized"), np.float32)
     ex = ao.explain(ao.shampoo(graft="rmsprop_normalized"), {"w": np.ones((4, 3), np.float32)},
                     {"w": np.ones((4, 3), np.float32)})
     assert ex.backend == "reference" and "graft" in ex.reason
