@@ -96,7 +96,11 @@ def _stack_of(arrays):
 
 
 def unstack(x) -> list:
-    """The members of a stack (views)."""
+    """The members of a stack (views; one call for NumPy and torch)."""
+    if hasattr(x, "unbind"):  # torch
+        return list(x.unbind(0))
+    if isinstance(x, np.ndarray) and x.ndim > 1:  # (iterating a vector would give scalars)
+        return list(x)
     return [x[k, ...] for k in range(x.shape[0])]
 
 

@@ -153,8 +153,8 @@ def merged_directions(xp, tree_plan, plans, d_stacks, shapes, block_size: int):
     grafted), ``None`` for a skipped leaf."""
     parts = [None if plan.skipped else [None] * len(plan.blocks) for plan in plans]
     for group, d in zip(tree_plan.groups, d_stacks):
-        for k, (i, b) in enumerate(group.members):
-            parts[i][b] = d[k, ...]
+        for (i, b), member in zip(group.members, batched.unstack(d)):
+            parts[i][b] = member
     return [None if blocks is None else reshape(xp, merge(xp, blocks, plan.shape, block_size), shape)
             for plan, blocks, shape in zip(plans, parts, shapes)]
 

@@ -196,6 +196,11 @@ class NumbaCPU:
             import torch
 
             ok = (torch.float32, torch.float64)
+            # the common case read inline (a float tensor is never a lazy conj view; ``is_cpu`` is a
+            # sixth of ``device.type``); the named checks below only when one fails
+            if all(a.is_cpu and a.dtype in ok and a.is_contiguous() and not a.is_neg()
+                   for group in groups for a in group):
+                return None
             for name, group in zip(names, groups):
                 for i, a in enumerate(group):
                     if a.device.type != "cpu":

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import OPTS, REDUCE, SERIAL, SMALL, renamed
+from ._ptrs import address_table, vector
 
 __all__ = ["KIND", "OPS", "run"]
 
@@ -98,6 +99,85 @@ _WRITE = {True: njit(**OPTS)(renamed(sketchy_write, "_parallel")),
           False: njit(**SERIAL)(renamed(sketchy_write, "_serial"))}
 
 
+# ---------------------------------------------------------------- small torch leaves, one call per dtype
+# ``addrs[j] = (p, g, acc, d, m)`` of leaf ``j`` (a 1-element dummy where the config keeps no accumulator
+# or momentum, or the leaf has no direction: the kernels never read those); each leaf runs the serial
+# kernels above, unchanged, so a leaf steps bit for bit as it would alone.
+
+_norms_1 = _NORMS[False]
+_write_1 = _WRITE[False]
+
+
+@njit(**SERIAL)
+def norms_addrs(addrs, sizes, has_d, kind, b2, omb2, eps, bc2s, out):
+    """``out[j] = (Σa², Σd²)`` of every leaf ``j`` with a direction (pass 1, accumulators updated)."""
+    for j in range(sizes.size):
+        if has_d[j]:
+            n = sizes[j]
+            acc = vector(addrs[j, 2], n if kind != 0 else 1, eps)
+            sa, sd = _norms_1(vector(addrs[j, 1], n, eps), acc, vector(addrs[j, 3], n, eps), kind, b2, omb2, eps,
+                              bc2s)
+            out[j, 0] = sa
+            out[j, 1] = sd
+
+
+@njit(**SERIAL)
+def write_addrs(addrs, sizes, has_d, scales, kind, b2, omb2, eps, bc2s, b1, w1, nesterov, use_m, wd, lr):
+    """Pass 2 of every leaf of the table (``scales[j]``: its graft scale; 0 without a direction)."""
+    for j in range(sizes.size):
+        n = sizes[j]
+        pre = has_d[j]
+        _write_1(vector(addrs[j, 0], n, eps), vector(addrs[j, 1], n, eps),
+                 vector(addrs[j, 2], n if kind != 0 and not pre else 1, eps), vector(addrs[j, 3], n if pre else 1, eps),
+                 vector(addrs[j, 4], n if use_m else 1, eps), kind, pre, scales[j], b2, omb2, eps, bc2s, b1, w1,
+                 nesterov, use_m, wd, lr)
+
+
+def _small_torch_leaves(params, directions) -> tuple:
+    """``({torch dtype: leaf indices}, other indices)``: the torch leaves under ``SMALL`` entries whose
+    direction (if any) is contiguous and of their dtype go to one call per dtype."""
+    by_dtype: dict = {}
+    large = []
+    for i, p in enumerate(params):
+        d = directions[i]
+        if p.numel() < SMALL and (d is None or (d.dtype == p.dtype and d.is_contiguous())):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        else:
+            large.append(i)
+    return by_dtype, large
+
+
+def _run_small(step, kind, idx, params, grads, accs, moms, directions):
+    """:func:`run`'s two passes on the small torch leaves ``idx`` of one dtype, by address."""
+    dt = np.dtype(str(params[idx[0]].dtype).replace("torch.", ""))
+    cast = dt.type
+    dummy = np.zeros(1, dt)
+    da = dummy.ctypes.data
+    has_d = np.array([directions[i] is not None for i in idx], dtype=np.bool_)
+    addrs, sizes = address_table([
+        (params[i].numel(), params[i].data_ptr(), grads[i].data_ptr(), accs[i].data_ptr() if accs else da,
+         directions[i].data_ptr() if directions[i] is not None else da, moms[i].data_ptr() if moms else da)
+        for i in idx])
+    sc = (cast(step.graft_b2), cast(1.0 - step.graft_b2), cast(step.graft_eps), cast(step.graft_bc2 ** 0.5))
+    if step.graft == "none":
+        scales = has_d.astype(dt)
+    else:
+        sums = np.zeros((len(idx), 2))
+        norms_addrs(addrs, sizes, has_d, kind, *sc, sums)
+        na, nd = np.sqrt(sums[:, 0]), np.sqrt(sums[:, 1])
+        if dt == np.float64:  # extreme float64 magnitudes: the reference's scaled norms
+            for j in np.flatnonzero(has_d & ~((sums > 0.0) & (sums < np.inf)).all(axis=1)):
+                i = idx[j]
+                na[j], nd[j] = _exact_norms(step, grads[i].detach().numpy().reshape(-1),
+                                            accs[i].detach().numpy().reshape(-1) if accs else None,
+                                            directions[i].detach().numpy().reshape(-1), cast)
+        # the zero guard: u = 0 when ‖D‖ = 0 (and for a leaf without a direction)
+        scales = np.divide(na, nd, out=np.zeros_like(na), where=has_d & (nd > 0)).astype(dt)
+    w1 = cast(1.0 - step.b1) if step.ema else cast(1.0)
+    write_addrs(addrs, sizes, has_d, scales, kind, *sc, cast(step.b1), w1, step.nesterov, moms is not None,
+                cast(step.weight_decay), cast(step.lr))
+
+
 def _exact_norms(step, g, acc_new, d, cast):
     """The reference's scaled norms ``(‖a‖, ‖D‖)``, ``a`` from the updated accumulator."""
     from arrayopt import grafting
@@ -117,14 +197,22 @@ def run(backend, op, params, grads, states, step, g_views=None):
     ``accs``/``moms`` the graft accumulators and momentum buffers, or ``None`` when the config
     keeps none."""
     accs, moms, directions = states
+    graft = step.graft
+    kind = KIND["sgd" if graft == "none" else graft]
+    leaves = range(len(params))
+    if params and hasattr(params[0], "data_ptr"):  # torch: the small leaves by address
+        by_dtype, leaves = _small_torch_leaves(params, directions)
+        for idx in by_dtype.values():
+            _run_small(step, kind, idx, params, grads, accs, moms, directions)
+        if not leaves:
+            return None
     p_views = backend.views(params)
     g_views = g_views if g_views is not None else backend.views(grads)
     a_views = backend.views(accs) if accs else None
     m_views = backend.views(moms) if moms else None
-    graft = step.graft
-    kind = KIND["sgd" if graft == "none" else graft]
     ema = step.ema
-    for i, (p, g) in enumerate(zip(p_views, g_views)):
+    for i in leaves:
+        p, g = p_views[i], g_views[i]
         cast = p.dtype.type
         dummy = np.empty(1, p.dtype)
         acc = a_views[i] if a_views is not None else dummy

@@ -91,3 +91,46 @@ def test_float64_norms_past_float64_squares_take_the_scaled_norm(scale):
     run(BACKEND, "sketchy", [p], [g], [None, None, [d]], step)
     want = -0.1 * (d * (grafting.norm(np, g) / grafting.norm(np, d)))
     np.testing.assert_allclose(p, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("graft,b1,ema", [("adam", 0.9, False), ("sgd", 0.0, False), ("none", 0.9, True),
+                                          ("adagrad", 0.5, False)])
+def test_small_torch_leaves_by_address_equal_the_per_leaf_path(dtype, graft, b1, ema, monkeypatch):
+    """The small torch leaves go to one call per dtype (address tables, ``_run_small``); the same
+    leaves as NumPy arrays take one call per leaf: bit for bit the same params and state. Leaves with
+    and without a direction, a non-contiguous direction (per-leaf path), and a zero direction."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from arrayopt.backends.numba_cpu import BACKEND
+    from arrayopt.backends.numba_cpu import sketchy as kernels
+    from arrayopt.sketchy.step import SketchyStep
+
+    by_address = []
+    run_small = kernels._run_small
+    monkeypatch.setattr(kernels, "_run_small", lambda *a: by_address.append(len(a[2])) or run_small(*a))
+    rng = np.random.default_rng(5)
+    shapes = [(7,), (3, 4), (5, 6), (1,), (8, 2), (9,)]
+    arrays = {n: [rng.standard_normal(s).astype(dtype) for s in shapes] for n in ("p", "g", "d")}
+    arrays["acc"] = [np.abs(rng.standard_normal(s)).astype(dtype) for s in shapes]
+    arrays["m"] = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    arrays["d"][1] = np.asfortranarray(arrays["d"][1])  # torch: not contiguous, the per-leaf path
+    arrays["d"][2][...] = 0  # the zero guard
+    step = SketchyStep(lr=0.1, graft=graft, graft_b2=0.99, graft_eps=1e-8, graft_bc2=0.3, b1=b1, ema=ema,
+                       nesterov=not ema, weight_decay=0.01)
+    has = [True, True, True, False, True, False]
+    accs = None if graft in ("sgd", "none") else "acc"
+    moms = "m" if b1 > 0 else None
+
+    def run(conv):
+        a = {n: [conv(x.copy(order="K")) for x in v] for n, v in arrays.items()}
+        dirs = [d if h else None for d, h in zip(a["d"], has)]
+        BACKEND.run("sketchy", a["p"], a["g"], [a[accs] if accs else None, a[moms] if moms else None, dirs], step)
+        return {n: [np.asarray(x) for x in a[n]] for n in ("p", "acc", "m")}
+
+    want = run(lambda x: x)
+    assert by_address == []
+    got = run(lambda x: torch.from_numpy(x) if x.flags.c_contiguous else torch.from_numpy(x.T.copy()).T)
+    assert by_address == [len(shapes) - 1]  # all but the leaf of the non-contiguous direction
+    for n in want:
+        for x, y in zip(got[n], want[n]):
+            np.testing.assert_array_equal(x, y)
