@@ -409,15 +409,16 @@ class Shampoo(Optimizer):
         return {"t": t, "counters": counters, "trees": trees, "pending": pending, "future": future, "g32": g32,
                 "plans": plans, "tree_plan": tree_plan, "g_blocks": g_blocks, "stats": stats, "active": active}
 
-    def _new_state(self, state, c, new_graft, new_mom, new_moments=None):
+    def _new_state(self, ns, state, c, new_graft, new_mom, new_moments=None):
         """The state after step ``c["t"]`` (``c``: :meth:`_prepare`'s context)."""
         cfg = self.config
         new = dict(state)
         new["count"] = c["t"]
         new["stats"] = c["stats"]
         new.update(c["trees"])
-        if cfg.eigenvalue_corrected:
-            new["second_moment"] = new_moments
+        if cfg.eigenvalue_corrected:  # (NumPy turns 0-d results into scalars)
+            new["second_moment"] = [[np.asarray(a) for a in m] for m in new_moments] \
+                if ns.library == "numpy" else new_moments
         if cfg.graft.has_state:
             new["graft"] = new_graft
         if cfg.b1 > 0:
@@ -443,14 +444,7 @@ class Shampoo(Optimizer):
         cfg = self.config
         c = self._prepare(ns, leaves, g_leaves, state)
         directions = [None] * len(leaves)
-        new_moments = c["trees"].get("second_moment")
-        if cfg.eigenvalue_corrected or c["active"]:
-            moment_step = corrected_moment_step(cfg.corrected_b2, c["t"], cfg.eps) if cfg.eigenvalue_corrected else None
-            d_stacks, moments = tree_step.directions(ns.xp, c["tree_plan"], c["g_blocks"], c["trees"],
-                                                     corrected=cfg.eigenvalue_corrected, moment_step=moment_step,
-                                                     moment=moment)
-            if cfg.eigenvalue_corrected:
-                new_moments = moments  # (updated from step 1; the directions used once roots are active)
+        d_stacks, new_moments = self._directions(ns, c, moment)
         if c["active"]:
             directions = tree_step.merged_directions(ns.xp, c["tree_plan"], c["plans"], d_stacks,
                                                      [tuple(p.shape) for p in leaves], cfg.block_size)
@@ -465,21 +459,29 @@ class Shampoo(Optimizer):
         accs = state["graft"] if cfg.graft.has_state else None
         moms = state["momentum"] if cfg.b1 > 0 else None
         backend.run("sketchy", leaves, g_leaves, [accs, moms, directions], step, g_views=views)
-        if cfg.eigenvalue_corrected and ns.library == "numpy":
-            new_moments = [[np.asarray(a) for a in m] for m in new_moments]
-        return self._new_state(state, c, list(accs) if accs is not None else None,
+        return self._new_state(ns, state, c, list(accs) if accs is not None else None,
                                list(moms) if moms is not None else None, new_moments)
+
+    def _directions(self, ns, c, moment=None):
+        """``(d_stacks, new second moments)`` of step ``c`` (:meth:`_prepare`): the directions by group
+        once roots are active, and with eigenvalue correction the moments from step 1 (by
+        ``moment``, a backend's kernel, where given); ``None`` for what this step has not."""
+        cfg = self.config
+        if not (cfg.eigenvalue_corrected or c["active"]):
+            return None, None
+        moment_step = corrected_moment_step(cfg.corrected_b2, c["t"], cfg.eps) if cfg.eigenvalue_corrected else None
+        d_stacks, moments = tree_step.directions(ns.xp, c["tree_plan"], c["g_blocks"], c["trees"],
+                                                 corrected=cfg.eigenvalue_corrected, moment_step=moment_step,
+                                                 moment=moment)
+        return d_stacks, moments if cfg.eigenvalue_corrected else None
 
     def _update(self, ns, leaves, g_leaves, state, paths, moment=None):
         """The step (pure array-API); ``moment``: a backend's fused eigenbasis-moment kernel
         (:meth:`_step`), which may write the second moments in place."""
         xp, cfg = ns.xp, self.config
-        moment_step = corrected_moment_step(cfg.corrected_b2, state["count"] + 1, cfg.eps) \
-            if cfg.eigenvalue_corrected else None
         lr = _validate.learning_rate_at(cfg.learning_rate, state["count"])
         c = self._prepare(ns, leaves, g_leaves, state)
-        t, trees, active, g32 = c["t"], c["trees"], c["active"], c["g32"]
-        plans, tree_plan, g_blocks = c["plans"], c["tree_plan"], c["g_blocks"]
+        t, active, g32, plans, tree_plan = c["t"], c["active"], c["g32"], c["plans"], c["tree_plan"]
         b1 = cfg.b1
         # 4. directions by group; graft direction, grafting, momentum, decay (small leaves in one pass)
         dtypes = [state_dtype(xp, p.dtype) for p in leaves]
@@ -491,29 +493,20 @@ class Shampoo(Optimizer):
 
         u_g, new_graft = tree_step.tail(xp, runs, leaves, [g32, state["graft"] if cfg.graft.has_state else None],
                                         graft_dir)
-        new_moments = []
-        if cfg.eigenvalue_corrected or active:
-            d_stacks, moments = tree_step.directions(xp, tree_plan, g_blocks, trees, corrected=cfg.eigenvalue_corrected,
-                                                     moment_step=moment_step, moment=moment)
-            if cfg.eigenvalue_corrected:
-                new_moments = moments
-            if active:
-                u_pre = tree_step.graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg)
+        d_stacks, new_moments = self._directions(ns, c, moment)
+        if active:
+            u_pre = tree_step.graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg)
         u = [u_g[i] if plan.skipped or not active else tree_step.reshape(xp, u_pre[i], tuple(p.shape))
              for i, (p, plan) in enumerate(zip(leaves, plans))]
         p32 = tree_step.low_precision_params(xp, leaves, cfg)
         upd, new_mom = tree_step.tail(xp, runs, leaves, [u, state["momentum"] if b1 > 0 else None, p32],
                                       tree_step.momentum_update(xp, cfg, lr))
         updates = [xp.astype(x, p.dtype) if is_low_precision(p.dtype) else x for x, p in zip(upd, leaves)]
-        if cfg.eigenvalue_corrected and not new_moments:
-            new_moments = trees["second_moment"]
         if ns.library == "numpy":  # NumPy turns 0-d results into scalars
             updates = [np.asarray(u) for u in updates]
             new_graft = [np.asarray(a) for a in new_graft]
             new_mom = [np.asarray(a) for a in new_mom]
-        if cfg.eigenvalue_corrected and ns.library == "numpy":
-            new_moments = [[np.asarray(a) for a in m] for m in new_moments]
-        return updates, self._new_state(state, c, new_graft, new_mom, new_moments)
+        return updates, self._new_state(ns, state, c, new_graft, new_mom, new_moments)
 
 
 def _from_host(ns, h: np.ndarray, like):

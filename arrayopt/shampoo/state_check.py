@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _validate
-from .._xp import dtype_name, state_dtype
+from .._xp import dtype_name
+from ..sketchy.step import check_tail_state, tail_keys
 from .async_roots import job_result
 
 __all__ = ["check_state"]
@@ -49,18 +50,9 @@ def check_state(opt, ns, leaves, paths, state, params_missing):
     """Raise a named error for a state this optimizer cannot step (missing entries, factor shapes,
     dtypes, devices, counters, a lost or failed root job); nothing is changed."""
     cfg = opt.config
-    if params_missing and cfg.weight_decay != 0.0:
-        raise ValueError("params: shampoo with weight decay needs the params in update()")
     keys = list(opt._factor_trees) + (["second_moment"] if cfg.eigenvalue_corrected else []) + \
-        (["graft"] if cfg.graft.has_state else []) + \
-        (["momentum"] if cfg.b1 > 0 else []) + list(opt._counters) + ["pending"]
-    for k in keys:
-        if k not in state:
-            raise ValueError(f"state: missing entry {k!r}; was it made by this optimizer's init()?")
-    dtypes = [state_dtype(ns.xp, p.dtype) for p in leaves]
-    for name in ("graft", "momentum"):
-        if name in keys:
-            _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
+        tail_keys(cfg) + list(opt._counters) + ["pending"]
+    dtypes = check_tail_state("shampoo", cfg, ns, leaves, paths, state, params_missing, keys)
     plans = [opt.plan(p.shape) for p in leaves]
     trees = [(n, lambda plan: plan.factor_shapes()) for n in opt._factor_trees]
     if cfg.eigenvalue_corrected:

@@ -119,33 +119,22 @@ def _stacked_norms(xp, x):
 
 
 def graft_groups(xp, tree_plan, plans, d_stacks, u_g, cfg):
-    """Per leaf, the grafted preconditioned direction ``u`` (``None`` for a skipped leaf)."""
-    n = len(plans)
-    d_blocks = [None] * n
+    """Per leaf, the grafted preconditioned direction ``u`` in its plan's shape (``None`` for a
+    skipped leaf): each group's members scaled at once where each is a whole graft unit, the
+    others grafted per layer once merged."""
     per_member = cfg.graft.type != "none" and cfg.graft.per == "block"
-    out = [None] * n
+    scaled, per_layer = [], set()
     for group, d in zip(tree_plan.groups, d_stacks):
-        single = [len(plans[i].blocks) == 1 for i, _ in group.members]
-        if cfg.graft.type != "none" and (per_member or all(single)):
+        if cfg.graft.type != "none" and (per_member or all(len(plans[i].blocks) == 1 for i, _ in group.members)):
             a = batched.stack(xp, [_blocks(xp, u_g[i], plans[i])[b] for i, b in group.members])
             s = grafting.graft_scale(xp, _stacked_norms(xp, a), _stacked_norms(xp, d))
             d = d * xp.reshape(s, (s.shape[0],) + (1,) * (len(d.shape) - 1))
-            done = True
-        else:
-            done = cfg.graft.type == "none"
-        for k, (i, b) in enumerate(group.members):
-            if d_blocks[i] is None:
-                d_blocks[i] = [None] * len(plans[i].blocks)
-            d_blocks[i][b] = (d[k, ...], done)
-    for i, plan in enumerate(plans):
-        if d_blocks[i] is None:
-            continue
-        blocks = [x for x, _ in d_blocks[i]]
-        u = merge(xp, blocks, plan.shape, cfg.block_size)
-        if not all(done for _, done in d_blocks[i]):  # several blocks grafted per layer
-            u = grafting.graft(xp, u, reshape(xp, u_g[i], plan.shape))
-        out[i] = u
-    return out
+        elif cfg.graft.type != "none":  # several blocks grafted per layer
+            per_layer.update(i for i, _ in group.members)
+        scaled.append(d)
+    merged = merged_directions(xp, tree_plan, plans, scaled, [plan.shape for plan in plans], cfg.block_size)
+    return [grafting.graft(xp, u, reshape(xp, u_g[i], plans[i].shape)) if i in per_layer else u
+            for i, u in enumerate(merged)]
 
 
 def merged_directions(xp, tree_plan, plans, d_stacks, shapes, block_size: int):

@@ -57,7 +57,7 @@ from ..momentum import heavy_ball_update
 from ..shampoo.blocking import merge_small_dims
 from ..grafting import as_grafting
 from .config import SketchyConfig
-from .step import SketchyStep, tail_groups, tail_step
+from .step import SketchyStep, check_tail_state, tail_groups, tail_keys, tail_step
 
 __all__ = ["Sketchy", "sketchy", "SketchPlan"]
 
@@ -248,18 +248,8 @@ class Sketchy(Optimizer):
         return out
 
     def _check_state(self, ns, leaves, paths, state, params_missing):
-        cfg = self.config
-        if params_missing and cfg.weight_decay != 0.0:
-            raise ValueError("params: sketchy with weight decay needs the params in update()")
-        keys = list(SKETCH_KEYS) + (["graft"] if cfg.graft.has_state else []) + \
-            (["momentum"] if cfg.b1 > 0 else []) + ["sketch_skipped"]
-        for k in keys:
-            if k not in state:
-                raise ValueError(f"state: missing entry {k!r}; was it made by this optimizer's init()?")
-        dtypes = [state_dtype(ns.xp, p.dtype) for p in leaves]
-        for name in ("graft", "momentum"):
-            if name in keys:
-                _validate.check_state_leaves(name, state[name], paths, ns, leaves, dtypes)
+        keys = list(SKETCH_KEYS) + tail_keys(self.config) + ["sketch_skipped"]
+        dtypes = check_tail_state("sketchy", self.config, ns, leaves, paths, state, params_missing, keys)
         per_axis = [self.plan(p.shape).sketch_shapes() for p in leaves]  # once for every sketch key
         for j, name in enumerate(SKETCH_KEYS):
             tree = state[name]

@@ -4,6 +4,9 @@ Built by :meth:`arrayopt.sketchy.Sketchy.step_description` with the learning rat
 schedule at this step and the graft's bias correction ``bc2 = 1 - β₂ᵗ`` (Adam graft);
 the low-rank directions ``D`` (two skinny products through the namespace) travel next
 to it, since they are computed from the state, not options.
+
+The same step after a preconditioned direction ends root-inverse and eigenvalue-corrected Shampoo
+too: :func:`tail_step`, :func:`tail_groups`, :func:`tail_keys` and :func:`check_tail_state` serve both.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import _validate
+from .._xp import state_dtype
 
-__all__ = ["SketchyStep", "GRAFT_CODES", "tail_step", "tail_groups"]
+__all__ = ["SketchyStep", "GRAFT_CODES", "tail_step", "tail_groups", "tail_keys", "check_tail_state"]
 
 #: the integer code of each graft direction, as every kernel (Numba and CUDA) reads it:
 #: ``sgd`` ``a = g``; ``adagrad`` ``A ← A + g²``; ``rmsprop`` ``A ← β₂A + (1-β₂)g²``; ``adam`` the
@@ -62,3 +66,23 @@ def tail_groups(cfg, leaves, g_leaves, state) -> tuple:
     accumulators and momentum buffers where the config keeps them."""
     return (leaves, g_leaves, *([state["graft"]] if cfg.graft.has_state else []),
             *([state["momentum"]] if cfg.b1 > 0 else []))
+
+
+def tail_keys(cfg) -> list:
+    """The state entries of the tail: ``graft`` and ``momentum`` where the config keeps them."""
+    return (["graft"] if cfg.graft.has_state else []) + (["momentum"] if cfg.b1 > 0 else [])
+
+
+def check_tail_state(name: str, cfg, ns, leaves, paths, state, params_missing: bool, keys) -> list:
+    """What Sketchy's and Shampoo's state checks share: weight decay needs the params, every entry
+    of ``keys`` present (named in that order), the tail's arrays like the params. Returns the state
+    dtypes of the leaves."""
+    if params_missing and cfg.weight_decay != 0.0:
+        raise ValueError(f"params: {name} with weight decay needs the params in update()")
+    for k in keys:
+        if k not in state:
+            raise ValueError(f"state: missing entry {k!r}; was it made by this optimizer's init()?")
+    dtypes = [state_dtype(ns.xp, p.dtype) for p in leaves]
+    for k in tail_keys(cfg):
+        _validate.check_state_leaves(k, state[k], paths, ns, leaves, dtypes)
+    return dtypes

@@ -19,7 +19,10 @@ from numba.extending import intrinsic
 
 from ._common import REDUCE, SERIAL
 
-__all__ = ["vector", "sum_addrs", "squares_below_addrs", "count_nonfinite_addrs", "address_table"]
+__all__ = ["vector", "sum_addrs", "squares_below_addrs", "count_nonfinite_addrs", "address_table", "NUMPY_DTYPE"]
+
+#: ``str(torch dtype)`` -> the NumPy dtype of the tables (the backend takes float32 and float64 only)
+NUMPY_DTYPE = {"torch.float32": np.dtype(np.float32), "torch.float64": np.dtype(np.float64)}
 
 
 @intrinsic

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import OPTS, SERIAL, SMALL, renamed
-from ._ptrs import address_table, vector
+from ._ptrs import NUMPY_DTYPE, address_table, vector
 
 __all__ = ["OPS", "kernel_for", "run", "sgd_leaves"]
 
@@ -163,7 +163,7 @@ def run(backend, op, params, grads, states, step, g_views=None):
         name = "sgd_momentum" if op == "sgd" and states else op
         for dt, rows in rows_by_dtype.items():
             addrs, sizes = address_table(rows)
-            _ADDR_KERNELS[name](addrs, sizes, *typed(np.dtype(np.float32 if str(dt) == "torch.float32" else np.float64)))
+            _ADDR_KERNELS[name](addrs, sizes, *typed(NUMPY_DTYPE[str(dt)]))
         if not large:
             return None
     for i in large:

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import OPTS, REDUCE, SERIAL, SMALL, renamed
-from ._ptrs import address_table, vector
+from ._ptrs import NUMPY_DTYPE, address_table, vector
 
 __all__ = ["KIND", "OPS", "run"]
 
@@ -149,7 +149,7 @@ def _small_torch_leaves(params, directions) -> tuple:
 
 def _run_small(step, kind, idx, params, grads, accs, moms, directions):
     """:func:`run`'s two passes on the small torch leaves ``idx`` of one dtype, by address."""
-    dt = np.dtype(str(params[idx[0]].dtype).replace("torch.", ""))
+    dt = NUMPY_DTYPE[str(params[idx[0]].dtype)]
     cast = dt.type
     dummy = np.zeros(1, dt)
     da = dummy.ctypes.data
